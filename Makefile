@@ -1,0 +1,42 @@
+# Set-up is part of every target: a fresh machine needs only Python >= 3.10 and pip.
+# torch is installed first and pinned, so that no later requirement pulls a different (e.g. CUDA) build.
+# On other machines: make TORCH="torch" demo   (or any spec pip understands)
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.pyro-gpx-installed
+DATA_DIR ?= ../shared/data
+
+.PHONY: install demo test lint format bench-quick clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m pyro_gpx.demo --out demo_output
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	CI=1 $(PY) -m pytest -q tests pyro_gpx --doctest-modules
+	CI=1 $(PY) -m pytest -q --nbmake --nbmake-timeout=600 tutorials
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/bayes_regression.py --data-dir $(DATA_DIR) --quick --out benchmarks/results/bayes_regression_quick.json
+
+clean:
+	rm -rf $(VENV) demo_output .pytest_cache .ruff_cache

@@ -1,0 +1,193 @@
+"""Loaders for the two UCI regression benchmark layouts.
+
+``uci-gal``: the splits of Hernández-Lobato & Adams (2015) (``data.txt`` plus index files for
+20 splits). ``uci-large``: the Yang et al. (2016) / GPyTorch-paper sets (``data.csv.gz`` with the
+target last, ``test_mask.csv.gz`` with one 0/1 column per split). The caller gives the directory;
+the package ships no data.
+
+Inputs and targets are standardised with training-split statistics; the returned
+:class:`RegressionSplit` keeps those statistics so metrics can be reported in original units.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .standardize import Standardizer
+
+__all__ = ["LAYOUTS", "RegressionSplit", "list_uci", "load_uci", "num_splits", "resolve_dataset"]
+
+LAYOUTS = ("uci-gal", "uci-large")
+
+
+@dataclass(frozen=True)
+class RegressionSplit:
+    """One train/test split, standardised with the training statistics.
+
+    :ivar X_train, y_train, X_test, y_test: standardised tensors (``y`` is 1-d).
+    :ivar x_scaler, y_scaler: the training statistics.
+    """
+
+    name: str
+    layout: str
+    split: int
+    X_train: torch.Tensor
+    y_train: torch.Tensor
+    X_test: torch.Tensor
+    y_test: torch.Tensor
+    x_scaler: Standardizer
+    y_scaler: Standardizer
+
+    @property
+    def n_train(self) -> int:
+        return self.X_train.shape[0]
+
+    @property
+    def n_test(self) -> int:
+        return self.X_test.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.X_train.shape[1]
+
+    @property
+    def y_test_original(self) -> torch.Tensor:
+        return self.y_scaler.inverse(self.y_test)
+
+    @property
+    def y_train_original(self) -> torch.Tensor:
+        return self.y_scaler.inverse(self.y_train)
+
+
+def _layout_of(path: Path) -> str | None:
+    if (path / "data.txt").is_file() and (path / "index_target.txt").is_file():
+        return "uci-gal"
+    if (path / "data.csv.gz").is_file() and (path / "test_mask.csv.gz").is_file():
+        return "uci-large"
+    return None
+
+
+def list_uci(data_dir: str | Path) -> dict[str, tuple[str, Path]]:
+    """Data sets found under ``data_dir``: ``{name: (layout, path)}``.
+
+    ``data_dir`` may be the root holding ``uci-gal/`` and ``uci-large/``, one layout directory,
+    or a single data set's directory. Names present in both layouts are also listed qualified, as
+    ``"uci-gal/<name>"`` and ``"uci-large/<name>"``.
+    """
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data_dir {str(root)!r} is not a directory")
+    found: dict[str, tuple[str, Path]] = {}
+    layout = _layout_of(root)
+    if layout:
+        return {root.name: (layout, root)}
+    candidates = [root] + [root / name for name in LAYOUTS if (root / name).is_dir()]
+    for parent in candidates:
+        for child in sorted(p for p in parent.iterdir() if p.is_dir()):
+            layout = _layout_of(child)
+            if layout is None:
+                continue
+            found[f"{layout}/{child.name}"] = (layout, child)
+            found.setdefault(child.name, (layout, child))
+    return found
+
+
+def resolve_dataset(name: str, data_dir: str | Path) -> tuple[str, Path]:
+    """``(layout, path)`` of data set ``name`` under ``data_dir``; raises if unknown."""
+    available = list_uci(data_dir)
+    if name not in available:
+        names = sorted(n for n in available if "/" not in n)
+        raise ValueError(f"unknown dataset {name!r} under {str(data_dir)!r}; available: {names}")
+    return available[name]
+
+
+@functools.lru_cache(maxsize=4)
+def _read_gal(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
+    data = np.loadtxt(path / "data.txt", ndmin=2)
+    features = np.loadtxt(path / "index_features.txt", ndmin=1).astype(int)
+    target = int(np.loadtxt(path / "index_target.txt"))
+    n_splits = int(np.loadtxt(path / "n_splits.txt")) if (path / "n_splits.txt").is_file() else 20
+    return data[:, features], data[:, target], n_splits
+
+
+@functools.lru_cache(maxsize=4)
+def _read_large(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    data = np.loadtxt(path / "data.csv.gz", delimiter=",", ndmin=2)
+    mask = np.loadtxt(path / "test_mask.csv.gz", delimiter=",", ndmin=2).astype(bool)
+    if mask.shape[0] != data.shape[0]:
+        raise ValueError(f"{path}: test_mask has {mask.shape[0]} rows, data has {data.shape[0]}")
+    return data[:, :-1], data[:, -1], mask
+
+
+def num_splits(name: str, data_dir: str | Path) -> int:
+    """Number of train/test splits of a data set."""
+    layout, path = resolve_dataset(name, data_dir)
+    if layout == "uci-gal":
+        return _read_gal(path)[2]
+    return _read_large(path)[2].shape[1]
+
+
+def load_uci(
+    name: str,
+    split: int = 0,
+    data_dir: str | Path | None = None,
+    *,
+    dtype: torch.dtype = torch.float64,
+    max_train: int | None = None,
+    seed: int = 0,
+) -> RegressionSplit:
+    """Load split ``split`` of data set ``name`` from ``data_dir``, standardised.
+
+    :param name: a data set directory name (``"concrete"``, ``"elevators"``), optionally qualified
+        with its layout (``"uci-large/protein"``).
+    :param data_dir: directory in either layout (see :func:`list_uci`).
+    :param max_train: if given, keep a random subset of at most this many training points (seeded).
+    :raises FileNotFoundError: if ``data_dir`` does not exist.
+    :raises ValueError: for an unknown data set or a split out of range.
+
+    Example::
+
+        >>> split = load_uci("concrete", split=0, data_dir="../shared/data")  # doctest: +SKIP
+        >>> split.X_train.shape, split.y_test_original.mean()  # doctest: +SKIP
+    """
+    if data_dir is None:
+        raise ValueError("data_dir is required: the directory holding the UCI data (e.g. ../shared/data)")
+    layout, path = resolve_dataset(name, data_dir)
+    if layout == "uci-gal":
+        X, y, n_splits = _read_gal(path)
+        if not 0 <= split < n_splits:
+            raise ValueError(f"split {split} out of range for {name!r}: it has {n_splits} splits (0..{n_splits - 1})")
+        train = np.loadtxt(path / f"index_train_{split}.txt", ndmin=1).astype(int)
+        test = np.loadtxt(path / f"index_test_{split}.txt", ndmin=1).astype(int)
+    else:
+        X, y, mask = _read_large(path)
+        if not 0 <= split < mask.shape[1]:
+            raise ValueError(
+                f"split {split} out of range for {name!r}: it has {mask.shape[1]} splits (0..{mask.shape[1] - 1})"
+            )
+        test = np.flatnonzero(mask[:, split])
+        train = np.flatnonzero(~mask[:, split])
+    if max_train is not None and len(train) > max_train:
+        train = np.sort(np.random.default_rng(seed).choice(train, size=max_train, replace=False))
+    X_train = torch.as_tensor(X[train], dtype=dtype)
+    y_train = torch.as_tensor(y[train], dtype=dtype)
+    X_test = torch.as_tensor(X[test], dtype=dtype)
+    y_test = torch.as_tensor(y[test], dtype=dtype)
+    x_scaler = Standardizer.fit(X_train)
+    y_scaler = Standardizer.fit(y_train)
+    return RegressionSplit(
+        name=path.name,
+        layout=layout,
+        split=split,
+        X_train=x_scaler.transform(X_train),
+        y_train=y_scaler.transform(y_train),
+        X_test=x_scaler.transform(X_test),
+        y_test=y_scaler.transform(y_test),
+        x_scaler=x_scaler,
+        y_scaler=y_scaler,
+    )

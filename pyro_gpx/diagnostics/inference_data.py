@@ -1,0 +1,260 @@
+"""Pyro results to ArviZ: MCMC runs, trained guides and sample dictionaries.
+
+ArviZ 0.x's ``from_pyro`` scores observations with ``fn.log_prob`` alone, so masks,
+``poutine.scale`` and subsampling are ignored, ``pyro.factor`` sites are scored as data, models
+that are not shape-safe under vectorisation break it, and guides are not accepted; ArviZ 1.x
+has no Pyro converter. :func:`to_inference_data` computes every group itself and works with both.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from pyro.infer import MCMC
+
+from .arviz_compat import build_inference_data
+from .conditioned import evaluate_draws
+from .guide_samples import sample_guide
+from .model_structure import ModelStructure, SiteSpec, first_draw, inspect_model
+from .sample_stats import SampleStatsRecorder, mcmc_sample_stats
+
+__all__ = ["to_inference_data"]
+
+
+def _numpy(x) -> np.ndarray:
+    if torch.is_tensor(x):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _site_dims(spec: SiteSpec, with_event: bool = True) -> list[str]:
+    dims = list(spec.dim_names)
+    if with_event:
+        dims += [f"{spec.name}_dim_{len(dims) + i}" for i in range(len(spec.event_shape))]
+    return dims
+
+
+def _resolve_posterior(posterior, model, model_args, model_kwargs, num_samples, group_by_chain, vectorize):
+    """Return (model, args, kwargs, samples of shape (chain, draw, ...), sample_stats, structure)."""
+    stats: dict[str, np.ndarray] = {}
+    structure = None
+    if isinstance(posterior, MCMC):
+        kernel_model = getattr(posterior.kernel, "model", None)
+        model = model if model is not None else kernel_model
+        if model_args is None:
+            model_args = getattr(posterior, "_args", None) or ()
+        if model_kwargs is None:
+            model_kwargs = getattr(posterior, "_kwargs", None) or {}
+        samples = posterior.get_samples(group_by_chain=True)
+        stats = mcmc_sample_stats(posterior)
+    elif isinstance(posterior, Mapping):
+        samples = {k: torch.as_tensor(v) for k, v in posterior.items()}
+        if not group_by_chain:
+            samples = {k: v.unsqueeze(0) for k, v in samples.items()}
+        sizes = {tuple(v.shape[:2]) for v in samples.values()}
+        if len(sizes) > 1:
+            raise ValueError(f"posterior samples disagree in their (chain, draw) sizes: {sorted(sizes)}")
+    elif callable(posterior):
+        if model is None:
+            raise ValueError("model is required when posterior is a guide")
+        flat, structure = sample_guide(
+            posterior, model, num_samples, model_args or (), model_kwargs or {}, vectorize=vectorize
+        )
+        samples = {k: v.unsqueeze(0) for k, v in flat.items()}
+    else:
+        raise TypeError(
+            f"posterior must be a pyro.infer.MCMC, a dict of samples or a guide, got {type(posterior).__name__}"
+        )
+    return model, tuple(model_args or ()), dict(model_kwargs or {}), samples, stats, structure
+
+
+def _pointwise_log_likelihood(structure, evaluation, num_chains, num_draws):
+    """Log-likelihood arrays and their dims; masked-out points are dropped, not scored."""
+    data, dims, coords = {}, {}, {}
+    for name, lp in evaluation.log_likelihood.items():
+        spec = structure.sites[name]
+        mask = evaluation.masks.get(name)
+        lp = _numpy(lp)
+        if mask is None or bool(mask.all()):
+            data[name] = lp.reshape((num_chains, num_draws) + spec.batch_shape)
+            dims[name] = _site_dims(spec, with_event=False)
+            continue
+        mask = _numpy(mask)
+        if (mask == mask[:1]).all():
+            keep = np.flatnonzero(mask[0].reshape(-1))
+            dim = f"{name}_observed_id"
+            data[name] = lp.reshape(lp.shape[0], -1)[:, keep].reshape(num_chains, num_draws, -1)
+            dims[name] = [dim]
+            coords[dim] = keep
+        else:
+            warnings.warn(
+                f"the mask of site {name!r} changes between draws; masked points get log-likelihood 0",
+                stacklevel=3,
+            )
+            data[name] = np.where(mask, lp, 0.0).reshape((num_chains, num_draws) + spec.batch_shape)
+            dims[name] = _site_dims(spec, with_event=False)
+    return data, dims, coords
+
+
+def to_inference_data(
+    posterior: MCMC | Mapping[str, Any] | Callable,
+    *,
+    model: Callable | None = None,
+    model_args: Sequence | None = None,
+    model_kwargs: Mapping | None = None,
+    num_samples: int = 1000,
+    group_by_chain: bool = False,
+    log_likelihood: bool = True,
+    posterior_predictive: bool = False,
+    observed_data: bool = True,
+    constant_data: Mapping[str, Any] | None = None,
+    sample_stats: Mapping[str, Any] | SampleStatsRecorder | None = None,
+    coords: Mapping[str, Any] | None = None,
+    dims: Mapping[str, Sequence[str]] | None = None,
+    vectorize: bool | None = None,
+    draw_batch: int | None = None,
+    seed: int | None = None,
+):
+    r"""Convert a Pyro posterior into an ArviZ object with a correct ``log_likelihood`` group.
+
+    The posterior is one of
+
+    * a finished :class:`pyro.infer.MCMC` run: all chains, and ``sample_stats`` with
+      ``diverging`` plus, when the run used a :class:`SampleStatsRecorder` hook, ``step_size``,
+      ``acceptance_rate``, ``lp`` and ``n_steps``;
+    * a trained guide (any callable guide, e.g. an autoguide): ``num_samples`` draws form one chain;
+    * a dict of samples, ``(draw, ...)`` or, with ``group_by_chain=True``, ``(chain, draw, ...)``.
+
+    For each draw the model is run conditioned on the latents (batched over draws when the model
+    is shape-safe, verified against a per-draw loop on a few draws; looped otherwise). Every
+    observed site contributes its pointwise log-density
+
+    .. math:: \ell_{s,i} = c_i \log p(y_i \mid \theta_s),
+
+    where :math:`c_i` is the ``poutine.scale`` factor without the subsampling factor. Masked
+    points are left out, ``pyro.factor`` and ``pyro.deterministic`` sites are not observations, and
+    subsampled plates are walked through in chunks so every data point appears once, labelled by
+    its plate. Deterministic sites join the ``posterior`` group.
+
+    :param model: the Pyro model; taken from the MCMC kernel when omitted.
+    :param model_args: arguments of the model; taken from the MCMC run when omitted.
+    :param model_kwargs: keyword arguments of the model.
+    :param num_samples: draws taken from a guide.
+    :param group_by_chain: whether dict samples have a leading chain dimension.
+    :param log_likelihood: add the ``log_likelihood`` group.
+    :param posterior_predictive: add a ``posterior_predictive`` group, drawing every observed site
+        from the model at each posterior draw.
+    :param observed_data: add the observed values as ``observed_data``.
+    :param constant_data: arrays to store as ``constant_data`` (e.g. covariates).
+    :param sample_stats: extra ``(chain, draw)`` statistics, or the recorder used in the run.
+    :param coords: coordinate values by dimension name.
+    :param dims: dimension names by variable, overriding the plate-derived names.
+    :param vectorize: ``None`` batches draws when safe, ``True`` insists, ``False`` loops.
+    :param draw_batch: draws per batched model call.
+    :param seed: seed for the guide draws and the posterior predictive.
+    :returns: ``arviz.InferenceData`` (ArviZ 0.x) or ``xarray.DataTree`` (ArviZ 1.x).
+
+    Example::
+
+        >>> import torch, pyro, pyro.distributions as dist
+        >>> from pyro.infer import MCMC, NUTS
+        >>> def model(y):
+        ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        ...     with pyro.plate("data", len(y)):
+        ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> mcmc = MCMC(NUTS(model), num_samples=20, warmup_steps=20, disable_progbar=True)
+        >>> mcmc.run(torch.randn(5))
+        >>> idata = to_inference_data(mcmc)
+        >>> tuple(idata.log_likelihood["y"].dims)
+        ('chain', 'draw', 'data')
+    """
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    model, args, kwargs, samples, stats, structure = _resolve_posterior(
+        posterior, model, model_args, model_kwargs, num_samples, group_by_chain, vectorize
+    )
+    if not samples:
+        raise ValueError("the posterior has no latent samples")
+    num_chains, num_draws = next(iter(samples.values())).shape[:2]
+    flat = {k: v.reshape((num_chains * num_draws,) + v.shape[2:]) for k, v in samples.items()}
+    needs_model = log_likelihood or posterior_predictive or observed_data
+    if model is None and needs_model:
+        raise ValueError("model is required for the log_likelihood, posterior_predictive and observed_data groups")
+
+    groups: dict[str, dict[str, np.ndarray]] = {"posterior": {}}
+    group_dims: dict[str, dict[str, list[str]]] = {}
+    all_coords: dict[str, Any] = {}
+    attrs = {"inference_library": "pyro", "inference_library_version": pyro.__version__, "creation_library": "pyro_gpx"}
+
+    if model is not None:
+        if structure is None:
+            structure = inspect_model(model, first_draw(flat), args, kwargs)
+        structure = _keep_known_latents(structure, flat)
+        for spec in structure.sites.values():
+            for dim_name, size in zip(spec.dim_names, spec.batch_shape):
+                all_coords.setdefault(dim_name, np.arange(size))
+        evaluation = evaluate_draws(
+            model, flat, structure, args, kwargs, predictive=False, vectorize=vectorize, draw_batch=draw_batch
+        )
+        attrs["log_likelihood_vectorized"] = int(evaluation.vectorized)
+        group_dims["posterior"] = {s.name: _site_dims(s) for s in structure.sites.values()}
+        for name, value in evaluation.values.items():
+            groups["posterior"][name] = _numpy(value).reshape((num_chains, num_draws) + tuple(value.shape[1:]))
+        if log_likelihood:
+            ll, ll_dims, ll_coords = _pointwise_log_likelihood(structure, evaluation, num_chains, num_draws)
+            groups["log_likelihood"] = ll
+            group_dims["log_likelihood"] = ll_dims
+            all_coords.update(ll_coords)
+        observed = [s.name for s in structure.of_kind("observed")]
+        if observed_data and observed:
+            once = evaluate_draws(
+                model, {k: v[:1] for k, v in flat.items()}, structure, args, kwargs, sites=observed, vectorize=False
+            )
+            groups["observed_data"] = {k: _numpy(v[0]) for k, v in once.values.items()}
+            group_dims["observed_data"] = {k: _site_dims(structure.sites[k]) for k in observed}
+        if posterior_predictive and observed:
+            pred = evaluate_draws(
+                model, flat, structure, args, kwargs, predictive=True, sites=observed,
+                vectorize=evaluation.vectorized if vectorize is None else vectorize, draw_batch=draw_batch,
+            )  # fmt: skip
+            groups["posterior_predictive"] = {
+                k: _numpy(v).reshape((num_chains, num_draws) + tuple(v.shape[1:])) for k, v in pred.values.items()
+            }
+            group_dims["posterior_predictive"] = {k: _site_dims(structure.sites[k]) for k in observed}
+
+    for name, value in samples.items():
+        groups["posterior"][name] = _numpy(value)
+    if isinstance(sample_stats, SampleStatsRecorder) and isinstance(posterior, MCMC):
+        stats = mcmc_sample_stats(posterior, sample_stats)
+    elif isinstance(sample_stats, Mapping):
+        stats = {**stats, **{k: _numpy(v) for k, v in sample_stats.items()}}
+    if stats:
+        groups["sample_stats"] = stats
+    if constant_data:
+        groups["constant_data"] = {k: _numpy(v) for k, v in constant_data.items()}
+    all_coords.update(coords or {})
+    group_dims = _without(group_dims, dims)
+    return build_inference_data(groups, dims=dims, group_dims=group_dims, coords=all_coords, attrs=attrs)
+
+
+def _keep_known_latents(structure: ModelStructure, samples: Mapping[str, torch.Tensor]) -> ModelStructure:
+    """Check that sample shapes match the model's latent sites."""
+    for spec in structure.of_kind("latent"):
+        got = tuple(samples[spec.name].shape[1:])
+        if got != spec.value_shape:
+            raise ValueError(
+                f"samples of {spec.name!r} have shape {got} per draw; the model's site has shape {spec.value_shape}"
+            )
+    return structure
+
+
+def _without(group_dims, user_dims):
+    """User-given dims take precedence over the plate-derived ones."""
+    if not user_dims:
+        return group_dims
+    return {g: {k: v for k, v in d.items() if k not in user_dims} for g, d in group_dims.items()}

@@ -1,0 +1,165 @@
+"""What a Pyro model's sites look like, read off one conditioned trace.
+
+The log-likelihood and posterior-predictive code needs, for every site, its batch and event
+shapes, which plate labels each batch dimension, and which plates subsample. This module reads
+that from a single trace of the model conditioned on one posterior draw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.poutine.util import site_is_subsample
+
+__all__ = ["SiteSpec", "ModelStructure", "inspect_model", "is_factor", "is_deterministic", "is_observation"]
+
+
+def is_factor(site: dict) -> bool:
+    """``pyro.factor`` sites: observed ``Unit`` sites marked auxiliary."""
+    return bool(site["infer"].get("is_auxiliary")) or type(site["fn"]).__name__ == "Unit"
+
+
+def is_deterministic(site: dict) -> bool:
+    return bool(site["infer"].get("_deterministic"))
+
+
+def is_observation(site: dict, latent_names) -> bool:
+    """A genuine observation: observed, not a factor, not deterministic, not a conditioned latent."""
+    return (
+        site["type"] == "sample"
+        and site["is_observed"]
+        and not site_is_subsample(site)
+        and not is_factor(site)
+        and not is_deterministic(site)
+        and site["name"] not in latent_names
+    )
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """Shape information of one site for a single draw, with subsampled plates at full size.
+
+    :ivar batch_shape: the distribution's batch shape.
+    :ivar event_shape: trailing shape of the value beyond the batch shape.
+    :ivar dim_names: one name per batch dimension: the plate's name where a plate labels it.
+    :ivar subsampled: plate name to the (negative) batch dim it subsamples.
+    """
+
+    name: str
+    kind: str  # "latent" | "observed" | "deterministic"
+    batch_shape: tuple[int, ...]
+    event_shape: tuple[int, ...]
+    dim_names: tuple[str, ...]
+    subsampled: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def value_shape(self) -> tuple[int, ...]:
+        return self.batch_shape + self.event_shape
+
+
+@dataclass(frozen=True)
+class ModelStructure:
+    sites: Mapping[str, SiteSpec]
+    max_plate_nesting: int
+    #: plate name -> (full size, subsample size) for plates that subsample.
+    subsample_plates: Mapping[str, tuple[int, int]]
+
+    def of_kind(self, kind: str) -> list[SiteSpec]:
+        return [s for s in self.sites.values() if s.kind == kind]
+
+
+def _site_spec(site: dict, kind: str, plate_sizes: Mapping[str, tuple[int, int]]) -> SiteSpec:
+    fn = site["fn"]
+    event_shape = tuple(getattr(fn, "event_shape", ()))
+    value_shape = tuple(torch.as_tensor(site["value"]).shape)
+    value_batch = value_shape[: max(len(value_shape) - len(event_shape), 0)]
+    if kind == "deterministic":
+        # plates broadcast a Delta's batch shape even when event_dim claimed the plate's dim;
+        # the value itself is the truth
+        batch_shape = value_batch
+    else:
+        batch_shape = tuple(torch.broadcast_shapes(tuple(getattr(fn, "batch_shape", ())), value_batch))
+    names = [f"{site['name']}_dim_{i}" for i in range(len(batch_shape))]
+    full_batch = list(batch_shape)
+    subsampled = {}
+    for frame in site["cond_indep_stack"]:
+        if not frame.vectorized or frame.dim is None or -frame.dim > len(batch_shape):
+            continue
+        pos = len(batch_shape) + frame.dim
+        names[pos] = frame.name
+        if frame.name in plate_sizes:
+            full_batch[pos] = plate_sizes[frame.name][0]
+            subsampled[frame.name] = frame.dim
+    return SiteSpec(
+        name=site["name"],
+        kind=kind,
+        batch_shape=tuple(full_batch),
+        event_shape=event_shape,
+        dim_names=tuple(names),
+        subsampled=subsampled,
+    )
+
+
+def inspect_model(
+    model: Callable,
+    draw: Mapping[str, torch.Tensor],
+    args: tuple = (),
+    kwargs: Mapping | None = None,
+) -> ModelStructure:
+    """Trace ``model`` once, conditioned on one draw of its latents, and describe its sites.
+
+    :raises ValueError: if the model has a latent site without a value in ``draw`` (its
+        log-likelihood would silently use a prior sample), or a latent inside a subsampled plate.
+    """
+    kwargs = dict(kwargs or {})
+    with torch.no_grad(), poutine.block():
+        trace = poutine.trace(poutine.condition(model, data=dict(draw))).get_trace(*args, **kwargs)
+    plate_sizes = {}
+    for site in trace.nodes.values():
+        if site_is_subsample(site):
+            fn = site["fn"]
+            sub = fn.subsample_size if fn.subsample_size is not None else len(site["value"])
+            if sub < fn.size:
+                plate_sizes[site["name"]] = (int(fn.size), int(sub))
+    sites = {}
+    dims = [0]
+    for site in trace.nodes.values():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        dims.extend(-f.dim for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None)
+        if is_factor(site):
+            continue
+        if is_deterministic(site):
+            kind = "deterministic"
+        elif site["name"] in draw:
+            kind = "latent"
+        elif site["is_observed"]:
+            kind = "observed"
+        else:
+            enum = site["infer"].get("enumerate")
+            hint = " (an enumerated discrete site: marginalised sites are not supported)" if enum else ""
+            raise ValueError(
+                f"latent site {site['name']!r} has no posterior samples{hint}; pass samples for every latent "
+                f"site of the model, or remove the site"
+            )
+        spec = _site_spec(site, kind, plate_sizes)
+        if kind == "latent" and spec.subsampled:
+            raise ValueError(
+                f"latent site {site['name']!r} lies in subsampled plate(s) {sorted(spec.subsampled)}; "
+                "local latents under subsampling are not supported"
+            )
+        sites[site["name"]] = spec
+    return ModelStructure(sites=sites, max_plate_nesting=max(dims), subsample_plates=plate_sizes)
+
+
+def first_draw(samples: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v[0] for k, v in samples.items()}
+
+
+def vectorize_plate(num_draws: int, max_plate_nesting: int) -> pyro.plate:
+    """The plate that batches posterior draws, left of every model plate."""
+    return pyro.plate("_pyro_gpx_draws", num_draws, dim=-max_plate_nesting - 1)

@@ -1,0 +1,141 @@
+"""Per-draw sampler statistics from Pyro's HMC and NUTS.
+
+Pyro's :class:`~pyro.infer.MCMC` keeps only the indices of divergent transitions and a mean
+acceptance rate per chain. :class:`SampleStatsRecorder` is an ``hook_fn`` that records, for every
+post-warmup draw, what ArviZ's ``sample_stats`` group expects: step size, acceptance probability,
+log density and the number of gradient evaluations (leapfrog steps), from which ESS per gradient
+evaluation follows.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+
+import numpy as np
+
+__all__ = ["SampleStatsRecorder", "mcmc_sample_stats"]
+
+_CHAIN = re.compile(r"\[(\d+)\]")
+
+
+def _chain_id(stage: str) -> int:
+    match = _CHAIN.search(stage)
+    return int(match.group(1)) if match else 0
+
+
+class SampleStatsRecorder:
+    """Record HMC/NUTS statistics for each post-warmup draw; pass as ``MCMC(..., hook_fn=recorder)``.
+
+    Recorded per chain and draw (ArviZ names):
+
+    * ``step_size``: the adapted step size;
+    * ``acceptance_rate``: the draw's acceptance probability (NUTS: its mean over the tree);
+    * ``lp``: minus the potential energy, the log joint density in unconstrained space
+      including the transforms' log-Jacobians;
+    * ``n_steps``: gradient evaluations spent on the draw (leapfrog steps).
+
+    Chains run in worker processes (Pyro's parallel mode) record in those processes, so nothing
+    comes back; run chains sequentially (the default when ``num_chains`` exceeds the free cores)
+    to keep the statistics.
+
+    :param hook_fn: another hook to call after recording, with the same arguments.
+
+    Example::
+
+        >>> recorder = SampleStatsRecorder()
+        >>> mcmc = MCMC(NUTS(model), num_samples=500, hook_fn=recorder)  # doctest: +SKIP
+        >>> mcmc.run(data)  # doctest: +SKIP
+        >>> idata = to_inference_data(mcmc)  # finds the recorder itself  # doctest: +SKIP
+    """
+
+    stat_names = ("step_size", "acceptance_rate", "lp", "n_steps")
+
+    def __init__(self, hook_fn: Callable | None = None):
+        self.hook_fn = hook_fn
+        self.records: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        self._calls = 0
+        self._prev_mean: dict[int, float] = {}
+
+    def _count_gradients(self, kernel) -> None:
+        potential_fn = getattr(kernel, "potential_fn", None)
+        if potential_fn is None or getattr(potential_fn, "_pyro_gpx_counted", False):
+            return
+
+        @functools.wraps(potential_fn)
+        def counted(*args, **kwargs):
+            self._calls += 1
+            return potential_fn(*args, **kwargs)
+
+        counted._pyro_gpx_counted = True
+        kernel.potential_fn = counted
+
+    def __call__(self, kernel, params, stage: str, i: int) -> None:
+        self._count_gradients(kernel)
+        if stage.startswith("Sample"):
+            chain = _chain_id(stage)
+            rec = self.records[chain]
+            mean = float(getattr(kernel, "_mean_accept_prob", float("nan")))
+            n = i + 1
+            # Pyro keeps a running mean of the acceptance probability over post-warmup draws
+            rec["acceptance_rate"].append(n * mean - (n - 1) * self._prev_mean.get(chain, 0.0) if n > 1 else mean)
+            self._prev_mean[chain] = mean
+            rec["step_size"].append(float(getattr(kernel, "step_size", float("nan"))))
+            energy = getattr(kernel, "_potential_energy_last", None)
+            rec["lp"].append(float("nan") if energy is None else -float(energy))
+            rec["n_steps"].append(self._calls)
+        self._calls = 0
+        if self.hook_fn is not None:
+            self.hook_fn(kernel, params, stage, i)
+
+    def as_arrays(self, num_chains: int, num_draws: int) -> dict[str, np.ndarray]:
+        """Stacked ``(chain, draw)`` arrays of the latest run; empty if a chain was not recorded here."""
+        if any(len(self.records[c]["lp"]) < num_draws for c in range(num_chains)):
+            return {}
+        return {
+            name: np.asarray(
+                [self.records[c][name][-num_draws:] for c in range(num_chains)],
+                dtype=np.int64 if name == "n_steps" else np.float64,
+            )
+            for name in self.stat_names
+        }
+
+    def reset(self) -> None:
+        """Forget everything recorded so far."""
+        self.records.clear()
+        self._prev_mean.clear()
+        self._calls = 0
+
+
+def mcmc_sample_stats(mcmc, recorder: SampleStatsRecorder | None = None) -> dict[str, np.ndarray]:
+    """``(chain, draw)`` sampler statistics of a finished :class:`pyro.infer.MCMC` run.
+
+    Always includes ``diverging`` (from Pyro's divergence indices); adds the
+    :class:`SampleStatsRecorder` statistics when a recorder was used (found on the run's sampler if
+    not given).
+    """
+    num_chains, num_draws = mcmc.num_chains, mcmc.num_samples
+    stats: dict[str, np.ndarray] = {}
+    diagnostics = mcmc.diagnostics()
+    if "divergences" in diagnostics:
+        diverging = np.zeros((num_chains, num_draws), dtype=bool)
+        for c in range(num_chains):
+            idx = [int(i) for i in diagnostics["divergences"].get(f"chain {c}", []) if 0 <= int(i) < num_draws]
+            diverging[c, idx] = True
+        stats["diverging"] = diverging
+    if recorder is None:
+        hook = getattr(getattr(mcmc, "sampler", None), "hook", None)
+        recorder = hook if isinstance(hook, SampleStatsRecorder) else None
+    if recorder is not None:
+        arrays = recorder.as_arrays(num_chains, num_draws)
+        if not arrays:
+            warnings.warn(
+                "SampleStatsRecorder holds no complete record of this run (were the chains run in worker "
+                "processes?); sample_stats has only 'diverging'",
+                stacklevel=2,
+            )
+        stats.update(arrays)
+    return stats

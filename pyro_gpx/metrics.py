@@ -1,0 +1,70 @@
+"""Predictive metrics for regression, in whatever units the caller passes (use original units).
+
+All functions validate shapes and raise on non-positive variances instead of returning NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["rmse", "gaussian_nll", "mixture_gaussian_nll", "gaussian_coverage", "sample_coverage"]
+
+
+def _check(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    if x.shape[-1:] != y.shape[-1:] or y.dim() != 1:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}; expected (..., {y.shape[0]}) matching y of shape (n,)")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def rmse(mean: torch.Tensor, y: torch.Tensor) -> float:
+    """Root mean squared error of a point prediction."""
+    _check("mean", mean, y)
+    return float(((mean - y) ** 2).mean().sqrt())
+
+
+def gaussian_nll(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor) -> float:
+    r"""Average negative log density of ``y`` under :math:`N(\mu_i, \sigma_i^2)`."""
+    _check("mean", mean, y)
+    _check("var", var, y)
+    if (var <= 0).any():
+        raise ValueError("var must be positive")
+    return float((0.5 * torch.log(2 * math.pi * var) + 0.5 * (y - mean) ** 2 / var).mean())
+
+
+def mixture_gaussian_nll(means: torch.Tensor, vars: torch.Tensor, y: torch.Tensor) -> float:
+    r"""NLL under an equal-weight mixture over draws :math:`s`:
+    :math:`-\frac1n\sum_i \log \frac1S \sum_s N(y_i \mid \mu_{si}, \sigma^2_{si})`.
+
+    :param means: ``(S, n)`` predictive means per posterior draw.
+    :param vars: ``(S, n)`` (or broadcastable) predictive variances per draw, noise included.
+    """
+    if means.dim() != 2:
+        raise ValueError(f"means must be (S, n), got shape {tuple(means.shape)}")
+    _check("means", means, y)
+    vars = torch.as_tensor(vars, dtype=means.dtype).expand_as(means)
+    if (vars <= 0).any():
+        raise ValueError("vars must be positive")
+    log_p = -0.5 * torch.log(2 * math.pi * vars) - 0.5 * (y - means) ** 2 / vars
+    return float(-(torch.logsumexp(log_p, 0) - math.log(means.shape[0])).mean())
+
+
+def gaussian_coverage(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor, level: float = 0.95) -> float:
+    r"""Fraction of ``y`` inside the central ``level`` interval of :math:`N(\mu_i, \sigma_i^2)`."""
+    _check("mean", mean, y)
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + level / 2)).item()
+    return float(((y - mean).abs() <= z * var.sqrt()).double().mean())
+
+
+def sample_coverage(samples: torch.Tensor, y: torch.Tensor, level: float = 0.95) -> float:
+    """Fraction of ``y`` inside the central ``level`` interval of predictive ``samples`` ``(S, n)``."""
+    _check("samples", samples, y)
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    q = torch.tensor([0.5 - level / 2, 0.5 + level / 2], dtype=samples.dtype)
+    lo, hi = torch.quantile(samples, q, dim=0)
+    return float(((y >= lo) & (y <= hi)).double().mean())

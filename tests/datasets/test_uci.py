@@ -1,0 +1,111 @@
+"""UCI loaders on tiny data sets written in both layouts (and on the real data when present)."""
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_gpx.datasets import Standardizer, list_uci, load_uci, num_splits
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def _write_gal(root: Path, name="toy", n=12, n_splits=2):
+    d = root / "uci-gal" / name
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    data = np.column_stack([rng.normal(size=(n, 3)), np.ones(n), rng.normal(size=n)])  # one constant column
+    np.savetxt(d / "data.txt", data)
+    with open(d / "data.txt", "a") as f:
+        f.write("\n")  # a trailing blank line, as some real files have
+    np.savetxt(d / "index_features.txt", [0, 1, 2, 3], fmt="%d")
+    np.savetxt(d / "index_target.txt", [4], fmt="%d")
+    np.savetxt(d / "n_splits.txt", [n_splits], fmt="%d")
+    for k in range(n_splits):
+        perm = np.random.default_rng(k).permutation(n)
+        np.savetxt(d / f"index_train_{k}.txt", perm[:9], fmt="%d")
+        np.savetxt(d / f"index_test_{k}.txt", perm[9:], fmt="%d")
+    return data
+
+
+def _write_large(root: Path, name="toy", n=20):
+    d = root / "uci-large" / name
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    data = rng.normal(size=(n, 4)) * [1, 10, 100, 5] + [0, 1, 2, 3]
+    mask = np.zeros((n, 10), dtype=int)
+    for k in range(10):
+        mask[rng.choice(n, 2, replace=False), k] = 1
+    with gzip.open(d / "data.csv.gz", "wt") as f:
+        np.savetxt(f, data, delimiter=",")
+    with gzip.open(d / "test_mask.csv.gz", "wt") as f:
+        np.savetxt(f, mask, delimiter=",", fmt="%d")
+    return data, mask
+
+
+def test_gal_layout(tmp_path):
+    data = _write_gal(tmp_path)
+    split = load_uci("toy", 1, tmp_path)
+    assert split.layout == "uci-gal" and split.n_train == 9 and split.n_test == 3 and split.dim == 4
+    train = np.loadtxt(tmp_path / "uci-gal/toy/index_train_1.txt").astype(int)
+    test = np.loadtxt(tmp_path / "uci-gal/toy/index_test_1.txt").astype(int)
+    torch.testing.assert_close(split.y_train_original, torch.as_tensor(data[train, 4]))
+    torch.testing.assert_close(split.y_test_original, torch.as_tensor(data[test, 4]))
+    # standardised with training statistics; the constant column maps to 0, not NaN
+    torch.testing.assert_close(split.X_train[:, :3].mean(0), torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(split.X_train[:, :3].std(0), torch.ones(3, dtype=torch.float64))
+    assert (split.X_train[:, 3] == 0).all() and torch.isfinite(split.X_test).all()
+    assert num_splits("toy", tmp_path) == 2
+
+
+def test_large_layout_and_qualified_names(tmp_path):
+    data, mask = _write_large(tmp_path)
+    _write_gal(tmp_path)
+    split = load_uci("uci-large/toy", 3, tmp_path, dtype=torch.float32)
+    assert split.layout == "uci-large" and split.X_train.dtype == torch.float32
+    assert split.n_test == mask[:, 3].sum() and split.n_train == len(data) - mask[:, 3].sum()
+    np.testing.assert_allclose(split.y_test_original.numpy(), data[mask[:, 3] == 1, -1], rtol=1e-5)
+    assert load_uci("uci-gal/toy", 0, tmp_path).layout == "uci-gal"
+    assert set(list_uci(tmp_path)) == {"toy", "uci-gal/toy", "uci-large/toy"}
+    # a layout directory or a data set directory works too
+    assert load_uci("toy", 0, tmp_path / "uci-large").layout == "uci-large"
+    assert load_uci("toy", 0, tmp_path / "uci-large" / "toy").layout == "uci-large"
+
+
+def test_max_train_subsample_is_seeded(tmp_path):
+    _write_large(tmp_path, n=40)
+    a = load_uci("toy", 0, tmp_path, max_train=10, seed=3)
+    b = load_uci("toy", 0, tmp_path, max_train=10, seed=3)
+    assert a.n_train == 10
+    torch.testing.assert_close(a.X_train, b.X_train)
+
+
+def test_errors(tmp_path):
+    _write_gal(tmp_path)
+    with pytest.raises(FileNotFoundError, match="data_dir"):
+        load_uci("toy", 0, tmp_path / "missing")
+    with pytest.raises(ValueError, match="unknown dataset 'nope'.*toy"):
+        load_uci("nope", 0, tmp_path)
+    with pytest.raises(ValueError, match="split 2 out of range"):
+        load_uci("toy", 2, tmp_path)
+    with pytest.raises(ValueError, match="data_dir is required"):
+        load_uci("toy", 0)
+
+
+def test_standardizer_round_trip():
+    x = torch.randn(50, 3, dtype=torch.float64) * 4 + 2
+    s = Standardizer.fit(x)
+    torch.testing.assert_close(s.inverse(s.transform(x)), x)
+    torch.testing.assert_close(s.inverse_variance(torch.ones(3, dtype=torch.float64)), x.var(0))
+    with pytest.raises(ValueError, match="n >= 2"):
+        Standardizer.fit(torch.randn(1, 3))
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="shared UCI data not present")
+@pytest.mark.parametrize("name, n_train, n_test, dim", [("concrete", 927, 103, 8), ("elevators", 14940, 1659, 18)])
+def test_real_data(name, n_train, n_test, dim):
+    split = load_uci(name, 0, SHARED)
+    assert (split.n_train, split.n_test, split.dim) == (n_train, n_test, dim)
+    assert torch.isfinite(split.X_train).all()

@@ -1,0 +1,157 @@
+"""to_inference_data on MCMC runs, trained guides and sample dicts; ArviZ functions and netCDF."""
+
+import arviz as az
+import numpy as np
+import pyro
+import pytest
+import torch
+from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+
+from pyro_gpx.diagnostics import (
+    SampleStatsRecorder,
+    from_netcdf,
+    get_group,
+    group_names,
+    plot_trace,
+    to_inference_data,
+    to_netcdf,
+)
+
+from . import models
+
+
+@pytest.fixture(scope="module")
+def data():
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(30, 2, generator=gen, dtype=torch.float64)
+    noise = torch.randn(30, generator=gen, dtype=torch.float64)
+    y = X @ torch.tensor([1.0, -2.0], dtype=torch.float64) + 0.5 + 0.3 * noise
+    return X, y
+
+
+@pytest.fixture(scope="module")
+def nuts_run(data):
+    pyro.set_rng_seed(1)
+    X, y = data
+    recorder = SampleStatsRecorder()
+    mcmc = MCMC(NUTS(models.linreg), num_samples=150, warmup_steps=150, num_chains=2, hook_fn=recorder,
+                disable_progbar=True)  # fmt: skip
+    mcmc.run(X, y)
+    return mcmc
+
+
+def test_mcmc_groups_and_values(nuts_run, data):
+    X, y = data
+    idata = to_inference_data(nuts_run, posterior_predictive=True)
+    assert set(group_names(idata)) >= {"posterior", "log_likelihood", "sample_stats", "observed_data",
+                                       "posterior_predictive"}  # fmt: skip
+    post = get_group(idata, "posterior")
+    assert post.sizes["chain"] == 2 and post.sizes["draw"] == 150
+    samples = nuts_run.get_samples(group_by_chain=True)
+    np.testing.assert_array_equal(post["w"].values, samples["w"].numpy())
+    flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in samples.items()}
+    expected = models.linreg_log_lik(flat, X, y).reshape(2, 150, -1).numpy()
+    np.testing.assert_allclose(get_group(idata, "log_likelihood")["y"].values, expected, rtol=1e-10)
+    stats = get_group(idata, "sample_stats")
+    assert {"diverging", "step_size", "acceptance_rate", "lp", "n_steps"} <= set(stats.data_vars)
+    assert stats["diverging"].dtype == bool
+    assert (stats["n_steps"].values >= 1).all()
+    # posterior predictive: drawn from the model, centred on the posterior mean function
+    pp = get_group(idata, "posterior_predictive")["y"].values
+    assert pp.shape == (2, 150, 30)
+    mean_fn = post["mean"].values
+    sd = np.sqrt(post["sigma"].values.mean() ** 2 / 300)
+    assert np.abs(pp.mean((0, 1)) - mean_fn.mean((0, 1))).max() < 6 * sd
+
+
+def test_mcmc_summary_loo_and_plot(nuts_run):
+    idata = to_inference_data(nuts_run)
+    summary = az.summary(idata, var_names=["w", "b", "sigma"])
+    assert summary.shape[0] == 4
+    assert summary["r_hat"].max() < 1.1
+    loo = az.loo(idata)
+    assert np.isfinite(loo["elpd_loo"])
+    plot_trace(idata, var_names=["b", "sigma"])
+
+
+def test_netcdf_round_trip(nuts_run, tmp_path):
+    idata = to_inference_data(nuts_run, posterior_predictive=True, constant_data={"X": nuts_run._args[0]})
+    path = to_netcdf(idata, tmp_path / "run.nc")
+    back = from_netcdf(path)
+    assert group_names(back) == group_names(idata)
+    for group in group_names(idata):
+        a, b = get_group(idata, group), get_group(back, group)
+        assert set(a.data_vars) == set(b.data_vars)
+        for name in a.data_vars:
+            assert a[name].dims == b[name].dims
+            assert a[name].dtype == b[name].dtype
+            np.testing.assert_array_equal(a[name].values, b[name].values)
+
+
+def test_user_dims_and_coords(nuts_run):
+    labels = [f"obs{i}" for i in range(30)]
+    idata = to_inference_data(nuts_run, dims={"y": ["obs_id"]}, coords={"obs_id": labels})
+    ll = get_group(idata, "log_likelihood")["y"]
+    assert ll.dims == ("chain", "draw", "obs_id")
+    assert list(ll["obs_id"].values) == labels
+
+
+@pytest.mark.parametrize("guide_cls", [AutoNormal, AutoMultivariateNormal])
+def test_svi_guide(data, guide_cls):
+    X, y = data
+    guide = guide_cls(models.linreg)
+    svi = SVI(models.linreg, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    for _ in range(600):
+        svi.step(X, y)
+    idata = to_inference_data(guide, model=models.linreg, model_args=(X, y), num_samples=300, seed=0)
+    post = get_group(idata, "posterior")
+    assert post.sizes["chain"] == 1 and post.sizes["draw"] == 300
+    np.testing.assert_allclose(post["w"].values.mean((0, 1)), [1.0, -2.0], atol=0.3)
+    flat = {k: torch.as_tensor(post[k].values[0], dtype=X.dtype) for k in ("w", "b", "sigma")}
+    expected = models.linreg_log_lik(flat, X, y).numpy()
+    np.testing.assert_allclose(get_group(idata, "log_likelihood")["y"].values[0], expected, rtol=1e-5, atol=1e-6)
+    assert np.isfinite(az.loo(idata)["elpd_loo"])
+    # the same seed gives the same draws
+    again = to_inference_data(guide, model=models.linreg, model_args=(X, y), num_samples=300, seed=0)
+    np.testing.assert_array_equal(get_group(again, "posterior")["w"].values, post["w"].values)
+
+
+def test_subsampled_svi_model_full_log_likelihood(float64):
+    y = torch.randn(50, generator=torch.Generator().manual_seed(2)) + 1.0
+    guide = AutoNormal(models.subsampled)
+    svi = SVI(models.subsampled, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    for _ in range(300):
+        svi.step(y, 8)
+    idata = to_inference_data(guide, model=models.subsampled, model_args=(y, 8), num_samples=100)
+    ll = get_group(idata, "log_likelihood")["y"]
+    assert ll.shape == (1, 100, 50)
+    post = get_group(idata, "posterior")
+    mu, sigma = (torch.as_tensor(post[k].values[0]) for k in ("mu", "sigma"))
+    expected = torch.distributions.Normal(mu[:, None], sigma[:, None]).log_prob(y)
+    np.testing.assert_allclose(ll.values[0], expected.numpy(), rtol=1e-10)
+
+
+def test_dict_with_chains(float64):
+    y = torch.linspace(-1, 1, 7)
+    samples = {"mu": torch.randn(3, 20), "sigma": torch.rand(3, 20) + 0.5}
+    idata = to_inference_data(samples, model=models.subsampled, model_args=(y, 7), group_by_chain=True)
+    assert get_group(idata, "log_likelihood")["y"].shape == (3, 20, 7)
+    assert get_group(idata, "posterior").sizes["chain"] == 3
+
+
+def test_posterior_only_without_model():
+    idata = to_inference_data({"a": torch.randn(10)}, log_likelihood=False, observed_data=False)
+    assert group_names(idata) == ["posterior"]
+
+
+def test_mcmc_with_potential_fn_needs_model():
+    from pyro.infer import HMC
+
+    mcmc = MCMC(HMC(potential_fn=lambda z: 0.5 * (z["x"] ** 2).sum(), num_steps=3, step_size=0.5),
+                num_samples=5, warmup_steps=5, initial_params={"x": torch.zeros(2)}, disable_progbar=True)  # fmt: skip
+    mcmc.run()
+    with pytest.raises(ValueError, match="model is required"):
+        to_inference_data(mcmc)
+    idata = to_inference_data(mcmc, log_likelihood=False, observed_data=False)
+    assert get_group(idata, "posterior")["x"].shape == (1, 5, 2)

@@ -1,0 +1,155 @@
+"""The log_likelihood group against hand-written pointwise log-densities."""
+
+import arviz as az
+import numpy as np
+import pytest
+import torch
+
+from pyro_gpx.diagnostics import get_group, to_inference_data
+
+from . import models
+
+
+def _ll(idata, name="y"):
+    return get_group(idata, "log_likelihood")[name].values
+
+
+def _attr(idata, key):
+    return get_group(idata, "posterior").attrs[key]
+
+
+@pytest.fixture
+def regression_data(float64):
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(25, 3, generator=gen)
+    y = X @ torch.tensor([1.0, -0.5, 0.2]) + 0.3 + 0.4 * torch.randn(25, generator=gen)
+    return X, y
+
+
+def test_vectorized_matches_hand_computation(regression_data):
+    X, y = regression_data
+    samples = models.draws(40, w=(3,), b=(), sigma=())
+    idata = to_inference_data(samples, model=models.linreg, model_args=(X, y))
+    assert _attr(idata, "log_likelihood_vectorized") == 1
+    expected = models.linreg_log_lik(samples, X, y).numpy()
+    np.testing.assert_allclose(_ll(idata)[0], expected, rtol=1e-10)
+    assert get_group(idata, "log_likelihood")["y"].dims == ("chain", "draw", "data")
+    np.testing.assert_allclose(get_group(idata, "observed_data")["y"].values, y.numpy())
+    # the deterministic site joins the posterior
+    mean = (samples["w"] @ X.T + samples["b"][:, None]).numpy()
+    np.testing.assert_allclose(get_group(idata, "posterior")["mean"].values[0], mean, rtol=1e-10)
+
+
+def test_not_shape_safe_model_falls_back_to_loop(regression_data):
+    X, y = regression_data
+    samples = models.draws(10, w=(3,), b=(), sigma=())
+    idata = to_inference_data(samples, model=models.linreg_matmul, model_args=(X, y))
+    assert _attr(idata, "log_likelihood_vectorized") == 0
+    np.testing.assert_allclose(_ll(idata)[0], models.linreg_log_lik(samples, X, y).numpy(), rtol=1e-10)
+
+
+def test_item_branching_model(float64):
+    y = torch.linspace(-2, 2, 9)
+    samples = {"mu": torch.tensor([-1.0, 0.5, 2.0, -0.1])}
+    idata = to_inference_data(samples, model=models.branching, model_args=(y,))
+    assert _attr(idata, "log_likelihood_vectorized") == 0
+    scale = torch.where(samples["mu"] > 0, 1.0, 2.0)
+    expected = torch.distributions.Normal(samples["mu"][:, None], scale[:, None]).log_prob(y)
+    np.testing.assert_allclose(_ll(idata)[0], expected.numpy(), rtol=1e-12)
+
+
+def test_silently_wrong_vectorization_is_detected(float64):
+    y = torch.linspace(-1, 1, 5)
+    samples = models.draws(6, mu=(2,))
+    idata = to_inference_data(samples, model=models.reducing, model_args=(y,))
+    assert _attr(idata, "log_likelihood_vectorized") == 0
+    expected = torch.distributions.Normal(samples["mu"].sum(-1, keepdim=True), 1.0).log_prob(y)
+    np.testing.assert_allclose(_ll(idata)[0], expected.numpy(), rtol=1e-12)
+
+
+def test_vectorize_true_raises_for_unsafe_model(float64):
+    y = torch.linspace(-1, 1, 5)
+    with pytest.raises(ValueError, match="batched over draws"):
+        to_inference_data({"mu": torch.randn(4)}, model=models.branching, model_args=(y,), vectorize=True)
+
+
+@pytest.mark.parametrize("model", [models.masked_with_factor, models.dist_masked])
+def test_masked_points_dropped_and_factor_excluded(float64, model):
+    y = torch.linspace(-2, 2, 8)
+    mask = torch.tensor([True, False, True, True, False, True, True, True])
+    samples = {"mu": torch.randn(5), "sigma": torch.rand(5) + 0.5}
+    if model is models.dist_masked:
+        samples.pop("sigma")
+    idata = to_inference_data(samples, model=model, model_args=(y, mask))
+    ll = get_group(idata, "log_likelihood")
+    assert list(ll.data_vars) == ["y"]  # the factor is not an observation
+    assert ll["y"].dims == ("chain", "draw", "y_observed_id")
+    np.testing.assert_array_equal(ll["y_observed_id"].values, np.flatnonzero(mask.numpy()))
+    sigma = samples.get("sigma", torch.ones(5))
+    expected = torch.distributions.Normal(samples["mu"][:, None], sigma[:, None]).log_prob(y[mask])
+    np.testing.assert_allclose(ll["y"].values[0], expected.numpy(), rtol=1e-12)
+
+
+def test_poutine_scale_is_honoured(float64):
+    y = torch.linspace(-1, 1, 6)
+    scale = torch.linspace(0.1, 1.0, 6)
+    samples = {"mu": torch.randn(3)}
+    idata = to_inference_data(samples, model=models.scaled, model_args=(y, scale))
+    expected = scale * torch.distributions.Normal(samples["mu"][:, None], 1.0).log_prob(y)
+    np.testing.assert_allclose(_ll(idata)[0], expected.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("vectorize", [None, False])
+def test_subsampled_plate_covers_every_point_once_unscaled(float64, vectorize):
+    y = torch.randn(23, generator=torch.Generator().manual_seed(3))
+    samples = {"mu": torch.randn(6), "sigma": torch.rand(6) + 0.5}
+    idata = to_inference_data(samples, model=models.subsampled, model_args=(y, 7), vectorize=vectorize)
+    expected = torch.distributions.Normal(samples["mu"][:, None], samples["sigma"][:, None]).log_prob(y)
+    np.testing.assert_allclose(_ll(idata)[0], expected.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(get_group(idata, "observed_data")["y"].values, y.numpy())
+    assert get_group(idata, "log_likelihood")["y"].dims == ("chain", "draw", "data")
+
+
+def test_nested_plates_and_local_latents(float64):
+    y = torch.randn(4, 3, generator=torch.Generator().manual_seed(4))
+    samples = {"mu": torch.randn(5), "theta": torch.randn(5, 4, 1)}
+    idata = to_inference_data(samples, model=models.two_plates, model_args=(y,))
+    assert _attr(idata, "log_likelihood_vectorized") == 1
+    ll = get_group(idata, "log_likelihood")["y"]
+    assert ll.dims == ("chain", "draw", "groups", "members")
+    expected = torch.distributions.Normal(samples["theta"], 0.5).log_prob(y)
+    np.testing.assert_allclose(ll.values[0], expected.numpy(), rtol=1e-12)
+    assert get_group(idata, "posterior")["theta"].dims == ("chain", "draw", "groups", "theta_dim_1")
+
+
+def test_loo_equals_loo_of_hand_computed_log_likelihood(regression_data):
+    X, y = regression_data
+    samples = models.draws(400, w=(3,), b=(), sigma=())
+    samples = {k: v * 0.05 + t for (k, v), t in zip(samples.items(), [torch.tensor([1.0, -0.5, 0.2]), 0.3, 0.4])}
+    idata = to_inference_data(samples, model=models.linreg, model_args=(X, y))
+    hand = az.from_dict(
+        posterior={k: v.numpy()[None] for k, v in samples.items()},
+        log_likelihood={"y": models.linreg_log_lik(samples, X, y).numpy()[None]},
+    )
+    ours, ref = az.loo(idata, pointwise=True), az.loo(hand, pointwise=True)
+    assert ours["elpd_loo"] == pytest.approx(ref["elpd_loo"], rel=1e-10)
+    np.testing.assert_allclose(np.asarray(ours["loo_i"]), np.asarray(ref["loo_i"]), rtol=1e-10)
+    assert az.waic(idata)["elpd_waic"] == pytest.approx(az.waic(hand)["elpd_waic"], rel=1e-10)
+
+
+def test_missing_latent_raises_naming_site(regression_data):
+    X, y = regression_data
+    with pytest.raises(ValueError, match="'sigma'"):
+        to_inference_data({"w": torch.randn(4, 3), "b": torch.randn(4)}, model=models.linreg, model_args=(X, y))
+
+
+def test_wrong_sample_shape_raises(regression_data):
+    X, y = regression_data
+    bad = {"w": torch.randn(4, 2), "b": torch.randn(4), "sigma": torch.rand(4)}
+    with pytest.raises((ValueError, RuntimeError)):
+        to_inference_data(bad, model=models.linreg, model_args=(X, y))
+
+
+def test_bad_posterior_type():
+    with pytest.raises(TypeError, match="posterior must be"):
+        to_inference_data(42)

@@ -1,0 +1,56 @@
+"""Metrics against scipy/numpy references."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from pyro_gpx.metrics import gaussian_coverage, gaussian_nll, mixture_gaussian_nll, rmse, sample_coverage
+
+
+@pytest.fixture
+def xy():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(200, generator=gen, dtype=torch.float64)
+    mean = y + 0.3 * torch.randn(200, generator=gen, dtype=torch.float64)
+    var = torch.rand(200, generator=gen, dtype=torch.float64) + 0.1
+    return mean, var, y
+
+
+def test_rmse_and_gaussian_nll(xy):
+    mean, var, y = xy
+    assert rmse(mean, y) == pytest.approx(np.sqrt(np.mean((mean - y).numpy() ** 2)))
+    ref = -stats.norm(mean.numpy(), np.sqrt(var.numpy())).logpdf(y.numpy()).mean()
+    assert gaussian_nll(mean, var, y) == pytest.approx(ref, rel=1e-12)
+
+
+def test_mixture_nll(xy):
+    mean, var, y = xy
+    means = torch.stack([mean, mean + 0.5, mean - 0.2])
+    dens = np.mean([stats.norm(m.numpy(), np.sqrt(var.numpy())).pdf(y.numpy()) for m in means], 0)
+    assert mixture_gaussian_nll(means, var, y) == pytest.approx(-np.log(dens).mean(), rel=1e-10)
+    # one component: the plain Gaussian NLL
+    assert mixture_gaussian_nll(mean[None], var, y) == pytest.approx(gaussian_nll(mean, var, y), rel=1e-12)
+
+
+def test_coverage():
+    gen = torch.Generator().manual_seed(1)
+    y = torch.randn(20000, generator=gen, dtype=torch.float64)
+    zeros, ones = torch.zeros_like(y), torch.ones_like(y)
+    assert gaussian_coverage(zeros, ones, y) == pytest.approx(0.95, abs=0.005)
+    samples = torch.randn(2000, 500, generator=gen, dtype=torch.float64)
+    assert sample_coverage(samples, y[:500], 0.9) == pytest.approx(0.9, abs=0.04)
+
+
+def test_bad_input_raises(xy):
+    mean, var, y = xy
+    with pytest.raises(ValueError, match="var must be positive"):
+        gaussian_nll(mean, -var, y)
+    with pytest.raises(ValueError, match="mean has shape"):
+        rmse(mean[:5], y)
+    with pytest.raises(ValueError, match="NaN"):
+        rmse(mean * math.nan, y)
+    with pytest.raises(ValueError, match="level"):
+        gaussian_coverage(mean, var, y, level=1.5)
