@@ -1,0 +1,57 @@
+"""Computation-aware Gaussian processes (IterGP / CaGP) as Pyro primitives."""
+
+from . import settings
+from .actions import Actions, BlockSparseActions, DenseActions, IndexActions
+from .cg import CGResult, conjugate_gradients
+from .cholesky import CholeskyError, safe_cholesky
+from .kernel_fn import KernelFn
+from .kernel_ops import block_sparse_kernel_matmul, kernel_diag, kernel_matmul
+from .marginal import OBJECTIVES, ComputationAwareMarginal, exact_log_marginal_likelihood
+from .model import ComputationAwareGP
+from .policies import (
+    BlockSparsePolicy,
+    CGPolicy,
+    Policy,
+    PolicyContext,
+    PseudoInputPolicy,
+    RandomSketchPolicy,
+    UnitVectorPolicy,
+)
+from .posterior import PosteriorMoments, exact_posterior_variance, posterior_moments
+from .preconditioners import LowRankPreconditioner, build_preconditioner, partial_cholesky
+from .projection import ActionProjection, project
+
+__all__ = [
+    "OBJECTIVES",
+    "ActionProjection",
+    "Actions",
+    "BlockSparseActions",
+    "BlockSparsePolicy",
+    "CGPolicy",
+    "CGResult",
+    "CholeskyError",
+    "ComputationAwareGP",
+    "ComputationAwareMarginal",
+    "DenseActions",
+    "IndexActions",
+    "KernelFn",
+    "LowRankPreconditioner",
+    "Policy",
+    "PolicyContext",
+    "PosteriorMoments",
+    "PseudoInputPolicy",
+    "RandomSketchPolicy",
+    "UnitVectorPolicy",
+    "block_sparse_kernel_matmul",
+    "build_preconditioner",
+    "conjugate_gradients",
+    "exact_log_marginal_likelihood",
+    "exact_posterior_variance",
+    "kernel_diag",
+    "kernel_matmul",
+    "partial_cholesky",
+    "posterior_moments",
+    "project",
+    "safe_cholesky",
+    "settings",
+]

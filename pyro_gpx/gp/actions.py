@@ -1,0 +1,153 @@
+r"""Action matrices :math:`S \in \mathbb{R}^{n \times i}`: what a policy hands to the inference.
+
+Computation-aware inference only touches the data through :math:`S`: the kernel product
+:math:`K(X_*, X) S`, the projections :math:`S^\top v`, and :math:`S w`. Three storage formats
+cover every policy:
+
+* :class:`IndexActions`: columns of the identity (unit vectors), :math:`K(X_*, X)S = K(X_*, X_I)`;
+* :class:`DenseActions`: a dense :math:`n \times i` matrix (CG directions, sketches, pseudo-inputs);
+* :class:`BlockSparseActions`: column :math:`j` nonzero only on block :math:`B_j` of a partition of
+  the training points (CaGP-Opt); the kernel product costs one kernel entry per training point
+  and row, and memory is O(n).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernel_fn import KernelFn
+from .kernel_ops import block_sparse_kernel_matmul, kernel_matmul
+
+__all__ = ["Actions", "IndexActions", "DenseActions", "BlockSparseActions"]
+
+
+class Actions:
+    """Interface of an action matrix :math:`S` (``n x i``)."""
+
+    num_data: int
+    num_actions: int
+
+    def kernel_product(self, kernel: KernelFn, X_new: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        r""":math:`K(X_*, X) S`, shape ``(n_*, i)``."""
+        raise NotImplementedError
+
+    def t_matmul(self, v: torch.Tensor) -> torch.Tensor:
+        r""":math:`S^\top v` for ``v`` of shape ``(n,)`` or ``(n, m)``."""
+        raise NotImplementedError
+
+    def matmul(self, w: torch.Tensor) -> torch.Tensor:
+        r""":math:`S w` for ``w`` of shape ``(i,)`` or ``(i, m)``."""
+        raise NotImplementedError
+
+    def gram(self) -> torch.Tensor:
+        r""":math:`S^\top S`, ``(i, i)``."""
+        raise NotImplementedError
+
+    def dense(self) -> torch.Tensor:
+        """The ``(n, i)`` matrix."""
+        return self.matmul(torch.eye(self.num_actions, dtype=self._dtype))
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return torch.get_default_dtype()
+
+
+class IndexActions(Actions):
+    """Unit-vector actions :math:`S = [e_{k_1}, \\dots, e_{k_i}]`; all ``n`` indices give the exact GP."""
+
+    def __init__(self, indices: torch.Tensor, num_data: int, dtype: torch.dtype = torch.float64):
+        self.indices = torch.as_tensor(indices, dtype=torch.long)
+        self.num_data = num_data
+        self.num_actions = len(self.indices)
+        self.dtype = dtype
+
+    @property
+    def _dtype(self):
+        return self.dtype
+
+    def kernel_product(self, kernel, X_new, X):
+        return kernel(X_new, X[self.indices])
+
+    def t_matmul(self, v):
+        return v[self.indices]
+
+    def matmul(self, w):
+        out = w.new_zeros((self.num_data,) + tuple(w.shape[1:]))
+        out[self.indices] = w
+        return out
+
+    def gram(self):
+        return torch.eye(self.num_actions, dtype=self.dtype)
+
+
+class DenseActions(Actions):
+    """A dense action matrix ``S`` of shape ``(n, i)``."""
+
+    def __init__(self, S: torch.Tensor):
+        if S.dim() != 2:
+            raise ValueError(f"S must be (n, i), got shape {tuple(S.shape)}")
+        self.S = S
+        self.num_data, self.num_actions = S.shape
+
+    @property
+    def _dtype(self):
+        return self.S.dtype
+
+    def kernel_product(self, kernel, X_new, X):
+        return kernel_matmul(kernel, X_new, X, self.S)
+
+    def t_matmul(self, v):
+        return self.S.transpose(-1, -2).to(v.dtype) @ v
+
+    def matmul(self, w):
+        return self.S.to(w.dtype) @ w
+
+    def gram(self):
+        S = self.S.double()
+        return S.T @ S
+
+
+class BlockSparseActions(Actions):
+    r"""Block-sparse actions: :math:`S_{kj} = b_{j,m}` if :math:`k` is the :math:`m`-th point of
+    block :math:`j`, else 0. Blocks partition the training points.
+
+    :param index: ``(i, block)`` training-point indices of each block; entries with
+        ``mask == False`` are padding (the last block of an uneven partition).
+    :param blocks: ``(i, block)`` nonzero entries (learnable).
+    :param mask: ``(i, block)`` boolean, which entries are real.
+    """
+
+    def __init__(self, index: torch.Tensor, blocks: torch.Tensor, mask: torch.Tensor, num_data: int):
+        if index.shape != blocks.shape or mask.shape != blocks.shape:
+            raise ValueError("index, blocks and mask must have the same (actions, block) shape")
+        self.index = index
+        self.mask = mask
+        self.blocks = blocks * mask
+        self.num_data = num_data
+        self.num_actions = blocks.shape[0]
+
+    @property
+    def _dtype(self):
+        return self.blocks.dtype
+
+    def kernel_product(self, kernel, X_new, X):
+        return block_sparse_kernel_matmul(kernel, X_new, X[self.index], self.blocks)
+
+    def t_matmul(self, v):
+        gathered = v[self.index]  # (i, block, ...)
+        blocks = self.blocks.to(v.dtype)
+        if v.dim() == 1:
+            return (gathered * blocks).sum(-1)
+        return torch.einsum("ab,ab...->a...", blocks, gathered)
+
+    def matmul(self, w):
+        blocks = self.blocks.to(w.dtype)
+        out = w.new_zeros((self.num_data,) + tuple(w.shape[1:]))
+        contrib = blocks.unsqueeze(-1) * w.reshape(self.num_actions, 1, -1) if w.dim() > 1 else blocks * w[:, None]
+        flat_index = self.index[self.mask]
+        contrib = contrib[self.mask]
+        return out.index_add(0, flat_index, contrib.reshape((len(flat_index),) + tuple(w.shape[1:])))
+
+    def gram(self):
+        # blocks are disjoint: S^T S is diagonal
+        return torch.diag((self.blocks.double() ** 2).sum(-1))

@@ -1,0 +1,68 @@
+"""One interface to GPyTorch kernels, ``pyro.contrib.gp`` kernels and plain callables.
+
+Matrix-free products evaluate the kernel block by block and recompute blocks during the backward
+pass (so memory stays O(n * actions)). That needs a kernel whose hyperparameters do not change
+between the forward and the backward evaluation. GPyTorch kernels are plain ``nn.Module``\\ s, so
+that holds. ``pyro.contrib.gp`` kernels are ``PyroModule``\\ s whose hyperparameters may be
+``PyroSample`` attributes: every access outside a model run would draw a new value. :class:`KernelFn`
+records the hyperparameter sites once (inside the model run) and conditions every later
+evaluation, so all evaluations use the same, differentiable values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import gpytorch
+import pyro.poutine as poutine
+import torch
+from pyro.nn import PyroModule
+
+__all__ = ["KernelFn"]
+
+
+class KernelFn:
+    """A kernel as a pure function of its inputs: ``k(X1, X2)`` (dense block) and ``k.diag(X)``.
+
+    :param kernel: a ``gpytorch.kernels.Kernel``, a ``pyro.contrib.gp.kernels.Kernel`` (or any
+        ``PyroModule`` kernel called as ``kernel(X1, X2)`` / ``kernel(X, diag=True)``), or a plain
+        callable ``kernel(X1, X2) -> Tensor``.
+    :param probe: an input row used to record the hyperparameter sites of ``PyroModule`` kernels;
+        call this inside the model run so the sites belong to it.
+    """
+
+    def __init__(self, kernel: Callable, probe: torch.Tensor | None = None):
+        self.kernel = kernel
+        self.is_gpytorch = isinstance(kernel, gpytorch.kernels.Kernel)
+        self._values = None
+        if isinstance(kernel, PyroModule) and probe is not None:
+            with poutine.trace() as tr:
+                kernel(probe[:1], probe[:1])
+            # values, not a replay: under NUTS the recorded sites are themselves conditioned
+            self._values = {name: site["value"] for name, site in tr.trace.nodes.items() if site["type"] == "sample"}
+
+    def _call(self, X1: torch.Tensor, X2: torch.Tensor | None, diag: bool) -> torch.Tensor:
+        if self.is_gpytorch:
+            if diag:
+                return self.kernel(X1, diag=True)
+            return self.kernel(X1, X2).to_dense()
+        if diag:
+            try:
+                return self.kernel(X1, diag=True)
+            except TypeError:  # a plain callable without ``diag``: evaluate row by row
+                return torch.stack([self.kernel(x[None], x[None])[0, 0] for x in X1])
+        return self.kernel(X1, X2)
+
+    def _evaluate(self, X1, X2, diag: bool) -> torch.Tensor:
+        if self._values is None:
+            out = self._call(X1, X2, diag)
+        else:
+            with poutine.block(), poutine.condition(data=self._values):
+                out = self._call(X1, X2, diag)
+        return out.to(X1.dtype)
+
+    def __call__(self, X1: torch.Tensor, X2: torch.Tensor) -> torch.Tensor:
+        return self._evaluate(X1, X2, diag=False)
+
+    def diag(self, X: torch.Tensor) -> torch.Tensor:
+        return self._evaluate(X, None, diag=True)

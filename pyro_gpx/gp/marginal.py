@@ -1,0 +1,123 @@
+r"""The GP regression marginal :math:`p(y \mid \theta)` scored by a computation-aware objective.
+
+:class:`ComputationAwareMarginal` is a Pyro distribution over the whole target vector
+(``event_shape = (n,)``), so a GP is an ordinary observed site,
+``pyro.sample("y", ComputationAwareMarginal(...), obs=y)``, that SVI and NUTS consume directly.
+Its ``log_prob`` is one of
+
+* ``"elbo"``: the CaGP evidence lower bound (default; a lower bound on :math:`\log p(y\mid\theta)`,
+  tight for complete actions) [2];
+* ``"projected"``: the IterGP projected-data log-likelihood [1];
+* ``"exact"``: :math:`\log N(y; \mu, K + \sigma^2 I)` by dense Cholesky (small ``n``, reference).
+
+References:
+
+[1] J. Wenger, G. Pleiss, M. Pförtner, P. Hennig, J. Cunningham. Posterior and computational
+    uncertainty in Gaussian processes. NeurIPS 2022.
+[2] J. Wenger, K. Wu, P. Hennig, J. Gardner, G. Pleiss, J. Cunningham. Computation-aware Gaussian
+    processes: model selection and linear-time inference. NeurIPS 2024.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pyro.distributions import TorchDistribution, constraints
+
+from .actions import Actions
+from .cholesky import safe_cholesky
+from .kernel_fn import KernelFn
+from .policies import Policy, PolicyContext
+from .posterior import MAX_DENSE
+from .projection import ActionProjection, project
+
+__all__ = ["OBJECTIVES", "ComputationAwareMarginal", "exact_log_marginal_likelihood"]
+
+OBJECTIVES = ("elbo", "projected", "exact")
+
+
+def exact_log_marginal_likelihood(
+    kernel: KernelFn, X: torch.Tensor, residual: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    r""":math:`\log N(r; 0, K + \sigma^2 I)` by dense Cholesky, in float64."""
+    n = X.shape[0]
+    K = kernel(X, X).double()
+    K = K + torch.as_tensor(noise).double() * torch.eye(n, dtype=torch.float64)
+    L = safe_cholesky(K, "K + noise I")
+    alpha = torch.linalg.solve_triangular(L, residual.double()[:, None], upper=False)[:, 0]
+    return -0.5 * (alpha @ alpha) - L.diagonal().log().sum() - 0.5 * n * math.log(2 * math.pi)
+
+
+class ComputationAwareMarginal(TorchDistribution):
+    r"""Marginal likelihood of GP regression, :math:`y \sim N(\mu(X), K + \sigma^2 I)`, whose
+    ``log_prob`` is a computation-aware objective.
+
+    :param X: ``(n, d)`` training inputs.
+    :param kernel: the kernel as a :class:`~pyro_gpx.gp.kernel_fn.KernelFn`.
+    :param noise: observation noise variance :math:`\sigma^2 > 0`.
+    :param prior_mean: :math:`\mu(X)`, shape ``(n,)``.
+    :param policy: chooses the actions (ignored by ``"exact"``).
+    :param objective: ``"elbo"``, ``"projected"`` or ``"exact"``.
+    :param actions: actions chosen in advance (otherwise the policy chooses them from the value
+        being scored).
+    """
+
+    arg_constraints = {}
+    support = constraints.real_vector
+    has_rsample = False
+
+    def __init__(
+        self,
+        X: torch.Tensor,
+        kernel: KernelFn,
+        noise: torch.Tensor,
+        prior_mean: torch.Tensor,
+        policy: Policy,
+        objective: str = "elbo",
+        actions: Actions | None = None,
+        validate_args=None,
+    ):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        noise = torch.as_tensor(noise)
+        if not torch.isfinite(noise).all() or (noise <= 0).any():
+            raise ValueError(f"noise must be positive and finite, got {noise.detach().tolist()}")
+        if prior_mean.shape != X.shape[:1]:
+            raise ValueError(f"prior_mean has shape {tuple(prior_mean.shape)}; expected ({X.shape[0]},)")
+        self.X, self.kernel, self.noise, self.prior_mean = X, kernel, noise, prior_mean
+        self.policy, self.objective, self.actions = policy, objective, actions
+        self.last_projection: ActionProjection | None = None
+        super().__init__(torch.Size(), torch.Size([X.shape[0]]), validate_args=validate_args)
+
+    def project(self, y: torch.Tensor) -> ActionProjection:
+        """The action projection of the data ``y`` (kept as ``last_projection``)."""
+        residual = y - self.prior_mean
+        actions = self.actions
+        if actions is None:
+            actions = self.policy.actions(PolicyContext(self.X, residual, self.kernel, self.noise))
+        self.last_projection = project(actions, self.kernel, self.X, residual, self.noise)
+        return self.last_projection
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if value.shape != self.event_shape:
+            raise ValueError(f"y has shape {tuple(value.shape)}; expected {tuple(self.event_shape)}")
+        if self.objective == "exact":
+            if self.X.shape[0] > MAX_DENSE:
+                raise ValueError(f"objective='exact' forms the dense kernel matrix; n={self.X.shape[0]} > {MAX_DENSE}")
+            return exact_log_marginal_likelihood(self.kernel, self.X, value - self.prior_mean, self.noise)
+        projection = self.project(value)
+        if self.objective == "projected":
+            return projection.projected_log_likelihood()
+        return projection.elbo(self.kernel.diag(self.X))
+
+    @torch.no_grad()
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008 (torch's signature)
+        """Draws from :math:`N(\\mu(X), K + \\sigma^2 I)` (dense; for moderate ``n`` only)."""
+        n = self.X.shape[0]
+        if n > MAX_DENSE:
+            raise NotImplementedError(f"sampling the marginal forms the dense kernel matrix; n={n} > {MAX_DENSE}")
+        K = self.kernel(self.X, self.X).double() + self.noise.double() * torch.eye(n, dtype=torch.float64)
+        L = safe_cholesky(K, "K + noise I")
+        eps = torch.randn(tuple(sample_shape) + (n,), dtype=torch.float64)
+        return (self.prior_mean.double() + eps @ L.T).to(self.prior_mean.dtype)

@@ -1,0 +1,221 @@
+r"""Computation-aware GP regression as a ``pyro.contrib.gp`` model.
+
+:class:`ComputationAwareGP` follows ``pyro.contrib.gp.models.GPRegression``: ``model()`` is a Pyro
+model with one observed site (the targets, scored by a
+:class:`~pyro_gpx.gp.marginal.ComputationAwareMarginal`), ``guide()`` serves its own autoguides,
+``forward(Xnew, full_cov, noiseless)`` predicts, and ``set_data`` swaps data. Hyperparameters are
+point estimates or latent sites:
+
+* ``pyro.contrib.gp`` kernels: ``PyroParam`` / ``PyroSample`` attributes as usual;
+* GPyTorch kernels: parameters are registered with ``pyro.module`` (point estimates); parameters
+  with a GPyTorch prior (``lengthscale_prior=...``) become latent sample sites drawn with
+  GPyTorch's ``pyro_sample_from_prior``, so ``MCMC(NUTS(gp.model))`` samples them;
+* the noise: ``gp.noise`` is a positive ``PyroParam``; assign a ``PyroSample`` to make it latent.
+
+Example::
+
+    >>> import torch, pyro, gpytorch
+    >>> from pyro_gpx.gp import ComputationAwareGP, CGPolicy
+    >>> X = torch.linspace(0, 1, 50, dtype=torch.float64)[:, None]
+    >>> y = torch.sin(6 * X[:, 0])
+    >>> kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel()).double()
+    >>> gp = ComputationAwareGP(X, y, kernel, policy=CGPolicy(num_actions=20), noise=0.01)
+    >>> svi = pyro.infer.SVI(gp.model, gp.guide, pyro.optim.Adam({"lr": 0.05}), pyro.infer.Trace_ELBO())
+    >>> losses = [svi.step() for _ in range(5)]
+    >>> mean, var = gp(X[:3])
+    >>> mean.shape, var.shape
+    (torch.Size([3]), torch.Size([3]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import gpytorch
+import pyro
+import torch
+from pyro.contrib.gp.models.model import GPModel
+from pyro.distributions import constraints
+from pyro.nn import PyroModule, PyroParam, pyro_method
+
+from .kernel_fn import KernelFn
+from .marginal import OBJECTIVES, ComputationAwareMarginal
+from .policies import BlockSparsePolicy, Policy, PolicyContext
+from .posterior import PosteriorMoments, exact_posterior_variance, posterior_moments
+
+__all__ = ["ComputationAwareGP"]
+
+
+def _check_finite(name: str, x: torch.Tensor) -> None:
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def _has_priors(module: torch.nn.Module) -> bool:
+    return isinstance(module, gpytorch.Module) and any(True for _ in module.named_priors())
+
+
+def _sample_gpytorch_priors(kernel: gpytorch.Module) -> gpytorch.Module:
+    """A copy of ``kernel`` whose prior-carrying hyperparameters are Pyro sample sites.
+
+    Like GPyTorch's ``pyro_sample_from_prior``, but non-scalar hyperparameters (ARD lengthscales)
+    are one site with event dimensions, and parameters without a prior stay the original
+    (registered) tensors, so SVI keeps updating them.
+    """
+    # GPyTorch's "random module" copy stores sampled values as tensors, keeping their gradient
+    sampled = kernel.to_pyro_random_module()
+    seen = set()
+    for name, module, prior, closure, setting_closure in sampled.named_priors():
+        if id(prior) in seen:
+            continue
+        seen.add(id(prior))
+        shape = closure(module).shape
+        value = pyro.sample(name, prior.expand(shape).to_event(len(shape)))
+        setting_closure(module, value)  # the raw parameter becomes a tensor that depends on ``value``
+    # parameters without a prior are still (copied) nn.Parameters: relink them to the originals,
+    # which pyro.module registered
+    originals = dict(kernel.named_parameters())
+    for name, module in sampled.named_modules():
+        for pname, value in list(module._parameters.items()):
+            full = f"{name}.{pname}" if name else pname
+            original = originals.get(full)
+            if isinstance(value, torch.nn.Parameter) and original is not None and torch.equal(value, original):
+                module._parameters[pname] = original
+    return sampled
+
+
+class ComputationAwareGP(GPModel):
+    r"""GP regression with computation-aware inference (IterGP / CaGP) [1, 2].
+
+    :param X: ``(n, d)`` training inputs.
+    :param y: ``(n,)`` training targets (or ``None``).
+    :param kernel: a GPyTorch kernel, a ``pyro.contrib.gp`` kernel or a callable
+        ``k(X1, X2) -> Tensor``.
+    :param policy: chooses the actions; default ``BlockSparsePolicy(min(n, 256))`` (CaGP-Opt).
+    :param mean_function: callable ``X -> (n,)``; zero by default (``nn.Module``\ s are trained).
+    :param noise: initial observation noise variance (a positive ``PyroParam``).
+    :param objective: ``"elbo"`` (CaGP), ``"projected"`` (IterGP) or ``"exact"`` (dense reference).
+    :param jitter: added to the noise for numerical stability.
+
+    References:
+
+    [1] J. Wenger, G. Pleiss, M. Pförtner, P. Hennig, J. Cunningham. Posterior and computational
+        uncertainty in Gaussian processes. NeurIPS 2022.
+    [2] J. Wenger, K. Wu, P. Hennig, J. Gardner, G. Pleiss, J. Cunningham. Computation-aware
+        Gaussian processes: model selection and linear-time inference. NeurIPS 2024.
+    """
+
+    def __init__(
+        self,
+        X: torch.Tensor,
+        y: torch.Tensor | None,
+        kernel: Callable,
+        policy: Policy | None = None,
+        mean_function: Callable | None = None,
+        noise: float | torch.Tensor | None = None,
+        objective: str = "elbo",
+        jitter: float = 1e-6,
+    ):
+        if not isinstance(X, torch.Tensor) or X.dim() != 2:
+            raise ValueError(f"X must be a (n, d) tensor, got {type(X).__name__} of shape {getattr(X, 'shape', None)}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        super().__init__(X, y, kernel, mean_function, jitter)
+        noise = torch.as_tensor(1.0 if noise is None else noise, dtype=X.dtype).detach().clone()
+        if not torch.isfinite(noise) or noise <= 0:
+            raise ValueError(f"noise must be positive and finite, got {float(noise)}")
+        self.noise = PyroParam(noise, constraints.positive)
+        self.policy = policy if policy is not None else BlockSparsePolicy(min(X.shape[0], 256))
+        self.policy.validate(X.shape[0])
+        self.objective = objective
+
+    def set_data(self, X: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        if X.dim() != 2:
+            raise ValueError(f"X must be (n, d), got shape {tuple(X.shape)}")
+        _check_finite("X", X)
+        if y is not None:
+            if y.dim() != 1:
+                raise ValueError(f"y must be (n,), got shape {tuple(y.shape)}")
+            if y.shape[0] != X.shape[0]:
+                raise ValueError(f"X has {X.shape[0]} rows but y has {y.shape[0]} entries")
+            _check_finite("y", y)
+        if "policy" in self._modules:
+            self.policy.validate(X.shape[0])
+        super().set_data(X, y)
+
+    # -- the pieces of one model evaluation ---------------------------------------------------
+    def _kernel_fn(self) -> KernelFn:
+        kernel = self.kernel
+        if isinstance(kernel, torch.nn.Module) and not isinstance(kernel, PyroModule):
+            pyro.module(self._pyro_get_fullname("kernel"), kernel)
+            if _has_priors(kernel):
+                kernel = _sample_gpytorch_priors(kernel)
+        return KernelFn(kernel, probe=self.X)
+
+    def _prior_mean(self, X: torch.Tensor) -> torch.Tensor:
+        mean_fn = self.mean_function
+        if isinstance(mean_fn, torch.nn.Module) and not isinstance(mean_fn, PyroModule):
+            pyro.module(self._pyro_get_fullname("mean_function"), mean_fn)
+        mean = torch.as_tensor(mean_fn(X), dtype=X.dtype)
+        return mean.expand(X.shape[:1]) if mean.dim() == 0 else mean
+
+    @pyro_method
+    def marginal(self) -> ComputationAwareMarginal:
+        """The marginal-likelihood distribution for the current hyperparameters.
+
+        With targets set, the actions are chosen here, inside the model run, so that learned
+        actions are Pyro parameters of this run (Pyro scores sites after the model returns).
+        """
+        kernel = self._kernel_fn()
+        noise = self.noise + self.jitter
+        prior_mean = self._prior_mean(self.X)
+        actions = None
+        if self.y is not None and self.objective != "exact":
+            actions = self.policy.actions(PolicyContext(self.X, self.y - prior_mean, kernel, noise))
+        return ComputationAwareMarginal(self.X, kernel, noise, prior_mean, self.policy, self.objective, actions=actions)
+
+    @pyro_method
+    def model(self):
+        self.set_mode("model")
+        marginal = self.marginal()
+        if self.y is None:
+            return marginal.prior_mean, marginal
+        return pyro.sample(self._pyro_get_fullname("y"), marginal, obs=self.y)
+
+    @pyro_method
+    def guide(self):
+        self.set_mode("guide")
+        self._load_pyro_samples()
+
+    # -- prediction ----------------------------------------------------------------------------
+    @pyro_method
+    def posterior(self, Xnew: torch.Tensor, full_cov: bool = False, split: bool = False) -> PosteriorMoments:
+        """Posterior of the latent function at ``Xnew`` (noiseless), optionally with the split of
+        the uncertainty into its mathematical and computational parts (dense exact solve)."""
+        if self.y is None:
+            raise ValueError("the model has no targets y; call set_data(X, y) first")
+        self._check_Xnew_shape(Xnew)
+        _check_finite("Xnew", Xnew)
+        marginal = self.marginal()
+        projection = marginal.project(self.y)
+        mean, cov = posterior_moments(projection, marginal.kernel, self.X, Xnew, self._prior_mean(Xnew), full_cov)
+        result = PosteriorMoments(mean=mean, covariance=cov)
+        if split:
+            math_part = exact_posterior_variance(marginal.kernel, self.X, Xnew, marginal.noise, full_cov)
+            result.mathematical = math_part
+            result.computational = cov - math_part
+        return result
+
+    def forward(self, Xnew: torch.Tensor, full_cov: bool = False, noiseless: bool = True):
+        r"""Posterior mean and covariance (or variance) at ``Xnew``, as ``GPRegression.forward``.
+
+        Latent hyperparameters take their guide values (``set_mode("guide")``); to predict with a
+        posterior draw of latent sites, call this inside ``pyro.poutine.condition(data=draw)``.
+        """
+        self.set_mode("guide")
+        moments = self.posterior(Xnew, full_cov=full_cov)
+        mean, cov = moments.mean, moments.covariance
+        if not noiseless:
+            noise = (self.noise + self.jitter).double()
+            cov = cov + noise * torch.eye(cov.shape[0], dtype=cov.dtype) if full_cov else cov + noise
+        return mean.to(Xnew.dtype), cov.to(Xnew.dtype)

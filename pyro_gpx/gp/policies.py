@@ -1,0 +1,264 @@
+r"""Policies: how a computation-aware GP chooses its actions :math:`S`.
+
+A policy maps the current state (data, kernel, noise, residual :math:`y - \mu(X)`) to an
+:class:`~pyro_gpx.gp.actions.Actions`. With :math:`i` actions the posterior costs
+:math:`O(n i)` memory; the policy decides which :math:`i`-dimensional projection of the data is
+conditioned on, and the posterior's computational uncertainty accounts for the rest [1, 2].
+
+* :class:`UnitVectorPolicy`: unit vectors; all :math:`n` of them is the exact (Cholesky) GP.
+* :class:`CGPolicy`: (preconditioned) conjugate-gradient directions (IterGP-CG / CaGP-CG).
+* :class:`PseudoInputPolicy`: kernel columns :math:`k(X, z_j)` at inducing points.
+* :class:`BlockSparsePolicy`: learned block-sparse actions (CaGP-Opt), trained with the
+  hyperparameters.
+* :class:`RandomSketchPolicy`: a fixed Gaussian sketch.
+
+References:
+
+[1] J. Wenger, G. Pleiss, M. Pförtner, P. Hennig, J. Cunningham. Posterior and computational
+    uncertainty in Gaussian processes. NeurIPS 2022.
+[2] J. Wenger, K. Wu, P. Hennig, J. Gardner, G. Pleiss, J. Cunningham. Computation-aware Gaussian
+    processes: model selection and linear-time inference. NeurIPS 2024.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from pyro.nn import PyroModule, PyroParam
+
+from . import settings
+from .actions import Actions, BlockSparseActions, DenseActions, IndexActions
+from .cg import CGResult, conjugate_gradients
+from .kernel_fn import KernelFn
+from .kernel_ops import kernel_matmul
+from .preconditioners import build_preconditioner
+
+__all__ = [
+    "PolicyContext",
+    "Policy",
+    "UnitVectorPolicy",
+    "CGPolicy",
+    "PseudoInputPolicy",
+    "BlockSparsePolicy",
+    "RandomSketchPolicy",
+]
+
+
+@dataclass
+class PolicyContext:
+    """What a policy may look at: training inputs, residual :math:`y - \\mu(X)`, kernel, noise."""
+
+    X: torch.Tensor
+    residual: torch.Tensor
+    kernel: KernelFn
+    noise: torch.Tensor
+
+
+def _check_num_actions(num_actions: int | None, n: int) -> int:
+    if num_actions is None:
+        return n
+    if int(num_actions) < 1:
+        raise ValueError(f"num_actions must be >= 1, got {num_actions}")
+    if int(num_actions) > n:
+        raise ValueError(f"num_actions ({num_actions}) exceeds the number of data points ({n})")
+    return int(num_actions)
+
+
+class Policy(PyroModule):
+    """Base class: ``actions(context) -> Actions``."""
+
+    #: whether gradients of the objective flow into the actions (False: they are treated as fixed)
+    differentiable: bool = True
+
+    def actions(self, context: PolicyContext) -> Actions:
+        raise NotImplementedError
+
+    def validate(self, num_data: int) -> None:
+        """Raise if this policy cannot act on ``num_data`` points."""
+        _check_num_actions(getattr(self, "num_actions", None), num_data)
+
+    def forward(self, context: PolicyContext) -> Actions:
+        return self.actions(context)
+
+
+class UnitVectorPolicy(Policy):
+    """Unit-vector actions on ``num_actions`` data points (all points if ``None``: the exact GP).
+
+    :param order: ``"random"`` (a seeded random subset) or ``"first"`` (the first points).
+    """
+
+    def __init__(self, num_actions: int | None = None, order: str = "random", seed: int = 0):
+        super().__init__()
+        if order not in ("random", "first"):
+            raise ValueError(f"order must be 'random' or 'first', got {order!r}")
+        self.num_actions, self.order, self.seed = num_actions, order, seed
+
+    def actions(self, context):
+        n = context.X.shape[0]
+        i = _check_num_actions(self.num_actions, n)
+        if i == n or self.order == "first":
+            idx = torch.arange(i)
+        else:
+            idx = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[:i]
+        return IndexActions(idx, n, dtype=torch.float64)
+
+
+class RandomSketchPolicy(Policy):
+    r"""A fixed Gaussian sketch :math:`S_{kj} \sim N(0, 1/n)`, seeded (the same for the same ``n``)."""
+
+    def __init__(self, num_actions: int, seed: int = 0):
+        super().__init__()
+        self.num_actions, self.seed = num_actions, seed
+
+    def actions(self, context):
+        n = context.X.shape[0]
+        i = _check_num_actions(self.num_actions, n)
+        gen = torch.Generator().manual_seed(self.seed)
+        S = torch.randn(n, i, generator=gen, dtype=torch.float64) / math.sqrt(n)
+        return DenseActions(S.to(context.X.dtype))
+
+
+class PseudoInputPolicy(Policy):
+    r"""Kernel columns at inducing points :math:`Z`: :math:`S = K(X, Z)`.
+
+    With these actions the CaGP posterior mean lies in the span of :math:`k(\cdot, X)K(X, Z)`.
+
+    :param inducing_points: ``(m, d)`` inducing inputs.
+    :param learn: optimise :math:`Z` with the hyperparameters.
+    """
+
+    def __init__(self, inducing_points: torch.Tensor, learn: bool = False):
+        super().__init__()
+        if inducing_points.dim() != 2:
+            raise ValueError(f"inducing_points must be (m, d), got shape {tuple(inducing_points.shape)}")
+        if learn:
+            self.inducing_points = PyroParam(inducing_points.clone())
+        else:
+            self.register_buffer("inducing_points", inducing_points.clone())
+
+    def validate(self, num_data: int) -> None:
+        _check_num_actions(self.inducing_points.shape[0], num_data)
+
+    def actions(self, context):
+        Z = self.inducing_points
+        if Z.shape[1] != context.X.shape[1]:
+            raise ValueError(f"inducing_points have {Z.shape[1]} features; X has {context.X.shape[1]}")
+        _check_num_actions(Z.shape[0], context.X.shape[0])
+        return DenseActions(context.kernel(context.X, Z.to(context.X.dtype)))
+
+
+class BlockSparsePolicy(Policy):
+    r"""Learned block-sparse actions (CaGP-Opt [2]).
+
+    The training points are split at random (seeded) into ``num_actions`` disjoint blocks of
+    :math:`\lceil n/i \rceil` points; action :math:`j` has learnable entries on block :math:`j` and
+    zeros elsewhere. :math:`K S` then costs one kernel entry per pair of points, memory is O(n),
+    and :math:`S^\top S` is diagonal. The entries are Pyro parameters, trained by SVI together with
+    the hyperparameters.
+
+    :param init: ``"targets"`` (the residual :math:`y - \mu` on each block, normalised) or
+        ``"random"`` (Gaussian, normalised).
+    """
+
+    def __init__(self, num_actions: int, init: str = "targets", seed: int = 0):
+        super().__init__()
+        if init not in ("targets", "random"):
+            raise ValueError(f"init must be 'targets' or 'random', got {init!r}")
+        self.num_actions, self.init, self.seed = num_actions, init, seed
+        self._num_data = None
+
+    def _partition(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = _check_num_actions(self.num_actions, n)
+        block = math.ceil(n / i)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        padded = torch.cat([perm, perm[: block * i - n]])
+        mask = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(block * i - n, dtype=torch.bool)])
+        # spread padding over the last blocks: column-major fill keeps block sizes within one
+        index = padded.reshape(block, i).T.contiguous()
+        return index, mask.reshape(block, i).T.contiguous()
+
+    def _initial_blocks(self, context: PolicyContext, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.init == "targets":
+            values = context.residual.detach().double()[index]
+        else:
+            gen = torch.Generator().manual_seed(self.seed + 1)
+            values = torch.randn(index.shape, generator=gen, dtype=torch.float64)
+        values = values * mask
+        norms = values.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return (values / norms).to(context.X.dtype)
+
+    def actions(self, context):
+        n = context.X.shape[0]
+        if self._num_data != n:
+            index, mask = self._partition(n)
+            self.register_buffer("index", index)
+            self.register_buffer("mask", mask)
+            self.blocks = PyroParam(self._initial_blocks(context, index, mask))
+            self._num_data = n
+        return BlockSparseActions(self.index, self.blocks, self.mask, n)
+
+
+class CGPolicy(Policy):
+    r"""Conjugate-gradient directions for :math:`\hat K v = y - \mu(X)` (IterGP-CG / CaGP-CG).
+
+    Runs at most ``num_actions`` iterations of preconditioned CG with re-orthogonalisation (see
+    :func:`~pyro_gpx.gp.cg.conjugate_gradients`) and returns the directions. The directions are
+    recomputed at each evaluation and treated as fixed (not differentiated), as in [2]; under
+    HMC/NUTS prefer a policy whose actions do not depend on the hyperparameters.
+
+    :param tol: relative residual at which CG stops early (default
+        :class:`~pyro_gpx.gp.settings.cg_tolerance`).
+    :param preconditioner: ``None``, ``"pivoted"`` (greedy pivoted Cholesky) or ``"rpcholesky"``.
+    :param preconditioner_rank: rank of the preconditioner.
+    """
+
+    differentiable = False
+
+    def __init__(
+        self,
+        num_actions: int,
+        tol: float | None = None,
+        preconditioner: str | None = None,
+        preconditioner_rank: int = 100,
+        reorthogonalize: bool = True,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if preconditioner not in (None, "pivoted", "rpcholesky"):
+            raise ValueError(f"preconditioner must be None, 'pivoted' or 'rpcholesky', got {preconditioner!r}")
+        self.num_actions, self.tol = num_actions, tol
+        self.preconditioner, self.preconditioner_rank = preconditioner, preconditioner_rank
+        self.reorthogonalize, self.seed = reorthogonalize, seed
+        self.last_result: CGResult | None = None
+
+    @torch.no_grad()
+    def solve(self, context: PolicyContext) -> CGResult:
+        n = context.X.shape[0]
+        i = _check_num_actions(self.num_actions, n)
+        noise = context.noise.detach().double()
+        X = context.X.detach()
+        precond = None
+        if self.preconditioner is not None:
+            pivoting = "greedy" if self.preconditioner == "pivoted" else "rpcholesky"
+            gen = torch.Generator().manual_seed(self.seed)
+            precond = build_preconditioner(
+                context.kernel, X, noise, self.preconditioner_rank, pivoting=pivoting, generator=gen
+            ).solve
+
+        def matvec(v):
+            return kernel_matmul(context.kernel, X, X, v[:, None])[:, 0].double() + noise * v.double()
+
+        tol = self.tol if self.tol is not None else settings.cg_tolerance.value()
+        result = conjugate_gradients(matvec, context.residual.detach(), i, tol, precond, self.reorthogonalize)
+        self.last_result = result
+        return result
+
+    def actions(self, context):
+        result = self.solve(context)
+        if result.iterations == 0:
+            raise RuntimeError("CG produced no directions (zero residual or breakdown at the first step)")
+        # unit-norm columns: the span is what matters, and late directions can be tiny
+        directions = result.directions / result.directions.norm(dim=0, keepdim=True)
+        return DenseActions(directions.to(context.X.dtype))

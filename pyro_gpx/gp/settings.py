@@ -1,0 +1,80 @@
+"""Numerical settings for computation-aware GPs, as context managers (in the style of GPyTorch).
+
+Example::
+
+    >>> from pyro_gpx.gp import settings
+    >>> with settings.chunk_size(2048):
+    ...     settings.chunk_size.value()
+    2048
+"""
+
+from __future__ import annotations
+
+__all__ = ["chunk_size", "cholesky_jitter", "cg_tolerance"]
+
+
+class _Setting:
+    """A value with a default, changed for the duration of a ``with`` block."""
+
+    _default: object = None
+    _stack: list
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._stack = []
+
+    def __init__(self, value):
+        self._value = self._validate(value)
+
+    @classmethod
+    def _validate(cls, value):
+        return value
+
+    @classmethod
+    def value(cls):
+        return cls._stack[-1] if cls._stack else cls._default
+
+    def __enter__(self):
+        type(self)._stack.append(self._value)
+        return self
+
+    def __exit__(self, *exc):
+        type(self)._stack.pop()
+        return False
+
+
+class chunk_size(_Setting):
+    """Rows of the kernel matrix formed at once in matrix-free products (memory ~ rows x n)."""
+
+    _default = 1024
+
+    @classmethod
+    def _validate(cls, value):
+        if int(value) < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {value}")
+        return int(value)
+
+
+class cholesky_jitter(_Setting):
+    """Initial jitter and number of tenfold escalations tried when a Cholesky factorisation fails."""
+
+    _default = (1e-8, 6)
+
+    @classmethod
+    def _validate(cls, value):
+        jitter, tries = value if isinstance(value, tuple) else (value, cls._default[1])
+        if jitter <= 0 or tries < 0:
+            raise ValueError(f"cholesky_jitter needs jitter > 0 and tries >= 0, got {value}")
+        return float(jitter), int(tries)
+
+
+class cg_tolerance(_Setting):
+    """Relative residual tolerance of conjugate gradients (GPyTorch trains with 1; Maddox et al. advise <= 0.01)."""
+
+    _default = 0.01
+
+    @classmethod
+    def _validate(cls, value):
+        if value <= 0:
+            raise ValueError(f"cg_tolerance must be > 0, got {value}")
+        return float(value)

@@ -1,0 +1,107 @@
+"""Matrix-free products, action formats, preconditioners and Cholesky against dense references."""
+
+import pytest
+import torch
+from linear_operator.functions import pivoted_cholesky as lo_pivoted_cholesky
+
+from pyro_gpx.gp import (
+    BlockSparseActions,
+    CholeskyError,
+    DenseActions,
+    IndexActions,
+    build_preconditioner,
+    kernel_matmul,
+    partial_cholesky,
+    safe_cholesky,
+    settings,
+)
+
+from .problems import make_problem
+
+
+@pytest.fixture
+def problem(float64):
+    return make_problem(n=50, seed=2)
+
+
+def test_chunked_product_and_its_gradient_match_dense(problem):
+    V = torch.randn(50, 3, generator=torch.Generator().manual_seed(0))
+    kernel = problem.kernel
+    params = [kernel.raw_outputscale, kernel.base_kernel.raw_lengthscale]
+    dense = kernel(problem.X, problem.X).to_dense() @ V
+    g_dense = torch.autograd.grad((dense**2).sum(), params)
+    with settings.chunk_size(7):
+        chunked = kernel_matmul(problem.kfn, problem.X, problem.X, V)
+        g_chunked = torch.autograd.grad((chunked**2).sum(), params)
+    torch.testing.assert_close(chunked, dense)
+    for a, b in zip(g_chunked, g_dense):
+        torch.testing.assert_close(a, b)
+
+
+def _block_actions(n=50, i=7, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    block = -(-n // i)
+    perm = torch.cat([torch.randperm(n, generator=gen), torch.arange(block * i - n)])
+    mask = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(block * i - n, dtype=torch.bool)])
+    index, mask = perm.reshape(block, i).T, mask.reshape(block, i).T
+    return BlockSparseActions(index, torch.randn(i, block, generator=gen, dtype=torch.float64), mask, n)
+
+
+@pytest.mark.parametrize("kind", ["index", "dense", "block"])
+def test_action_formats_agree_with_their_dense_matrix(problem, kind):
+    if kind == "index":
+        actions = IndexActions(torch.tensor([3, 10, 7]), 50)
+    elif kind == "dense":
+        actions = DenseActions(torch.randn(50, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    else:
+        actions = _block_actions()
+    S = actions.dense()
+    assert S.shape == (50, actions.num_actions)
+    v, W = torch.randn(50, dtype=torch.float64), torch.randn(50, 2, dtype=torch.float64)
+    w = torch.randn(actions.num_actions, dtype=torch.float64)
+    torch.testing.assert_close(actions.t_matmul(v), S.T @ v)
+    torch.testing.assert_close(actions.t_matmul(W), S.T @ W)
+    torch.testing.assert_close(actions.matmul(w), S @ w)
+    torch.testing.assert_close(actions.gram(), S.T @ S)
+    with settings.chunk_size(9):
+        KS = actions.kernel_product(problem.kfn, problem.X_new, problem.X)
+    torch.testing.assert_close(KS, problem.kernel(problem.X_new, problem.X).to_dense() @ S)
+
+
+def test_greedy_pivoted_cholesky_matches_linear_operator(problem):
+    K = problem.kernel(problem.X, problem.X).to_dense().detach()
+    ours, pivots = partial_cholesky(problem.kfn, problem.X, rank=8, pivoting="greedy")
+    ref = lo_pivoted_cholesky(K, rank=8)
+    torch.testing.assert_close(ours @ ours.T, ref @ ref.T, rtol=1e-8, atol=1e-10)
+    assert len(set(pivots.tolist())) == 8
+
+
+def test_rpcholesky_error_decreases_and_full_rank_is_exact(problem):
+    K = problem.kernel(problem.X, problem.X).to_dense().detach()
+    errors = []
+    for rank in (2, 5, 10, 20):
+        L, _ = partial_cholesky(problem.kfn, problem.X, rank, pivoting="rpcholesky",
+                                generator=torch.Generator().manual_seed(0))  # fmt: skip
+        errors.append(float(torch.trace(K - L @ L.T)))
+    assert all(b < a for a, b in zip(errors, errors[1:]))
+    assert errors[-1] < 1e-3 * errors[0]
+
+
+def test_preconditioner_solve_logdet_and_samples(problem):
+    pre = build_preconditioner(problem.kfn, problem.X, problem.noise, rank=6)
+    P = pre.L @ pre.L.T + problem.noise * torch.eye(50)
+    v = torch.randn(50, 3, dtype=torch.float64)
+    torch.testing.assert_close(pre.solve(v), torch.linalg.solve(P, v))
+    assert float(pre.logdet()) == pytest.approx(float(torch.logdet(P)), rel=1e-10)
+    samples = pre.sample(20000, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(samples @ samples.T / 20000, P, atol=0.06, rtol=0.05)
+
+
+def test_cholesky_jitter_escalation_and_error():
+    A = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)  # singular PSD
+    L = safe_cholesky(A)
+    assert torch.isfinite(L).all()
+    with pytest.raises(CholeskyError, match=r"not positive definite even with jitter \["):
+        safe_cholesky(torch.tensor([[1.0, 2.0], [2.0, -5.0]], dtype=torch.float64), "my matrix")
+    with pytest.raises(ValueError, match="NaN"):
+        safe_cholesky(torch.tensor([[float("nan")]], dtype=torch.float64))
