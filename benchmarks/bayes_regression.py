@@ -109,7 +109,7 @@ def main(argv=None) -> list[dict]:
     )
     torch.set_default_dtype(torch.float64)
     num_samples = 300 if args.quick else 1000
-    num_steps = 1500 if args.quick else 4000
+    num_steps = 1500 if args.quick else 2500
     methods = {
         "NUTS": lambda s: run_nuts(s, num_samples, args.seed),
         "AutoNormal": lambda s: run_svi(s, AutoNormal, num_steps, 1000, args.seed),

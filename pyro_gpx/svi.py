@@ -1,4 +1,4 @@
-"""A thin, optional SVI loop with a progress bar and a loud failure on non-finite losses."""
+"""Thin, optional training loops (SVI, L-BFGS) with progress bars and loud failures on non-finite losses."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import math
 from collections.abc import Callable
 
 import pyro
+import pyro.poutine as poutine
+import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.elbo import ELBO
 from tqdm.auto import tqdm
 
-__all__ = ["fit_svi"]
+__all__ = ["fit_svi", "fit_lbfgs"]
 
 
 def fit_svi(
@@ -56,4 +58,56 @@ def fit_svi(
         losses.append(value)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{value:.4g}")
+    return losses
+
+
+def fit_lbfgs(
+    model: Callable,
+    guide: Callable,
+    *args,
+    num_steps: int = 20,
+    loss: ELBO | None = None,
+    lr: float = 1.0,
+    max_eval: int = 25,
+    history_size: int = 20,
+    tolerance_change: float = 1e-9,
+    progress: bool = True,
+    **kwargs,
+) -> list[float]:
+    """Minimise a deterministic Pyro loss with L-BFGS (strong-Wolfe line search).
+
+    For objectives without Monte Carlo noise (type-II maximum likelihood or MAP of GP
+    hyperparameters, e.g. ``ComputationAwareGP`` with an empty or ``AutoDelta`` guide), L-BFGS needs
+    far fewer loss evaluations than Adam (Maddox et al. 2021 recommend it for iterative GPs). The
+    parameters are those Pyro's SVI would train: every ``pyro.param`` the loss touches.
+
+    :param num_steps: L-BFGS iterations, each at most ``max_eval`` loss evaluations.
+    :returns: the loss after each iteration.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    loss_fn = (loss or Trace_ELBO()).differentiable_loss
+    with poutine.trace(param_only=True) as param_capture:
+        loss_fn(model, guide, *args, **kwargs)
+    params = [site["value"].unconstrained() for site in param_capture.trace.nodes.values()]
+    if not params:
+        raise ValueError("the model and guide have no pyro.param to optimise")
+    optimizer = torch.optim.LBFGS(params, lr=lr, max_iter=max_eval, max_eval=max_eval, history_size=history_size,
+                                  tolerance_change=tolerance_change, line_search_fn="strong_wolfe")  # fmt: skip
+
+    def closure():
+        optimizer.zero_grad()
+        value = loss_fn(model, guide, *args, **kwargs)
+        if not torch.isfinite(value):
+            raise FloatingPointError(f"loss became {float(value)} during L-BFGS")
+        value.backward()
+        return value
+
+    losses: list[float] = []
+    bar = tqdm(range(num_steps), disable=not progress, desc="L-BFGS", mininterval=0.5)
+    for _ in bar:
+        losses.append(float(optimizer.step(closure)))
+        bar.set_postfix(loss=f"{losses[-1]:.5g}")
+        if len(losses) > 1 and abs(losses[-2] - losses[-1]) <= tolerance_change * max(1.0, abs(losses[-1])):
+            break
     return losses

@@ -35,11 +35,14 @@ __all__ = ["CGResult", "conjugate_gradients"]
 
 @dataclass
 class CGResult:
-    """:ivar solution: :math:`v \\approx \\hat K^{-1} b`.
+    r""":ivar solution: :math:`v \approx \hat K^{-1} b`.
     :ivar directions: ``(n, j)`` conjugate directions :math:`D`.
-    :ivar K_directions: ``(n, j)`` :math:`\\hat K D`.
-    :ivar eta: ``(j,)`` :math:`\\operatorname{diag}(D^\\top \\hat K D)`.
+    :ivar K_directions: ``(n, j)`` :math:`\hat K D`.
+    :ivar eta: ``(j,)`` :math:`\operatorname{diag}(D^\top \hat K D)`.
     :ivar residual_norms: relative residual norm after each iteration.
+    :ivar stop_reason: ``"converged"``, ``"max_iter"`` or ``"breakdown"`` (a non-positive or
+        vanishing curvature :math:`\eta`: the Krylov space is exhausted, or rounding made
+        :math:`\hat K` numerically indefinite, e.g. float32 products with tiny noise).
     """
 
     solution: torch.Tensor
@@ -47,6 +50,7 @@ class CGResult:
     K_directions: torch.Tensor
     eta: torch.Tensor
     residual_norms: list[float] = field(default_factory=list)
+    stop_reason: str = "max_iter"
 
     @property
     def iterations(self) -> int:
@@ -83,7 +87,8 @@ def conjugate_gradients(
     eta = torch.zeros(0, dtype=torch.float64)
     norms: list[float] = []
     if b_norm == 0:
-        return CGResult(x, D, KD, eta, [0.0])
+        return CGResult(x, D, KD, eta, [0.0], "converged")
+    reason = "max_iter"
     for _ in range(min(max_iter, n)):
         s = preconditioner(r).double() if preconditioner is not None else r.clone()
         Ks = matvec(s).double()
@@ -96,7 +101,8 @@ def conjugate_gradients(
             Kd = Kd - KD @ coef
         eta_j = d @ Kd
         if not torch.isfinite(eta_j) or eta_j <= 0 or d.norm() <= 1e-10 * s.norm():
-            break  # breakdown: the new action lies in the span of the earlier ones (Krylov space exhausted)
+            reason = "breakdown"  # the new action lies in the span of the earlier ones
+            break
         alpha = (d @ r) / eta_j
         x = x + alpha * d
         r = r - alpha * Kd
@@ -105,5 +111,6 @@ def conjugate_gradients(
         eta = torch.cat([eta, eta_j[None]])
         norms.append(float(r.norm()) / b_norm)
         if norms[-1] <= tol:
+            reason = "converged"
             break
-    return CGResult(x, D, KD, eta, norms)
+    return CGResult(x, D, KD, eta, norms, reason)

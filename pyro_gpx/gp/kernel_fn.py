@@ -18,6 +18,8 @@ import pyro.poutine as poutine
 import torch
 from pyro.nn import PyroModule
 
+from .stationary import StationarySpec, stationary_spec
+
 __all__ = ["KernelFn"]
 
 
@@ -29,13 +31,17 @@ class KernelFn:
         callable ``kernel(X1, X2) -> Tensor``.
     :param probe: an input row used to record the hyperparameter sites of ``PyroModule`` kernels;
         call this inside the model run so the sites belong to it.
+    :param fused: use the fused stationary-kernel products of :mod:`~pyro_gpx.gp.stationary` when
+        the kernel is supported (the hyperparameters are read once, here).
     """
 
-    def __init__(self, kernel: Callable, probe: torch.Tensor | None = None):
+    def __init__(self, kernel: Callable, probe: torch.Tensor | None = None, fused: bool = True):
         self.kernel = kernel
         self.is_gpytorch = isinstance(kernel, gpytorch.kernels.Kernel)
+        #: hyperparameters of a supported stationary kernel (fused products), else None
+        self.spec: StationarySpec | None = stationary_spec(kernel) if fused else None
         self._values = None
-        if isinstance(kernel, PyroModule) and probe is not None:
+        if self.spec is None and isinstance(kernel, PyroModule) and probe is not None:
             with poutine.trace() as tr:
                 kernel(probe[:1], probe[:1])
             # values, not a replay: under NUTS the recorded sites are themselves conditioned
@@ -62,7 +68,11 @@ class KernelFn:
         return out.to(X1.dtype)
 
     def __call__(self, X1: torch.Tensor, X2: torch.Tensor) -> torch.Tensor:
+        if self.spec is not None:
+            return self.spec.dense(X1, X2)
         return self._evaluate(X1, X2, diag=False)
 
     def diag(self, X: torch.Tensor) -> torch.Tensor:
+        if self.spec is not None:
+            return self.spec.diag(X)
         return self._evaluate(X, None, diag=True)

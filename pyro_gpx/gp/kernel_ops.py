@@ -14,12 +14,13 @@ from torch.utils.checkpoint import checkpoint
 
 from . import settings
 from .kernel_fn import KernelFn
+from .stationary import stationary_block_matmul, stationary_matmul
 
 __all__ = ["kernel_matmul", "block_sparse_kernel_matmul", "kernel_diag"]
 
 
 def _chunked(fn, rows: torch.Tensor, *others, chunk: int | None = None) -> torch.Tensor:
-    chunk = chunk or settings.chunk_size.value()
+    chunk = chunk or settings.chunk_size.rows(others[0].shape[0])
     if rows.shape[0] <= chunk:
         return fn(rows, *others)
     outs = []
@@ -39,6 +40,8 @@ def kernel_matmul(
     if V.shape[0] != X2.shape[0]:
         raise ValueError(f"V has {V.shape[0]} rows; X2 has {X2.shape[0]}")
     V = V.to(X1.dtype)
+    if kernel.spec is not None:
+        return stationary_matmul(kernel.spec, X1, X2, V)
     return _chunked(lambda rows, X, W: kernel(rows, X) @ W, X1, X2, V, chunk=chunk)
 
 
@@ -60,6 +63,8 @@ def block_sparse_kernel_matmul(
         raise ValueError(f"blocks has shape {tuple(blocks.shape)}; expected {(num_actions, block)}")
     flat = X_blocks.reshape(num_actions * block, dim)
     blocks = blocks.to(X1.dtype)
+    if kernel.spec is not None:
+        return stationary_block_matmul(kernel.spec, X1, flat, blocks)
 
     def product(rows, X, B):
         K = kernel(rows, X).reshape(rows.shape[0], num_actions, block)

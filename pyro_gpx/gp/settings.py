@@ -4,7 +4,7 @@ Example::
 
     >>> from pyro_gpx.gp import settings
     >>> with settings.chunk_size(2048):
-    ...     settings.chunk_size.value()
+    ...     settings.chunk_size.rows(100_000)
     2048
 """
 
@@ -44,15 +44,29 @@ class _Setting:
 
 
 class chunk_size(_Setting):
-    """Rows of the kernel matrix formed at once in matrix-free products (memory ~ rows x n)."""
+    """Rows of the kernel matrix formed at once in matrix-free products (memory ~ rows x n).
 
-    _default = 1024
+    ``None`` (default) picks about 2**24 kernel entries per chunk (64 MB in float32) for the
+    generic autograd path, and 2**18 for the fused stationary products, whose chunks stay in cache.
+    """
+
+    _default = None
+    _entries = 2**24
+    _fused_entries = 2**18
 
     @classmethod
     def _validate(cls, value):
-        if int(value) < 1:
+        if value is not None and int(value) < 1:
             raise ValueError(f"chunk_size must be >= 1, got {value}")
-        return int(value)
+        return None if value is None else int(value)
+
+    @classmethod
+    def rows(cls, num_columns: int, fused: bool = False) -> int:
+        """Chunk rows for products with ``num_columns`` kernel columns."""
+        value = cls.value()
+        if value is not None:
+            return value
+        return max(8, (cls._fused_entries if fused else cls._entries) // max(num_columns, 1))
 
 
 class cholesky_jitter(_Setting):

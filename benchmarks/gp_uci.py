@@ -1,0 +1,444 @@
+"""Computation-aware GPs (CaGP-Opt, CaGP-CG, IterGP-CG) vs GPyTorch exact GP, SGPR and SVGP.
+
+Three parts, all in one process so the numbers are side by side:
+
+* ``accuracy``: uci-large sets, each method trained for the same wall-clock budget on the same
+  split; test RMSE, NLL, 95% coverage (original units), train seconds, peak RSS.
+* ``scaling``: seconds per training step versus n for CaGP-Opt and the GPyTorch exact GP.
+* ``cg``: CG iterations to relative residual 0.01 with no, greedy pivoted-Cholesky and RPCholesky
+  preconditioning.
+
+    python benchmarks/gp_uci.py --out benchmarks/results/gp_uci.json [--quick] [--parts accuracy,scaling,cg]
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import gpytorch
+import pyro
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+from pyro_gpx.datasets import load_uci  # noqa: E402
+from pyro_gpx.gp import (  # noqa: E402
+    BlockSparsePolicy,
+    CGPolicy,
+    ComputationAwareGP,
+    KernelFn,
+    build_preconditioner,
+    conjugate_gradients,
+    kernel_matmul,
+)
+from pyro_gpx.metrics import gaussian_coverage, gaussian_nll, rmse  # noqa: E402
+
+DTYPE = torch.float32
+
+
+def make_kernel(dim: int) -> gpytorch.kernels.Kernel:
+    """Matérn-3/2 ARD kernel, the same initialisation for every method (lengthscales sqrt(d) on
+    standardised inputs, so initial correlations are neither all ~0 nor all ~1)."""
+    kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.MaternKernel(nu=1.5, ard_num_dims=dim)).to(DTYPE)
+    kernel.base_kernel.lengthscale = torch.full((1, dim), math.sqrt(dim))
+    kernel.outputscale = 1.0
+    return kernel
+
+
+def _metrics(split, mean: torch.Tensor, var: torch.Tensor) -> dict:
+    mean_o = split.y_scaler.inverse(mean.double())
+    var_o = split.y_scaler.inverse_variance(var.double().clamp_min(1e-10))
+    y = split.y_test_original
+    return {
+        "rmse": rmse(mean_o, y),
+        "nll": gaussian_nll(mean_o, var_o, y),
+        "coverage95": gaussian_coverage(mean_o, var_o, y),
+    }
+
+
+def _train(step, budget: float, max_steps: int, tol: float = 0.0) -> tuple[int, float, float]:
+    """Run ``step()`` until the budget is spent (or the loss stops changing by more than ``tol``,
+    relative); returns steps, seconds and the last loss."""
+    start = time.perf_counter()
+    steps, loss, previous = 0, math.nan, math.inf
+    while steps < max_steps and time.perf_counter() - start < budget:
+        loss = float(step())
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {steps}")
+        steps += 1
+        if tol and abs(previous - loss) <= tol * max(1.0, abs(loss)):
+            break
+        previous = loss
+    return steps, time.perf_counter() - start, loss
+
+
+def _lbfgs_step(params, loss_fn, max_eval: int = 10):
+    """One L-BFGS iteration (strong-Wolfe line search, at most ``max_eval`` loss evaluations)."""
+    optim = torch.optim.LBFGS(params, lr=1.0, max_iter=max_eval, max_eval=max_eval, history_size=20,
+                              line_search_fn="strong_wolfe")  # fmt: skip
+
+    def closure():
+        optim.zero_grad()
+        value = loss_fn()
+        value.backward()
+        return value
+
+    return lambda: optim.step(closure)
+
+
+def _pyro_params(model, guide) -> list[torch.Tensor]:
+    with pyro.poutine.trace(param_only=True) as capture:
+        pyro.infer.Trace_ELBO().differentiable_loss(model, guide)
+    return [site["value"].unconstrained() for site in capture.trace.nodes.values()]
+
+
+# -- ours -------------------------------------------------------------------------------------------
+def run_cagp(
+    split,
+    policy,
+    objective: str,
+    budget: float,
+    max_steps: int,
+    lr: float,
+    optimizer: str = "adam",
+    warm_start_n: int | None = None,
+    seed: int = 0,
+) -> dict:
+    """Train a ComputationAwareGP within ``budget`` seconds.
+
+    ``optimizer="lbfgs"`` suits deterministic objectives (CaGP-Opt); CG actions change at every
+    evaluation, so CG-based methods use Adam. With ``warm_start_n``, the first 40% of the budget
+    fits the hyperparameters on a random subset of that size (cheap O(n^2) steps), the rest on all
+    the data (fresh actions).
+    """
+    pyro.clear_param_store()
+    X, y = split.X_train, split.y_train
+    subset = None
+    if warm_start_n is not None and len(y) > warm_start_n:
+        subset = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:warm_start_n]
+    gp = ComputationAwareGP(X if subset is None else X[subset], y if subset is None else y[subset],
+                            make_kernel(split.dim), policy=policy, noise=0.1, objective=objective)  # fmt: skip
+    loss_fn = pyro.infer.Trace_ELBO().differentiable_loss
+
+    def make_step():
+        if optimizer == "lbfgs":
+            return _lbfgs_step(_pyro_params(gp.model, gp.guide), lambda: loss_fn(gp.model, gp.guide))
+        svi = pyro.infer.SVI(gp.model, gp.guide, pyro.optim.Adam({"lr": lr}), pyro.infer.Trace_ELBO())
+        return svi.step
+
+    tol = 1e-6 if optimizer == "lbfgs" else 0.0
+    with harness.measure() as m:
+        steps, seconds, loss = 0, 0.0, math.nan
+        if subset is not None:
+            steps, seconds, loss = _train(make_step(), 0.4 * budget, max_steps, tol)
+            gp.set_data(X, y)
+        more, more_seconds, loss = _train(make_step(), budget - seconds, max_steps, tol)
+        steps, seconds = steps + more, seconds + more_seconds
+        with torch.no_grad():
+            post = gp.posterior(split.X_test)
+    var = post.covariance + float(gp.noise)
+    out = _metrics(split, post.mean, var)
+    out.update(train_seconds=seconds, peak_rss_mb=m.peak_rss_mb, steps=steps, final_loss=loss / split.n_train,
+               noise=float(gp.noise), num_actions=policy.num_actions)  # fmt: skip
+    out["_gp"] = gp
+    return out
+
+
+# -- GPyTorch peers ---------------------------------------------------------------------------------
+class _ExactGP(gpytorch.models.ExactGP):
+    def __init__(self, X, y, likelihood, kernel):
+        super().__init__(X, y, likelihood)
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = kernel
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def _train_exact_like(model, likelihood, X, y, budget, max_steps, lr, optimizer="adam"):
+    model.train()
+    likelihood.train()
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+
+    def loss_fn():
+        return -mll(model(X), y)
+
+    if optimizer == "lbfgs":
+        return _train(_lbfgs_step(list(model.parameters()), loss_fn), budget, max_steps, 1e-6)
+    optim = torch.optim.Adam(model.parameters(), lr=lr)
+
+    def step():
+        optim.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        optim.step()
+        return loss
+
+    return _train(step, budget, max_steps)
+
+
+def _predict(model, likelihood, X):
+    model.eval()
+    likelihood.eval()
+    with torch.no_grad(), gpytorch.settings.fast_pred_var():
+        pred = likelihood(model(X))
+    return pred.mean, pred.variance
+
+
+def run_exact(split, budget, max_steps, lr, max_n: int, seed: int) -> dict:
+    X, y = split.X_train, split.y_train
+    if len(y) > max_n:  # the dense kernel matrix does not fit: a random subsample
+        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:max_n]
+        X, y = X[idx], y[idx]
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().to(DTYPE)
+    likelihood.noise = 0.1
+    model = _ExactGP(X, y, likelihood, make_kernel(split.dim)).to(DTYPE)
+    with harness.measure() as m:
+        steps, seconds, loss = _train_exact_like(model, likelihood, X, y, budget, max_steps, lr)
+        mean, var = _predict(model, likelihood, split.X_test)
+    return {**_metrics(split, mean, var), "train_seconds": seconds, "peak_rss_mb": m.peak_rss_mb, "steps": steps,
+            "n_used": len(y), "final_loss": loss}  # fmt: skip
+
+
+def run_sgpr(split, budget, max_steps, lr, m_inducing: int, seed: int) -> dict:
+    X, y = split.X_train, split.y_train
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:m_inducing]
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().to(DTYPE)
+    likelihood.noise = 0.1
+    kernel = gpytorch.kernels.InducingPointKernel(make_kernel(split.dim), X[idx].clone(), likelihood)
+    model = _ExactGP(X, y, likelihood, kernel).to(DTYPE)
+    with harness.measure() as m:
+        steps, seconds, loss = _train_exact_like(model, likelihood, X, y, budget, max_steps, lr, "lbfgs")
+        mean, var = _predict(model, likelihood, split.X_test)
+    return {**_metrics(split, mean, var), "train_seconds": seconds, "peak_rss_mb": m.peak_rss_mb, "steps": steps,
+            "final_loss": loss}  # fmt: skip
+
+
+class _SVGP(gpytorch.models.ApproximateGP):
+    def __init__(self, Z, kernel):
+        distribution = gpytorch.variational.CholeskyVariationalDistribution(Z.shape[0])
+        strategy = gpytorch.variational.VariationalStrategy(self, Z, distribution, learn_inducing_locations=True)
+        super().__init__(strategy)
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = kernel
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def run_svgp(split, budget, max_steps, lr, m_inducing: int, batch: int, seed: int) -> dict:
+    X, y = split.X_train, split.y_train
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(y), generator=gen)[:m_inducing]
+    model = _SVGP(X[idx].clone(), make_kernel(split.dim)).to(DTYPE)
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().to(DTYPE)
+    likelihood.noise = 0.1
+    model.train()
+    likelihood.train()
+    mll = gpytorch.mlls.VariationalELBO(likelihood, model, num_data=len(y))
+    optim = torch.optim.Adam([*model.parameters(), *likelihood.parameters()], lr=lr)
+    order = {"perm": torch.randperm(len(y), generator=gen), "pos": 0}
+
+    def step():
+        if order["pos"] + batch > len(y):
+            order["perm"], order["pos"] = torch.randperm(len(y), generator=gen), 0
+        b = order["perm"][order["pos"] : order["pos"] + batch]
+        order["pos"] += batch
+        optim.zero_grad()
+        loss = -mll(model(X[b]), y[b])
+        loss.backward()
+        optim.step()
+        return loss
+
+    with harness.measure() as m:
+        steps, seconds, loss = _train(step, budget, max_steps)
+        mean, var = _predict(model, likelihood, split.X_test)
+    return {**_metrics(split, mean, var), "train_seconds": seconds, "peak_rss_mb": m.peak_rss_mb, "steps": steps,
+            "final_loss": loss}  # fmt: skip
+
+
+# -- the three parts --------------------------------------------------------------------------------
+def accuracy(args, records, trained):
+    budget = args.budget
+    cfg = {"actions": 512, "cg_actions": 32, "max_steps": 2000, "exact_max_n": 10000, "sgpr_m": 512,
+           "svgp_m": 1024, "svgp_batch": 1024, "warm_start_n": 10000}  # fmt: skip
+    if args.quick:
+        cfg.update(actions=128, cg_actions=16, exact_max_n=3000, sgpr_m=128, svgp_m=256, svgp_batch=512,
+                   warm_start_n=1500)  # fmt: skip
+    methods = {
+        "CaGP-Opt": ("ours", lambda s: run_cagp(s, BlockSparsePolicy(min(cfg["actions"], s.n_train)), "elbo",
+                                                 budget, cfg["max_steps"], 0.1, "lbfgs", cfg["warm_start_n"],
+                                                 args.seed)),
+        "CaGP-CG": ("ours", lambda s: run_cagp(s, CGPolicy(cfg["cg_actions"], preconditioner="rpcholesky",
+                                                           preconditioner_rank=64), "elbo",
+                                               budget, cfg["max_steps"], 0.1)),
+        "IterGP-CG": ("ours", lambda s: run_cagp(s, CGPolicy(cfg["cg_actions"], preconditioner="rpcholesky",
+                                                             preconditioner_rank=64), "projected",
+                                                 budget, cfg["max_steps"], 0.1)),
+        "GPyTorch exact (CG)": ("peer", lambda s: run_exact(s, budget, cfg["max_steps"], 0.1, cfg["exact_max_n"],
+                                                             args.seed)),
+        "GPyTorch SGPR": ("peer", lambda s: run_sgpr(s, budget, cfg["max_steps"], 0.1, cfg["sgpr_m"], args.seed)),
+        "GPyTorch SVGP": ("peer", lambda s: run_svgp(s, budget, 100_000, 0.01, cfg["svgp_m"], cfg["svgp_batch"],
+                                                      args.seed)),
+    }  # fmt: skip
+    selected = [m for m in methods if not args.methods or m in args.methods]
+    for dataset in args.datasets:
+        for split_id in args.splits:
+            split = load_uci(dataset, split_id, args.data_dir, dtype=DTYPE, max_train=args.max_train, seed=split_id)
+            for method in selected:
+                role, run = methods[method]
+                pyro.set_rng_seed(args.seed)
+                torch.manual_seed(args.seed)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    result = run(split)
+                gp = result.pop("_gp", None)
+                if gp is not None and method == "CaGP-Opt":
+                    trained[(dataset, split_id)] = gp
+                records.append(harness.record("gp_uci", dataset, split_id, method, role, n_train=split.n_train,
+                                              budget_seconds=budget, **result))  # fmt: skip
+                print(f"{dataset:>10} {split_id} {method:>20}: RMSE {result['rmse']:.4f} NLL {result['nll']:.3f} "
+                      f"cov {result['coverage95']:.3f} steps {result['steps']} {result['train_seconds']:.0f}s "
+                      f"RSS {result['peak_rss_mb']:.0f}MB", flush=True)  # fmt: skip
+                harness.write_json(records, args.out)
+
+
+def _step_seconds(make_step, repeats: int) -> float:
+    step = make_step()
+    step()  # warm-up (allocations, action initialisation)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _cagp_step(split, num_actions):
+    pyro.clear_param_store()
+    gp = ComputationAwareGP(split.X_train, split.y_train, make_kernel(split.dim),
+                            policy=BlockSparsePolicy(num_actions), noise=0.1)  # fmt: skip
+    loss_fn = pyro.infer.Trace_ELBO().differentiable_loss
+    params = _pyro_params(gp.model, gp.guide)
+    optim = torch.optim.Adam(params, lr=0.1)
+
+    def step():  # one loss-and-gradient evaluation, as in one L-BFGS function evaluation
+        optim.zero_grad()
+        loss_fn(gp.model, gp.guide).backward()
+        optim.step()
+
+    return step
+
+
+def _exact_step(split):
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().to(DTYPE)
+    model = _ExactGP(split.X_train, split.y_train, likelihood, make_kernel(split.dim)).to(DTYPE)
+    model.train()
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+    optim = torch.optim.Adam(model.parameters(), lr=0.1)
+
+    def step():
+        optim.zero_grad()
+        (-mll(model(split.X_train), split.y_train)).backward()
+        optim.step()
+
+    return step
+
+
+def scaling(args, records):
+    sizes = [1000, 2000] if args.quick else [2500, 5000, 10000, 20000, 40000]
+    dataset = "protein" if not args.quick else args.datasets[0]
+    for n in sizes:
+        split = load_uci(dataset, 0, args.data_dir, dtype=DTYPE, max_train=n, seed=0)
+        if split.n_train < n:
+            continue
+
+        cagp_step = functools.partial(_cagp_step, split, min(512, n))
+        exact_step = functools.partial(_exact_step, split)
+
+        for method, make, role in (("CaGP-Opt", cagp_step, "ours"), ("GPyTorch exact (CG)", exact_step, "peer")):
+            if method.startswith("GPyTorch") and n > args.exact_scaling_max_n:
+                print(f"scaling n={n}: {method} skipped (dense {n}x{n} kernel matrix)", flush=True)
+                continue
+            with harness.measure() as m:
+                seconds = _step_seconds(make, 1 if n >= 20000 else 3)
+            records.append(harness.record("gp_scaling", dataset, 0, method, role, n_train=n,
+                                          seconds_per_step=seconds, peak_rss_mb=m.peak_rss_mb))  # fmt: skip
+            print(f"scaling n={n:6d} {method:>20}: {seconds:.3f} s/step, RSS {m.peak_rss_mb:.0f}MB", flush=True)
+            harness.write_json(records, args.out)
+
+
+def cg_iterations(args, records, trained):
+    dataset = "elevators" if not args.quick else args.datasets[0]
+    split = load_uci(dataset, 0, args.data_dir, dtype=DTYPE, max_train=args.max_train, seed=0)
+    gp = trained.get((dataset, 0))
+    kernel = (gp.kernel if gp is not None else make_kernel(split.dim)).double()  # precision is not the point here
+    noise = torch.tensor(float(gp.noise) if gp is not None else 0.01, dtype=torch.float64)
+    kfn = KernelFn(kernel)
+    X = split.X_train.detach().double()
+    rank = 50 if args.quick else 200
+
+    def matvec(v):
+        return kernel_matmul(kfn, X, X, v[:, None])[:, 0] + noise * v
+
+    for name in ("none", "pivoted", "rpcholesky"):
+        with torch.no_grad(), harness.measure() as m:
+            pre = None
+            if name != "none":
+                pre = build_preconditioner(kfn, X, noise, rank, pivoting="greedy" if name == "pivoted" else name,
+                                           generator=torch.Generator().manual_seed(0)).solve  # fmt: skip
+            result = conjugate_gradients(matvec, split.y_train.double(), max_iter=args.cg_max_iter, tol=0.01,
+                                         preconditioner=pre)  # fmt: skip
+        records.append(harness.record("gp_cg", dataset, 0, f"CG, {name} preconditioner", "ours", n_train=split.n_train,
+                                      cg_iterations=result.iterations, residual=result.converged_at,
+                                      preconditioner_rank=0 if name == "none" else rank, train_seconds=m.seconds,
+                                      noise=float(noise), stop_reason=result.stop_reason))  # fmt: skip
+        print(f"CG {name:>10}: {result.iterations} iterations ({result.stop_reason}) to residual "
+              f"{result.converged_at:.3g} ({m.seconds:.1f}s, noise {float(noise):.3g})", flush=True)  # fmt: skip
+        harness.write_json(records, args.out)
+
+
+def main(argv=None):
+    def extra(parser):
+        parser.add_argument("--parts", default="accuracy,scaling,cg")
+        parser.add_argument("--budget", type=float, default=None, help="training seconds per method")
+        parser.add_argument("--methods", default=None, help="comma-separated subset of methods")
+        parser.add_argument("--max-train", type=int, default=None, help="subsample training sets (smoke runs)")
+        parser.add_argument("--exact-scaling-max-n", type=int, default=20000)
+        parser.add_argument("--cg-max-iter", type=int, default=1000)
+
+    args = harness.parse_args(__doc__.splitlines()[0], default_datasets=["elevators", "bike", "pol", "protein"],
+                              default_splits=[0, 1, 2], quick_datasets=["elevators"], quick_splits=[0],
+                              argv=argv, extra=extra)  # fmt: skip
+    args.methods = args.methods.split(",") if args.methods else None
+    if args.quick:
+        args.budget = args.budget or 10.0
+        args.max_train = args.max_train or 3000
+        args.cg_max_iter = min(args.cg_max_iter, 300)
+    args.budget = args.budget or 300.0
+    parts = args.parts.split(",")
+    records, trained = [], {}
+    if "accuracy" in parts:
+        accuracy(args, records, trained)
+    if "scaling" in parts:
+        scaling(args, records)
+    if "cg" in parts:
+        cg_iterations(args, records, trained)
+    acc = [r for r in records if r["benchmark"] == "gp_uci"]
+    if acc:
+        table = harness.markdown_table(acc, ["rmse", "nll", "coverage95", "train_seconds", "peak_rss_mb"])
+        print(table)
+        if args.markdown:
+            Path(args.markdown).write_text(table)
+    return records
+
+
+if __name__ == "__main__":
+    main()
