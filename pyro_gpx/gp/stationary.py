@@ -156,38 +156,66 @@ def _half_sq(Z):
     return 0.5 * (Z * Z).sum(-1)
 
 
+def _forward(Z1, Z2, weights, s2, family, chunk, combine, width):
+    """Row chunks of s^2 * combine(kappa chunk, weights)."""
+    out = torch.empty(Z1.shape[0], width, dtype=Z1.dtype)
+    h1, h2 = _half_sq(Z1), _half_sq(Z2)
+    for start in range(0, Z1.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        out[rows] = combine(_chunk_profile(family, Z1[rows], Z2, h1[rows], h2, False), weights)
+    return out.mul_(s2)
+
+
+def _backward(Z1, Z2, weights, s2, family, chunk, G, chunk_grads):
+    """Shared backward loop: ``chunk_grads(k, dk, G_rows, weights, s2, g_weights)`` adds the chunk's
+    weight gradient in place and returns (M, d loss / d s^2 of the chunk); the input gradients
+    follow from M (module docstring)."""
+    gZ1, gZ2 = torch.zeros_like(Z1), torch.zeros_like(Z2)
+    g_weights, gs = torch.zeros_like(weights), torch.zeros((), dtype=Z1.dtype)
+    h1, h2 = _half_sq(Z1), _half_sq(Z2)
+    for start in range(0, Z1.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        k, dk = _chunk_profile(family, Z1[rows], Z2, h1[rows], h2, True)
+        M, gs_chunk = chunk_grads(k, dk, G[rows], weights, s2, g_weights)
+        gs += gs_chunk
+        gZ1[rows] = 2 * (M.sum(1, keepdim=True) * Z1[rows] - M @ Z2)
+        gZ2 += 2 * (M.sum(0)[:, None] * Z2 - M.T @ Z1[rows])
+    return gZ1, gZ2, g_weights, gs.reshape(s2.shape)
+
+
+def _dense_grads(k, dk, Gr, V, s2, gV):
+    gV.addmm_(k.T, Gr, alpha=float(s2))
+    W = Gr @ V.T
+    gs = (W * k).sum()
+    M = W.mul_(k).mul_(-0.5 * s2) if dk is None else W.mul_(dk).mul_(s2)  # RBF: kappa' = -kappa/2
+    return M, gs
+
+
+def _block_grads(k, dk, Gr, B, s2, gB):
+    i, m = B.shape
+    k3 = k.view(-1, i, m)
+    gB += (k3 * Gr[:, :, None]).sum(0) * s2
+    W = k3 * B  # kappa_{r,(a,m)} B_am; times G_ra below gives W (.) kappa
+    gs = (W.sum(-1) * Gr).sum()
+    if dk is None:  # RBF: kappa' = -kappa/2
+        M = W.mul_(Gr[:, :, None]).mul_(-0.5 * s2)
+    else:
+        M = dk.view(-1, i, m).mul_(B).mul_(Gr[:, :, None]).mul_(s2)
+    return M.view(-1, i * m), gs
+
+
 class _DenseProduct(torch.autograd.Function):
     """O = s^2 kappa(sqdist(Z1, Z2)) @ V, chunked over the rows of Z1."""
 
     @staticmethod
     def forward(ctx, Z1, Z2, V, outputscale, family, chunk):
-        out = torch.empty(Z1.shape[0], V.shape[1], dtype=Z1.dtype)
-        h1, h2 = _half_sq(Z1), _half_sq(Z2)
-        for start in range(0, Z1.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            out[rows] = _chunk_profile(family, Z1[rows], Z2, h1[rows], h2, False) @ V
-        out.mul_(outputscale)
         ctx.save_for_backward(Z1, Z2, V, outputscale)
         ctx.family, ctx.chunk = family, chunk
-        return out
+        return _forward(Z1, Z2, V, outputscale, family, chunk, torch.matmul, V.shape[1])
 
     @staticmethod
     def backward(ctx, G):
-        Z1, Z2, V, s2 = ctx.saved_tensors
-        gZ1, gZ2 = torch.zeros_like(Z1), torch.zeros_like(Z2)
-        gV, gs = torch.zeros_like(V), torch.zeros((), dtype=Z1.dtype)
-        h1, h2 = _half_sq(Z1), _half_sq(Z2)
-        for start in range(0, Z1.shape[0], ctx.chunk):
-            rows = slice(start, start + ctx.chunk)
-            Gr = G[rows]
-            k, dk = _chunk_profile(ctx.family, Z1[rows], Z2, h1[rows], h2, True)
-            gV.addmm_(k.T, Gr, alpha=float(s2))
-            W = Gr @ V.T
-            gs += (W * k).sum()
-            M = W.mul_(k).mul_(-0.5 * s2) if dk is None else W.mul_(dk).mul_(s2)
-            gZ1[rows] = 2 * (M.sum(1, keepdim=True) * Z1[rows] - M @ Z2)
-            gZ2 += 2 * (M.sum(0)[:, None] * Z2 - M.T @ Z1[rows])
-        return gZ1, gZ2, gV, gs.reshape(s2.shape), None, None
+        return (*_backward(*ctx.saved_tensors, ctx.family, ctx.chunk, G, _dense_grads), None, None)
 
 
 class _BlockProduct(torch.autograd.Function):
@@ -196,40 +224,17 @@ class _BlockProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, Z1, Z2, B, outputscale, family, chunk):
         i, m = B.shape
-        out = torch.empty(Z1.shape[0], i, dtype=Z1.dtype)
-        h1, h2 = _half_sq(Z1), _half_sq(Z2)
-        for start in range(0, Z1.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            k = _chunk_profile(family, Z1[rows], Z2, h1[rows], h2, False)
-            torch.sum(k.view(-1, i, m).mul_(B), -1, out=out[rows])
-        out.mul_(outputscale)
         ctx.save_for_backward(Z1, Z2, B, outputscale)
         ctx.family, ctx.chunk = family, chunk
-        return out
+
+        def combine(k, weights):
+            return k.view(-1, i, m).mul_(weights).sum(-1)
+
+        return _forward(Z1, Z2, B, outputscale, family, chunk, combine, i)
 
     @staticmethod
     def backward(ctx, G):
-        Z1, Z2, B, s2 = ctx.saved_tensors
-        i, m = B.shape
-        gZ1, gZ2 = torch.zeros_like(Z1), torch.zeros_like(Z2)
-        gB, gs = torch.zeros_like(B), torch.zeros((), dtype=Z1.dtype)
-        h1, h2 = _half_sq(Z1), _half_sq(Z2)
-        for start in range(0, Z1.shape[0], ctx.chunk):
-            rows = slice(start, start + ctx.chunk)
-            Gr = G[rows]
-            k, dk = _chunk_profile(ctx.family, Z1[rows], Z2, h1[rows], h2, True)
-            k3 = k.view(-1, i, m)
-            gB += (k3 * Gr[:, :, None]).sum(0)
-            W = k3 * B  # kappa * B, then times G: W_{r,(a,m)} kappa_{r,(a,m)} with W = G_ra B_am
-            gs += (W.sum(-1) * Gr).sum()
-            if dk is None:  # RBF: kappa' = -kappa/2
-                M = W.mul_(Gr[:, :, None]).mul_(-0.5 * s2)
-            else:
-                M = dk.view(-1, i, m).mul_(B).mul_(Gr[:, :, None]).mul_(s2)
-            M = M.view(-1, i * m)
-            gZ1[rows] = 2 * (M.sum(1, keepdim=True) * Z1[rows] - M @ Z2)
-            gZ2 += 2 * (M.sum(0)[:, None] * Z2 - M.T @ Z1[rows])
-        return gZ1, gZ2, gB * s2, gs.reshape(s2.shape), None, None
+        return (*_backward(*ctx.saved_tensors, ctx.family, ctx.chunk, G, _block_grads), None, None)
 
 
 def stationary_matmul(spec: StationarySpec, X1: torch.Tensor, X2: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
