@@ -1,0 +1,21 @@
+"""SWAG: Gaussian posteriors from SGD iterates, for ``nn.Module`` training loops and as a Pyro guide."""
+
+from .collector import SWAGCollector
+from .guide import AutoSWAG
+from .moments import SWAGMoments, diagonal_variance, init_moments, swag_distribution, update_moments
+from .multiswag import MultiSWAG, swag_predict
+from .schedule import swag_learning_rate, swag_scheduler
+
+__all__ = [
+    "AutoSWAG",
+    "MultiSWAG",
+    "SWAGCollector",
+    "SWAGMoments",
+    "diagonal_variance",
+    "init_moments",
+    "swag_distribution",
+    "swag_learning_rate",
+    "swag_predict",
+    "swag_scheduler",
+    "update_moments",
+]
