@@ -39,6 +39,7 @@ from pyro_gpx.gp import (  # noqa: E402
     kernel_matmul,
 )
 from pyro_gpx.metrics import gaussian_coverage, gaussian_nll, rmse  # noqa: E402
+from pyro_gpx.svi import _BAD_LOSS, _numerical_failure  # noqa: E402
 
 DTYPE = torch.float32
 
@@ -63,15 +64,24 @@ def _metrics(split, mean: torch.Tensor, var: torch.Tensor) -> dict:
     }
 
 
+class _OutOfTime(Exception):
+    pass
+
+
 def _train(step, budget: float, max_steps: int, tol: float = 0.0) -> tuple[int, float, float]:
-    """Run ``step()`` until the budget is spent (or the loss stops changing by more than ``tol``,
-    relative); returns steps, seconds and the last loss."""
+    """Run ``step(deadline)`` until the budget is spent (or the loss stops changing by more than
+    ``tol``, relative); returns steps, seconds and the last loss."""
     start = time.perf_counter()
+    deadline = start + budget
     steps, loss, previous = 0, math.nan, math.inf
-    while steps < max_steps and time.perf_counter() - start < budget:
-        loss = float(step())
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {steps}")
+    while steps < max_steps and time.perf_counter() < deadline:
+        try:
+            value = float(step(deadline))
+        except _OutOfTime:
+            break
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss became {value} at step {steps}")
+        loss = value
         steps += 1
         if tol and abs(previous - loss) <= tol * max(1.0, abs(loss)):
             break
@@ -79,18 +89,47 @@ def _train(step, budget: float, max_steps: int, tol: float = 0.0) -> tuple[int, 
     return steps, time.perf_counter() - start, loss
 
 
+def _plain(step):
+    """A step function that ignores the deadline (one cheap update)."""
+    return lambda deadline: step()
+
+
 def _lbfgs_step(params, loss_fn, max_eval: int = 10):
-    """One L-BFGS iteration (strong-Wolfe line search, at most ``max_eval`` loss evaluations)."""
+    """One L-BFGS iteration (strong-Wolfe line search, at most ``max_eval`` loss evaluations).
+
+    An iteration that would run past the deadline is abandoned and its parameters restored, so
+    every method gets the same wall-clock budget (give or take one loss evaluation).
+    """
     optim = torch.optim.LBFGS(params, lr=1.0, max_iter=max_eval, max_eval=max_eval, history_size=20,
                               line_search_fn="strong_wolfe")  # fmt: skip
 
-    def closure():
-        optim.zero_grad()
-        value = loss_fn()
-        value.backward()
-        return value
+    def step(deadline):
+        saved = [p.detach().clone() for p in params]
 
-    return lambda: optim.step(closure)
+        def closure():
+            if time.perf_counter() > deadline:
+                raise _OutOfTime
+            optim.zero_grad()
+            try:
+                value = loss_fn()
+            except (ValueError, RuntimeError) as e:
+                if not _numerical_failure(e):
+                    raise
+                return torch.tensor(_BAD_LOSS)  # a trial step left the valid region: back off
+            if not torch.isfinite(value):
+                return torch.tensor(_BAD_LOSS)
+            value.backward()
+            return value
+
+        try:
+            return optim.step(closure)
+        except _OutOfTime:
+            with torch.no_grad():
+                for p, v in zip(params, saved):
+                    p.copy_(v)
+            raise
+
+    return step
 
 
 def _pyro_params(model, guide) -> list[torch.Tensor]:
@@ -131,7 +170,7 @@ def run_cagp(
         if optimizer == "lbfgs":
             return _lbfgs_step(_pyro_params(gp.model, gp.guide), lambda: loss_fn(gp.model, gp.guide))
         svi = pyro.infer.SVI(gp.model, gp.guide, pyro.optim.Adam({"lr": lr}), pyro.infer.Trace_ELBO())
-        return svi.step
+        return _plain(svi.step)
 
     tol = 1e-6 if optimizer == "lbfgs" else 0.0
     with harness.measure() as m:
@@ -181,7 +220,7 @@ def _train_exact_like(model, likelihood, X, y, budget, max_steps, lr, optimizer=
         optim.step()
         return loss
 
-    return _train(step, budget, max_steps)
+    return _train(_plain(step), budget, max_steps)
 
 
 def _predict(model, likelihood, X):
@@ -259,7 +298,7 @@ def run_svgp(split, budget, max_steps, lr, m_inducing: int, batch: int, seed: in
         return loss
 
     with harness.measure() as m:
-        steps, seconds, loss = _train(step, budget, max_steps)
+        steps, seconds, loss = _train(_plain(step), budget, max_steps)
         mean, var = _predict(model, likelihood, split.X_test)
     return {**_metrics(split, mean, var), "train_seconds": seconds, "peak_rss_mb": m.peak_rss_mb, "steps": steps,
             "final_loss": loss}  # fmt: skip

@@ -14,6 +14,19 @@ from tqdm.auto import tqdm
 
 __all__ = ["fit_svi", "fit_lbfgs"]
 
+_BAD_LOSS = 1e30
+
+
+def _numerical_failure(error: BaseException) -> bool:
+    """Whether an exception (or its cause, as Pyro re-raises) is a NaN/indefinite-matrix failure."""
+    from pyro_gpx.gp.cholesky import CholeskyError, NonFiniteError
+
+    while error is not None:
+        if isinstance(error, (CholeskyError, NonFiniteError, FloatingPointError)):
+            return True
+        error = error.__cause__
+    return False
+
 
 def fit_svi(
     model: Callable,
@@ -97,16 +110,26 @@ def fit_lbfgs(
 
     def closure():
         optimizer.zero_grad()
-        value = loss_fn(model, guide, *args, **kwargs)
-        if not torch.isfinite(value):
-            raise FloatingPointError(f"loss became {float(value)} during L-BFGS")
+        try:
+            value = loss_fn(model, guide, *args, **kwargs)
+        except (ValueError, RuntimeError) as e:
+            if not _numerical_failure(e):
+                raise
+            value = None
+        if value is None or not torch.isfinite(value):
+            # a trial point of the line search left the numerically valid region: report it as
+            # very bad (zero gradient) so the search steps back, instead of a NaN that derails it
+            return torch.tensor(_BAD_LOSS)
         value.backward()
         return value
 
     losses: list[float] = []
     bar = tqdm(range(num_steps), disable=not progress, desc="L-BFGS", mininterval=0.5)
     for _ in bar:
-        losses.append(float(optimizer.step(closure)))
+        value = float(optimizer.step(closure))
+        if not math.isfinite(value) or value >= _BAD_LOSS:
+            raise FloatingPointError(f"L-BFGS started from a point where the loss is not finite (step {len(losses)})")
+        losses.append(value)
         bar.set_postfix(loss=f"{losses[-1]:.5g}")
         if len(losses) > 1 and abs(losses[-2] - losses[-1]) <= tolerance_change * max(1.0, abs(losses[-1])):
             break

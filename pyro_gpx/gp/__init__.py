@@ -3,7 +3,7 @@
 from . import settings
 from .actions import Actions, BlockSparseActions, DenseActions, IndexActions
 from .cg import CGResult, conjugate_gradients
-from .cholesky import CholeskyError, safe_cholesky
+from .cholesky import CholeskyError, NonFiniteError, safe_cholesky
 from .kernel_fn import KernelFn
 from .kernel_ops import block_sparse_kernel_matmul, kernel_diag, kernel_matmul
 from .marginal import OBJECTIVES, ComputationAwareMarginal, exact_log_marginal_likelihood
@@ -36,6 +36,7 @@ __all__ = [
     "IndexActions",
     "KernelFn",
     "LowRankPreconditioner",
+    "NonFiniteError",
     "Policy",
     "PolicyContext",
     "PosteriorMoments",

@@ -6,11 +6,15 @@ import torch
 
 from . import settings
 
-__all__ = ["CholeskyError", "safe_cholesky"]
+__all__ = ["CholeskyError", "NonFiniteError", "safe_cholesky"]
 
 
 class CholeskyError(RuntimeError):
     """The matrix stayed non-positive-definite after every jitter that was tried."""
+
+
+class NonFiniteError(ValueError):
+    """A matrix that should be factorised contains NaN or inf (e.g. hyperparameters overflowed)."""
 
 
 def safe_cholesky(A: torch.Tensor, name: str = "matrix") -> torch.Tensor:
@@ -23,7 +27,7 @@ def safe_cholesky(A: torch.Tensor, name: str = "matrix") -> torch.Tensor:
     :raises ValueError: if ``A`` contains NaN or inf.
     """
     if not torch.isfinite(A).all():
-        raise ValueError(f"{name} contains NaN or inf; cannot factorise it")
+        raise NonFiniteError(f"{name} contains NaN or inf; cannot factorise it")
     L, info = torch.linalg.cholesky_ex(A)
     if not info.any():
         return L
