@@ -11,8 +11,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import pyro
+import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
+from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.poutine.util import site_is_subsample
 
 __all__ = ["SiteSpec", "ModelStructure", "inspect_model", "is_factor", "is_deterministic", "is_observation"]
@@ -23,8 +25,17 @@ def is_factor(site: dict) -> bool:
     return bool(site["infer"].get("is_auxiliary")) or type(site["fn"]).__name__ == "Unit"
 
 
+def _unwrapped(fn):
+    while isinstance(fn, (dist.Independent, MaskedDistribution)):
+        fn = fn.base_dist
+    return fn
+
+
 def is_deterministic(site: dict) -> bool:
-    return bool(site["infer"].get("_deterministic"))
+    """``pyro.deterministic`` sites, and observed ``Delta`` sites (what reparameterizers leave behind)."""
+    if site["infer"].get("_deterministic"):
+        return True
+    return bool(site.get("is_observed")) and isinstance(_unwrapped(site["fn"]), dist.Delta)
 
 
 def is_observation(site: dict, latent_names) -> bool:

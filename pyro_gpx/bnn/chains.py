@@ -1,0 +1,118 @@
+"""Several MCMC chains in separate processes, merged into one result.
+
+Pyro's ``MCMC(num_chains > 1)`` runs chains in parallel only when more CPUs than chains are free,
+and its multiprocessing is fragile (CUDA, forking, logging queues). :func:`run_chains` starts each
+chain as an ordinary single-chain ``MCMC`` in its own spawned process (at most ``processes`` at a
+time), with its own seed, progress bar and :class:`~pyro_gpx.diagnostics.SampleStatsRecorder`, and
+merges the draws into ``(chain, draw, ...)`` arrays that
+:func:`~pyro_gpx.diagnostics.to_inference_data` accepts.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyro
+import torch
+from pyro.infer import HMC, MCMC, NUTS
+
+from ..diagnostics import SampleStatsRecorder, to_inference_data
+
+__all__ = ["ChainsResult", "run_chains"]
+
+
+@dataclass
+class ChainsResult:
+    """Merged chains: ``samples[name]`` and ``sample_stats[name]`` are ``(chain, draw, ...)``."""
+
+    samples: dict[str, torch.Tensor]
+    sample_stats: dict[str, np.ndarray]
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def num_chains(self) -> int:
+        return next(iter(self.samples.values())).shape[0]
+
+    @property
+    def num_gradients(self) -> int:
+        return int(self.sample_stats["n_steps"].sum())
+
+    def get_samples(self, group_by_chain: bool = False) -> dict[str, torch.Tensor]:
+        if group_by_chain:
+            return self.samples
+        return {k: v.reshape((-1,) + v.shape[2:]) for k, v in self.samples.items()}
+
+    def to_inference_data(self, model: Callable, model_args: tuple = (), model_kwargs: dict | None = None, **kwargs):
+        """ArviZ data for these chains (log-likelihood etc. from ``model``)."""
+        return to_inference_data(self.samples, model=model, model_args=model_args, model_kwargs=model_kwargs,
+                                 group_by_chain=True, sample_stats=self.sample_stats, **kwargs)  # fmt: skip
+
+
+def _run_one(job: dict) -> dict:
+    torch.set_num_threads(job["threads"])
+    torch.set_default_dtype(job["dtype"])
+    pyro.set_rng_seed(job["seed"])
+    recorder = SampleStatsRecorder()
+    kernel_cls = NUTS if job["kernel"] == "nuts" else HMC
+    kernel = kernel_cls(job["model"], **job["kernel_kwargs"])
+    mcmc = MCMC(kernel, num_samples=job["num_samples"], warmup_steps=job["warmup_steps"], hook_fn=recorder,
+                disable_progbar=not job["progress"])  # fmt: skip
+    start = time.perf_counter()
+    mcmc.run(*job["args"], **job["kwargs"])
+    seconds = time.perf_counter() - start
+    stats = recorder.as_arrays(1, job["num_samples"])
+    diverging = np.zeros((1, job["num_samples"]), dtype=bool)
+    diverging[0, mcmc.diagnostics()["divergences"]["chain 0"]] = True
+    stats["diverging"] = diverging
+    return {"samples": {k: v.detach() for k, v in mcmc.get_samples().items()}, "stats": stats, "seconds": seconds}
+
+
+def run_chains(
+    model: Callable,
+    model_args: tuple = (),
+    model_kwargs: dict | None = None,
+    *,
+    num_chains: int = 4,
+    num_samples: int = 500,
+    warmup_steps: int = 500,
+    kernel: str = "nuts",
+    kernel_kwargs: dict | None = None,
+    seed: int = 0,
+    processes: int | None = None,
+    threads_per_chain: int = 1,
+    progress: bool = True,
+) -> ChainsResult:
+    """Run ``num_chains`` independent chains of ``NUTS`` (or ``HMC``) on ``model``.
+
+    :param model: a picklable Pyro model (module-level function, ``PyroModule``, or e.g.
+        :class:`~pyro_gpx.bnn.mlp.RepriorisedModel`).
+    :param kernel_kwargs: passed to ``NUTS``/``HMC`` (``max_tree_depth``, ``step_size``, ...).
+    :param processes: concurrent chains (default: the CPU count, at most ``num_chains``); 1 runs
+        them one after another in this process.
+    """
+    if kernel not in ("nuts", "hmc"):
+        raise ValueError(f"kernel must be 'nuts' or 'hmc', got {kernel!r}")
+    if num_chains < 1 or num_samples < 1 or warmup_steps < 0:
+        raise ValueError("num_chains and num_samples must be >= 1 and warmup_steps >= 0")
+    processes = min(num_chains, processes or os.cpu_count() or 1)
+    jobs = [
+        {"model": model, "args": tuple(model_args), "kwargs": dict(model_kwargs or {}), "kernel": kernel,
+         "kernel_kwargs": dict(kernel_kwargs or {}), "num_samples": num_samples, "warmup_steps": warmup_steps,
+         "seed": seed + chain, "threads": threads_per_chain, "progress": progress,
+         "dtype": torch.get_default_dtype()}
+        for chain in range(num_chains)
+    ]  # fmt: skip
+    if processes == 1:
+        outputs = [_run_one(job) for job in jobs]
+    else:
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+            outputs = list(pool.map(_run_one, jobs))
+    samples = {k: torch.stack([o["samples"][k] for o in outputs]) for k in outputs[0]["samples"]}
+    stats = {k: np.concatenate([o["stats"][k] for o in outputs]) for k in outputs[0]["stats"]}
+    return ChainsResult(samples, stats, [o["seconds"] for o in outputs])

@@ -1,0 +1,207 @@
+r"""Bayesian MLPs as Pyro models, in standard or NTK parameterisation.
+
+Hidden layer :math:`\ell` computes :math:`h_\ell = \sigma(a_\ell)` with
+
+.. math::
+
+    a_\ell = \frac{\sigma_w}{\sqrt{n_{\ell-1}}} W_\ell h_{\ell-1} + \sigma_b b_\ell,
+    \quad W_\ell, b_\ell \sim N(0, I) \qquad \text{(NTK)},
+
+or :math:`a_\ell = W_\ell h_{\ell-1} + b_\ell` with :math:`W_\ell \sim N(0, \sigma_w^2/n_{\ell-1})`,
+:math:`b_\ell \sim N(0, \sigma_b^2)` (standard) — the same prior over functions, different
+coordinates for the sampler. A residual MLP adds :math:`h_{\ell-1}` to equal-width layers. The
+readout is one site ``"readout"`` of shape ``(out, width + 1)`` acting on the features
+:math:`[h_L, 1]`, so that weights and bias form one Gaussian-linear block, which is what
+:class:`~pyro_gpx.bnn.repriorise.RepriorisedReadout` needs.
+
+Sites, in order: ``"noise"`` (if latent), ``"layers.k.weight"``, ``"layers.k.bias"``,
+``"readout"``, then the observations ``"y"`` in ``pyro.plate("data")``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+from pyro.nn import PyroModule
+
+from .repriorise import RepriorisedReadout
+
+__all__ = ["BayesianMLP", "RepriorisedModel"]
+
+_ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "erf": torch.erf}
+
+
+class BayesianMLP(PyroModule):
+    """A fully Bayesian MLP regression or classification model.
+
+    :param in_dim: input features.
+    :param widths: hidden layer widths (empty: Bayesian linear regression).
+    :param out_dim: outputs (regression) or classes (``likelihood="categorical"``).
+    :param parameterization: ``"ntk"`` or ``"standard"``.
+    :param weight_scale: :math:`\\sigma_w`; :param bias_scale: :math:`\\sigma_b`.
+    :param activation: ``"relu"``, ``"tanh"`` or ``"erf"``.
+    :param residual: add skip connections between equal-width hidden layers.
+    :param likelihood: ``"gaussian"`` or ``"categorical"``.
+    :param noise: Gaussian noise variance; ``None`` makes it a latent site with ``noise_prior``.
+    :param noise_prior: prior of the latent noise variance (default ``LogNormal(log 0.1, 1)``).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        widths: Sequence[int],
+        out_dim: int = 1,
+        *,
+        parameterization: str = "ntk",
+        weight_scale: float = 1.0,
+        bias_scale: float = 0.1,
+        activation: str = "relu",
+        residual: bool = False,
+        likelihood: str = "gaussian",
+        noise: float | None = 0.1,
+        noise_prior: dist.Distribution | None = None,
+        dtype: torch.dtype = torch.float64,
+    ):
+        super().__init__()
+        if parameterization not in ("ntk", "standard"):
+            raise ValueError(f"parameterization must be 'ntk' or 'standard', got {parameterization!r}")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+        if likelihood not in ("gaussian", "categorical"):
+            raise ValueError(f"likelihood must be 'gaussian' or 'categorical', got {likelihood!r}")
+        if in_dim < 1 or out_dim < 1 or any(int(w) < 1 for w in widths):
+            raise ValueError(f"layer sizes must be positive: in_dim={in_dim}, widths={list(widths)}, out_dim={out_dim}")
+        if noise is not None and noise <= 0:
+            raise ValueError(f"noise must be positive, got {noise}")
+        self.in_dim, self.widths, self.out_dim = in_dim, [int(w) for w in widths], out_dim
+        self.parameterization, self.weight_scale, self.bias_scale = parameterization, weight_scale, bias_scale
+        self.activation, self.residual, self.likelihood = activation, residual, likelihood
+        self.noise, self.dtype = noise, dtype
+        default_prior = dist.LogNormal(torch.tensor(math.log(0.1), dtype=dtype), torch.tensor(1.0, dtype=dtype))
+        self.noise_prior = noise_prior or default_prior
+        self.fan_ins = [in_dim] + self.widths[:-1]
+        self._current: dict[str, torch.Tensor] = {}
+        self._current_noise: torch.Tensor | None = None
+
+    # -- priors -----------------------------------------------------------------------------------
+    def _weight_prior(self, fan_in: int, shape) -> dist.Distribution:
+        scale = 1.0 if self.parameterization == "ntk" else self.weight_scale / math.sqrt(fan_in)
+        return dist.Normal(torch.zeros(shape, dtype=self.dtype), scale).to_event(len(shape))
+
+    def _bias_prior(self, shape) -> dist.Distribution:
+        scale = 1.0 if self.parameterization == "ntk" else self.bias_scale
+        return dist.Normal(torch.zeros(shape, dtype=self.dtype), scale).to_event(len(shape))
+
+    @property
+    def feature_dim(self) -> int:
+        return (self.widths[-1] if self.widths else self.in_dim) + 1
+
+    def readout_prior_scale(self) -> torch.Tensor:
+        """Prior standard deviation of each readout input column (the last one is the bias)."""
+        d = self.feature_dim - 1
+        if self.parameterization == "ntk":
+            return torch.ones(d + 1, dtype=self.dtype)
+        scales = torch.full((d + 1,), self.weight_scale / math.sqrt(d), dtype=self.dtype)
+        scales[-1] = self.bias_scale
+        return scales
+
+    # -- the network ------------------------------------------------------------------------------
+    def sample_hidden(self) -> dict[str, torch.Tensor]:
+        """Sample every hidden-layer weight and bias (one Pyro site each)."""
+        params = {}
+        for k, (fan_in, width) in enumerate(zip(self.fan_ins, self.widths)):
+            weight, bias = f"layers.{k}.weight", f"layers.{k}.bias"
+            params[weight] = pyro.sample(weight, self._weight_prior(fan_in, (width, fan_in)))
+            params[bias] = pyro.sample(bias, self._bias_prior((width,)))
+        return params
+
+    def features(self, X: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        r"""Readout inputs :math:`[h_L, 1]` (NTK: scaled by :math:`\sigma_w/\sqrt{n_L}` and
+        :math:`\sigma_b`) for hidden weights ``params`` (default: those of the current model run)."""
+        if X.dim() != 2 or X.shape[-1] != self.in_dim:
+            raise ValueError(f"X must be (n, {self.in_dim}), got shape {tuple(X.shape)}")
+        if params is None:
+            params = self._current
+        h = X.to(self.dtype)
+        act = _ACTIVATIONS[self.activation]
+        for k, fan_in in enumerate(self.fan_ins[: len(self.widths)]):
+            W, b = params[f"layers.{k}.weight"], params[f"layers.{k}.bias"]
+            if self.parameterization == "ntk":
+                a = self.weight_scale / math.sqrt(fan_in) * h @ W.transpose(-1, -2) + self.bias_scale * b.unsqueeze(-2)
+            else:
+                a = h @ W.transpose(-1, -2) + b.unsqueeze(-2)
+            new = act(a)
+            h = h + new if self.residual and new.shape[-1] == h.shape[-1] else new
+        ones = torch.ones(h.shape[:-1] + (1,), dtype=self.dtype)
+        if self.parameterization == "ntk":
+            d = h.shape[-1]
+            return torch.cat([self.weight_scale / math.sqrt(d) * h, self.bias_scale * ones], -1)
+        return torch.cat([h, ones], -1)
+
+    def current_noise(self) -> torch.Tensor:
+        """The noise variance drawn in the current model run."""
+        if self._current_noise is None:
+            raise ValueError("no model run in progress: the noise is drawn when the model runs")
+        return self._current_noise
+
+    def repriorised(self) -> RepriorisedModel:
+        """This model with its readout repriorised (:class:`~pyro_gpx.bnn.repriorise.RepriorisedReadout`).
+
+        :raises NotImplementedError: for a categorical likelihood: the exact map needs a Gaussian one.
+        """
+        if self.likelihood != "gaussian":
+            raise NotImplementedError(
+                "repriorisation maps the readout to its exact Gaussian conditional posterior, which needs a "
+                "Gaussian likelihood; sample classification networks with plain NUTS (or a Laplace approximation)"
+            )
+        return RepriorisedModel(self)
+
+    def noise_variance(self) -> torch.Tensor:
+        if self.noise is not None:
+            return torch.tensor(self.noise, dtype=self.dtype)
+        return pyro.sample("noise", self.noise_prior)
+
+    def forward(self, X: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        noise = self.noise_variance() if self.likelihood == "gaussian" else None
+        # kept for this run: the repriorisation reparam reads the hidden weights and noise from here
+        self._current = self.sample_hidden()
+        self._current_noise = noise
+        Phi = self.features(X)
+        readout_scale = 1.0 if self.parameterization == "ntk" else self.readout_prior_scale()
+        theta = pyro.sample(
+            "readout",
+            dist.Normal(torch.zeros(self.out_dim, self.feature_dim, dtype=self.dtype), readout_scale).to_event(2),
+        )
+        f = Phi @ theta.transpose(-1, -2)  # (..., n, out)
+        if y is not None and y.shape[0] != X.shape[0]:
+            raise ValueError(f"X has {X.shape[0]} rows but y has {y.shape[0]}")
+        with pyro.plate("data", X.shape[0]):
+            if self.likelihood == "gaussian":
+                loc = f[..., 0] if self.out_dim == 1 else f
+                d = dist.Normal(loc, noise.sqrt().unsqueeze(-1) if noise.dim() else noise.sqrt())
+                d = d if self.out_dim == 1 else d.to_event(1)
+                pyro.sample("y", d, obs=None if y is None else y.to(self.dtype))
+            else:
+                if y is not None and ((y < 0) | (y >= self.out_dim)).any():
+                    raise ValueError(f"labels must lie in [0, {self.out_dim})")
+                pyro.sample("y", dist.Categorical(logits=f), obs=y)
+        return f
+
+
+class RepriorisedModel:
+    """``poutine.reparam(model, {"readout": RepriorisedReadout(...)})`` as a picklable callable."""
+
+    def __init__(self, model: BayesianMLP):
+        self.model = model
+        self.reparam = RepriorisedReadout(model.features, model.current_noise)
+
+    def __call__(self, *args, **kwargs):
+        return poutine.reparam(self.model, config={"readout": self.reparam})(*args, **kwargs)
+
+    def set_training_data(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        self.reparam.set_training_data(X, y)
