@@ -42,6 +42,7 @@ from pyro_gpx.metrics import gaussian_coverage, gaussian_nll, rmse  # noqa: E402
 from pyro_gpx.svi import _BAD_LOSS, _numerical_failure  # noqa: E402
 
 DTYPE = torch.float32
+WARM_FRACTION = 0.6
 
 
 def make_kernel(dim: int) -> gpytorch.kernels.Kernel:
@@ -94,7 +95,7 @@ def _plain(step):
     return lambda deadline: step()
 
 
-def _lbfgs_step(params, loss_fn, max_eval: int = 10):
+def _lbfgs_step(params, loss_fn, max_eval: int = 5):
     """One L-BFGS iteration (strong-Wolfe line search, at most ``max_eval`` loss evaluations).
 
     An iteration that would run past the deadline is abandoned and its parameters restored, so
@@ -153,7 +154,7 @@ def run_cagp(
     """Train a ComputationAwareGP within ``budget`` seconds.
 
     ``optimizer="lbfgs"`` suits deterministic objectives (CaGP-Opt); CG actions change at every
-    evaluation, so CG-based methods use Adam. With ``warm_start_n``, the first 40% of the budget
+    evaluation, so CG-based methods use Adam. With ``warm_start_n``, the first 60% of the budget
     fits the hyperparameters on a random subset of that size (cheap O(n^2) steps), the rest on all
     the data (fresh actions).
     """
@@ -176,7 +177,7 @@ def run_cagp(
     with harness.measure() as m:
         steps, seconds, loss = 0, 0.0, math.nan
         if subset is not None:
-            steps, seconds, loss = _train(make_step(), 0.4 * budget, max_steps, tol)
+            steps, seconds, loss = _train(make_step(), WARM_FRACTION * budget, max_steps, tol)
             gp.set_data(X, y)
         more, more_seconds, loss = _train(make_step(), budget - seconds, max_steps, tol)
         steps, seconds = steps + more, seconds + more_seconds
@@ -308,7 +309,7 @@ def run_svgp(split, budget, max_steps, lr, m_inducing: int, batch: int, seed: in
 def accuracy(args, records, trained):
     budget = args.budget
     cfg = {"actions": 512, "cg_actions": 32, "max_steps": 2000, "exact_max_n": 10000, "sgpr_m": 512,
-           "svgp_m": 1024, "svgp_batch": 1024, "warm_start_n": 10000}  # fmt: skip
+           "svgp_m": 1024, "svgp_batch": 1024, "warm_start_n": 5000}  # fmt: skip
     if args.quick:
         cfg.update(actions=128, cg_actions=16, exact_max_n=3000, sgpr_m=128, svgp_m=256, svgp_batch=512,
                    warm_start_n=1500)  # fmt: skip

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 __all__ = ["fit_svi", "fit_lbfgs"]
 
-_BAD_LOSS = 1e30
+_BAD_LOSS = 1e10  # not larger: L-BFGS's line search squares it, in the parameters' (maybe float32) dtype
 
 
 def _numerical_failure(error: BaseException) -> bool:

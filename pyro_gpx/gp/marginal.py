@@ -26,7 +26,7 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 
 from .actions import Actions
-from .cholesky import safe_cholesky
+from .cholesky import CholeskyError, NonFiniteError, safe_cholesky
 from .kernel_fn import KernelFn
 from .policies import Policy, PolicyContext
 from .posterior import MAX_DENSE
@@ -81,8 +81,6 @@ class ComputationAwareMarginal(TorchDistribution):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         noise = torch.as_tensor(noise)
-        if not torch.isfinite(noise).all() or (noise <= 0).any():
-            raise ValueError(f"noise must be positive and finite, got {noise.detach().tolist()}")
         if prior_mean.shape != X.shape[:1]:
             raise ValueError(f"prior_mean has shape {tuple(prior_mean.shape)}; expected ({X.shape[0]},)")
         self.X, self.kernel, self.noise, self.prior_mean = X, kernel, noise, prior_mean
@@ -100,8 +98,19 @@ class ComputationAwareMarginal(TorchDistribution):
         return self.last_projection
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """The objective at ``value``; :math:`-\\infty` where the hyperparameters are numerically
+        invalid (non-finite or non-positive noise, an indefinite projected system), as MCMC proposals
+        can be, so that HMC rejects them instead of crashing."""
         if value.shape != self.event_shape:
             raise ValueError(f"y has shape {tuple(value.shape)}; expected {tuple(self.event_shape)}")
+        if not torch.isfinite(self.noise).all() or (self.noise <= 0).any():
+            return torch.tensor(float("-inf"), dtype=torch.float64)
+        try:
+            return self._objective(value)
+        except (CholeskyError, NonFiniteError):
+            return torch.tensor(float("-inf"), dtype=torch.float64)
+
+    def _objective(self, value: torch.Tensor) -> torch.Tensor:
         if self.objective == "exact":
             if self.X.shape[0] > MAX_DENSE:
                 raise ValueError(f"objective='exact' forms the dense kernel matrix; n={self.X.shape[0]} > {MAX_DENSE}")

@@ -1,0 +1,185 @@
+"""Plain vs repriorised NUTS (and HMC) on Bayesian MLPs: ESS per gradient evaluation and per second.
+
+Same model, seeds, chains and number of draws for every method, float64, 4 chains in separate
+processes. Effective sample sizes are measured in the *original* weight space (hidden weights
+and readout; the repriorised readout is mapped back) and on 100 random projections of the test
+predictions; R-hat over the 4 chains; test RMSE/NLL of the posterior predictive (original units).
+
+    python benchmarks/bnn_mcmc.py --out benchmarks/results/bnn_mcmc.json [--quick]
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import arviz as az
+import numpy as np
+import pyro
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+from pyro_gpx.bnn import BayesianMLP, run_chains  # noqa: E402
+from pyro_gpx.datasets import gap_regression, load_uci  # noqa: E402
+from pyro_gpx.diagnostics import evaluate_draws, inspect_model  # noqa: E402
+from pyro_gpx.metrics import mixture_gaussian_nll, rmse  # noqa: E402
+
+
+class _Synthetic:
+    """The 1-d gap regression set, standardised like the UCI loaders."""
+
+    def __init__(self, seed: int):
+        data = gap_regression(n=200, seed=seed)
+        gen = torch.Generator().manual_seed(seed + 1)
+        test_x = torch.rand(100, generator=gen, dtype=torch.float64) * 4 - 2
+        noise = data.noise_std * torch.randn(100, generator=gen, dtype=torch.float64)
+        test_y = torch.sin(3 * test_x) + 0.3 * test_x + noise
+        self.X_train, self.y_train = data.X, data.y
+        self.X_test, self.y_test = test_x[:, None], test_y
+        self.y_test_original = test_y
+        self.n_train, self.dim = 200, 1
+
+        class _Identity:
+            std = torch.tensor(1.0, dtype=torch.float64)
+
+            @staticmethod
+            def inverse(z):
+                return z
+
+            @staticmethod
+            def inverse_variance(v):
+                return v
+
+        self.y_scaler = _Identity()
+
+
+def _original_space(model, samples_by_chain, X, y):
+    """Hidden weights and readout (mapped back for the repriorised model), ``(chain, draw, ...)``."""
+    C, S = next(iter(samples_by_chain.values())).shape[:2]
+    flat = {k: v.reshape((C * S,) + v.shape[2:]) for k, v in samples_by_chain.items()}
+    structure = inspect_model(model, {k: v[0] for k, v in flat.items()}, (X, y))
+    evaluation = evaluate_draws(model, flat, structure, (X, y), sites=["readout"])
+    weights = {k: v for k, v in flat.items() if k.startswith("layers") or k == "noise"}
+    weights["readout"] = evaluation.values["readout"]
+    return {k: v.reshape((C, S) + v.shape[1:]) for k, v in weights.items()}
+
+
+def _predictions(bnn, weights, X_test):
+    """``(chain, draw, n_test)`` latent function values."""
+    C, S = weights["readout"].shape[:2]
+    out = torch.empty(C, S, X_test.shape[0], dtype=torch.float64)
+    for c in range(C):
+        for s in range(S):
+            params = {k: v[c, s] for k, v in weights.items() if k.startswith("layers")}
+            out[c, s] = (bnn.features(X_test, params) @ weights["readout"][c, s].T)[:, 0]
+    return out
+
+
+def _ess_stats(arrays: dict[str, np.ndarray]) -> tuple[float, float, float]:
+    """Minimum and median bulk ESS and maximum R-hat over every scalar of ``(chain, draw, ...)`` arrays."""
+    flat = np.concatenate([a.reshape(a.shape[0], a.shape[1], -1) for a in arrays.values()], axis=-1)
+    dataset = az.convert_to_dataset({"x": flat})
+    ess = az.ess(dataset, method="bulk")["x"].values
+    rhat = az.rhat(dataset)["x"].values
+    return float(np.nanmin(ess)), float(np.nanmedian(ess)), float(np.nanmax(rhat))
+
+
+def run_config(split, dataset, depth, width, method, args) -> dict:
+    kernel = "hmc" if "HMC" in method else "nuts"
+    bnn = BayesianMLP(split.dim, [width] * depth, noise=None, parameterization="ntk")
+    model = bnn.repriorised() if method.startswith("repriorised") else bnn
+    kernel_kwargs = {"max_tree_depth": args.max_tree_depth} if kernel == "nuts" else {"trajectory_length": 2.0}
+    X, y = split.X_train, split.y_train
+    start = time.perf_counter()
+    result = run_chains(model, (X, y), num_chains=4, num_samples=args.num_samples, warmup_steps=args.num_samples,
+                        kernel=kernel, kernel_kwargs=kernel_kwargs, seed=args.seed, processes=args.processes,
+                        progress=False)  # fmt: skip
+    wall = time.perf_counter() - start
+    weights = _original_space(model, result.samples, X, y)
+    f_test = _predictions(bnn, weights, split.X_test)
+    gen = np.random.default_rng(args.seed)
+    U = gen.normal(size=(split.X_test.shape[0], 100))
+    U /= np.linalg.norm(U, axis=0)
+    projections = {"proj": np.einsum("csn,nk->csk", f_test.numpy(), U)}
+    w_min, w_med, rhat_w = _ess_stats({k: v.numpy() for k, v in weights.items()})
+    p_min, p_med, rhat_p = _ess_stats(projections)
+    grads = float(result.sample_stats["n_steps"].sum())
+    chain_seconds = float(sum(result.seconds))
+    noise = weights["noise"].reshape(-1)
+    means = split.y_scaler.inverse(f_test.reshape(-1, f_test.shape[-1]))
+    variances = split.y_scaler.inverse_variance(noise[:, None].expand_as(means))
+    y_test = split.y_test_original.double()
+    return {
+        "ess_bulk_min": w_min, "ess_bulk_median": w_med, "ess_proj_min": p_min, "ess_proj_median": p_med,
+        "ess_per_grad_min": w_min / grads, "ess_per_grad_median": w_med / grads,
+        "ess_proj_per_grad_min": p_min / grads, "ess_per_second_min": w_min / chain_seconds,
+        "ess_proj_per_second_min": p_min / chain_seconds, "rhat_max": max(rhat_w, rhat_p), "num_grads": grads,
+        "grads_per_draw": grads / (4 * args.num_samples), "train_seconds": wall,
+        "rmse": rmse(means.mean(0), y_test), "nll": mixture_gaussian_nll(means, variances, y_test),
+        "divergences": int(result.sample_stats["diverging"].sum()), "width": width, "depth": depth,
+    }  # fmt: skip
+
+
+def main(argv=None):
+    def extra(parser):
+        parser.add_argument("--widths", default="64,256,1024")
+        parser.add_argument("--depths", default="1,2")
+        parser.add_argument("--num-samples", type=int, default=200, help="draws (and warm-up steps) per chain")
+        parser.add_argument("--max-tree-depth", type=int, default=8)
+        parser.add_argument("--max-train", type=int, default=500)
+        parser.add_argument("--processes", type=int, default=2)
+        parser.add_argument("--max-hidden-weights", type=int, default=300_000,
+                            help="skip configurations with more hidden weights (2 x 1024: a million)")  # fmt: skip
+
+    args = harness.parse_args(__doc__.splitlines()[0], default_datasets=["synthetic", "yacht", "energy", "concrete",
+                                                                          "bostonHousing"],
+                              default_splits=[0], quick_datasets=["synthetic"], quick_splits=[0], argv=argv,
+                              extra=extra)  # fmt: skip
+    torch.set_default_dtype(torch.float64)
+    widths = [int(w) for w in args.widths.split(",")]
+    depths = [int(d) for d in args.depths.split(",")]
+    if args.quick:
+        widths, depths, args.num_samples = [64, 256], [1], 60
+    records = []
+    for dataset in args.datasets:
+        for split_id in args.splits:
+            if dataset == "synthetic":
+                split = _Synthetic(split_id)
+            else:
+                split = load_uci(dataset, split_id, args.data_dir, max_train=args.max_train, seed=split_id)
+            for depth in depths:
+                for width in widths:
+                    hidden = width * split.dim + (depth - 1) * width * width
+                    if hidden > args.max_hidden_weights:
+                        print(f"skip {dataset} depth {depth} width {width}: {hidden} hidden weights", flush=True)
+                        continue
+                    methods = ["NUTS", "repriorised NUTS"]
+                    if width == 256 and depth == 1:
+                        methods += ["HMC", "repriorised HMC"]
+                    for method in methods:
+                        pyro.set_rng_seed(args.seed)
+                        out = run_config(split, dataset, depth, width, method, args)
+                        name = f"{method} ({depth}x{width})"
+                        role = "ours" if method.startswith("repriorised") else "peer"
+                        records.append(harness.record("bnn_mcmc", dataset, split_id, name, role,
+                                                      n_train=split.n_train, **out))  # fmt: skip
+                        print(f"{dataset:>14} {name:>26}: ESS/grad min {out['ess_per_grad_min']:.2e} "
+                              f"(proj {out['ess_proj_per_grad_min']:.2e}) R-hat {out['rhat_max']:.3f} "
+                              f"grads/draw {out['grads_per_draw']:.0f} NLL {out['nll']:.3f} "
+                              f"{out['train_seconds']:.0f}s", flush=True)  # fmt: skip
+                        harness.write_json(records, args.out)
+    metrics = ["ess_per_grad_min", "ess_proj_per_grad_min", "ess_per_second_min", "rhat_max", "nll", "rmse"]
+    table = harness.markdown_table(records, metrics)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    assert all(math.isfinite(r["nll"]) for r in records)
+    return records
+
+
+if __name__ == "__main__":
+    main()

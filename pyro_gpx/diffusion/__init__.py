@@ -1,0 +1,19 @@
+"""Diffusion-sampler posteriors (PIS / DDS) as a Pyro autoguide."""
+
+from .drift import DriftNet
+from .guide import AutoDiffusion, PathSample
+from .losses import LogVarianceLoss, PathELBO
+from .processes import ReferenceProcess, gaussian_log_density, make_process
+from .target import UnconstrainedTarget
+
+__all__ = [
+    "AutoDiffusion",
+    "DriftNet",
+    "LogVarianceLoss",
+    "PathELBO",
+    "PathSample",
+    "ReferenceProcess",
+    "UnconstrainedTarget",
+    "gaussian_log_density",
+    "make_process",
+]

@@ -1,0 +1,120 @@
+"""The unnormalised log posterior of a Pyro model in the unconstrained space of an autoguide, batched.
+
+:math:`\\log\\rho(z) = \\log p(x, T(z)) + \\log|\\det J_T(z)|` for a batch of flat unconstrained vectors
+``z`` of shape ``(B, D)``: the model runs once under a plate over the batch (left of its own
+plates, with Pyro's handlers above it blocked), or once per row if it is not shape-safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.distributions.transforms import biject_to
+from pyro.poutine.util import site_is_subsample
+
+__all__ = ["UnconstrainedTarget"]
+
+
+def _max_plate_nesting(trace) -> int:
+    dims = [0]
+    for site in trace.nodes.values():
+        if site["type"] == "sample":
+            dims += [-f.dim for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
+    return max(dims)
+
+
+class UnconstrainedTarget:
+    """Batched :math:`\\log\\rho` and :math:`\\nabla\\log\\rho` for an ``AutoContinuous`` guide's latent space.
+
+    :param guide: an ``AutoContinuous`` whose prototype trace is set up.
+    :param model: the model; :param args, kwargs: its arguments.
+    """
+
+    def __init__(self, guide, model: Callable, args: tuple = (), kwargs: dict | None = None):
+        if guide.prototype_trace is None:
+            raise ValueError("set up the guide's prototype first (call it once)")
+        self.guide, self.model, self.args, self.kwargs = guide, model, tuple(args), dict(kwargs or {})
+        self.max_plate_nesting = _max_plate_nesting(guide.prototype_trace)
+        self._vectorized: bool | None = None
+
+    def _conditioned(self, z: torch.Tensor, batch: int | None):
+        """Constrained site values and the log-Jacobian: ``z`` is ``(B, 1, ..., D)`` with ``batch=B``
+        (returns ``(B,)``) or a single ``(D,)`` row with ``batch=None`` (returns a scalar)."""
+        values, log_jac = {}, 0.0
+        for site, unconstrained in self.guide._unpack_latent(z):
+            transform = biject_to(site["fn"].support)
+            value = transform(unconstrained)
+            ldj = transform.log_abs_det_jacobian(unconstrained, value)
+            if batch is None:
+                log_jac = log_jac + ldj.sum()
+            else:
+                log_jac = log_jac + ldj.expand(unconstrained.shape[: ldj.dim()]).reshape(batch, -1).sum(-1)
+            values[site["name"]] = value
+        return values, log_jac
+
+    def _trace_log_prob(self, trace, batch: int | None) -> torch.Tensor:
+        total = 0.0
+        for site in trace.nodes.values():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            lp = site["fn"].log_prob(site["value"])
+            if not torch.isfinite(lp).all():
+                raise FloatingPointError(f"log density of site {site['name']!r} is not finite at a sampled point")
+            if site["mask"] is not None:
+                lp = lp * torch.as_tensor(site["mask"], dtype=lp.dtype)
+            lp = lp * site["scale"]
+            if batch is None:
+                total = total + lp.sum()
+                continue
+            dim = self.max_plate_nesting + 1
+            if lp.dim() >= dim and lp.shape[-dim] == batch:
+                total = total + lp.movedim(-dim, 0).reshape(batch, -1).sum(-1)
+            else:  # the same for every row
+                total = total + lp.sum()
+        return total
+
+    def _batched(self, z: torch.Tensor) -> torch.Tensor:
+        B = z.shape[0]
+        shaped = z.reshape((B,) + (1,) * self.max_plate_nesting + z.shape[-1:])
+        values, log_jac = self._conditioned(shaped, B)
+        with poutine.block(), pyro.plate("_pyro_gpx_particles", B, dim=-self.max_plate_nesting - 1):
+            trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(*self.args, **self.kwargs)
+        out = self._trace_log_prob(trace, B) + log_jac
+        if out.shape != (B,):
+            raise RuntimeError(f"batched log density has shape {tuple(out.shape)}")
+        return out
+
+    def _looped(self, z: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for row in z:
+            values, log_jac = self._conditioned(row, None)
+            with poutine.block():
+                trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(*self.args, **self.kwargs)
+            outs.append(self._trace_log_prob(trace, None) + log_jac)
+        return torch.stack(outs)
+
+    def log_density(self, z: torch.Tensor) -> torch.Tensor:
+        """:math:`\\log\\rho(z)` for ``z`` of shape ``(B, D)``; returns ``(B,)``."""
+        if z.dim() != 2:
+            raise ValueError(f"z must be (B, D), got shape {tuple(z.shape)}")
+        if self._vectorized is None:
+            try:
+                batched = self._batched(z[:2])
+                looped = self._looped(z[:2])
+                self._vectorized = torch.allclose(batched, looped, rtol=1e-5, atol=1e-6)
+            except (RuntimeError, ValueError, TypeError, IndexError):
+                self._vectorized = False
+        out = self._batched(z) if self._vectorized else self._looped(z)
+        if not torch.isfinite(out).all():
+            raise FloatingPointError("the target log density is not finite at some sampled points")
+        return out
+
+    def score(self, z: torch.Tensor) -> torch.Tensor:
+        """:math:`\\nabla_z\\log\\rho(z)` (detached), ``(B, D)``."""
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.log_density(z).sum(), z)
+        return grad.detach()
