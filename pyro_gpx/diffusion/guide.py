@@ -52,7 +52,9 @@ class AutoDiffusion(AutoContinuous):
     :param sigma: diffusion scale :math:`\\sigma` (PIS) / reference stationary scale (DDS).
     :param horizon: :math:`T` (PIS).
     :param hidden, depth: size of the drift network.
-    :param use_score: feed :math:`\\nabla\\log\\rho` to the drift (one model gradient per step).
+    :param use_score: feed :math:`\\nabla\\log\\rho` to the drift (one model gradient per step). Turn
+        it off inside an ``AutoGuideList``: there the guide sees a blocked model, whose score would
+        miss the other guides' sites.
     :param beta_min, beta_max: DDS noise schedule.
 
     Example::
@@ -85,6 +87,8 @@ class AutoDiffusion(AutoContinuous):
         self.process = make_process(process, num_steps, sigma, horizon, beta_min, beta_max)
         self._net_config = {"hidden": hidden, "depth": depth, "use_score": use_score}
         super().__init__(model, init_loc_fn=init_loc_fn)
+        self._raw_model = model  # self.model is wrapped in an InitMessenger, which costs at every trace
+        self._target_info: dict = {}
 
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
@@ -95,18 +99,38 @@ class AutoDiffusion(AutoContinuous):
         drift = DriftNet(self.latent_dim, **self._net_config).to(dtype)
         to_pyro_module_(drift)
         self.drift = drift
+        self._target_info = {}
+
+    def target(self, *args, **kwargs) -> UnconstrainedTarget:
+        """The model's batched unconstrained log density for these arguments (plate nesting and
+        whether the model runs batched are found once and cached)."""
+        info = self._target_info
+        target = UnconstrainedTarget(self, self._raw_model, args, kwargs, info.get("nesting"), info.get("vectorized"))
+        info["nesting"] = target.max_plate_nesting
+        info["target"] = target
+        return target
+
+    def _log_density(self, target: UnconstrainedTarget, z: torch.Tensor) -> torch.Tensor:
+        out = target.log_density(z)
+        self._target_info["vectorized"] = target.vectorized
+        return out
+
+    def _score(self, target: UnconstrainedTarget, z: torch.Tensor) -> torch.Tensor:
+        out = target.score(z)
+        self._target_info["vectorized"] = target.vectorized
+        return out
 
     # -- simulation ------------------------------------------------------------------------------
     def _simulate(self, eps: torch.Tensor, args, kwargs, keep_path: bool = False) -> PathSample:
         """Run the controlled SDE for ``eps`` of shape ``(B, K+1, D)``."""
         process = self.process
-        target = UnconstrainedTarget(self, self.model, args, kwargs) if self.drift.use_score else None
+        target = self.target(*args, **kwargs) if self.drift.use_score else None
         times = process.times()
         z, log_path = process.initial(eps[:, 0])
         log_path = log_path + gaussian_log_density(eps[:, 0], torch.zeros_like(eps[:, 0]), 1.0)
         states = [z] if keep_path else None
         for k in range(process.num_steps):
-            score = target.score(z) if target is not None else None
+            score = self._score(target, z) if target is not None else None
             drift = self.drift(z, float(times[k]), score)
             z_next, log_f, log_b = process.step(k, z, drift, eps[:, k + 1])
             log_path = log_path + log_f + gaussian_log_density(eps[:, k + 1], torch.zeros_like(z), 1.0) - log_b
@@ -154,8 +178,7 @@ class AutoDiffusion(AutoContinuous):
         eps = torch.randn((num_paths,) + self._noise_shape(), dtype=dtype)
         path = self._simulate(eps, args, kwargs, keep_path=keep_path)
         if log_target:
-            target = UnconstrainedTarget(self, self.model, args, kwargs)
-            path["log_target"] = target.log_density(path.z)
+            path["log_target"] = self._log_density(self.target(*args, **kwargs), path.z)
             path["log_weight"] = path.log_target - path.log_path
         return path
 

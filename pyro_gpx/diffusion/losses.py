@@ -20,9 +20,9 @@ References:
 from __future__ import annotations
 
 import torch
+from pyro.infer.elbo import ELBO
 
 from .guide import AutoDiffusion
-from .target import UnconstrainedTarget
 
 __all__ = ["PathELBO", "LogVarianceLoss"]
 
@@ -39,17 +39,21 @@ def _finite(value: torch.Tensor, what: str) -> torch.Tensor:
     return value
 
 
-class PathELBO:
+class PathELBO(ELBO):
     """Negative extended-space ELBO, averaged over ``num_paths`` batched paths."""
 
     def __init__(self, num_paths: int = 128):
         if num_paths < 1:
             raise ValueError(f"num_paths must be >= 1, got {num_paths}")
+        super().__init__(num_particles=1)
         self.num_paths = num_paths
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         path = _check(guide).sample_paths(self.num_paths, *args, **kwargs)
         return _finite(-path.log_weight.mean(), "the path ELBO loss")
+
+    def _get_trace(self, model, guide, args, kwargs):  # ELBO's abstract method; paths are batched instead
+        raise NotImplementedError("PathELBO simulates batched paths; it has no per-particle trace")
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         with torch.no_grad():
@@ -58,15 +62,16 @@ class PathELBO:
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
 
-class LogVarianceLoss:
+class LogVarianceLoss(ELBO):
     """Variance of the log weights along paths simulated with the detached current drift."""
 
     def __init__(self, num_paths: int = 128):
         if num_paths < 2:
             raise ValueError(f"num_paths must be >= 2 for a variance, got {num_paths}")
+        super().__init__(num_particles=1)
         self.num_paths = num_paths
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
@@ -74,17 +79,20 @@ class LogVarianceLoss:
         with torch.no_grad():
             path = guide.sample_paths(self.num_paths, *args, keep_path=True, **kwargs)
         states, process = path.states, guide.process
-        target = UnconstrainedTarget(guide, guide.model, args, kwargs) if guide.drift.use_score else None
+        target = guide.target(*args, **kwargs) if guide.drift.use_score else None
         times = process.times()
         log_path = process.initial_log_density(states[:, 0])
         for k in range(process.num_steps):
             z, z_next = states[:, k], states[:, k + 1]
-            score = target.score(z) if target is not None else None
+            score = guide._score(target, z) if target is not None else None
             drift = guide.drift(z, float(times[k]), score)
             log_f = process.forward_log_density(k, z, drift, z_next)
             log_path = log_path + log_f - process.backward_log_density(k, z, z_next)
         log_w = path.log_target - log_path
         return _finite(log_w.var(), "the log-variance loss")
+
+    def _get_trace(self, model, guide, args, kwargs):
+        raise NotImplementedError("LogVarianceLoss simulates batched paths; it has no per-particle trace")
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         with torch.no_grad():
@@ -94,4 +102,4 @@ class LogVarianceLoss:
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         loss.backward()
-        return float(loss)
+        return float(loss.detach())

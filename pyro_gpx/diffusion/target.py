@@ -30,15 +30,30 @@ class UnconstrainedTarget:
     """Batched :math:`\\log\\rho` and :math:`\\nabla\\log\\rho` for an ``AutoContinuous`` guide's latent space.
 
     :param guide: an ``AutoContinuous`` whose prototype trace is set up.
-    :param model: the model; :param args, kwargs: its arguments.
+    :param model: the model (not wrapped in the guide's ``InitMessenger``); :param args, kwargs: its
+        arguments.
+    :param max_plate_nesting: the model's plate nesting (found by tracing it once if not given).
+    :param vectorized: whether the model runs batched (found on the first call if not given; see
+        :attr:`vectorized` to cache the finding).
     """
 
-    def __init__(self, guide, model: Callable, args: tuple = (), kwargs: dict | None = None):
+    def __init__(
+        self,
+        guide,
+        model: Callable,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        max_plate_nesting: int | None = None,
+        vectorized: bool | None = None,
+    ):
         if guide.prototype_trace is None:
             raise ValueError("set up the guide's prototype first (call it once)")
         self.guide, self.model, self.args, self.kwargs = guide, model, tuple(args), dict(kwargs or {})
-        self.max_plate_nesting = _max_plate_nesting(guide.prototype_trace)
-        self._vectorized: bool | None = None
+        if max_plate_nesting is None:
+            with poutine.block(), pyro.validation_enabled(False):
+                max_plate_nesting = _max_plate_nesting(poutine.trace(model).get_trace(*self.args, **self.kwargs))
+        self.max_plate_nesting = max_plate_nesting
+        self.vectorized = vectorized
 
     def _conditioned(self, z: torch.Tensor, batch: int | None):
         """Constrained site values and the log-Jacobian: ``z`` is ``(B, 1, ..., D)`` with ``batch=B``
@@ -80,7 +95,11 @@ class UnconstrainedTarget:
         B = z.shape[0]
         shaped = z.reshape((B,) + (1,) * self.max_plate_nesting + z.shape[-1:])
         values, log_jac = self._conditioned(shaped, B)
-        with poutine.block(), pyro.plate("_pyro_gpx_particles", B, dim=-self.max_plate_nesting - 1):
+        with (
+            poutine.block(),
+            pyro.validation_enabled(False),  # non-finite densities are reported below, with the site
+            pyro.plate("_pyro_gpx_particles", B, dim=-self.max_plate_nesting - 1),
+        ):
             trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(*self.args, **self.kwargs)
         out = self._trace_log_prob(trace, B) + log_jac
         if out.shape != (B,):
@@ -91,7 +110,7 @@ class UnconstrainedTarget:
         outs = []
         for row in z:
             values, log_jac = self._conditioned(row, None)
-            with poutine.block():
+            with poutine.block(), pyro.validation_enabled(False):
                 trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(*self.args, **self.kwargs)
             outs.append(self._trace_log_prob(trace, None) + log_jac)
         return torch.stack(outs)
@@ -100,14 +119,15 @@ class UnconstrainedTarget:
         """:math:`\\log\\rho(z)` for ``z`` of shape ``(B, D)``; returns ``(B,)``."""
         if z.dim() != 2:
             raise ValueError(f"z must be (B, D), got shape {tuple(z.shape)}")
-        if self._vectorized is None:
+        if self.vectorized is None:
             try:
-                batched = self._batched(z[:2])
-                looped = self._looped(z[:2])
-                self._vectorized = torch.allclose(batched, looped, rtol=1e-5, atol=1e-6)
+                with torch.no_grad():
+                    batched = self._batched(z[:2])
+                    looped = self._looped(z[:2])
+                self.vectorized = torch.allclose(batched, looped, rtol=1e-5, atol=1e-6)
             except (RuntimeError, ValueError, TypeError, IndexError):
-                self._vectorized = False
-        out = self._batched(z) if self._vectorized else self._looped(z)
+                self.vectorized = False
+        out = self._batched(z) if self.vectorized else self._looped(z)
         if not torch.isfinite(out).all():
             raise FloatingPointError("the target log density is not finite at some sampled points")
         return out

@@ -1,0 +1,98 @@
+"""AutoDiffusion on a conjugate Gaussian model: ELBO, log Z and posterior moments; constrained latents."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import pytest
+import torch
+from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.infer.autoguide import AutoDelta, AutoGuideList
+
+from pyro_gpx.diffusion import AutoDiffusion, PathELBO
+
+
+def conjugate(y):
+    mu = pyro.sample("mu", dist.Normal(torch.zeros(2, dtype=y.dtype), 2.0).to_event(1))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("y", dist.Normal(mu, 1.0).to_event(1), obs=y)
+
+
+def exact(y):
+    """Posterior N(m, v I) and log Z of the conjugate model."""
+    n = y.shape[0]
+    v = 1.0 / (1 / 4 + n)
+    m = v * y.sum(0)
+    cov = torch.eye(n, dtype=y.dtype) + 4.0  # marginal of one coordinate's observations
+    log_z = sum(
+        torch.distributions.MultivariateNormal(torch.zeros(n, dtype=y.dtype), cov).log_prob(y[:, j]) for j in range(2)
+    )
+    return m, v, float(log_z)
+
+
+@pytest.mark.parametrize("process", ["pis", "dds"])
+def test_gaussian_posterior_and_evidence(float64, process):
+    y = torch.tensor([[0.8, -1.2], [1.5, -0.4], [0.3, -0.9], [1.1, -1.6]])
+    m, v, log_z = exact(y)
+    pyro.set_rng_seed(0)
+    # sigma ~ the posterior scale, as DDS recommends
+    guide = AutoDiffusion(conjugate, process=process, num_steps=16, hidden=32, sigma=0.5)
+    svi = SVI(conjugate, guide, pyro.optim.Adam({"lr": 3e-3}), PathELBO(num_paths=64))
+    for _ in range(250):
+        svi.step(y)
+    est = guide.log_normalizer(4000, y)
+    assert est["elbo"] <= log_z + 3 * 0.05  # a lower bound (up to Monte Carlo error)
+    assert abs(est["log_z"] - log_z) < 0.05
+    with torch.no_grad():
+        z = guide.sample_paths(4000, y, log_target=False).z
+    se_mean = math.sqrt(v / 4000)
+    assert (z.mean(0) - m).abs().max() < 5 * se_mean + 0.02
+    assert (z.var(0) - v).abs().max() < 0.25 * v
+
+
+def test_constrained_latents_plates_and_predictive(float64):
+    def model(x, y=None):
+        scale = pyro.sample("scale", dist.HalfNormal(torch.tensor(1.0)))
+        with pyro.plate("groups", 3):
+            effect = pyro.sample("effect", dist.Normal(torch.tensor(0.0), scale))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(effect[x], 0.5), obs=y)
+
+    x = torch.tensor([0, 0, 1, 1, 2, 2])
+    y = torch.tensor([1.0, 1.2, -0.5, -0.7, 0.1, 0.0])
+    guide = AutoDiffusion(model, num_steps=8, hidden=16)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    for _ in range(5):
+        assert math.isfinite(svi.step(x, y))
+    draws = Predictive(model, guide=guide, num_samples=20, return_sites=["scale", "effect"])(x)
+    assert (draws["scale"] > 0).all() and draws["effect"].shape[-1] == 3
+    with torch.no_grad():
+        path = guide.sample_paths(10, x, y)
+    assert path.z.shape == (10, guide.latent_dim) == (10, 4) and torch.isfinite(path.log_weight).all()
+
+
+def test_autoguidelist_diffusion_and_delta(float64):
+    def model(y):
+        noise = pyro.sample("noise", dist.LogNormal(torch.tensor(0.0), 1.0))
+        mu = pyro.sample("mu", dist.Normal(torch.zeros(2), 2.0).to_event(1))
+        with pyro.plate("data", y.shape[0]):
+            pyro.sample("y", dist.Normal(mu, noise.unsqueeze(-1)).to_event(1), obs=y)
+
+    y = torch.tensor([[0.8, -1.2], [1.5, -0.4], [0.3, -0.9], [1.1, -1.6]])
+    pyro.set_rng_seed(1)
+    guide = AutoGuideList(model)
+    # the diffusion part sees only its own sites, so it gets no score feature (the score of a
+    # blocked model would miss the other sites)
+    guide.append(AutoDiffusion(poutine.block(model, expose=["mu"]), num_steps=8, hidden=16, use_score=False))
+    guide.append(AutoDelta(poutine.block(model, hide=["mu"])))
+    elbo = Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=1)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), elbo)
+    losses = [svi.step(y) for _ in range(200)]
+    assert all(math.isfinite(loss) for loss in losses)
+    assert sum(losses[-30:]) / 30 < sum(losses[:30]) / 30
+    draws = Predictive(model, guide=guide, num_samples=2000, return_sites=["mu", "noise"])(y)
+    mu = draws["mu"].reshape(2000, 2)
+    assert draws["noise"].std() < 1e-6  # AutoDelta: a point
+    assert mu.std(0).min() > 0.05  # the diffusion part: a spread
+    torch.testing.assert_close(mu.mean(0), y.mean(0), atol=0.25, rtol=0)
