@@ -173,10 +173,7 @@ def main(argv=None):
                               f"{out['train_seconds']:.0f}s", flush=True)  # fmt: skip
                         harness.write_json(records, args.out)
     metrics = ["ess_per_grad_min", "ess_proj_per_grad_min", "ess_per_second_min", "rhat_max", "nll", "rmse"]
-    table = harness.markdown_table(records, metrics)
-    print(table)
-    if args.markdown:
-        Path(args.markdown).write_text(table)
+    harness.report(records, metrics, args.markdown)
     assert all(math.isfinite(r["nll"]) for r in records)
     return records
 

@@ -218,3 +218,12 @@ def markdown_table(records: Sequence[dict], metrics: Sequence[str], time_metric:
                 cells.append(f"**{text}**" if best.get(metric) == method else text)
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def report(records: Sequence[dict], metrics: Sequence[str], markdown: str | Path | None = None) -> str:
+    """Print the Markdown table of ``records`` (and write it to ``markdown`` if given)."""
+    table = markdown_table(records, metrics)
+    print(table)
+    if markdown:
+        Path(markdown).write_text(table)
+    return table

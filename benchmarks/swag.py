@@ -154,10 +154,7 @@ def main(argv=None):
         for split_id in splits:
             run_split(dataset, split_id, args, records)
             harness.write_json(records, args.out)
-    table = harness.markdown_table(records, ["rmse", "nll", "coverage95", "train_seconds"])
-    print(table)
-    if args.markdown:
-        Path(args.markdown).write_text(table)
+    harness.report(records, ["rmse", "nll", "coverage95", "train_seconds"], args.markdown)
     return records
 
 

@@ -26,13 +26,23 @@ __all__ = ["DriftNet"]
 
 class DriftNet(nn.Module):
     """:param dim: latent dimension; :param hidden: MLP width; :param depth: hidden layers;
-    :param use_score: add the score term; :param time_features: number of Fourier time features."""
+    :param use_score: add the score term; :param time_features: number of Fourier time features;
+    :param score_clip: the score is clipped to ``[-score_clip, score_clip]`` per coordinate (as PIS
+        does): targets such as Neal's funnel have scores that explode in their narrow regions."""
 
-    def __init__(self, dim: int, hidden: int = 128, depth: int = 2, use_score: bool = True, time_features: int = 16):
+    def __init__(
+        self,
+        dim: int,
+        hidden: int = 128,
+        depth: int = 2,
+        use_score: bool = True,
+        time_features: int = 16,
+        score_clip: float = 100.0,
+    ):
         super().__init__()
         if dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"dim, hidden and depth must be >= 1, got {dim}, {hidden}, {depth}")
-        self.dim, self.use_score = dim, use_score
+        self.dim, self.use_score, self.score_clip = dim, use_score, float(score_clip)
         self.register_buffer("frequencies", torch.arange(1, time_features // 2 + 1, dtype=torch.float32) * math.pi)
         layers, width = [], dim + 2 * (time_features // 2)
         for _ in range(depth):
@@ -58,5 +68,5 @@ class DriftNet(nn.Module):
         if self.use_score:
             if score is None:
                 raise ValueError("this drift uses the target's score; pass score=")
-            drift = drift + self.score_gate(emb) * score
+            drift = drift + self.score_gate(emb) * score.clamp(-self.score_clip, self.score_clip)
         return drift

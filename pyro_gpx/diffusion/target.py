@@ -51,7 +51,9 @@ class UnconstrainedTarget:
         self.guide, self.model, self.args, self.kwargs = guide, model, tuple(args), dict(kwargs or {})
         if max_plate_nesting is None:
             with poutine.block(), pyro.validation_enabled(False):
-                max_plate_nesting = _max_plate_nesting(poutine.trace(model).get_trace(*self.args, **self.kwargs))
+                prototype = {name: site["value"] for name, site in guide.prototype_trace.iter_stochastic_nodes()}
+                conditioned = poutine.condition(model, data=prototype)  # improper priors cannot be sampled
+                max_plate_nesting = _max_plate_nesting(poutine.trace(conditioned).get_trace(*self.args, **self.kwargs))
         self.max_plate_nesting = max_plate_nesting
         self.vectorized = vectorized
 

@@ -1,0 +1,238 @@
+"""Diffusion-sampler guides (PIS, DDS; KL and log-variance losses) vs Pyro's autoguides and NUTS.
+
+Targets are Pyro models: a 10-d funnel (log Z = 0), a 2-d mixture of 25 Gaussians (log Z = 0),
+a 32-d many-well (log Z ~ 164.696) and Bayesian logistic regression on the breast-cancer data
+bundled with scikit-learn (NUTS is the reference posterior). Every method gets the same wall-clock
+budget; reported are the ELBO, the importance-sampled log Z (and its error where log Z is known),
+a sliced Wasserstein distance to reference samples, modes recovered (GMM), posterior mean/std
+relative error against NUTS (logistic regression) and the wall time.
+
+    python benchmarks/samplers.py --out benchmarks/results/samplers.json [--quick]
+
+(``--data-dir`` is accepted for the common contract; these targets need no files.)
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
+from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal
+from pyro.infer.autoguide.initialization import init_to_value
+from pyro.infer.importance import vectorized_importance_weights
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+from pyro_gpx.diffusion import AutoDiffusion, LogVarianceLoss, PathELBO  # noqa: E402
+
+MANYWELL_LOG_Z = 164.696
+
+
+# -- targets -------------------------------------------------------------------------------------
+def funnel():
+    v = pyro.sample("v", dist.Normal(torch.tensor(0.0), 3.0))
+    pyro.sample("x", dist.Normal(torch.zeros(9), torch.exp(v / 2).unsqueeze(-1)).to_event(1))
+
+
+GRID = torch.tensor([[a, b] for a in (-4.0, -2.0, 0.0, 2.0, 4.0) for b in (-4.0, -2.0, 0.0, 2.0, 4.0)])
+
+
+MIXTURE = dist.MixtureSameFamily(dist.Categorical(torch.ones(25)), dist.Normal(GRID, 0.3).to_event(1))
+
+
+def gmm():  # the mixture density as a factor (its support has no bijection for autoguides)
+    z = pyro.sample("z", dist.ImproperUniform(constraints.real_vector, (), (2,)))
+    pyro.factor("mixture", MIXTURE.log_prob(z))
+
+
+def _double_well_energy(x):  # per pair of coordinates
+    return x[..., 0] ** 4 - 6 * x[..., 0] ** 2 - 0.5 * x[..., 0] + 0.5 * x[..., 1] ** 2
+
+
+def manywell():
+    z = pyro.sample("z", dist.ImproperUniform(constraints.real, (), (32,)))
+    pairs = z.reshape(z.shape[:-1] + (16, 2))
+    pyro.factor("energy", -_double_well_energy(pairs).sum(-1))
+
+
+def logistic_data():
+    from sklearn.datasets import load_breast_cancer
+
+    X, y = load_breast_cancer(return_X_y=True)
+    X = (X - X.mean(0)) / X.std(0)
+    X = np.column_stack([X, np.ones(len(X))])
+    return torch.tensor(X, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
+
+
+def logistic(X, y):
+    w = pyro.sample("w", dist.Normal(torch.zeros(X.shape[1]), 1.0).to_event(1))
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("y", dist.Bernoulli(logits=(X * w.unsqueeze(-2)).sum(-1)), obs=y)
+
+
+# -- reference samples ---------------------------------------------------------------------------
+def reference_samples(target: str, n: int, gen: torch.Generator) -> torch.Tensor | None:
+    if target == "funnel":
+        v = 3 * torch.randn(n, 1, generator=gen)
+        return torch.cat([v, torch.randn(n, 9, generator=gen) * torch.exp(v / 2)], 1)
+    if target == "gmm":
+        idx = torch.randint(25, (n,), generator=gen)
+        return GRID[idx] + 0.3 * torch.randn(n, 2, generator=gen)
+    if target == "manywell":  # exact: inverse-CDF sampling of the 1-d well on a fine grid, x2 ~ N(0, 1)
+        grid = torch.linspace(-4, 4, 200_001, dtype=torch.float64)
+        logp = -(grid**4 - 6 * grid**2 - 0.5 * grid)
+        cdf = torch.cumsum(torch.exp(logp - logp.max()), 0)
+        cdf = cdf / cdf[-1]
+        u = torch.rand(n * 16, generator=gen, dtype=torch.float64)
+        x1 = grid[torch.searchsorted(cdf, u).clamp(max=len(grid) - 1)].reshape(n, 16)
+        x2 = torch.randn(n, 16, generator=gen, dtype=torch.float64)
+        return torch.stack([x1, x2], -1).reshape(n, 32).float()
+    return None
+
+
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, num_projections: int = 200, seed: int = 0) -> float:
+    gen = torch.Generator().manual_seed(seed)
+    n = min(len(a), len(b))
+    directions = torch.randn(a.shape[1], num_projections, generator=gen, dtype=torch.float64)
+    directions /= directions.norm(dim=0)
+    pa = torch.sort(a[:n].double() @ directions, 0).values
+    pb = torch.sort(b[:n].double() @ directions, 0).values
+    return float(((pa - pb) ** 2).mean().sqrt())
+
+
+def modes_recovered(samples: torch.Tensor) -> int:
+    nearest = torch.cdist(samples.float(), GRID).argmin(1)
+    counts = torch.bincount(nearest, minlength=25).float() / len(samples)
+    return int((counts >= 0.01).sum())
+
+
+# -- methods -------------------------------------------------------------------------------------
+def _train(step, budget: float) -> tuple[int, float]:
+    start, steps = time.perf_counter(), 0
+    while time.perf_counter() - start < budget:
+        value = step()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss became {value}")
+        steps += 1
+    return steps, time.perf_counter() - start
+
+
+def _init(target):
+    if target in ("manywell", "gmm"):
+        return init_to_value(values={"z": torch.zeros(32 if target == "manywell" else 2)})
+    return None
+
+
+def run_diffusion(model, args, target, process, loss_name, budget, cfg):
+    kwargs = {"init_loc_fn": _init(target)} if _init(target) is not None else {}
+    guide = AutoDiffusion(model, process=process, num_steps=cfg["steps"], sigma=cfg["sigma"][target],
+                          hidden=cfg["hidden"], **kwargs)  # fmt: skip
+    loss = PathELBO(cfg["paths"]) if loss_name == "KL" else LogVarianceLoss(cfg["paths"])
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": cfg["lr"]}), loss)
+    steps, seconds = _train(lambda: svi.step(*args), budget)
+    with torch.no_grad():
+        est = guide.log_normalizer(cfg["eval_paths"], *args, batch_size=cfg["paths"] * 4)
+        samples = guide.sample_paths(cfg["eval_paths"], *args, log_target=False).z
+    grads = steps * cfg["paths"] * (cfg["steps"] + 1)  # one target gradient per step and path (score input)
+    return {"elbo": est["elbo"], "logz": est["log_z"], "logz_stderr": est["stderr"], "train_seconds": seconds,
+            "steps": steps, "num_grads": grads}, guide, samples  # fmt: skip
+
+
+def run_autoguide(model, args, target, cls, budget, cfg):
+    kwargs = {"init_loc_fn": _init(target)} if _init(target) is not None else {}
+    guide = cls(model, **kwargs)
+    elbo = Trace_ELBO(num_particles=cfg["vi_particles"], vectorize_particles=True)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), elbo)
+    steps, seconds = _train(lambda: svi.step(*args), budget)
+    with torch.no_grad():
+        log_w, _, guide_trace = vectorized_importance_weights(
+            model, guide, *args, num_samples=cfg["eval_paths"], max_plate_nesting=1
+        )
+    latents = sorted(n for n, site in guide_trace.nodes.items()
+                     if site["type"] == "sample" and not site["infer"].get("is_auxiliary"))  # fmt: skip
+    z = torch.cat([guide_trace.nodes[n]["value"].reshape(cfg["eval_paths"], -1) for n in latents], 1)
+    log_z = torch.logsumexp(log_w, 0) - math.log(len(log_w))
+    return {"elbo": float(log_w.mean()), "logz": float(log_z), "train_seconds": seconds, "steps": steps,
+            "num_grads": steps * cfg["vi_particles"]}, guide, z  # fmt: skip
+
+
+def run_nuts(model, args, target, budget, cfg):
+    kwargs = {"init_strategy": _init(target)} if _init(target) is not None else {}
+    mcmc = MCMC(NUTS(model, **kwargs), num_samples=cfg["nuts_samples"], warmup_steps=cfg["nuts_samples"],
+                disable_progbar=True)  # fmt: skip
+    start = time.perf_counter()
+    mcmc.run(*args)
+    samples = mcmc.get_samples()
+    flat = torch.cat([v.reshape(len(v), -1) for _, v in sorted(samples.items())], 1)
+    return {"train_seconds": time.perf_counter() - start}, None, flat
+
+
+def main(argv=None):
+    def extra(parser):
+        parser.add_argument("--targets", default="funnel,gmm,manywell,logistic")
+        parser.add_argument("--budget", type=float, default=None, help="seconds per method")
+
+    args = harness.parse_args(__doc__.splitlines()[0], default_datasets=["none"], default_splits=[0], argv=argv,
+                              extra=extra)  # fmt: skip
+    budget = args.budget or (20.0 if args.quick else 300.0)
+    cfg = {"steps": 32 if args.quick else 64, "paths": 64 if args.quick else 128, "hidden": 64,
+           "lr": 1e-3, "eval_paths": 2000 if args.quick else 10000, "vi_particles": 16,
+           "nuts_samples": 200 if args.quick else 1000,
+           "sigma": {"funnel": 1.0, "gmm": 3.0, "manywell": 1.0, "logistic": 0.5}}  # fmt: skip
+    targets = args.targets.split(",")
+    records = []
+    gen = torch.Generator().manual_seed(args.seed)
+    for target in targets:
+        if target == "logistic":
+            model, model_args = logistic, logistic_data()
+        else:
+            model, model_args = {"funnel": funnel, "gmm": gmm, "manywell": manywell}[target], ()
+        true_log_z = {"funnel": 0.0, "gmm": 0.0, "manywell": MANYWELL_LOG_Z}.get(target)
+        reference = reference_samples(target, cfg["eval_paths"], gen)
+        nuts_flat = None
+        methods = [("NUTS", "peer")]
+        methods += [(f"{p.upper()}-{loss}", "ours") for p in ("pis", "dds") for loss in ("KL", "LV")]
+        methods += [("AutoNormal", "peer"), ("AutoMultivariateNormal", "peer"), ("AutoIAFNormal", "peer")]
+        for method, role in methods:
+            pyro.set_rng_seed(args.seed)
+            pyro.clear_param_store()
+            if method == "NUTS":
+                out, _, samples = run_nuts(model, model_args, target, budget, cfg)
+                nuts_flat = samples
+            elif method.startswith(("PIS", "DDS")):
+                process, loss = method.split("-")
+                out, _, samples = run_diffusion(model, model_args, target, process.lower(), loss, budget, cfg)
+            else:
+                cls = {"AutoNormal": AutoNormal, "AutoMultivariateNormal": AutoMultivariateNormal,
+                       "AutoIAFNormal": AutoIAFNormal}[method]  # fmt: skip
+                out, _, samples = run_autoguide(model, model_args, target, cls, budget, cfg)
+            if true_log_z is not None and "logz" in out:
+                out["logz_error"] = out["logz"] - true_log_z
+            ref = reference if reference is not None else nuts_flat
+            if samples is not None and ref is not None:
+                out["sample_distance"] = sliced_wasserstein(samples, ref)
+            if target == "gmm" and samples is not None:
+                out["modes_recovered"] = modes_recovered(samples)
+            if target == "logistic" and samples is not None and nuts_flat is not None and method != "NUTS":
+                m_ref, s_ref = nuts_flat.mean(0), nuts_flat.std(0)
+                out["mean_rel_error"] = float(((samples.mean(0) - m_ref).abs() / s_ref).max())
+                out["std_rel_error"] = float(((samples.std(0) - s_ref).abs() / s_ref).max())
+            records.append(harness.record("samplers", target, 0, method, role, **out))
+            print(f"{target:>9} {method:>23}: " + " ".join(f"{k}={v:.4g}" for k, v in out.items()
+                                                             if isinstance(v, float | int)), flush=True)  # fmt: skip
+            harness.write_json(records, args.out)
+    harness.report(records, ["elbo", "logz_error", "sample_distance", "train_seconds"], args.markdown)
+    return records
+
+
+if __name__ == "__main__":
+    main()
