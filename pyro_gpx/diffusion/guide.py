@@ -107,7 +107,6 @@ class AutoDiffusion(AutoContinuous):
         info = self._target_info
         target = UnconstrainedTarget(self, self._raw_model, args, kwargs, info.get("nesting"), info.get("vectorized"))
         info["nesting"] = target.max_plate_nesting
-        info["target"] = target
         return target
 
     def _log_density(self, target: UnconstrainedTarget, z: torch.Tensor) -> torch.Tensor:

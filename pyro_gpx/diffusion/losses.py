@@ -39,25 +39,22 @@ def _finite(value: torch.Tensor, what: str) -> torch.Tensor:
     return value
 
 
-class PathELBO(ELBO):
-    """Negative extended-space ELBO, averaged over ``num_paths`` batched paths."""
+class _BatchedPathLoss(ELBO):
+    """A loss over ``num_paths`` batched paths (no per-particle traces), usable by ``SVI``."""
+
+    min_paths = 1
 
     def __init__(self, num_paths: int = 128):
-        if num_paths < 1:
-            raise ValueError(f"num_paths must be >= 1, got {num_paths}")
+        if num_paths < self.min_paths:
+            raise ValueError(f"num_paths must be >= {self.min_paths}, got {num_paths}")
         super().__init__(num_particles=1)
         self.num_paths = num_paths
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        path = _check(guide).sample_paths(self.num_paths, *args, **kwargs)
-        return _finite(-path.log_weight.mean(), "the path ELBO loss")
+        raise NotImplementedError
 
     def _get_trace(self, model, guide, args, kwargs):  # ELBO's abstract method; paths are batched instead
-        raise NotImplementedError("PathELBO simulates batched paths; it has no per-particle trace")
-
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        with torch.no_grad():
-            return float(self.differentiable_loss(model, guide, *args, **kwargs))
+        raise NotImplementedError(f"{type(self).__name__} simulates batched paths; it has no per-particle trace")
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
@@ -65,14 +62,22 @@ class PathELBO(ELBO):
         return float(loss.detach())
 
 
-class LogVarianceLoss(ELBO):
+class PathELBO(_BatchedPathLoss):
+    """Negative extended-space ELBO, averaged over ``num_paths`` batched paths."""
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        path = _check(guide).sample_paths(self.num_paths, *args, **kwargs)
+        return _finite(-path.log_weight.mean(), "the path ELBO loss")
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        with torch.no_grad():
+            return float(self.differentiable_loss(model, guide, *args, **kwargs))
+
+
+class LogVarianceLoss(_BatchedPathLoss):
     """Variance of the log weights along paths simulated with the detached current drift."""
 
-    def __init__(self, num_paths: int = 128):
-        if num_paths < 2:
-            raise ValueError(f"num_paths must be >= 2 for a variance, got {num_paths}")
-        super().__init__(num_particles=1)
-        self.num_paths = num_paths
+    min_paths = 2  # a variance
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         guide = _check(guide)
@@ -91,15 +96,7 @@ class LogVarianceLoss(ELBO):
         log_w = path.log_target - log_path
         return _finite(log_w.var(), "the log-variance loss")
 
-    def _get_trace(self, model, guide, args, kwargs):
-        raise NotImplementedError("LogVarianceLoss simulates batched paths; it has no per-particle trace")
-
     def loss(self, model, guide, *args, **kwargs) -> float:
         with torch.no_grad():
             path = _check(guide).sample_paths(self.num_paths, *args, **kwargs)
         return float(path.log_weight.var())
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        loss.backward()
-        return float(loss.detach())
