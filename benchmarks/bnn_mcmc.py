@@ -132,6 +132,7 @@ def main(argv=None):
         parser.add_argument("--max-tree-depth", type=int, default=8)
         parser.add_argument("--max-train", type=int, default=500)
         parser.add_argument("--processes", type=int, default=2)
+        parser.add_argument("--skip-hmc", action="store_true", help="NUTS only (HMC runs at width 256, depth 1)")
         parser.add_argument("--max-hidden-weights", type=int, default=300_000,
                             help="skip configurations with more hidden weights (2 x 1024: a million)")  # fmt: skip
 
@@ -158,7 +159,7 @@ def main(argv=None):
                         print(f"skip {dataset} depth {depth} width {width}: {hidden} hidden weights", flush=True)
                         continue
                     methods = ["NUTS", "repriorised NUTS"]
-                    if width == 256 and depth == 1:
+                    if width == 256 and depth == 1 and not args.skip_hmc:
                         methods += ["HMC", "repriorised HMC"]
                     for method in methods:
                         pyro.set_rng_seed(args.seed)

@@ -13,7 +13,14 @@ increments :math:`\epsilon` (one auxiliary site) drives the discretised controll
 with :math:`L = \log p_{F,0}(z_0) + \sum_k \log p_F(z_{k+1}\mid z_k) - \sum_k\log p_B(z_k\mid z_{k+1})`.
 The guide's density is therefore the path ratio, and ``Trace_ELBO`` optimises the extended-space
 ELBO :math:`\mathbb{E}[\log\rho(z_K) - L] \le \log Z` exactly, by reparameterised gradients through
-the simulated path (PIS/DDS training). Batched losses and the evidence estimate live in
+the simulated path (PIS/DDS training).
+
+The process runs in a learned affine frame, :math:`z = m + s\odot y` (``loc`` :math:`m` starts at
+the ``init_loc_fn`` point, ``scale`` :math:`s` at ``init_scale``): the SDE carries :math:`y`, the
+drift sees the score :math:`s\odot\nabla\log\rho(z)`, and the path density gains
+:math:`-\sum_d\log s_d`. Adapting :math:`m, s` is a cheap diagonal preconditioner: a target whose
+posterior is far from the origin or badly scaled (a funnel's neck variable, a regression's
+coefficients) no longer has to be reached by the drift network alone. Batched losses and the evidence estimate live in
 :mod:`~pyro_gpx.diffusion.losses`.
 """
 
@@ -24,9 +31,10 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
-from pyro.nn import pyro_method
+from pyro.nn import PyroParam, pyro_method
 from pyro.nn.module import to_pyro_module_
 
 from .drift import DriftNet
@@ -37,9 +45,10 @@ __all__ = ["AutoDiffusion", "PathSample"]
 
 
 class PathSample(dict):
-    """Batched paths: ``z`` ``(B, D)`` end points, ``log_path`` ``(B,)`` (:math:`L`), ``log_target``
-    ``(B,)`` (:math:`\\log\\rho(z_K)`, if computed), ``log_weight`` ``(B,)``, and ``states``
-    ``(B, K+1, D)`` / ``eps`` ``(B, K+1, D)`` when kept."""
+    """Batched paths: ``z`` ``(B, D)`` latents, ``log_path`` ``(B,)`` (:math:`L`, the log density of
+    ``z`` under the sampler), ``log_target`` ``(B,)`` (:math:`\\log\\rho(z)`, if computed), ``log_weight``
+    ``(B,)``, and ``states`` ``(B, K+1, D)`` (process states :math:`y_k`, with
+    :math:`z = m + s\\odot y_K`) / ``eps`` ``(B, K+1, D)`` when kept."""
 
     __getattr__ = dict.__getitem__
 
@@ -56,6 +65,8 @@ class AutoDiffusion(AutoContinuous):
         it off inside an ``AutoGuideList``: there the guide sees a blocked model, whose score would
         miss the other guides' sites.
     :param beta_min, beta_max: DDS noise schedule.
+    :param learn_affine: learn the affine frame :math:`z = m + s\\odot y` (else it stays at its
+        initial value); :param init_scale: initial :math:`s`.
 
     Example::
 
@@ -83,7 +94,12 @@ class AutoDiffusion(AutoContinuous):
         beta_min: float = 0.1,
         beta_max: float = 20.0,
         init_loc_fn=init_to_median,
+        learn_affine: bool = True,
+        init_scale: float = 1.0,
     ):
+        if init_scale <= 0:
+            raise ValueError(f"init_scale must be positive, got {init_scale}")
+        self._learn_affine, self._init_scale = learn_affine, float(init_scale)
         self.process = make_process(process, num_steps, sigma, horizon, beta_min, beta_max)
         self._net_config = {"hidden": hidden, "depth": depth, "use_score": use_score}
         super().__init__(model, init_loc_fn=init_loc_fn)
@@ -99,7 +115,24 @@ class AutoDiffusion(AutoContinuous):
         drift = DriftNet(self.latent_dim, **self._net_config).to(dtype)
         to_pyro_module_(drift)
         self.drift = drift
+        loc = self._init_loc().detach()
+        scale = torch.full_like(loc, self._init_scale)
+        if self._learn_affine:
+            self.loc = PyroParam(loc)
+            self.scale = PyroParam(scale, constraint=constraints.softplus_positive)
+        else:
+            self.register_buffer("loc", loc)
+            self.register_buffer("scale", scale)
         self._target_info = {}
+
+    def latent_from_state(self, y: torch.Tensor) -> torch.Tensor:
+        """:math:`z = m + s\\odot y`."""
+        return self.loc + self.scale * y
+
+    def state_score(self, target: UnconstrainedTarget, y: torch.Tensor) -> torch.Tensor:
+        """The score in the process frame, :math:`s\\odot\\nabla\\log\\rho(m + s\\odot y)` (the target
+        score is detached; the scale factor is not)."""
+        return self.scale * self._score(target, self.latent_from_state(y))
 
     def target(self, *args, **kwargs) -> UnconstrainedTarget:
         """The model's batched unconstrained log density for these arguments (plate nesting and
@@ -125,18 +158,18 @@ class AutoDiffusion(AutoContinuous):
         process = self.process
         target = self.target(*args, **kwargs) if self.drift.use_score else None
         times = process.times()
-        z, log_path = process.initial(eps[:, 0])
+        y, log_path = process.initial(eps[:, 0])
         log_path = log_path + gaussian_log_density(eps[:, 0], torch.zeros_like(eps[:, 0]), 1.0)
-        states = [z] if keep_path else None
+        states = [y] if keep_path else None
         for k in range(process.num_steps):
-            score = self._score(target, z) if target is not None else None
-            drift = self.drift(z, float(times[k]), score)
-            z_next, log_f, log_b = process.step(k, z, drift, eps[:, k + 1])
-            log_path = log_path + log_f + gaussian_log_density(eps[:, k + 1], torch.zeros_like(z), 1.0) - log_b
-            z = z_next
+            score = self.state_score(target, y) if target is not None else None
+            drift = self.drift(y, float(times[k]), score)
+            y_next, log_f, log_b = process.step(k, y, drift, eps[:, k + 1])
+            log_path = log_path + log_f + gaussian_log_density(eps[:, k + 1], torch.zeros_like(y), 1.0) - log_b
+            y = y_next
             if keep_path:
-                states.append(z)
-        out = PathSample(z=z, log_path=log_path)
+                states.append(y)
+        out = PathSample(z=self.latent_from_state(y), log_path=log_path - self.scale.log().sum())
         if keep_path:
             out["states"] = torch.stack(states, 1)
             out["eps"] = eps

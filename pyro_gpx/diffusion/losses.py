@@ -5,7 +5,8 @@ Both simulate ``num_paths`` paths at once (``Trace_ELBO`` draws one per particle
 * :class:`PathELBO`: :math:`-\frac1B\sum_b \log w_b`, the reparameterised extended-space KL
   (the PIS/DDS objective);
 * :class:`LogVarianceLoss`: :math:`\operatorname{Var}_b[\log w_b]` on paths simulated with the
-  current drift *detached*, the drift then re-scored along the fixed paths [1]. It needs no
+  current drift *detached*, the drift (and the affine frame) then re-scored along the fixed
+  paths [1]. It needs no
   gradient through the simulation, and is zero exactly when the sampler is perfect.
 
 Each has ``loss(model, guide, *args)`` and ``loss_and_grads(model, guide, *args)`` like Pyro's
@@ -82,18 +83,19 @@ class LogVarianceLoss(_BatchedPathLoss):
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         guide = _check(guide)
         with torch.no_grad():
-            path = guide.sample_paths(self.num_paths, *args, keep_path=True, **kwargs)
+            path = guide.sample_paths(self.num_paths, *args, keep_path=True, log_target=False, **kwargs)
         states, process = path.states, guide.process
-        target = guide.target(*args, **kwargs) if guide.drift.use_score else None
+        target = guide.target(*args, **kwargs)
         times = process.times()
-        log_path = process.initial_log_density(states[:, 0])
+        log_path = process.initial_log_density(states[:, 0]) - guide.scale.log().sum()
         for k in range(process.num_steps):
-            z, z_next = states[:, k], states[:, k + 1]
-            score = guide._score(target, z) if target is not None else None
-            drift = guide.drift(z, float(times[k]), score)
-            log_f = process.forward_log_density(k, z, drift, z_next)
-            log_path = log_path + log_f - process.backward_log_density(k, z, z_next)
-        log_w = path.log_target - log_path
+            y, y_next = states[:, k], states[:, k + 1]
+            score = guide.state_score(target, y) if guide.drift.use_score else None
+            drift = guide.drift(y, float(times[k]), score)
+            log_f = process.forward_log_density(k, y, drift, y_next)
+            log_path = log_path + log_f - process.backward_log_density(k, y, y_next)
+        log_target = guide._log_density(target, guide.latent_from_state(states[:, -1]))  # gradients reach m, s
+        log_w = log_target - log_path
         return _finite(log_w.var(), "the log-variance loss")
 
     def loss(self, model, guide, *args, **kwargs) -> float:

@@ -7,6 +7,7 @@ plates, with Pyro's handlers above it blocked), or once per row if it is not sha
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import pyro
@@ -123,12 +124,21 @@ class UnconstrainedTarget:
             raise ValueError(f"z must be (B, D), got shape {tuple(z.shape)}")
         if self.vectorized is None:
             try:
+                probe = z[:2] if len(z) > 1 else z.expand(2, -1)  # a batch of 1 hides broadcasting errors
                 with torch.no_grad():
-                    batched = self._batched(z[:2])
-                    looped = self._looped(z[:2])
-                self.vectorized = torch.allclose(batched, looped, rtol=1e-5, atol=1e-6)
+                    batched, looped = self._batched(probe), self._looped(probe)
+                rtol = 1e-4 if z.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
+                self.vectorized = torch.allclose(batched, looped, rtol=rtol, atol=rtol)
             except (RuntimeError, ValueError, TypeError, IndexError):
                 self.vectorized = False
+            if not self.vectorized:
+                warnings.warn(
+                    "the model does not run batched under a plate over paths (a latent of shape (B, 1, ..., D) "
+                    "must broadcast against its plates); its log density is evaluated one path at a time, "
+                    "which is much slower",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         out = self._batched(z) if self.vectorized else self._looped(z)
         if not torch.isfinite(out).all():
             raise FloatingPointError("the target log density is not finite at some sampled points")

@@ -37,7 +37,7 @@ def safe_cholesky(A: torch.Tensor, name: str = "matrix") -> torch.Tensor:
     tried = []
     for k in range(tries + 1):
         eps = jitter * 10**k * scale
-        tried.append(float(eps))
+        tried.append(float(eps.detach()))
         L, info = torch.linalg.cholesky_ex(A + eps * eye)
         if not info.any():
             return L

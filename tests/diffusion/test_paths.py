@@ -6,6 +6,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.infer.autoguide.initialization import init_to_mean
 from torch.distributions import Normal
 
 from pyro_gpx.diffusion import AutoDiffusion, LogVarianceLoss, PathELBO, UnconstrainedTarget, make_process
@@ -19,10 +20,11 @@ def gaussian_model(scale=1.0, dim=3):
 
 
 def _reference_log_path(guide, path):
-    """L recomputed step by step with torch.distributions."""
+    """L recomputed step by step with torch.distributions, in the frame z = loc + scale * y."""
     proc, states = guide.process, path.states
     K = proc.num_steps
-    total = torch.zeros(states.shape[0], dtype=torch.float64)
+    loc, scale = guide.loc.detach(), guide.scale.detach()
+    total = -scale.log().sum().expand(states.shape[0]).clone()
     if proc.kind == "dds":
         total += Normal(0.0, proc.sigma).log_prob(states[:, 0]).sum(-1)
     times = proc.times()
@@ -31,7 +33,7 @@ def _reference_log_path(guide, path):
             z, z_next = states[:, k], states[:, k + 1]
             score = None
             if guide.drift.use_score:
-                score = UnconstrainedTarget(guide, guide._raw_model).score(z)
+                score = scale * UnconstrainedTarget(guide, guide._raw_model).score(loc + scale * z)
             u = guide.drift(z, float(times[k]), score)
             if proc.kind == "pis":
                 total += Normal(z + u * proc.dt, proc.sigma * math.sqrt(proc.dt)).log_prob(z_next).sum(-1)
@@ -54,9 +56,12 @@ def test_path_log_density_matches_per_step_computation(float64, process, use_sco
     guide()
     for p in guide.drift.parameters():  # a non-zero drift
         torch.nn.init.normal_(p, std=0.3)
+    guide.loc = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)  # a non-trivial affine frame
+    guide.scale = torch.tensor([0.7, 1.5, 2.0], dtype=torch.float64)
     with torch.no_grad():
         path = guide.sample_paths(5, keep_path=True)
     torch.testing.assert_close(path.log_path, _reference_log_path(guide, path), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(path.z, guide.loc + guide.scale * path.states[:, -1])
     assert path.states[:, 0].abs().sum() == 0 if process == "pis" else path.states[:, 0].std() > 0
 
 
@@ -66,7 +71,8 @@ def test_untrained_sampler_is_exact_for_its_reference_marginal(float64, process,
     # log weight is log Z = 0 and the log-variance loss is exactly zero
     scale = sigma * math.sqrt(horizon) if process == "pis" else sigma
     model = gaussian_model(scale)
-    guide = AutoDiffusion(model, process=process, num_steps=10, sigma=sigma, horizon=horizon, hidden=8)
+    guide = AutoDiffusion(model, process=process, num_steps=10, sigma=sigma, horizon=horizon, hidden=8,
+                          init_loc_fn=init_to_mean)  # fmt: skip
     guide()
     with torch.no_grad():
         path = guide.sample_paths(64)
@@ -82,6 +88,7 @@ def test_gradients_reach_the_drift(float64):
         guide.drift.zero_grad()
         loss.loss_and_grads(model, guide)
         grads = [p.grad for p in guide.drift.out.parameters()]
+        grads += [pyro.param("AutoDiffusion.loc").grad, pyro.param("AutoDiffusion.scale").unconstrained().grad]
         assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
