@@ -38,6 +38,7 @@ import torch
 from pyro.infer.reparam.reparam import Reparam
 
 from ..gp.cholesky import safe_cholesky
+from .matrix_function import inverse_sqrt_shrinkage
 
 __all__ = ["RepriorisedReadout", "readout_map"]
 
@@ -47,19 +48,37 @@ def readout_map(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r""":math:`\tilde\theta(\phi)` (``(D, d_out)``) and :math:`\log|\det \partial\tilde\theta/\partial\phi|`.
 
+    With at least as many data as features (:math:`n \ge D`) the square root of
+    :math:`\lambda G^{-1}` is :math:`\sqrt\lambda L^{-\top}` (:math:`O(D^3)`). With fewer
+    (:math:`2n < D`, wide networks) it is the symmetric root in its dual form,
+    :math:`\sqrt\lambda G^{-1/2} = I + \tilde\Phi^\top h(K/\lambda)\tilde\Phi/\lambda` with
+    :math:`K = \tilde\Phi\tilde\Phi^\top` (:func:`~pyro_gpx.bnn.matrix_function.inverse_sqrt_shrinkage`),
+    and the mean and determinant use :math:`K + \lambda I` (:math:`O(n^2 D + n^3)`). Both roots
+    whiten the conditional posterior exactly; they differ only in which :math:`\phi` maps to which
+    :math:`\tilde\theta`.
+
     :param Phi_scaled: :math:`\tilde\Phi`, ``(n, D)``.
     :param y: ``(n, d_out)`` targets.
     :param noise: :math:`\lambda > 0`.
     :param whitened: :math:`\phi`, ``(D, d_out)``.
     """
-    D = Phi_scaled.shape[-1]
-    noise = torch.as_tensor(noise, dtype=Phi_scaled.dtype)
-    G = Phi_scaled.T @ Phi_scaled + noise * torch.eye(D, dtype=Phi_scaled.dtype)
-    L = safe_cholesky(G, "the readout Gram matrix Phi^T Phi + noise I")
-    mean = torch.cholesky_solve(Phi_scaled.T @ y, L)
-    theta = mean + noise.sqrt() * torch.linalg.solve_triangular(L.T, whitened, upper=True)
+    n, D = Phi_scaled.shape
     d_out = whitened.shape[-1]
-    logdet = d_out * (0.5 * D * torch.log(noise) - L.diagonal().log().sum())
+    noise = torch.as_tensor(noise, dtype=Phi_scaled.dtype)
+    if 2 * n >= D:  # the eigendecomposition costs several Cholesky factorisations of its size
+        G = Phi_scaled.T @ Phi_scaled + noise * torch.eye(D, dtype=Phi_scaled.dtype)
+        L = safe_cholesky(G, "the readout Gram matrix Phi^T Phi + noise I")
+        mean = torch.cholesky_solve(Phi_scaled.T @ y, L)
+        theta = mean + noise.sqrt() * torch.linalg.solve_triangular(L.T, whitened, upper=True)
+        logdet = d_out * (0.5 * D * torch.log(noise) - L.diagonal().log().sum())
+        return theta, logdet
+    K = Phi_scaled @ Phi_scaled.T
+    L = safe_cholesky(K + noise * torch.eye(n, dtype=K.dtype), "the readout kernel matrix Phi Phi^T + noise I")
+    mean = Phi_scaled.T @ torch.cholesky_solve(y, L)
+    shrink = inverse_sqrt_shrinkage(K / noise)
+    theta = mean + whitened + Phi_scaled.T @ (shrink @ (Phi_scaled @ whitened)) / noise
+    # log det G = (D - n) log(noise) + log det(K + noise I)
+    logdet = d_out * (0.5 * n * torch.log(noise) - L.diagonal().log().sum())
     return theta, logdet
 
 

@@ -103,7 +103,9 @@ class AutoDiffusion(AutoContinuous):
         self.process = make_process(process, num_steps, sigma, horizon, beta_min, beta_max)
         self._net_config = {"hidden": hidden, "depth": depth, "use_score": use_score}
         super().__init__(model, init_loc_fn=init_loc_fn)
-        self._raw_model = model  # self.model is wrapped in an InitMessenger, which costs at every trace
+        # self.model is wrapped in an InitMessenger, which costs at every trace; a tuple keeps a PyroModule
+        # model from being registered as a submodule (as AutoGuide does)
+        self._raw_model = (model,)
         self._target_info: dict = {}
 
     def _setup_prototype(self, *args, **kwargs):
@@ -138,7 +140,9 @@ class AutoDiffusion(AutoContinuous):
         """The model's batched unconstrained log density for these arguments (plate nesting and
         whether the model runs batched are found once and cached)."""
         info = self._target_info
-        target = UnconstrainedTarget(self, self._raw_model, args, kwargs, info.get("nesting"), info.get("vectorized"))
+        target = UnconstrainedTarget(
+            self, self._raw_model[0], args, kwargs, info.get("nesting"), info.get("vectorized")
+        )
         info["nesting"] = target.max_plate_nesting
         return target
 

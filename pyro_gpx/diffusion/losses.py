@@ -7,7 +7,9 @@ Both simulate ``num_paths`` paths at once (``Trace_ELBO`` draws one per particle
 * :class:`LogVarianceLoss`: :math:`\operatorname{Var}_b[\log w_b]` on paths simulated with the
   current drift *detached*, the drift (and the affine frame) then re-scored along the fixed
   paths [1]. It needs no
-  gradient through the simulation, and is zero exactly when the sampler is perfect.
+  gradient through the simulation, and is zero exactly when the sampler is perfect. It is not an
+  evidence bound: train model parameters (empirical Bayes) with :class:`PathELBO`, which reaches
+  them through the target density.
 
 Each has ``loss(model, guide, *args)`` and ``loss_and_grads(model, guide, *args)`` like Pyro's
 ELBOs, so ``SVI(model, guide, optim, PathELBO(num_paths=256))`` trains the guide.

@@ -51,7 +51,7 @@ class UnconstrainedTarget:
             raise ValueError("set up the guide's prototype first (call it once)")
         self.guide, self.model, self.args, self.kwargs = guide, model, tuple(args), dict(kwargs or {})
         if max_plate_nesting is None:
-            with poutine.block(), pyro.validation_enabled(False):
+            with poutine.block(expose_types=["param"]), pyro.validation_enabled(False):
                 prototype = {name: site["value"] for name, site in guide.prototype_trace.iter_stochastic_nodes()}
                 conditioned = poutine.condition(model, data=prototype)  # improper priors cannot be sampled
                 max_plate_nesting = _max_plate_nesting(poutine.trace(conditioned).get_trace(*self.args, **self.kwargs))
@@ -99,7 +99,7 @@ class UnconstrainedTarget:
         shaped = z.reshape((B,) + (1,) * self.max_plate_nesting + z.shape[-1:])
         values, log_jac = self._conditioned(shaped, B)
         with (
-            poutine.block(),
+            poutine.block(expose_types=["param"]),  # model parameters stay visible to SVI
             pyro.validation_enabled(False),  # non-finite densities are reported below, with the site
             pyro.plate("_pyro_gpx_particles", B, dim=-self.max_plate_nesting - 1),
         ):
@@ -113,7 +113,7 @@ class UnconstrainedTarget:
         outs = []
         for row in z:
             values, log_jac = self._conditioned(row, None)
-            with poutine.block(), pyro.validation_enabled(False):
+            with poutine.block(expose_types=["param"]), pyro.validation_enabled(False):
                 trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(*self.args, **self.kwargs)
             outs.append(self._trace_log_prob(trace, None) + log_jac)
         return torch.stack(outs)

@@ -19,26 +19,33 @@ def data(float64):
     return X, y
 
 
-def test_log_jacobian_matches_autograd(float64):
+@pytest.mark.parametrize("n, D", [(30, 4), (5, 12)], ids=["primal", "dual"])
+def test_readout_map_is_the_conditional_posterior(float64, n, D):
     gen = torch.Generator().manual_seed(1)
-    Phi = torch.randn(30, 4, generator=gen)
-    y = torch.randn(30, 2, generator=gen)
-    phi = torch.randn(4, 2, generator=gen)
+    Phi = torch.randn(n, D, generator=gen)
+    y = torch.randn(n, 2, generator=gen)
+    phi = torch.randn(D, 2, generator=gen)
     noise = torch.tensor(0.3)
 
     def f(flat):
-        return readout_map(Phi, y, noise, flat.reshape(4, 2))[0].reshape(-1)
+        return readout_map(Phi, y, noise, flat.reshape(D, 2))[0].reshape(-1)
 
     J = torch.autograd.functional.jacobian(f, phi.reshape(-1))
-    _, logdet = readout_map(Phi, y, noise, phi)
+    theta, logdet = readout_map(Phi, y, noise, phi)
     assert float(logdet) == pytest.approx(float(torch.linalg.slogdet(J)[1]), rel=1e-10)
+    # theta = mean + M phi with M M^T = noise G^{-1}: the exact conditional posterior
+    G = Phi.T @ Phi + noise * torch.eye(D)
+    M = J[::2, ::2]
+    torch.testing.assert_close(M @ M.T, noise * torch.linalg.inv(G))
+    torch.testing.assert_close(theta - (M @ phi), torch.linalg.solve(G, Phi.T @ y))
 
 
 @pytest.mark.parametrize("parameterization", ["ntk", "standard"])
 @pytest.mark.parametrize("latent_noise", [False, True])
-def test_density_is_original_plus_log_jacobian(data, parameterization, latent_noise):
+@pytest.mark.parametrize("widths", [[5, 4], [100]], ids=["narrow", "wide"])
+def test_density_is_original_plus_log_jacobian(data, parameterization, latent_noise, widths):
     X, y = data
-    bnn = BayesianMLP(3, [5, 4], parameterization=parameterization, noise=None if latent_noise else 0.2)
+    bnn = BayesianMLP(3, widths, parameterization=parameterization, noise=None if latent_noise else 0.2)
     rep = bnn.repriorised()
     pyro.set_rng_seed(2)
     rep_trace = poutine.trace(rep).get_trace(X, y)

@@ -33,7 +33,7 @@ def _reference_log_path(guide, path):
             z, z_next = states[:, k], states[:, k + 1]
             score = None
             if guide.drift.use_score:
-                score = scale * UnconstrainedTarget(guide, guide._raw_model).score(loc + scale * z)
+                score = scale * UnconstrainedTarget(guide, guide._raw_model[0]).score(loc + scale * z)
             u = guide.drift(z, float(times[k]), score)
             if proc.kind == "pis":
                 total += Normal(z + u * proc.dt, proc.sigma * math.sqrt(proc.dt)).log_prob(z_next).sum(-1)

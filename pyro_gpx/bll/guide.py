@@ -1,0 +1,44 @@
+"""A Gaussian guide over the last-layer weights: one full-covariance Gaussian per output row."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
+from pyro.nn import PyroModule, PyroParam
+
+from .model import BayesianLastLayer
+from .priors import GaussianWeightPrior
+
+__all__ = ["LastLayerNormal"]
+
+
+class LastLayerNormal(PyroModule):
+    """:math:`q(W) = \\prod_c N(W_c; m_c, L_cL_c^\\top)` for a :class:`~pyro_gpx.bll.model.BayesianLastLayer`
+    with a Gaussian prior. Use it with :class:`~pyro_gpx.bll.elbo.LastLayerELBO` (deterministic,
+    regression) or any Pyro ELBO (e.g. ``Trace_ELBO`` for classification).
+
+    :param model: the last-layer model; :param init_scale: initial posterior standard deviation.
+    """
+
+    def __init__(self, model: BayesianLastLayer, init_scale: float = 0.1, dtype: torch.dtype = torch.float64):
+        super().__init__()
+        if not isinstance(model.prior, GaussianWeightPrior):
+            raise ValueError(
+                "LastLayerNormal approximates a Gaussian-prior last layer; use AutoDiffusion for implicit priors"
+            )
+        if not init_scale > 0:
+            raise ValueError(f"init_scale must be positive, got {init_scale}")
+        C, D = model.weight_shape
+        self.site = model.weight_site
+        self.loc = PyroParam(torch.zeros(C, D, dtype=dtype))
+        self.scale_tril = PyroParam(
+            init_scale * torch.eye(D, dtype=dtype).expand(C, D, D).clone(), constraint=constraints.lower_cholesky
+        )
+
+    def distribution(self) -> dist.Distribution:
+        return dist.MultivariateNormal(self.loc, scale_tril=self.scale_tril).to_event(1)
+
+    def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        return {self.site: pyro.sample(self.site, self.distribution())}

@@ -1,0 +1,19 @@
+"""A positive scalar of a module: a learned ``PyroParam`` or a fixed buffer."""
+
+from __future__ import annotations
+
+import torch
+from pyro.distributions import constraints
+from pyro.nn import PyroModule, PyroParam
+
+__all__ = ["register_positive"]
+
+
+def register_positive(module: PyroModule, name: str, value: float, learn: bool) -> None:
+    """Set ``module.<name>`` to ``value`` (> 0), learned by SVI if ``learn``."""
+    if not value > 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    if learn:
+        setattr(module, name, PyroParam(torch.tensor(float(value)), constraint=constraints.positive))
+    else:
+        module.register_buffer(name, torch.tensor(float(value)))

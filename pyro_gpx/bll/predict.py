@@ -1,0 +1,87 @@
+"""Posterior predictive summaries of a Bayesian last layer: regression moments, class
+probabilities and out-of-distribution scores, from any guide or posterior samples."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pyro
+import pyro.poutine as poutine
+import torch
+
+from ..diagnostics import sample_guide
+from .guide import LastLayerNormal
+from .heads import GaussianHead
+from .model import BayesianLastLayer
+
+__all__ = ["predict", "predictive_entropy"]
+
+
+def _latent_draws(model, posterior, num_samples, X, y) -> dict[str, torch.Tensor]:
+    if isinstance(posterior, dict):
+        return posterior
+    if isinstance(posterior, LastLayerNormal):
+        return {posterior.site: posterior.distribution().sample((num_samples,))}
+    if y is None:
+        raise ValueError("pass train=(X_train, y_train): this guide is sampled through the model with its data")
+    if hasattr(posterior, "sample_paths"):  # AutoDiffusion: one batched simulation
+        with torch.no_grad():
+            paths = posterior.sample_paths(num_samples, X, y, log_target=False)
+        flat = paths.z
+        return {site["name"]: value.reshape((num_samples,) + site["value"].shape)
+                for site, value in posterior._unpack_latent(flat)}  # fmt: skip
+    samples, _ = sample_guide(posterior, model, num_samples, (X, y))
+    return samples
+
+
+def _chunks(draws: dict[str, torch.Tensor], size: int):
+    total = next(iter(draws.values())).shape[0]
+    for start in range(0, total, size):
+        yield {k: v[start : start + size] for k, v in draws.items()}
+
+
+def _f_at(model: BayesianLastLayer, draws: dict[str, torch.Tensor], X: torch.Tensor) -> torch.Tensor:
+    """``f`` at every draw, batched: the draws sit in a plate left of the data plate."""
+    S = next(iter(draws.values())).shape[0]
+    shaped = {k: v.reshape((S, 1) + v.shape[1:]) for k, v in draws.items()}
+    with poutine.block(), pyro.plate("_pyro_gpx_draws", S, dim=-2):
+        trace = poutine.trace(poutine.condition(model, data=shaped)).get_trace(X)
+    return trace.nodes["f"]["value"].expand(S, X.shape[0], model.weight_shape[0])
+
+
+def predict(
+    model: BayesianLastLayer,
+    posterior: Callable | dict[str, torch.Tensor],
+    X: torch.Tensor,
+    *,
+    num_samples: int = 500,
+    train: tuple[torch.Tensor, torch.Tensor] | None = None,
+    draw_batch: int = 100,
+) -> dict[str, torch.Tensor]:
+    """Predictive summaries at ``X``.
+
+    :param posterior: a trained guide or a dict of posterior samples (e.g. ``mcmc.get_samples()``).
+    :param train: ``(X_train, y_train)`` for guides whose draws depend on the data (``AutoDiffusion``
+        simulates paths towards the posterior of the data it was trained on).
+    :param draw_batch: draws evaluated per batched model run (bounds memory).
+    :returns: ``"f"`` draws ``(S, n, C)``; regression: ``"mean"``, ``"var"`` (latent plus noise) and
+        ``"noise"``; classification: ``"probs"`` (averaged over draws), ``"entropy"``, ``"max_prob"``.
+    """
+    X_ref, y_ref = train if train is not None else (X, None)
+    with torch.no_grad():
+        draws = _latent_draws(model, posterior, num_samples, X_ref, y_ref)
+        draws = {k: v.detach() for k, v in draws.items() if k != "weights" or "weights_latent" not in draws}
+        f = torch.cat([_f_at(model, chunk, X) for chunk in _chunks(draws, draw_batch)])
+    out = {"f": f}
+    if isinstance(model.head, GaussianHead):
+        noise = model.head.noise.detach().to(f.dtype)
+        out.update(mean=f[..., 0].mean(0), var=f[..., 0].var(0) + noise, noise=noise)
+        return out
+    probs = f.softmax(-1).mean(0)
+    out.update(probs=probs, entropy=predictive_entropy(probs), max_prob=probs.max(-1).values)
+    return out
+
+
+def predictive_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """:math:`-\\sum_c p_c \\log p_c` of ``(..., C)`` probabilities (an out-of-distribution score)."""
+    return -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(-1)

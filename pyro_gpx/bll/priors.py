@@ -1,0 +1,101 @@
+r"""Priors over last-layer weights :math:`W \in \mathbb{R}^{C\times D}`: Gaussian and implicit.
+
+* :class:`GaussianWeightPrior`: :math:`W_{cd} \sim N(0, s^2)`, :math:`s` fixed or learned (type-II
+  maximum likelihood) — the prior of VBLL [1].
+* :class:`ImplicitWeightPrior`: :math:`W = g_\theta(z)`, :math:`z \sim N(0, I_k)`, for a generator
+  network :math:`g_\theta` [2]. :math:`p(W)` has no density; inference runs over :math:`z` (site
+  ``"<name>_latent"``) and :math:`W` is recorded as a deterministic site. With a linear generator
+  :math:`g(z) = Az` the prior is :math:`N(0, AA^\top)`.
+
+Both draw inside a Pyro model with :meth:`sample`, batched over any leading dimensions a
+vectorised guide or ``Predictive`` adds.
+
+References:
+
+[1] J. Harrison, J. Willes, J. Snoek. Variational Bayesian last layers. ICLR 2024.
+[2] J. Xu, Z. Wang, Y. Zhang, W. Gong, G. Xu. Flexible Bayesian last layer models using implicit
+    priors and diffusion posterior sampling. arXiv:2408.03746, 2024.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+from pyro.nn.module import to_pyro_module_
+from torch import nn
+
+from .positive import register_positive
+
+__all__ = ["GaussianWeightPrior", "ImplicitWeightPrior", "generator_mlp"]
+
+
+class GaussianWeightPrior(PyroModule):
+    """:math:`W_{cd} \\sim N(0, s^2)` i.i.d.
+
+    :param scale: prior standard deviation :math:`s`.
+    :param learn_scale: make :math:`s` a ``PyroParam`` (empirical Bayes) instead of a constant.
+    """
+
+    def __init__(self, scale: float = 1.0, learn_scale: bool = False):
+        super().__init__()
+        register_positive(self, "scale", scale, learn_scale)
+
+    def distribution(self, shape: tuple[int, int], dtype: torch.dtype) -> dist.Distribution:
+        return dist.Normal(torch.zeros(shape, dtype=dtype), self.scale.to(dtype)).to_event(2)
+
+    def sample(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """Sample ``W`` of shape ``shape`` at site ``name``."""
+        return pyro.sample(name, self.distribution(shape, dtype))
+
+
+def generator_mlp(latent_dim: int, num_weights: int, hidden: int = 64, depth: int = 2) -> nn.Sequential:
+    """A tanh MLP :math:`\\mathbb{R}^k \\to \\mathbb{R}^{CD}`, initialised so that the weights it
+    generates start with roughly unit variance."""
+    layers: list[nn.Module] = []
+    width = latent_dim
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), nn.Tanh()]
+        width = hidden
+    layers.append(nn.Linear(width, num_weights))
+    return nn.Sequential(*layers)
+
+
+class ImplicitWeightPrior(PyroModule):
+    """:math:`W = g_\\theta(z)`, :math:`z \\sim N(0, I_k)`.
+
+    :param generator: ``nn.Module`` mapping ``(..., k)`` to ``(..., C * D)``; its parameters are learned
+        with the model (empirical Bayes) unless ``learn_generator=False``.
+    :param latent_dim: :math:`k`.
+    :param learn_generator: register the generator's parameters with Pyro (``False`` freezes them).
+    """
+
+    def __init__(self, generator: nn.Module, latent_dim: int, learn_generator: bool = True):
+        super().__init__()
+        if latent_dim < 1:
+            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+        if learn_generator:
+            to_pyro_module_(generator)  # its parameters become Pyro parameters, trained by SVI
+        else:
+            for p in generator.parameters():
+                p.requires_grad_(False)
+            generator.eval()  # Pyro skips frozen parameters of modules in eval mode without a warning
+        self.generator = generator
+        self.latent_dim = latent_dim
+
+    @classmethod
+    def mlp(cls, num_weights: int, latent_dim: int | None = None, hidden: int = 64, depth: int = 2, **kwargs):
+        """An implicit prior with a :func:`generator_mlp` (default :math:`k = CD`)."""
+        latent_dim = latent_dim or num_weights
+        return cls(generator_mlp(latent_dim, num_weights, hidden, depth), latent_dim, **kwargs)
+
+    def sample(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """Sample :math:`z` at ``"<name>_latent"`` and record :math:`W = g(z)` at ``name``."""
+        z = pyro.sample(f"{name}_latent", dist.Normal(torch.zeros(self.latent_dim, dtype=dtype), 1.0).to_event(1))
+        flat = self.generator(z)
+        if flat.shape[-1] != shape[0] * shape[1]:
+            raise ValueError(
+                f"the generator returns {flat.shape[-1]} weights; the last layer needs {shape[0] * shape[1]}"
+            )
+        return pyro.deterministic(name, flat.reshape(flat.shape[:-1] + tuple(shape)), event_dim=2)

@@ -1,0 +1,92 @@
+"""Classification head shapes and probabilities, minibatch scaling, and bad input."""
+
+import pyro
+import pyro.poutine as poutine
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoNormal
+from torch import nn
+
+from pyro_gpx.bll import (
+    BayesianLastLayer,
+    CategoricalHead,
+    GaussianHead,
+    ImplicitWeightPrior,
+    LastLayerNormal,
+    predict,
+    predictive_entropy,
+)
+
+
+@pytest.fixture
+def digits_like(float64):
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(24, 5, generator=gen)
+    y = torch.randint(0, 3, (24,), generator=gen)
+    features = nn.Sequential(nn.Linear(5, 6), nn.Tanh())
+    return BayesianLastLayer(features, 6, CategoricalHead(3)), X, y
+
+
+def test_classification_shapes_probabilities_and_vectorised_particles(digits_like):
+    model, X, y = digits_like
+    guide = AutoNormal(model)
+    elbo = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), elbo)
+    for _ in range(3):
+        assert torch.isfinite(torch.tensor(svi.step(X, y)))
+    with pyro.plate("particles", 4, dim=-2):
+        trace = poutine.trace(poutine.replay(model, poutine.trace(guide).get_trace(X, y))).get_trace(X, y)
+    assert trace.nodes["f"]["value"].shape == (4, 24, 3)
+    out = predict(model, guide, X[:7], num_samples=50, train=(X, y))
+    assert out["f"].shape == (50, 7, 3)
+    torch.testing.assert_close(out["probs"].sum(-1), torch.ones(7))
+    assert ((out["entropy"] >= 0) & (out["entropy"] <= torch.log(torch.tensor(3.0)) + 1e-12)).all()
+    torch.testing.assert_close(out["max_prob"], out["probs"].max(-1).values)
+
+
+def test_minibatch_likelihood_is_scaled(digits_like):
+    model, X, y = digits_like
+    trace = poutine.trace(model).get_trace(X[:6], y[:6], num_data=24)
+    site = trace.nodes["y"]
+    assert site["scale"] == pytest.approx(4.0)
+    trace.compute_log_prob()
+    expected = 4.0 * site["fn"].log_prob(y[:6]).sum()
+    assert float(site["log_prob_sum"].detach()) == pytest.approx(float(expected.detach()))
+
+
+def test_predictive_entropy_of_uniform_and_certain():
+    probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(predictive_entropy(probs), torch.tensor([torch.log(torch.tensor(4.0)), 0.0]))
+
+
+def test_bad_input(digits_like):
+    model, X, y = digits_like
+    with pytest.raises(ValueError, match="labels must lie"):
+        model(X, torch.full((24,), 3))
+    with pytest.raises(ValueError, match="integer class labels"):
+        model(X, y.double())
+    with pytest.raises(ValueError, match="vector of 24"):
+        model(X, y[:5])
+    with pytest.raises(ValueError, match="NaN"):
+        model(torch.full((24, 5), float("nan")), y)
+    with pytest.raises(ValueError, match="num_data"):
+        model(X, y, num_data=3)
+    regression = BayesianLastLayer(None, 5, GaussianHead())
+    with pytest.raises(ValueError, match="floating point"):
+        regression(X, y)
+    with pytest.raises(ValueError, match="NaN"):
+        regression(X, torch.full((24,), float("nan")))
+    with pytest.raises(ValueError, match=r"features have shape"):
+        BayesianLastLayer(None, 4, GaussianHead())(X, X[:, 0])
+    with pytest.raises(ValueError, match="noise must be positive"):
+        GaussianHead(noise=0.0)
+    with pytest.raises(ValueError, match="num_classes"):
+        CategoricalHead(1)
+    implicit = BayesianLastLayer(None, 5, GaussianHead(), ImplicitWeightPrior.mlp(4, latent_dim=2))
+    with pytest.raises(ValueError, match="generator returns 4 weights"):
+        implicit(X, X[:, 0])
+    with pytest.raises(ValueError, match="implicit priors"):
+        LastLayerNormal(implicit)
+    with pytest.raises(ValueError, match="train="):
+        predict(model, AutoNormal(model), X)
