@@ -1,4 +1,5 @@
-"""Predictive metrics for regression, in whatever units the caller passes (use original units).
+"""Predictive metrics for regression (in whatever units the caller passes: use original units) and
+classification (accuracy, NLL, calibration, out-of-distribution AUROC).
 
 All functions validate shapes and raise on non-positive variances instead of returning NaN.
 """
@@ -9,7 +10,16 @@ import math
 
 import torch
 
-__all__ = ["rmse", "gaussian_nll", "mixture_gaussian_nll", "gaussian_coverage", "sample_coverage"]
+__all__ = [
+    "rmse",
+    "gaussian_nll",
+    "mixture_gaussian_nll",
+    "gaussian_coverage",
+    "sample_coverage",
+    "classification_metrics",
+    "expected_calibration_error",
+    "auroc",
+]
 
 
 def _check(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -68,3 +78,44 @@ def sample_coverage(samples: torch.Tensor, y: torch.Tensor, level: float = 0.95)
     q = torch.tensor([0.5 - level / 2, 0.5 + level / 2], dtype=samples.dtype)
     lo, hi = torch.quantile(samples, q, dim=0)
     return float(((y >= lo) & (y <= hi)).double().mean())
+
+
+def _check_probs(probs: torch.Tensor, labels: torch.Tensor) -> None:
+    if probs.dim() != 2 or labels.shape != probs.shape[:1]:
+        raise ValueError(f"probs must be (n, C) and labels (n,), got {tuple(probs.shape)} and {tuple(labels.shape)}")
+    if not torch.isfinite(probs).all() or (probs < 0).any():
+        raise ValueError("probs must be finite and non-negative")
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> float:
+    r"""ECE with equal-width confidence bins: :math:`\sum_b \frac{n_b}{n}|\mathrm{acc}_b - \mathrm{conf}_b|`."""
+    _check_probs(probs, labels)
+    conf, pred = probs.max(-1)
+    correct = (pred == labels).to(probs.dtype)
+    bins = torch.clamp((conf * num_bins).long(), max=num_bins - 1)
+    total = 0.0
+    for b in range(num_bins):
+        inside = bins == b
+        if inside.any():
+            total += float(inside.sum()) / len(labels) * abs(float(correct[inside].mean() - conf[inside].mean()))
+    return total
+
+
+def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Accuracy, NLL (nats per point) and ECE of predictive class probabilities ``(n, C)``."""
+    _check_probs(probs, labels)
+    picked = probs.gather(-1, labels[:, None])[:, 0].clamp_min(torch.finfo(probs.dtype).tiny)
+    return {
+        "accuracy": float((probs.argmax(-1) == labels).double().mean()),
+        "nll": float(-picked.log().mean()),
+        "ece": expected_calibration_error(probs, labels),
+    }
+
+
+def auroc(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
+    """Area under the ROC curve for telling out-of-distribution points (higher score) from in-distribution
+    ones: the probability that a random out-point outscores a random in-point (ties count half)."""
+    if scores_in.dim() != 1 or scores_out.dim() != 1 or not len(scores_in) or not len(scores_out):
+        raise ValueError("scores_in and scores_out must be non-empty vectors")
+    diff = scores_out[:, None] - scores_in[None, :]
+    return float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean())

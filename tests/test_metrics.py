@@ -7,7 +7,15 @@ import pytest
 import torch
 from scipy import stats
 
-from pyro_gpx.metrics import gaussian_coverage, gaussian_nll, mixture_gaussian_nll, rmse, sample_coverage
+from pyro_gpx.metrics import (
+    auroc,
+    classification_metrics,
+    gaussian_coverage,
+    gaussian_nll,
+    mixture_gaussian_nll,
+    rmse,
+    sample_coverage,
+)
 
 
 @pytest.fixture
@@ -54,3 +62,16 @@ def test_bad_input_raises(xy):
         rmse(mean * math.nan, y)
     with pytest.raises(ValueError, match="level"):
         gaussian_coverage(mean, var, y, level=1.5)
+
+
+def test_classification_metrics_against_hand_computed_values():
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 1, 1])
+    out = classification_metrics(probs, labels)
+    assert out["accuracy"] == pytest.approx(0.75)
+    assert out["nll"] == pytest.approx(-float(torch.tensor([0.9, 0.8, 0.4, 0.7]).log().mean()))
+    # 15 bins: confidences 0.9, 0.8, 0.6, 0.7 fall in separate bins; |acc - conf| = 0.1, 0.2, 0.6, 0.3
+    assert out["ece"] == pytest.approx((0.1 + 0.2 + 0.6 + 0.3) / 4)
+    assert auroc(torch.tensor([0.1, 0.2]), torch.tensor([0.3, 0.2])) == pytest.approx((1 + 1 + 1 + 0.5) / 4)
+    with pytest.raises(ValueError, match="probs must be"):
+        classification_metrics(probs[:, 0], labels)

@@ -59,7 +59,13 @@ def generator_mlp(latent_dim: int, num_weights: int, hidden: int = 64, depth: in
         layers += [nn.Linear(width, hidden), nn.Tanh()]
         width = hidden
     layers.append(nn.Linear(width, num_weights))
-    return nn.Sequential(*layers)
+    net = nn.Sequential(*layers)
+    with torch.no_grad():  # rescale the output layer so that W = g(z) starts at unit scale
+        probe = torch.randn(256, latent_dim, generator=torch.Generator().manual_seed(0))
+        std = net(probe).std().clamp_min(1e-6)
+        layers[-1].weight.div_(std)
+        layers[-1].bias.div_(std)
+    return net
 
 
 class ImplicitWeightPrior(PyroModule):
