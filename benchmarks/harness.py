@@ -48,6 +48,7 @@ METRICS = {
     "rhat_max": ("max R-hat", True, "{:.3f}"),
     "train_seconds": ("train s", True, "{:.1f}"),
     "seconds_per_step": ("s / step", True, "{:.4f}"),
+    "seconds_per_epoch": ("s / epoch", True, "{:.3f}"),
     "peak_rss_mb": ("peak RSS MB", True, "{:.0f}"),
 }
 

@@ -28,7 +28,9 @@ class DriftNet(nn.Module):
     """:param dim: latent dimension; :param hidden: MLP width; :param depth: hidden layers;
     :param use_score: add the score term; :param time_features: number of Fourier time features;
     :param score_clip: the score is clipped to ``[-score_clip, score_clip]`` per coordinate (as PIS
-        does): targets such as Neal's funnel have scores that explode in their narrow regions."""
+        does): targets such as Neal's funnel have scores that explode in their narrow regions.
+    :param drift_clip: if given, the drift is softly bounded, :math:`c\\tanh(b / c)` per coordinate, so
+        that a poorly trained network cannot throw a path to overflowing values."""
 
     def __init__(
         self,
@@ -38,11 +40,15 @@ class DriftNet(nn.Module):
         use_score: bool = True,
         time_features: int = 16,
         score_clip: float = 100.0,
+        drift_clip: float | None = None,
     ):
         super().__init__()
         if dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"dim, hidden and depth must be >= 1, got {dim}, {hidden}, {depth}")
+        if drift_clip is not None and not drift_clip > 0:
+            raise ValueError(f"drift_clip must be positive, got {drift_clip}")
         self.dim, self.use_score, self.score_clip = dim, use_score, float(score_clip)
+        self.drift_clip = drift_clip
         self.register_buffer("frequencies", torch.arange(1, time_features // 2 + 1, dtype=torch.float32) * math.pi)
         layers, width = [], dim + 2 * (time_features // 2)
         for _ in range(depth):
@@ -69,4 +75,6 @@ class DriftNet(nn.Module):
             if score is None:
                 raise ValueError("this drift uses the target's score; pass score=")
             drift = drift + self.score_gate(emb) * score.clamp(-self.score_clip, self.score_clip)
+        if self.drift_clip is not None:
+            drift = self.drift_clip * torch.tanh(drift / self.drift_clip)
         return drift

@@ -67,6 +67,10 @@ class AutoDiffusion(AutoContinuous):
     :param beta_min, beta_max: DDS noise schedule.
     :param learn_affine: learn the affine frame :math:`z = m + s\\odot y` (else it stays at its
         initial value); :param init_scale: initial :math:`s`.
+    :param vectorized: whether the model runs batched under a plate over paths; ``None`` probes it
+        (batched against row-by-row evaluation), which a model with internal randomness (e.g. the
+        simulated flow of :class:`~pyro_gpx.diffgp.DifferentialGP`) cannot pass: say ``True`` for it.
+    :param drift_clip: softly bound the drift network's output (see :class:`~pyro_gpx.diffusion.drift.DriftNet`).
 
     Example::
 
@@ -96,17 +100,20 @@ class AutoDiffusion(AutoContinuous):
         init_loc_fn=init_to_median,
         learn_affine: bool = True,
         init_scale: float = 1.0,
+        vectorized: bool | None = None,
+        drift_clip: float | None = None,
     ):
         if init_scale <= 0:
             raise ValueError(f"init_scale must be positive, got {init_scale}")
         self._learn_affine, self._init_scale = learn_affine, float(init_scale)
         self.process = make_process(process, num_steps, sigma, horizon, beta_min, beta_max)
-        self._net_config = {"hidden": hidden, "depth": depth, "use_score": use_score}
+        self._net_config = {"hidden": hidden, "depth": depth, "use_score": use_score, "drift_clip": drift_clip}
         super().__init__(model, init_loc_fn=init_loc_fn)
         # self.model is wrapped in an InitMessenger, which costs at every trace; a tuple keeps a PyroModule
         # model from being registered as a submodule (as AutoGuide does)
         self._raw_model = (model,)
-        self._target_info: dict = {}
+        self._vectorized = vectorized
+        self._target_info: dict = {} if vectorized is None else {"vectorized": vectorized}
 
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
@@ -125,7 +132,7 @@ class AutoDiffusion(AutoContinuous):
         else:
             self.register_buffer("loc", loc)
             self.register_buffer("scale", scale)
-        self._target_info = {}
+        self._target_info = {} if self._vectorized is None else {"vectorized": self._vectorized}
 
     def latent_from_state(self, y: torch.Tensor) -> torch.Tensor:
         """:math:`z = m + s\\odot y`."""

@@ -1,0 +1,167 @@
+r"""Kernels of the flow GP's vector field, with point or latent (fully Bayesian) hyperparameters.
+
+The flow field has one GP per state dimension :math:`d = 1..D` (or one shared kernel). With point
+hyperparameters any GPyTorch kernel works: batch shape ``(D,)`` for one kernel per dimension, ``()``
+for a shared one; its parameters are Pyro parameters (``pyro.module``). With hyperpriors the kernel
+must be a stationary family (RBF, Matérn) inside a ``ScaleKernel``; its lengthscales
+:math:`\ell_{d\cdot}` and output scales :math:`s_d^2` become the sample sites ``lengthscale``
+``(D_k, D)`` and ``outputscale`` ``(D_k,)`` and the kernel is evaluated from the *sampled* values,
+
+.. math:: k_d(x, x') = s_d^2\,\kappa\big(\|x/\ell_{d\cdot} - x'/\ell_{d\cdot}\|^2\big),
+
+batched over draws (particles), so every forward pass of the flow uses the current :math:`\theta`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import gpytorch
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule, pyro_method
+
+from ..gp.stationary import _gpytorch_family, _profile
+
+__all__ = ["FlowKernel", "KernelState", "default_flow_kernel"]
+
+
+def default_flow_kernel(
+    dim: int, *, shared: bool = False, outputscale: float = 0.1, dtype: torch.dtype = torch.float64
+) -> gpytorch.kernels.Kernel:
+    """ARD RBF in a ``ScaleKernel``, one per state dimension unless ``shared``; lengthscales
+    :math:`\\sqrt{D}` on standardised inputs, a small output scale (a gentle initial flow)."""
+    batch = torch.Size() if shared else torch.Size([dim])
+    kernel = gpytorch.kernels.ScaleKernel(
+        gpytorch.kernels.RBFKernel(ard_num_dims=dim, batch_shape=batch), batch_shape=batch
+    ).to(dtype)
+    kernel.base_kernel.lengthscale = torch.full(batch + (1, dim), math.sqrt(dim), dtype=dtype)
+    kernel.outputscale = torch.full(batch, outputscale, dtype=dtype)
+    return kernel
+
+
+class KernelState:
+    """The flow kernels for one model run. ``cross(x, Z)`` is ``(Bk, D_k, n, M)`` for ``x`` of shape
+    ``(B, n, D)``, ``gram(Z)`` is ``(Bk, D_k, M, M)`` and ``diag(x)`` is ``(Bk, D_k, n)`` broadcastable
+    to ``(B, D_k, n)``; ``Bk`` is 1 for point hyperparameters, else the number of draws."""
+
+    def __init__(self, kernel: gpytorch.kernels.Kernel | None = None, family: str | None = None,
+                 lengthscale: torch.Tensor | None = None, outputscale: torch.Tensor | None = None,
+                 lead: tuple[int, ...] = ()):  # fmt: skip
+        self.kernel, self.family = kernel, family
+        #: the draws' batch shape (left of the model's plates); ``Bk = lead.numel()``
+        self.lead = torch.Size(lead)
+        self.lengthscale, self.outputscale = lengthscale, outputscale  # (Bk, D_k, D), (Bk, D_k)
+
+    def cross(self, x: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            B, n, D = x.shape
+            K = self.kernel(x.reshape(B * n, D), Z).to_dense()  # (D_k, B n, M) or (B n, M)
+            K = K.reshape(-1, B, n, Z.shape[0])
+            return K.transpose(0, 1)
+        ls = self.lengthscale.unsqueeze(-2)  # (Bk, D_k, 1, D)
+        xs, zs = x.unsqueeze(1) / ls, Z / ls  # (B, D_k, n, D), (Bk, D_k, M, D)
+        if self.family == "rbf":
+            # log k = log s^2 - |xs|^2 / 2 - |zs|^2 / 2 + xs.zs as one product of augmented rows: two passes
+            # over the (n, M) block instead of eight
+            log_s2 = self.outputscale.log()[..., None, None]
+            x_aug = torch.cat([xs, torch.ones_like(xs[..., :1]), -0.5 * (xs * xs).sum(-1, keepdim=True)], -1)
+            z_aug = torch.cat([zs, log_s2 - 0.5 * (zs * zs).sum(-1, keepdim=True), torch.ones_like(zs[..., :1])], -1)
+            return torch.exp(x_aug @ z_aug.transpose(-1, -2))
+        rho = (xs * xs).sum(-1, keepdim=True) - 2 * xs @ zs.transpose(-1, -2) + (zs * zs).sum(-1).unsqueeze(-2)
+        return self.outputscale[..., None, None] * _profile(self.family, rho.clamp_min(0))
+
+    def gram(self, Z: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            K = self.kernel(Z, Z).to_dense()
+            return K.reshape((1, -1) + K.shape[-2:])
+        return self.cross(Z.unsqueeze(0).expand(self.lengthscale.shape[0], -1, -1), Z)
+
+    def diag(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            B, n, D = x.shape
+            return self.kernel(x.reshape(B * n, D), diag=True).reshape(-1, B, n).transpose(0, 1)
+        return self.outputscale.unsqueeze(-1)
+
+
+class FlowKernel(PyroModule):
+    """The flow GP's kernels: a GPyTorch kernel, optionally with latent stationary hyperparameters.
+
+    :param dim: state dimension :math:`D`.
+    :param kernel: a GPyTorch kernel with batch shape ``(D,)`` (one per dimension) or ``()``
+        (shared); default :func:`default_flow_kernel`.
+    :param lengthscale_prior, outputscale_prior: Pyro distributions (scalar, positive support) that
+        make the lengthscales / output scales latent sites (fully Bayesian flow). Requires an RBF or
+        Matérn kernel inside a ``ScaleKernel``; the kernel's values are then only the initial point.
+    """
+
+    def __init__(self, dim: int, kernel: gpytorch.kernels.Kernel | None = None, *, dtype: torch.dtype = torch.float64,
+                 lengthscale_prior: dist.Distribution | None = None,
+                 outputscale_prior: dist.Distribution | None = None):  # fmt: skip
+        super().__init__()
+        kernel = default_flow_kernel(dim, dtype=dtype) if kernel is None else kernel
+        if not isinstance(kernel, gpytorch.kernels.Kernel):
+            raise TypeError(f"kernel must be a gpytorch Kernel, got {type(kernel).__name__}")
+        batch = tuple(kernel.batch_shape)
+        if batch not in ((), (dim,)):
+            raise ValueError(f"the flow kernel's batch shape must be () or ({dim},), got {batch}")
+        self.dim, self.kernel = dim, kernel
+        self.num_kernels = batch[0] if batch else 1
+        self.lengthscale_prior, self.outputscale_prior = lengthscale_prior, outputscale_prior
+        base = kernel.base_kernel if isinstance(kernel, gpytorch.kernels.ScaleKernel) else None
+        family = _gpytorch_family(base) if base is not None else None
+        if base is not None and (base.active_dims is not None or kernel.active_dims is not None):
+            family = None
+        if family is not None and tuple(base.batch_shape) != batch:
+            family = None
+        #: the stationary family evaluated directly (faster than GPyTorch's generic path); None: call GPyTorch
+        self.family = family
+        if self.bayesian:
+            if self.family is None:
+                raise ValueError(
+                    "latent flow hyperparameters need an RBF or Matern kernel inside a ScaleKernel, without active_dims"
+                )
+            for name, prior in (("lengthscale_prior", lengthscale_prior), ("outputscale_prior", outputscale_prior)):
+                if prior is not None and (prior.batch_shape != () or prior.event_shape != ()):
+                    raise ValueError(f"{name} must be a scalar distribution, got batch {tuple(prior.batch_shape)}")
+
+    @property
+    def bayesian(self) -> bool:
+        return self.lengthscale_prior is not None or self.outputscale_prior is not None
+
+    def _point_values(self) -> dict[str, torch.Tensor]:
+        base = self.kernel.base_kernel
+        ls = base.lengthscale.reshape(-1, base.lengthscale.shape[-1]).expand(self.num_kernels, self.dim)
+        return {"lengthscale": ls, "outputscale": self.kernel.outputscale.reshape(-1).expand(self.num_kernels)}
+
+    def initial_values(self) -> dict[str, torch.Tensor]:
+        """The kernel's current (point) lengthscales ``(D_k, D)`` and output scales ``(D_k,)``."""
+        return {k: v.detach().clone() for k, v in self._point_values().items()}
+
+    @pyro_method
+    def state(self) -> KernelState:
+        """Call inside the model run: registers the point parameters and samples the latent ones."""
+        pyro.module(self._pyro_get_fullname("kernel"), self.kernel)
+        if not self.bayesian:
+            if self.family is None:
+                return KernelState(kernel=self.kernel)
+            values = self._point_values()
+            return KernelState(family=self.family, lengthscale=values["lengthscale"].unsqueeze(0),
+                               outputscale=values["outputscale"].unsqueeze(0))  # fmt: skip
+        Dk, D = self.num_kernels, self.dim
+        base = self.kernel.base_kernel
+        if self.lengthscale_prior is not None:
+            prior = self.lengthscale_prior.expand((Dk, D)).to_event(2)
+            ls = pyro.sample(self._pyro_get_fullname("lengthscale"), prior)
+        else:
+            ls = base.lengthscale.reshape(-1, D).expand(Dk, D)
+        if self.outputscale_prior is not None:
+            os_ = pyro.sample(self._pyro_get_fullname("outputscale"), self.outputscale_prior.expand((Dk,)).to_event(1))
+        else:
+            os_ = self.kernel.outputscale.reshape(-1).expand(Dk)
+        batch = torch.broadcast_shapes(ls.shape[:-2], os_.shape[:-1])
+        ls = ls.expand(batch + (Dk, D)).reshape(-1, Dk, D)
+        os_ = os_.expand(batch + (Dk,)).reshape(-1, Dk)
+        lead = batch[:-2] if len(batch) >= 2 else batch  # drop the model's (size-1) plate dims
+        return KernelState(family=self.family, lengthscale=ls, outputscale=os_, lead=lead)

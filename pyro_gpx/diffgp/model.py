@@ -1,0 +1,245 @@
+r"""The differential GP as a Pyro model: a GP flow of the inputs, then a sparse GP output layer.
+
+.. math::
+
+    dx_t = \mu_f(x_t)\,dt + \Sigma_f(x_t)^{1/2} dW_t,\quad x_0 = x, \qquad
+    g(x_T)\mid u_g \sim \mathcal N\big(k_{x_T Z_g}L_g^{-\top}u_g,\ k(x_T,x_T) - Q(x_T,x_T)\big), \qquad
+    y \sim p(y\mid g),
+
+with whitened inducing outputs :math:`u_f \in \mathbb R^{D\times M}` (one GP per input dimension),
+:math:`u_g \in \mathbb R^{C\times M_g}`, both :math:`\mathcal N(0, I)` a priori. Each model run
+draws ``num_paths`` flow paths per input and averages the likelihood over them (a ``"paths"``
+plate scaled by ``1 / num_paths``), so with any guide :math:`q(u_f, u_g[, \theta])` the ELBO is
+
+.. math::
+
+    \mathbb E_q\Big[\tfrac1S\textstyle\sum_s \log p(y\mid g(x_T^{(s)}))\Big]
+    - \mathrm{KL}(q\,\|\,p(u_f)\,p(u_g)[\,p(\theta)]),
+
+as in [1]; with latent flow hyperparameters :math:`\theta` (``FlowKernel`` priors) it is the fully
+Bayesian DiffGP of [2], and the sampled :math:`\theta` enters the flow kernel on every run.
+
+Sites: ``flow.lengthscale`` / ``flow.outputscale`` (fully Bayesian only), ``flow_inducing``
+``(D, M)``, ``output_inducing`` ``(C, M_g)``, and in the plates ``paths`` (dim -2) × ``data``
+(dim -1) the observations ``y``. Point parameters: inducing inputs, kernels, noise.
+
+[1] P. Hegde, M. Heinonen, H. Lähdesmäki, S. Kaski. Deep learning with differential Gaussian
+    process flows. AISTATS 2019.
+[2] J. Xu, D. Zhang, ..., fully Bayesian differential Gaussian processes through stochastic
+    differential equations (2024).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import gpytorch
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+from pyro.distributions import constraints
+from pyro.nn import PyroModule, PyroParam
+
+from .flow import GPVectorField, integrate_flow
+from .flow_kernel import FlowKernel
+from .inducing import jittered_cholesky, kmeans_inducing, whitened_conditional
+from .likelihoods import LIKELIHOODS, observation
+
+__all__ = ["DifferentialGP", "FlowOutput"]
+
+
+@dataclass
+class FlowOutput:
+    """What a model run returns: output-GP moments ``loc``, ``var`` ``(..., S, n, C)``, flow end
+    points ``x_T`` ``(..., S, n, D)`` and, with ``keep_path``, the path ``(K+1, ..., S, n, D)``."""
+
+    loc: torch.Tensor
+    var: torch.Tensor
+    x_T: torch.Tensor
+    path: torch.Tensor | None = None
+
+
+def _lead_shape(value: torch.Tensor, event_dim: int, name: str) -> torch.Size:
+    """Batch dims of a global latent left of the model's two plates (draws / particles)."""
+    batch = value.shape[: value.dim() - event_dim]
+    if len(batch) == 0:
+        return torch.Size()
+    if len(batch) < 2 or any(s != 1 for s in batch[-2:]):
+        raise ValueError(
+            f"site {name!r} has batch shape {tuple(batch)}; it must be global (outside the model's plates)"
+        )
+    return batch[:-2]
+
+
+def _default_output_kernel(dim: int, outputs: int, dtype: torch.dtype) -> gpytorch.kernels.Kernel:
+    batch = torch.Size() if outputs == 1 else torch.Size([outputs])
+    kernel = gpytorch.kernels.ScaleKernel(
+        gpytorch.kernels.RBFKernel(ard_num_dims=dim, batch_shape=batch), batch_shape=batch
+    ).to(dtype)
+    kernel.base_kernel.lengthscale = torch.full(batch + (1, dim), math.sqrt(dim), dtype=dtype)
+    return kernel
+
+
+class DifferentialGP(PyroModule):
+    """Differential GP (flow GP on the inputs + sparse GP output layer) for Pyro's SVI.
+
+    :param init_inputs: ``(n, D)`` training inputs (dimension, and k-means initial inducing inputs).
+    :param num_inducing: :math:`M` for the flow; :param output_inducing: :math:`M_g` (default :math:`M`).
+    :param flow: a :class:`~pyro_gpx.diffgp.flow_kernel.FlowKernel` (give it priors for the fully
+        Bayesian model), a GPyTorch kernel, or ``None`` (ARD RBF per dimension).
+    :param output_kernel: GPyTorch kernel of the output GP (batch shape ``(C,)`` for ``C > 1``).
+    :param likelihood: ``"gaussian"``, ``"bernoulli"`` or ``"categorical"`` (with ``num_classes``).
+    :param noise: Gaussian noise variance (initial value, or fixed with ``learn_noise=False``).
+    :param horizon: flow time :math:`T`; :param num_steps: Euler–Maruyama steps; :param num_paths:
+        flow paths :math:`S` per input and model run.
+
+    Example::
+
+        >>> import torch, pyro
+        >>> from pyro_gpx.diffgp import DifferentialGP, InducingNormal
+        >>> X = torch.randn(40, 2, dtype=torch.float64); y = X.sin().sum(-1)
+        >>> model = DifferentialGP(X, num_inducing=8, num_paths=2, num_steps=5)
+        >>> guide = InducingNormal(model)
+        >>> svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), pyro.infer.Trace_ELBO())
+        >>> loss = svi.step(X, y)
+        >>> tuple(model(X).loc.shape)  # (paths, n, outputs)
+        (2, 40, 1)
+    """
+
+    def __init__(
+        self,
+        init_inputs: torch.Tensor,
+        *,
+        num_inducing: int = 100,
+        output_inducing: int | None = None,
+        flow: FlowKernel | gpytorch.kernels.Kernel | None = None,
+        output_kernel: gpytorch.kernels.Kernel | None = None,
+        likelihood: str = "gaussian",
+        num_classes: int | None = None,
+        noise: float = 0.1,
+        learn_noise: bool = True,
+        horizon: float = 1.0,
+        num_steps: int = 20,
+        num_paths: int = 5,
+        jitter: float | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not isinstance(init_inputs, torch.Tensor) or init_inputs.dim() != 2:
+            raise ValueError(
+                f"init_inputs must be an (n, D) tensor, got shape {tuple(getattr(init_inputs, 'shape', ()))}"
+            )
+        if not torch.isfinite(init_inputs).all():
+            raise ValueError("init_inputs contains NaN or inf")
+        if not (isinstance(horizon, (int, float)) and math.isfinite(horizon) and horizon > 0):
+            raise ValueError(f"horizon must be a positive number, got {horizon}")
+        for name, value in (("num_steps", num_steps), ("num_paths", num_paths)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if likelihood == "categorical" and (num_classes is None or num_classes < 2):
+            raise ValueError(f"a categorical likelihood needs num_classes >= 2, got {num_classes}")
+        if not (noise > 0 and math.isfinite(noise)):
+            raise ValueError(f"noise must be positive, got {noise}")
+        X = init_inputs.detach()
+        self.dim, self.dtype = X.shape[1], X.dtype
+        self.likelihood, self.num_outputs = likelihood, (num_classes if likelihood == "categorical" else 1)
+        self.horizon, self.num_steps, self.num_paths = float(horizon), num_steps, num_paths
+        self.jitter = jitter if jitter is not None else (1e-6 if self.dtype == torch.float64 else 1e-4)
+        if flow is None or isinstance(flow, gpytorch.kernels.Kernel):
+            flow = FlowKernel(self.dim, flow, dtype=self.dtype)
+        if not isinstance(flow, FlowKernel):
+            raise TypeError(f"flow must be a FlowKernel, a gpytorch Kernel or None, got {type(flow).__name__}")
+        if flow.dim != self.dim:
+            raise ValueError(f"the flow kernel has dimension {flow.dim} but the inputs have {self.dim}")
+        self.flow = flow
+        self.output_kernel = output_kernel if output_kernel is not None else _default_output_kernel(
+            self.dim, self.num_outputs, self.dtype)  # fmt: skip
+        m_g = num_inducing if output_inducing is None else output_inducing
+        self.flow_Z = PyroParam(kmeans_inducing(X, min(num_inducing, len(X)), seed=seed))
+        self.output_Z = PyroParam(kmeans_inducing(X, min(m_g, len(X)), seed=seed + 1))
+        noise_t = torch.tensor(float(noise), dtype=self.dtype)
+        if learn_noise:
+            self.noise = PyroParam(noise_t, constraints.positive)
+        else:
+            self.register_buffer("noise", noise_t)
+
+    # -- the pieces ------------------------------------------------------------------------------
+    def _check_inputs(self, X: torch.Tensor, y: torch.Tensor | None) -> None:
+        if X.dim() != 2 or X.shape[1] != self.dim:
+            raise ValueError(f"X must be (n, {self.dim}) (the flow's dimension), got shape {tuple(X.shape)}")
+        if not torch.isfinite(X).all():
+            raise ValueError("X contains NaN or inf")
+        if y is None:
+            return
+        if y.shape != X.shape[:1]:
+            raise ValueError(f"y must have shape ({X.shape[0]},) to match X, got {tuple(y.shape)}")
+        if self.likelihood == "gaussian" and not torch.isfinite(y).all():
+            raise ValueError("y contains NaN or inf")
+        if self.likelihood == "bernoulli" and not ((y == 0) | (y == 1)).all():
+            raise ValueError("y must hold 0/1 labels for a Bernoulli likelihood")
+        if self.likelihood == "categorical" and (
+            y.dtype.is_floating_point or y.min() < 0 or y.max() >= self.num_outputs
+        ):
+            raise ValueError(f"y must hold integer labels in [0, {self.num_outputs}) for a categorical likelihood")
+
+    def _inducing(self, name: str, rows: int, cols: int) -> torch.Tensor:
+        eye = torch.eye(cols, dtype=self.dtype)
+        prior = dist.MultivariateNormal(torch.zeros(rows, cols, dtype=self.dtype), scale_tril=eye).to_event(1)
+        return pyro.sample(self._pyro_get_fullname(name), prior)
+
+    def _output_moments(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output GP at ``x`` ``(B, n, D)`` given ``u`` ``(B, C, M_g)``: loc, var ``(B, n, C)``."""
+        pyro.module(self._pyro_get_fullname("output_kernel"), self.output_kernel)
+        B, n, D = x.shape
+        Z = self.output_Z
+        L = jittered_cholesky(self.output_kernel(Z, Z).to_dense(), self.jitter)  # (C?, M, M)
+        flat = x.reshape(B * n, D)
+        Kxz = self.output_kernel(flat, Z).to_dense().reshape(-1, B, n, Z.shape[0]).transpose(0, 1)  # (B, C?, n, M)
+        kxx = self.output_kernel(flat, diag=True).reshape(-1, B, n).transpose(0, 1)
+        loc, var = whitened_conditional(Kxz, kxx, L, u)  # (B, C, n)
+        return loc.transpose(-1, -2), var.transpose(-1, -2)
+
+    # -- the model -------------------------------------------------------------------------------
+    def forward(
+        self, X: torch.Tensor, y: torch.Tensor | None = None, *, num_data: int | None = None, keep_path: bool = False
+    ) -> FlowOutput:
+        """Run the model on a (mini)batch ``X`` ``(n, D)``; ``num_data`` is the data set size when ``X`` is a
+        minibatch (the likelihood is scaled by ``num_data / n``)."""
+        self._check_inputs(X, y)
+        n, S = X.shape[0], self.num_paths
+        size = n if num_data is None else int(num_data)
+        if size < n:
+            raise ValueError(f"num_data ({size}) is smaller than the batch ({n})")
+        state = self.flow.state()
+        u_f = self._inducing("flow_inducing", self.dim, self.flow_Z.shape[0])
+        u_g = self._inducing("output_inducing", self.num_outputs, self.output_Z.shape[0])
+        lead_f, lead_g = _lead_shape(u_f, 2, "flow_inducing"), _lead_shape(u_g, 2, "output_inducing")
+        lead = torch.broadcast_shapes(state.lead, lead_f, lead_g)
+        B = lead.numel()
+        if state.lead not in (torch.Size(), lead):
+            raise ValueError(
+                f"flow hyperparameter draws {tuple(state.lead)} do not match the inducing draws {tuple(lead)}"
+            )
+        u_f = u_f.reshape(lead_f + u_f.shape[-2:]).expand(lead + u_f.shape[-2:]).reshape(B, *u_f.shape[-2:])
+        u_g = u_g.reshape(lead_g + u_g.shape[-2:]).expand(lead + u_g.shape[-2:]).reshape(B, *u_g.shape[-2:])
+        field = GPVectorField(state, self.flow_Z, u_f, self.jitter)
+        x0 = X.to(self.dtype).unsqueeze(0).expand(B * S, n, self.dim).reshape(B, S * n, self.dim)
+        path = integrate_flow(field, x0, self.horizon, self.num_steps, keep_path=keep_path)
+        x_T = path[-1] if keep_path else path
+        loc, var = self._output_moments(x_T, u_g)
+        shape = lead + (S, n)
+        loc, var = loc.reshape(shape + (-1,)), var.reshape(shape + (-1,))
+        x_T = x_T.reshape(shape + (self.dim,))
+        if keep_path:
+            path = path.reshape((path.shape[0],) + shape + (self.dim,))
+        with (
+            pyro.plate("paths", S, dim=-2),
+            pyro.plate("data", size, subsample=torch.arange(n), dim=-1),
+            poutine.scale(scale=1.0 / S),
+        ):
+            pyro.sample("y", observation(self.likelihood, loc, var, self.noise), obs=y)
+        return FlowOutput(loc=loc, var=var, x_T=x_T, path=path if keep_path else None)

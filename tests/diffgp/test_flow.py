@@ -1,0 +1,141 @@
+"""The flow field and its solver against dense GP algebra and closed-form ODE solutions (float64)."""
+
+import gpytorch
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_gpx.diffgp import FlowKernel, GPVectorField, GridBrownian, integrate_flow, kmeans_inducing
+
+D, M = 3, 7
+
+
+def _dense_moments(kernel_fn, x, Z, u, jitter=1e-6):
+    """Independent dense reference: per dimension, mean = K_xZ L^-T u, var = k(x,x) - K_xZ K_ZZ^-1 K_Zx."""
+    means, vars_ = [], []
+    for d in range(D):
+        Kzz = kernel_fn(Z, Z, d) + jitter * torch.eye(len(Z))
+        Kxz = kernel_fn(x, Z, d)
+        L = torch.linalg.cholesky(Kzz)
+        means.append(Kxz @ torch.linalg.solve(L.T, u[d]))
+        vars_.append(torch.diag(kernel_fn(x, x, d)) - torch.einsum("nm,mk,nk->n", Kxz, torch.linalg.inv(Kzz), Kxz))
+    return torch.stack(means, -1), torch.stack(vars_, -1)
+
+
+def _rbf(ls, os_):
+    def k(a, b, d):
+        r2 = ((a[:, None] / ls[d] - b[None] / ls[d]) ** 2).sum(-1)
+        return os_[d] * torch.exp(-0.5 * r2)
+
+    return k
+
+
+@pytest.mark.parametrize("bayesian", [False, True])
+def test_moments_match_dense_conditional(float64, bayesian):
+    torch.manual_seed(0)
+    ls = torch.rand(D, D) + 0.5
+    os_ = torch.rand(D) + 0.5
+    kernel = gpytorch.kernels.ScaleKernel(
+        gpytorch.kernels.RBFKernel(ard_num_dims=D, batch_shape=torch.Size([D])), batch_shape=torch.Size([D])
+    ).double()
+    kernel.base_kernel.lengthscale = ls.unsqueeze(-2)
+    kernel.outputscale = os_
+    priors = {"lengthscale_prior": dist.LogNormal(0.0, 1.0)} if bayesian else {}
+    flow = FlowKernel(D, kernel, **priors)
+    if bayesian:
+        import pyro.poutine as poutine
+
+        state = poutine.condition(flow.state, {"lengthscale": ls})()
+    else:
+        state = flow.state()
+    Z, x, u = torch.randn(M, D), torch.randn(11, D), torch.randn(D, M)
+    mean, var = GPVectorField(state, Z, u.unsqueeze(0)).moments(x.unsqueeze(0))
+    ref_mean, ref_var = _dense_moments(_rbf(ls, os_), x, Z, u)
+    torch.testing.assert_close(mean[0], ref_mean, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(var[0], ref_var, rtol=1e-6, atol=1e-8)
+
+
+def test_generic_gpytorch_kernel_path(float64):
+    """A kernel that is not a plain stationary family (a sum) goes through GPyTorch and still matches."""
+    torch.manual_seed(1)
+    kernel = (gpytorch.kernels.RBFKernel(batch_shape=torch.Size([D])) + gpytorch.kernels.LinearKernel(
+        batch_shape=torch.Size([D]))).double()  # fmt: skip
+    flow = FlowKernel(D, kernel)
+    assert flow.family is None
+    Z, x, u = torch.randn(M, D), torch.randn(5, D), torch.randn(D, M)
+    mean, var = GPVectorField(flow.state(), Z, u.unsqueeze(0)).moments(x.unsqueeze(0))
+    ref_mean, ref_var = _dense_moments(lambda a, b, d: kernel(a, b).to_dense()[d], x, Z, u)
+    torch.testing.assert_close(mean[0], ref_mean, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(var[0], ref_var, rtol=1e-6, atol=1e-7)
+
+
+def _linear_field(A):
+    """A GP field whose drift is exactly x -> A x with zero diffusion: a linear kernel k_d(x, z) = x.z
+    with D inducing inputs spanning R^D, and f_d(Z) = Z a_d (whitened)."""
+    kernel = gpytorch.kernels.LinearKernel(batch_shape=torch.Size([D])).double()
+    kernel.variance = torch.ones(D, 1, 1)
+    flow = FlowKernel(D, kernel)
+    Z = torch.eye(D) + 0.3 * torch.randn(D, D)
+    L = torch.linalg.cholesky(Z @ Z.T)
+    u = torch.stack([torch.linalg.solve_triangular(L, (Z @ A[d]).unsqueeze(-1), upper=False)[:, 0] for d in range(D)])
+    return GPVectorField(flow.state(), Z, u.unsqueeze(0), jitter=0.0)
+
+
+def test_linear_drift_matches_closed_form_ode(float64):
+    torch.manual_seed(2)
+    A = 0.5 * torch.randn(D, D)
+    field = _linear_field(A)
+    x0 = torch.randn(1, 4, D)
+    mean, var = field.moments(x0)
+    torch.testing.assert_close(mean, x0 @ A.T, rtol=1e-8, atol=1e-8)
+    assert var.abs().max() < 1e-8
+    T = 1.0
+    exact = x0 @ torch.linalg.matrix_exp(A * T).T
+    errors = []
+    for K in (25, 50, 100):
+        xT = integrate_flow(field, x0, T, K)
+        euler = x0 @ torch.linalg.matrix_power(torch.eye(D) + A * T / K, K).T  # the discrete recursion, exactly
+        torch.testing.assert_close(xT, euler, rtol=1e-6, atol=1e-8)
+        errors.append(float((xT - exact).abs().max()))
+    # Euler-Maruyama is first order: halving the step halves the error
+    assert 1.7 < errors[0] / errors[1] < 2.3 and 1.7 < errors[1] / errors[2] < 2.3
+
+
+def test_solver_takes_exactly_num_steps_and_paths_are_kept(float64):
+    torch.manual_seed(3)
+    field = GPVectorField(FlowKernel(D).state(), torch.randn(M, D), torch.randn(2, D, M))
+    calls = []
+    inner = field.moments
+    field.moments = lambda x: calls.append(1) or inner(x)
+    path = integrate_flow(field, torch.randn(2, 5, D), 2.0, 13, keep_path=True)
+    assert len(calls) == 13
+    assert path.shape == (14, 2, 5, D)
+
+
+def test_grid_brownian_increments(float64):
+    torch.manual_seed(4)
+    bm = GridBrownian(2.0, 8, (20000, 2))
+    inc = bm(0.5, 0.75)
+    assert inc.shape == (20000, 2)
+    assert abs(float(inc.var()) - 0.25) < 0.02
+    torch.testing.assert_close(bm(0.0, 2.0), bm(0.0, 1.0) + bm(1.0, 2.0))
+    assert float(bm(0.3, 0.3).abs().max()) == 0.0
+
+
+def test_kmeans_inducing_and_bad_input(float64):
+    X = torch.cat([torch.randn(30, 2) * 0.01, torch.randn(30, 2) * 0.01 + 5])
+    Z = kmeans_inducing(X, 2)
+    assert sorted(Z.sum(-1).round().tolist()) == [0.0, 10.0]
+    with pytest.raises(ValueError, match="num_inducing"):
+        kmeans_inducing(X, 100)
+    with pytest.raises(ValueError, match="NaN"):
+        kmeans_inducing(torch.full((3, 2), float("nan")), 2)
+
+
+def test_flow_kernel_validation():
+    with pytest.raises(ValueError, match="batch shape"):
+        FlowKernel(3, gpytorch.kernels.RBFKernel(batch_shape=torch.Size([2])))
+    with pytest.raises(ValueError, match="RBF or Matern"):
+        FlowKernel(3, gpytorch.kernels.LinearKernel(), lengthscale_prior=dist.LogNormal(0.0, 1.0))
+    with pytest.raises(ValueError, match="scalar"):
+        FlowKernel(3, lengthscale_prior=dist.LogNormal(torch.zeros(3), 1.0))

@@ -1,0 +1,214 @@
+"""The DiffGP model: its exact SVGP limit, KL terms against GPyTorch, hyperparameters that reach the
+likelihood, gradients, shapes, seeds and bad input (float64)."""
+
+import math
+
+import gpytorch
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import pytest
+import torch
+from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.autoguide import AutoNormal
+
+from pyro_gpx.diffgp import DifferentialGP, FlowKernel, InducingNormal, default_flow_kernel, predict
+
+
+def _data(n=30, d=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    return X, torch.sin(2 * X[:, 0]) + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)
+
+
+def _log_lik(model, X, y, data):
+    tr = poutine.trace(poutine.condition(model, data)).get_trace(X, y)
+    site = tr.nodes["y"]
+    return (site["fn"].log_prob(site["value"]) * site["scale"]).sum(), tr.nodes["_RETURN"]["value"]
+
+
+class _SVGP(gpytorch.models.ApproximateGP):
+    def __init__(self, Z, kernel):
+        q = gpytorch.variational.CholeskyVariationalDistribution(Z.shape[0])
+        super().__init__(gpytorch.variational.VariationalStrategy(self, Z, q, learn_inducing_locations=False))
+        self.covar_module = kernel
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(torch.zeros_like(x[:, 0]), self.covar_module(x))
+
+
+def test_zero_flow_is_the_svgp_output_layer(float64):
+    """Zero drift and diffusion (u_f = 0, vanishing flow kernel): expected log-likelihood and KL equal
+    GPyTorch's SVGP with the same inducing points, kernel and q(u_g)."""
+    X, y = _data()
+    flow = FlowKernel(2, default_flow_kernel(2, outputscale=1e-30))
+    model = DifferentialGP(X, num_inducing=6, flow=flow, noise=0.05, num_paths=3)
+    M = model.output_Z.shape[0]
+    gen = torch.Generator().manual_seed(1)
+    m = 0.5 * torch.randn(M, generator=gen, dtype=torch.float64)
+    Lq = torch.tril(0.3 * torch.randn(M, M, generator=gen, dtype=torch.float64), -1) + torch.diag(
+        torch.rand(M, generator=gen, dtype=torch.float64) + 0.2)  # fmt: skip
+    # the model's log-likelihood is quadratic in u_g: its mean over the 2M sigma points m +- sqrt(M) L e_j is
+    # the exact expectation under q(u_g) = N(m, L L^T)
+    total = 0.0
+    for j in range(M):
+        for sign in (1.0, -1.0):
+            u_g = (m + sign * math.sqrt(M) * Lq[:, j]).unsqueeze(0)
+            ll, out = _log_lik(model, X, y, {"flow_inducing": torch.zeros(2, 6), "output_inducing": u_g})
+            total = total + ll / (2 * M)
+    torch.testing.assert_close(out.x_T, X.expand_as(out.x_T), rtol=0, atol=1e-8)
+    svgp = _SVGP(model.output_Z.detach(), model.output_kernel).double()
+    svgp.variational_strategy.variational_params_initialized.fill_(1)  # keep the values set below
+    svgp.variational_strategy._variational_distribution.variational_mean.data = m
+    svgp.variational_strategy._variational_distribution.chol_variational_covar.data = Lq
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
+    likelihood.noise = 0.05
+    # GPyTorch adds its jitter (1e-6) to the predictive variance of every data point as well
+    expected = likelihood.expected_log_prob(y, svgp(X)).sum() + len(y) * 1e-6 / (2 * 0.05)
+    torch.testing.assert_close(total, expected, rtol=1e-7, atol=1e-7)
+    # the KL term: our guide's closed form against GPyTorch's
+    guide = InducingNormal(poutine.block(model, expose=["output_inducing"]))
+    guide(X, y)
+    guide.locs.output_inducing = m.unsqueeze(0)
+    guide.scale_trils.output_inducing = Lq.unsqueeze(0)
+    torch.testing.assert_close(guide.kl_divergence(), svgp.variational_strategy.kl_divergence(), rtol=1e-10, atol=1e-10)
+
+
+def test_mean_field_elbo_uses_the_closed_form_kl(float64):
+    X, y = _data()
+    model = DifferentialGP(X, num_inducing=5, num_paths=2, num_steps=4)
+    guide = InducingNormal(model, init_scale=0.3)
+    guide(X, y)
+    pyro.set_rng_seed(3)
+    loss = TraceMeanField_ELBO().differentiable_loss(model, guide, X, y)
+    pyro.set_rng_seed(3)
+    tr = poutine.trace(guide).get_trace(X, y)
+    ll, _ = _log_lik(model, X, y, {k: tr.nodes[k]["value"] for k in ("flow_inducing", "output_inducing")})
+    torch.testing.assert_close(loss, guide.kl_divergence() - ll, rtol=1e-8, atol=1e-8)
+
+
+def _bayesian_model(X, **kw):
+    flow = FlowKernel(
+        X.shape[1], lengthscale_prior=dist.LogNormal(0.0, 1.0), outputscale_prior=dist.LogNormal(-2.0, 1.0)
+    )
+    return DifferentialGP(X, num_inducing=5, flow=flow, num_paths=2, num_steps=6, **kw)
+
+
+def test_sampled_hyperparameters_enter_the_flow(float64):
+    """The likelihood changes with theta, and at theta0 it equals the point model whose kernel holds theta0."""
+    X, y = _data()
+    model = _bayesian_model(X)
+    u = {"flow_inducing": 0.5 * torch.randn(2, 5), "output_inducing": torch.randn(1, 5)}
+    ls0, os0 = torch.full((2, 2), 0.8), torch.full((2,), 0.3)
+    lls = []
+    for scale in (1.0, 3.0):
+        pyro.set_rng_seed(7)
+        lls.append(_log_lik(model, X, y, {**u, "flow.lengthscale": scale * ls0, "flow.outputscale": os0})[0])
+    assert abs(float(lls[0] - lls[1])) > 1e-3
+    point = DifferentialGP(X, num_inducing=5, flow=default_flow_kernel(2), num_paths=2, num_steps=6)
+    point.flow.kernel.base_kernel.lengthscale = ls0.unsqueeze(-2)
+    point.flow.kernel.outputscale = os0
+    pyro.set_rng_seed(7)
+    ll_point, _ = _log_lik(point, X, y, u)
+    torch.testing.assert_close(ll_point, lls[0], rtol=1e-9, atol=1e-9)
+
+
+def test_gradients_reach_inducing_inputs_outputs_and_hyperparameters(float64):
+    X, y = _data()
+    model = _bayesian_model(X)
+    values = {"flow_inducing": 0.5 * torch.randn(2, 5), "output_inducing": torch.randn(1, 5),
+              "flow.lengthscale": torch.full((2, 2), 0.8), "flow.outputscale": torch.full((2,), 0.3)}  # fmt: skip
+    for v in values.values():
+        v.requires_grad_(True)
+    ll, _ = _log_lik(model, X, y, values)
+    ll.backward()
+    for name, v in values.items():
+        assert v.grad is not None and v.grad.abs().sum() > 0, name
+    params = dict(pyro.get_param_store().named_parameters())  # unconstrained tensors
+    ll, _ = _log_lik(model, X, y, {k: v.detach() for k, v in values.items()})
+    names = [
+        "flow_Z",
+        "output_Z",
+        "noise",
+        "output_kernel$$$base_kernel.raw_lengthscale",
+        "output_kernel$$$raw_outputscale",
+    ]
+    grads = torch.autograd.grad(ll, [params[n] for n in names], allow_unused=True)
+    for name, grad in zip(names, grads):
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_shapes_with_particles_and_seeded_determinism(float64):
+    X, y = _data(n=12, d=3)
+    model = _bayesian_model(X)
+    with pyro.plate("particles", 4, dim=-3):
+        tr = poutine.trace(model).get_trace(X)
+    out = tr.nodes["_RETURN"]["value"]
+    assert out.loc.shape == (4, 2, 12, 1) and out.x_T.shape == (4, 2, 12, 3)
+    assert tr.nodes["y"]["value"].shape == (4, 2, 12)
+    path = model(X, keep_path=True).path
+    assert path.shape == (7, 2, 12, 3)
+    runs = []
+    for _ in range(2):
+        pyro.set_rng_seed(11)
+        runs.append(model(X).loc)
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    # the model runs under vectorised particles (the shape safety Pyro's ELBOs and AutoDiffusion rely on)
+    elbo = Trace_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=2)
+    assert math.isfinite(elbo.loss(model, AutoNormal(model), X, y))
+
+
+def test_svi_trains_and_predicts(float64):
+    X, y = _data(n=60, d=1)
+    model = DifferentialGP(X, num_inducing=10, num_paths=3, num_steps=5, noise=0.1)
+    guide = InducingNormal(model)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.03}), TraceMeanField_ELBO())
+    losses = [svi.step(X, y) for _ in range(150)]
+    assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
+    pred = predict(model, guide, X, num_samples=5)
+    assert pred.loc.shape == (15, 60)
+    assert float(((pred.mean - y) ** 2).mean()) < 0.1 * float(y.var())
+    lpd = pred.log_density(y)
+    assert lpd.shape == (60,) and torch.isfinite(lpd).all()
+    samples = Predictive(model, guide=guide, num_samples=4, return_sites=["y"])(X)["y"]
+    assert samples.shape == (4, 3, 60)
+
+
+def test_classification_likelihoods(float64):
+    X, _ = _data(n=20)
+    labels = (X[:, 0] > 0).long()
+    model = DifferentialGP(X, num_inducing=4, num_paths=2, num_steps=3, likelihood="categorical", num_classes=3)
+    guide = InducingNormal(model)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    assert math.isfinite(svi.step(X, labels))
+    probs = predict(model, guide, X, num_samples=2).probs
+    torch.testing.assert_close(probs.sum(-1), torch.ones(20, dtype=torch.float64))
+    pyro.clear_param_store()
+    binary = DifferentialGP(X, num_inducing=4, num_paths=2, num_steps=3, likelihood="bernoulli")
+    assert math.isfinite(SVI(binary, InducingNormal(binary), pyro.optim.Adam({"lr": 0.01}), Trace_ELBO()).step(
+        X, labels.double()))  # fmt: skip
+    with pytest.raises(ValueError, match="labels"):
+        model(X, torch.full((20,), 3))
+    with pytest.raises(ValueError, match="0/1"):
+        binary(X, torch.full((20,), 2.0))
+
+
+def test_bad_input(float64):
+    X, y = _data()
+    with pytest.raises(ValueError, match="horizon"):
+        DifferentialGP(X, horizon=0.0)
+    with pytest.raises(ValueError, match="num_steps"):
+        DifferentialGP(X, num_steps=0)
+    with pytest.raises(ValueError, match="NaN"):
+        DifferentialGP(torch.full((5, 2), float("nan")))
+    with pytest.raises(ValueError, match="dimension"):
+        DifferentialGP(X, flow=FlowKernel(3))
+    model = DifferentialGP(X, num_inducing=4, num_paths=1, num_steps=2)
+    with pytest.raises(ValueError, match=r"\(n, 2\)"):
+        model(torch.randn(5, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="NaN"):
+        model(torch.full((5, 2), float("nan"), dtype=torch.float64))
+    with pytest.raises(ValueError, match="shape"):
+        model(X, y[:-1])
+    with pytest.raises(ValueError, match="num_data"):
+        model(X, y, num_data=3)
