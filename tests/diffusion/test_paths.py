@@ -124,3 +124,19 @@ def test_bad_input():
     guide = AutoDiffusion(bad, num_steps=3, hidden=4, use_score=False)
     with pytest.raises(FloatingPointError, match="'broken'"):
         PathELBO(64).loss(bad, guide)
+
+
+def test_drift_clip_bounds_the_drift_softly(float64):
+    from pyro_gpx.diffusion.drift import DriftNet
+
+    net = DriftNet(3, hidden=8, use_score=False, drift_clip=2.0).double()
+    torch.nn.init.normal_(net.out.weight, std=50.0)
+    z = 10 * torch.randn(64, 3)
+    out = net(z, 0.5)
+    assert out.abs().max() <= 2.0
+    net.drift_clip = None
+    unclipped = net(z, 0.5)
+    assert unclipped.abs().max() > 2.0
+    torch.testing.assert_close(out, 2.0 * torch.tanh(unclipped / 2.0))
+    with pytest.raises(ValueError, match="drift_clip"):
+        DriftNet(3, drift_clip=0.0)
