@@ -37,7 +37,7 @@ import deep_gp_peers  # noqa: E402
 import harness  # noqa: E402
 
 from pyro_gpx.datasets import load_uci  # noqa: E402
-from pyro_gpx.diffgp import DifferentialGP, FlowKernel, InducingNormal, predict  # noqa: E402
+from pyro_gpx.diffgp import DifferentialGP, DiffGPPrediction, FlowKernel, InducingNormal, predict  # noqa: E402
 from pyro_gpx.diffusion import AutoDiffusion  # noqa: E402
 from pyro_gpx.metrics import gaussian_coverage, mixture_gaussian_nll, rmse  # noqa: E402
 
@@ -96,11 +96,10 @@ def _diffgp(split, cfg, seed: int, bayesian: bool) -> dict:
         pred = predict(model, guide, chunk, num_samples=10)
         locs.append(pred.loc)
         vars_.append(pred.var)
-    loc = split.y_scaler.inverse(torch.cat(locs, -1).double())
-    var = split.y_scaler.inverse_variance(torch.cat(vars_, -1).double())
+    original = DiffGPPrediction(loc=split.y_scaler.inverse(torch.cat(locs, -1).double()),
+                                var=split.y_scaler.inverse_variance(torch.cat(vars_, -1).double()))  # fmt: skip
     y_test = split.y_test_original.double()
-    mean = loc.mean(0)
-    total_var = var.mean(0) + loc.var(0, unbiased=False)
+    loc, var, mean, total_var = original.loc, original.var, original.mean, original.variance
     epochs = done * cfg["batch"] / n
     return {"rmse": rmse(mean, y_test), "nll": mixture_gaussian_nll(loc, var, y_test),
             "coverage95": gaussian_coverage(mean, total_var, y_test), "train_seconds": seconds,

@@ -1,7 +1,7 @@
 """Differential Gaussian processes: a GP flow of the inputs solved with torchsde, then a sparse GP."""
 
 from .flow import GPVectorField, GridBrownian, integrate_flow
-from .flow_kernel import FlowKernel, KernelState, default_flow_kernel
+from .flow_kernel import FlowKernel, KernelState, default_flow_kernel, draw_shape
 from .guide import InducingNormal
 from .inducing import jittered_cholesky, kmeans_inducing, whitened_conditional
 from .likelihoods import GaussianVariationalExpectation
@@ -19,6 +19,7 @@ __all__ = [
     "InducingNormal",
     "KernelState",
     "default_flow_kernel",
+    "draw_shape",
     "integrate_flow",
     "jittered_cholesky",
     "kmeans_inducing",

@@ -24,7 +24,17 @@ from pyro.nn import PyroModule, pyro_method
 
 from ..gp.stationary import _gpytorch_family, _profile
 
-__all__ = ["FlowKernel", "KernelState", "default_flow_kernel"]
+__all__ = ["FlowKernel", "KernelState", "default_flow_kernel", "draw_shape"]
+
+
+def draw_shape(batch: torch.Size, name: str) -> torch.Size:
+    """The draws' (particles') dims of a global site with batch shape ``batch``: what lies left of
+    the model's two (size-1) plate dims."""
+    if len(batch) == 0:
+        return torch.Size()
+    if len(batch) < 2 or any(s != 1 for s in batch[-2:]):
+        raise ValueError(f"{name} has batch shape {tuple(batch)}; it must be global (outside the model's plates)")
+    return batch[:-2]
 
 
 def default_flow_kernel(
@@ -163,5 +173,5 @@ class FlowKernel(PyroModule):
         batch = torch.broadcast_shapes(ls.shape[:-2], os_.shape[:-1])
         ls = ls.expand(batch + (Dk, D)).reshape(-1, Dk, D)
         os_ = os_.expand(batch + (Dk,)).reshape(-1, Dk)
-        lead = batch[:-2] if len(batch) >= 2 else batch  # drop the model's (size-1) plate dims
+        lead = draw_shape(batch, "the flow hyperparameters")
         return KernelState(family=self.family, lengthscale=ls, outputscale=os_, lead=lead)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ..gp.cholesky import safe_cholesky
+
 __all__ = ["kmeans_inducing", "jittered_cholesky", "whitened_conditional"]
 
 
@@ -46,19 +48,11 @@ def kmeans_inducing(X: torch.Tensor, num_inducing: int, *, iters: int = 25, seed
     return centres
 
 
-def jittered_cholesky(K: torch.Tensor, jitter: float, max_tries: int = 5) -> torch.Tensor:
-    """Cholesky factor of ``K + jitter I`` (batched), escalating the jitter tenfold on failure; the
-    error names the largest jitter tried."""
-    if not torch.isfinite(K).all():
-        raise ValueError("the inducing kernel matrix has NaN or inf entries (check the kernel hyperparameters)")
+def jittered_cholesky(K: torch.Tensor, jitter: float) -> torch.Tensor:
+    """Cholesky factor of ``K + jitter I`` (batched): the fixed SVGP jitter, then the escalation and
+    the non-finite check of :func:`~pyro_gpx.gp.cholesky.safe_cholesky` if that still fails."""
     eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
-    j = jitter
-    for _ in range(max_tries):
-        L, info = torch.linalg.cholesky_ex(K + j * eye)
-        if not bool((info > 0).any()):
-            return L
-        j *= 10.0
-    raise torch.linalg.LinAlgError(f"inducing kernel matrix is not positive definite even with jitter {j / 10:.1e}")
+    return safe_cholesky(K + jitter * eye, name="inducing kernel matrix")
 
 
 def whitened_conditional(

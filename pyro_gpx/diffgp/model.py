@@ -43,7 +43,7 @@ from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam
 
 from .flow import GPVectorField, integrate_flow
-from .flow_kernel import FlowKernel
+from .flow_kernel import FlowKernel, KernelState, draw_shape
 from .inducing import jittered_cholesky, kmeans_inducing, whitened_conditional
 from .likelihoods import LIKELIHOODS, observation
 
@@ -61,16 +61,10 @@ class FlowOutput:
     path: torch.Tensor | None = None
 
 
-def _lead_shape(value: torch.Tensor, event_dim: int, name: str) -> torch.Size:
-    """Batch dims of a global latent left of the model's two plates (draws / particles)."""
-    batch = value.shape[: value.dim() - event_dim]
-    if len(batch) == 0:
-        return torch.Size()
-    if len(batch) < 2 or any(s != 1 for s in batch[-2:]):
-        raise ValueError(
-            f"site {name!r} has batch shape {tuple(batch)}; it must be global (outside the model's plates)"
-        )
-    return batch[:-2]
+def _flatten_draws(value: torch.Tensor, own: torch.Size, lead: torch.Size) -> torch.Tensor:
+    """A global ``(..., R, M)`` latent with draw dims ``own`` as ``(B, R, M)`` over the draws ``lead``
+    (``B = lead.numel()``)."""
+    return value.reshape(own + value.shape[-2:]).expand(lead + value.shape[-2:]).reshape(-1, *value.shape[-2:])
 
 
 def _default_output_kernel(dim: int, outputs: int, dtype: torch.dtype) -> gpytorch.kernels.Kernel:
@@ -194,12 +188,9 @@ class DifferentialGP(PyroModule):
     def _output_moments(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Output GP at ``x`` ``(B, n, D)`` given ``u`` ``(B, C, M_g)``: loc, var ``(B, n, C)``."""
         pyro.module(self._pyro_get_fullname("output_kernel"), self.output_kernel)
-        B, n, D = x.shape
-        Z = self.output_Z
-        L = jittered_cholesky(self.output_kernel(Z, Z).to_dense(), self.jitter)  # (C?, M, M)
-        flat = x.reshape(B * n, D)
-        Kxz = self.output_kernel(flat, Z).to_dense().reshape(-1, B, n, Z.shape[0]).transpose(0, 1)  # (B, C?, n, M)
-        kxx = self.output_kernel(flat, diag=True).reshape(-1, B, n).transpose(0, 1)
+        kernel, Z = KernelState(kernel=self.output_kernel), self.output_Z
+        L = jittered_cholesky(kernel.gram(Z), self.jitter)  # (1, C?, M, M)
+        Kxz, kxx = kernel.cross(x, Z), kernel.diag(x)  # (B, C?, n, M), (B, C?, n)
         loc, var = whitened_conditional(Kxz, kxx, L, u)  # (B, C, n)
         return loc.transpose(-1, -2), var.transpose(-1, -2)
 
@@ -217,15 +208,15 @@ class DifferentialGP(PyroModule):
         state = self.flow.state()
         u_f = self._inducing("flow_inducing", self.dim, self.flow_Z.shape[0])
         u_g = self._inducing("output_inducing", self.num_outputs, self.output_Z.shape[0])
-        lead_f, lead_g = _lead_shape(u_f, 2, "flow_inducing"), _lead_shape(u_g, 2, "output_inducing")
+        lead_f = draw_shape(u_f.shape[:-2], "site 'flow_inducing'")
+        lead_g = draw_shape(u_g.shape[:-2], "site 'output_inducing'")
         lead = torch.broadcast_shapes(state.lead, lead_f, lead_g)
-        B = lead.numel()
         if state.lead not in (torch.Size(), lead):
             raise ValueError(
                 f"flow hyperparameter draws {tuple(state.lead)} do not match the inducing draws {tuple(lead)}"
             )
-        u_f = u_f.reshape(lead_f + u_f.shape[-2:]).expand(lead + u_f.shape[-2:]).reshape(B, *u_f.shape[-2:])
-        u_g = u_g.reshape(lead_g + u_g.shape[-2:]).expand(lead + u_g.shape[-2:]).reshape(B, *u_g.shape[-2:])
+        u_f, u_g = _flatten_draws(u_f, lead_f, lead), _flatten_draws(u_g, lead_g, lead)
+        B = lead.numel()
         field = GPVectorField(state, self.flow_Z, u_f, self.jitter)
         x0 = X.to(self.dtype).unsqueeze(0).expand(B * S, n, self.dim).reshape(B, S * n, self.dim)
         path = integrate_flow(field, x0, self.horizon, self.num_steps, keep_path=keep_path)
