@@ -53,9 +53,12 @@ class GPVectorField(torch.nn.Module):
     def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:math:`\\mu(x)` and :math:`\\sigma^2(x)`, both ``(B, n, D)``, for ``x`` of shape ``(B, n, D)``."""
         A = self.state.cross(x, self.Z) @ self.L_inv_T  # (B, D_k, n, M)
-        mean = (A @ self.u.unsqueeze(-1)).squeeze(-1)  # (B, D, n): D_k = 1 broadcasts over dimensions
-        var = (self.state.diag(x) - torch.linalg.vector_norm(A, dim=-1).square()).clamp_min(0.0)
-        return mean.transpose(-1, -2), var.transpose(-1, -2).expand_as(mean.transpose(-1, -2))
+        var = (self.state.diag(x) - torch.linalg.vector_norm(A, dim=-1).square()).clamp_min(0.0)  # (B, D_k, n)
+        if A.shape[1] == 1:  # one shared kernel: one (n, M) block serves all D outputs
+            mean = A[:, 0] @ self.u.transpose(-1, -2)  # (B, n, D)
+        else:
+            mean = (A @ self.u.unsqueeze(-1)).squeeze(-1).transpose(-1, -2)
+        return mean, var.transpose(-1, -2).expand_as(mean)
 
     def f_and_g(self, t, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # sdeint evaluates the SDE once at (t0, y0) to check shapes and then again in its first step:

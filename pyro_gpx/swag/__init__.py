@@ -5,14 +5,17 @@ from .guide import AutoSWAG
 from .moments import SWAGMoments, diagonal_variance, init_moments, swag_distribution, update_moments
 from .multiswag import MultiSWAG, swag_predict
 from .schedule import swag_learning_rate, swag_scheduler
+from .selection import ScaleSelection, select_scale
 
 __all__ = [
     "AutoSWAG",
     "MultiSWAG",
     "SWAGCollector",
     "SWAGMoments",
+    "ScaleSelection",
     "diagonal_variance",
     "init_moments",
+    "select_scale",
     "swag_distribution",
     "swag_learning_rate",
     "swag_predict",

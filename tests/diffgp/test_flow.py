@@ -5,7 +5,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_gpx.diffgp import FlowKernel, GPVectorField, GridBrownian, integrate_flow, kmeans_inducing
+from pyro_gpx.diffgp import FlowKernel, GPVectorField, GridBrownian, default_flow_kernel, integrate_flow, kmeans_inducing
 
 D, M = 3, 7
 
@@ -53,6 +53,35 @@ def test_moments_match_dense_conditional(float64, bayesian):
     ref_mean, ref_var = _dense_moments(_rbf(ls, os_), x, Z, u)
     torch.testing.assert_close(mean[0], ref_mean, rtol=1e-8, atol=1e-8)
     torch.testing.assert_close(var[0], ref_var, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("bayesian", [False, True])
+def test_shared_kernel_matches_dense_conditional(float64, bayesian):
+    """One kernel for all D outputs (as in Hegde et al.'s public code): one (n, M) block, D means."""
+    torch.manual_seed(2)
+    ls, os_ = torch.rand(D) + 0.5, torch.tensor(0.7)
+    kernel = default_flow_kernel(D, shared=True)
+    kernel.base_kernel.lengthscale = ls
+    kernel.outputscale = os_
+    priors = {"lengthscale_prior": dist.LogNormal(0.0, 1.0)} if bayesian else {}
+    flow = FlowKernel(D, kernel, **priors)
+    assert flow.num_kernels == 1
+    draws = 2
+    if bayesian:
+        import pyro.poutine as poutine
+
+        ls_draws = torch.stack([ls, 1.5 * ls]).reshape(draws, 1, 1, 1, D)  # (draws, plate, plate, D_k, D)
+        state = poutine.condition(flow.state, {"lengthscale": ls_draws})()
+    else:
+        state = flow.state()
+    Z, x, u = torch.randn(M, D), torch.randn(draws, 9, D), torch.randn(draws, D, M)
+    mean, var = GPVectorField(state, Z, u).moments(x)
+    for b in range(draws):
+        scale = 1.5 if (bayesian and b == 1) else 1.0
+        k = _rbf(scale * ls.expand(D, D), os_.expand(D))
+        ref_mean, ref_var = _dense_moments(k, x[b], Z, u[b])
+        torch.testing.assert_close(mean[b], ref_mean, rtol=1e-8, atol=1e-8)
+        torch.testing.assert_close(var[b], ref_var, rtol=1e-6, atol=1e-8)
 
 
 def test_generic_gpytorch_kernel_path(float64):
