@@ -5,7 +5,14 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_gpx.diffgp import FlowKernel, GPVectorField, GridBrownian, default_flow_kernel, integrate_flow, kmeans_inducing
+from pyro_gpx.diffgp import (
+    FlowKernel,
+    GPVectorField,
+    GridBrownian,
+    default_flow_kernel,
+    integrate_flow,
+    kmeans_inducing,
+)
 
 D, M = 3, 7
 
