@@ -23,7 +23,7 @@ import harness  # noqa: E402
 
 from pyro_gpx.datasets import load_uci  # noqa: E402
 from pyro_gpx.metrics import mixture_gaussian_nll, rmse, sample_coverage  # noqa: E402
-from pyro_gpx.swag import SWAGCollector, select_scale, swag_learning_rate, swag_predict  # noqa: E402
+from pyro_gpx.swag import MultiSWAG, SWAGCollector, select_scale, swag_learning_rate  # noqa: E402
 
 GAL = ["bostonHousing", "concrete", "energy", "naval-propulsion-plant", "power-plant", "wine-quality-red", "yacht"]
 LARGE = ["elevators", "protein"]
@@ -114,10 +114,7 @@ def _swag_samples(members, X, num, diag_only, scale, seed):
         mean, var = module(X)
         return torch.stack([mean, var])
 
-    per_model = num // len(members)
-    out = torch.cat([swag_predict(m, predict, per_model, scale=scale, diag_only=diag_only,
-                                  generator=torch.Generator().manual_seed(seed + k))
-                     for k, m in enumerate(members)])  # fmt: skip
+    out = MultiSWAG(members).predict(predict, num // len(members), scale, diag_only, seed=seed)
     return out[:, 0], out[:, 1]
 
 

@@ -15,13 +15,16 @@ The guide's density is therefore the path ratio, and ``Trace_ELBO`` optimises th
 ELBO :math:`\mathbb{E}[\log\rho(z_K) - L] \le \log Z` exactly, by reparameterised gradients through
 the simulated path (PIS/DDS training).
 
-The process runs in a learned affine frame, :math:`z = m + s\odot y` (``loc`` :math:`m` starts at
-the ``init_loc_fn`` point, ``scale`` :math:`s` at ``init_scale``): the SDE carries :math:`y`, the
-drift sees the score :math:`s\odot\nabla\log\rho(z)`, and the path density gains
-:math:`-\sum_d\log s_d`. Adapting :math:`m, s` is a cheap diagonal preconditioner: a target whose
-posterior is far from the origin or badly scaled (a funnel's neck variable, a regression's
-coefficients) no longer has to be reached by the drift network alone. Batched losses and the evidence estimate live in
-:mod:`~pyro_gpx.diffusion.losses`.
+The process runs in a learned affine frame, :math:`z = m + S y` (``loc`` :math:`m` starts at
+the ``init_loc_fn`` point, :math:`S` at ``init_scale`` times the identity): the SDE carries :math:`y`,
+the drift sees the score :math:`S^\top\nabla\log\rho(z)`, and the path density gains
+:math:`-\log|\det S|`. :math:`S` is diagonal (``affine="diagonal"``, ``scale`` :math:`s`) or lower
+triangular with a positive diagonal (``affine="full"``, ``scale_tril`` :math:`L`). Adapting the frame is
+a cheap preconditioner: a target whose posterior is far from the origin, badly scaled (a funnel's neck
+variable) or strongly correlated (a regression's coefficients) no longer has to be reached by the
+drift network alone; with a zero drift the DDS guide is exactly the Gaussian :math:`N(m, \sigma^2 SS^\top)`,
+so ``affine="full"`` contains ``AutoMultivariateNormal``'s family and the drift learns what is not
+Gaussian. Batched losses and the evidence estimate live in :mod:`~pyro_gpx.diffusion.losses`.
 """
 
 from __future__ import annotations
@@ -65,8 +68,10 @@ class AutoDiffusion(AutoContinuous):
         it off inside an ``AutoGuideList``: there the guide sees a blocked model, whose score would
         miss the other guides' sites.
     :param beta_min, beta_max: DDS noise schedule.
-    :param learn_affine: learn the affine frame :math:`z = m + s\\odot y` (else it stays at its
-        initial value); :param init_scale: initial :math:`s`.
+    :param affine: the learned frame :math:`z = m + S y`: ``"diagonal"`` (:math:`D` scales),
+        ``"full"`` (lower-triangular :math:`S`, :math:`D(D+1)/2` parameters, for correlated
+        posteriors) or ``"fixed"`` (:math:`m, S` keep their initial values);
+        :param init_scale: initial :math:`S = \\text{init\\_scale}\\cdot I`.
     :param vectorized: whether the model runs batched under a plate over paths; ``None`` probes it
         (batched against row-by-row evaluation), which a model with internal randomness (e.g. the
         simulated flow of :class:`~pyro_gpx.diffgp.DifferentialGP`) cannot pass: say ``True`` for it.
@@ -98,14 +103,16 @@ class AutoDiffusion(AutoContinuous):
         beta_min: float = 0.1,
         beta_max: float = 20.0,
         init_loc_fn=init_to_median,
-        learn_affine: bool = True,
+        affine: str = "diagonal",
         init_scale: float = 1.0,
         vectorized: bool | None = None,
         drift_clip: float | None = None,
     ):
         if init_scale <= 0:
             raise ValueError(f"init_scale must be positive, got {init_scale}")
-        self._learn_affine, self._init_scale = learn_affine, float(init_scale)
+        if affine not in ("fixed", "diagonal", "full"):
+            raise ValueError(f"affine must be 'fixed', 'diagonal' or 'full', got {affine!r}")
+        self.affine, self._init_scale = affine, float(init_scale)
         self.process = make_process(process, num_steps, sigma, horizon, beta_min, beta_max)
         self._net_config = {"hidden": hidden, "depth": depth, "use_score": use_score, "drift_clip": drift_clip}
         super().__init__(model, init_loc_fn=init_loc_fn)
@@ -126,22 +133,33 @@ class AutoDiffusion(AutoContinuous):
         self.drift = drift
         loc = self._init_loc().detach()
         scale = torch.full_like(loc, self._init_scale)
-        if self._learn_affine:
+        if self.affine == "fixed":
+            self.register_buffer("loc", loc)
+            self.register_buffer("scale", scale)
+        elif self.affine == "diagonal":
             self.loc = PyroParam(loc)
             self.scale = PyroParam(scale, constraint=constraints.softplus_positive)
         else:
-            self.register_buffer("loc", loc)
-            self.register_buffer("scale", scale)
+            self.loc = PyroParam(loc)
+            self.scale_tril = PyroParam(torch.diag(scale), constraint=constraints.softplus_lower_cholesky)
         self._target_info = {} if self._vectorized is None else {"vectorized": self._vectorized}
 
     def latent_from_state(self, y: torch.Tensor) -> torch.Tensor:
-        """:math:`z = m + s\\odot y`."""
+        """:math:`z = m + S y` (for the rows of ``y``)."""
+        if self.affine == "full":
+            return self.loc + y @ self.scale_tril.T
         return self.loc + self.scale * y
 
+    def frame_log_det(self) -> torch.Tensor:
+        """:math:`\\log|\\det S|`."""
+        scale = self.scale_tril.diagonal() if self.affine == "full" else self.scale
+        return scale.log().sum()
+
     def state_score(self, target: UnconstrainedTarget, y: torch.Tensor) -> torch.Tensor:
-        """The score in the process frame, :math:`s\\odot\\nabla\\log\\rho(m + s\\odot y)` (the target
-        score is detached; the scale factor is not)."""
-        return self.scale * self._score(target, self.latent_from_state(y))
+        """The score in the process frame, :math:`S^\\top\\nabla\\log\\rho(m + S y)` (the target
+        score is detached; the frame is not)."""
+        score = self._score(target, self.latent_from_state(y))
+        return score @ self.scale_tril if self.affine == "full" else self.scale * score
 
     def target(self, *args, **kwargs) -> UnconstrainedTarget:
         """The model's batched unconstrained log density for these arguments (plate nesting and
@@ -180,7 +198,7 @@ class AutoDiffusion(AutoContinuous):
             y = y_next
             if keep_path:
                 states.append(y)
-        out = PathSample(z=self.latent_from_state(y), log_path=log_path - self.scale.log().sum())
+        out = PathSample(z=self.latent_from_state(y), log_path=log_path - self.frame_log_det())
         if keep_path:
             out["states"] = torch.stack(states, 1)
             out["eps"] = eps

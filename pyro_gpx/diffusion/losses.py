@@ -89,7 +89,7 @@ class LogVarianceLoss(_BatchedPathLoss):
         states, process = path.states, guide.process
         target = guide.target(*args, **kwargs)
         times = process.times()
-        log_path = process.initial_log_density(states[:, 0]) - guide.scale.log().sum()
+        log_path = process.initial_log_density(states[:, 0]) - guide.frame_log_det()
         for k in range(process.num_steps):
             y, y_next = states[:, k], states[:, k + 1]
             score = guide.state_score(target, y) if guide.drift.use_score else None

@@ -59,12 +59,21 @@ class MultiSWAG:
         predict: Callable[[torch.nn.Module], torch.Tensor],
         samples_per_model: int = 10,
         scale: float = 0.5,
+        diag_only: bool = False,
         bn_loaders: Sequence | None = None,
         generator: torch.Generator | None = None,
+        seed: int | None = None,
     ) -> torch.Tensor:
-        """``(len(collectors) * samples_per_model, ...)`` predictions, each run's module in turn."""
-        loaders = bn_loaders if bn_loaders is not None else [None] * len(self.collectors)
+        """``(len(collectors) * samples_per_model, ...)`` predictions, each run's module in turn.
+
+        :param seed: if given, run ``i`` draws from its own generator seeded ``seed + i`` (so calls that
+            differ only in ``scale`` use common random numbers); otherwise all runs share ``generator``.
+        """
+        loaders = list(bn_loaders) if bn_loaders is not None else [None] * len(self.collectors)
+        if len(loaders) != len(self.collectors):
+            raise ValueError(f"bn_loaders has {len(loaders)} entries for {len(self.collectors)} SWAG runs")
         return torch.cat([
-            swag_predict(c, predict, samples_per_model, scale=scale, bn_loader=loader, generator=generator)
-            for c, loader in zip(self.collectors, loaders)
+            swag_predict(c, predict, samples_per_model, scale=scale, diag_only=diag_only, bn_loader=loader,
+                         generator=generator if seed is None else torch.Generator().manual_seed(seed + i))
+            for i, (c, loader) in enumerate(zip(self.collectors, loaders))
         ])  # fmt: skip

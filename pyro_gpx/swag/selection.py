@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .collector import SWAGCollector
-from .multiswag import swag_predict
+from .multiswag import MultiSWAG
 
 __all__ = ["ScaleSelection", "select_scale"]
 
@@ -77,16 +77,10 @@ def select_scale(
     per_model = num_samples // len(group)
     if per_model < 1:
         raise ValueError(f"num_samples ({num_samples}) must be at least the number of collectors ({len(group)})")
-    loaders = list(bn_loaders) if bn_loaders is not None else [None] * len(group)
-    if len(loaders) != len(group):
-        raise ValueError(f"bn_loaders has {len(loaders)} entries for {len(group)} collectors")
+    ensemble = MultiSWAG(group)
     losses: dict[float, float] = {}
     for scale in scales:
-        outputs = torch.cat([
-            swag_predict(c, predict, per_model, scale=scale, diag_only=diag_only, bn_loader=loader,
-                         generator=torch.Generator().manual_seed(seed + i))
-            for i, (c, loader) in enumerate(zip(group, loaders))
-        ])  # fmt: skip
+        outputs = ensemble.predict(predict, per_model, scale, diag_only, bn_loaders, seed=seed)
         value = float(loss(outputs))
         if not math.isfinite(value):
             raise ValueError(f"the held-out loss at scale {scale} is {value}; check predict and loss")

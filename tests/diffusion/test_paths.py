@@ -19,12 +19,19 @@ def gaussian_model(scale=1.0, dim=3):
     return model
 
 
+def _frame_matrix(guide):
+    """The frame z = loc + S y as a dense S."""
+    if guide.affine == "full":
+        return guide.scale_tril.detach()
+    return torch.diag(guide.scale.detach())
+
+
 def _reference_log_path(guide, path):
-    """L recomputed step by step with torch.distributions, in the frame z = loc + scale * y."""
+    """L recomputed step by step with torch.distributions, in the frame z = loc + S y (S dense)."""
     proc, states = guide.process, path.states
     K = proc.num_steps
-    loc, scale = guide.loc.detach(), guide.scale.detach()
-    total = -scale.log().sum().expand(states.shape[0]).clone()
+    loc, S = guide.loc.detach(), _frame_matrix(guide)
+    total = -torch.linalg.slogdet(S).logabsdet.expand(states.shape[0]).clone()
     if proc.kind == "dds":
         total += Normal(0.0, proc.sigma).log_prob(states[:, 0]).sum(-1)
     times = proc.times()
@@ -33,7 +40,7 @@ def _reference_log_path(guide, path):
             z, z_next = states[:, k], states[:, k + 1]
             score = None
             if guide.drift.use_score:
-                score = scale * UnconstrainedTarget(guide, guide._raw_model[0]).score(loc + scale * z)
+                score = UnconstrainedTarget(guide, guide._raw_model[0]).score(loc + z @ S.T) @ S
             u = guide.drift(z, float(times[k]), score)
             if proc.kind == "pis":
                 total += Normal(z + u * proc.dt, proc.sigma * math.sqrt(proc.dt)).log_prob(z_next).sum(-1)
@@ -48,20 +55,28 @@ def _reference_log_path(guide, path):
     return total
 
 
+FULL_FRAME = torch.tensor([[0.7, 0.0, 0.0], [0.4, 1.5, 0.0], [-0.3, 0.8, 2.0]], dtype=torch.float64)
+
+
 @pytest.mark.parametrize("process", ["pis", "dds"])
 @pytest.mark.parametrize("use_score", [False, True])
-def test_path_log_density_matches_per_step_computation(float64, process, use_score):
+@pytest.mark.parametrize("affine", ["diagonal", "full"])
+def test_path_log_density_matches_per_step_computation(float64, process, use_score, affine):
     model = gaussian_model(scale=1.7)
-    guide = AutoDiffusion(model, process=process, num_steps=6, hidden=8, use_score=use_score, sigma=1.3)
+    guide = AutoDiffusion(model, process=process, num_steps=6, hidden=8, use_score=use_score, sigma=1.3,
+                          affine=affine)  # fmt: skip
     guide()
     for p in guide.drift.parameters():  # a non-zero drift
         torch.nn.init.normal_(p, std=0.3)
     guide.loc = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)  # a non-trivial affine frame
-    guide.scale = torch.tensor([0.7, 1.5, 2.0], dtype=torch.float64)
+    if affine == "full":
+        guide.scale_tril = FULL_FRAME
+    else:
+        guide.scale = FULL_FRAME.diagonal().clone()
     with torch.no_grad():
         path = guide.sample_paths(5, keep_path=True)
     torch.testing.assert_close(path.log_path, _reference_log_path(guide, path), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(path.z, guide.loc + guide.scale * path.states[:, -1])
+    torch.testing.assert_close(path.z, guide.loc + path.states[:, -1] @ _frame_matrix(guide).T)
     assert path.states[:, 0].abs().sum() == 0 if process == "pis" else path.states[:, 0].std() > 0
 
 
@@ -80,15 +95,33 @@ def test_untrained_sampler_is_exact_for_its_reference_marginal(float64, process,
     assert LogVarianceLoss(64).loss(model, guide) < 1e-20
 
 
-def test_gradients_reach_the_drift(float64):
-    model = gaussian_model(scale=2.0)
-    guide = AutoDiffusion(model, num_steps=5, hidden=8)
+def test_untrained_dds_in_a_full_frame_is_the_gaussian_it_spans(float64):
+    # zero drift: DDS stays at N(0, sigma^2 I) in y, so z = m + L y is exactly N(m, sigma^2 L L^T) and
+    # the path density of every sample is that Gaussian's log density
+    sigma, loc = 1.3, torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    guide = AutoDiffusion(gaussian_model(), process="dds", num_steps=7, hidden=8, sigma=sigma, affine="full")
     guide()
+    guide.loc, guide.scale_tril = loc, FULL_FRAME
+    with torch.no_grad():
+        path = guide.sample_paths(20000)
+    gaussian = dist.MultivariateNormal(loc, scale_tril=sigma * FULL_FRAME)
+    torch.testing.assert_close(path.log_path, gaussian.log_prob(path.z), rtol=1e-10, atol=1e-10)
+    cov = torch.cov(path.z.T)
+    assert (cov - gaussian.covariance_matrix).abs().max() < 0.35  # entries up to 8.0; their MC sd is below 0.08
+    assert "AutoDiffusion.scale_tril" in pyro.get_param_store()
+
+
+@pytest.mark.parametrize("affine", ["diagonal", "full"])
+def test_gradients_reach_the_drift(float64, affine):
+    model = gaussian_model(scale=2.0)
+    guide = AutoDiffusion(model, num_steps=5, hidden=8, affine=affine)
+    guide()
+    frame = "AutoDiffusion.scale_tril" if affine == "full" else "AutoDiffusion.scale"
     for loss in (PathELBO(16), LogVarianceLoss(16)):
         guide.drift.zero_grad()
         loss.loss_and_grads(model, guide)
         grads = [p.grad for p in guide.drift.out.parameters()]
-        grads += [pyro.param("AutoDiffusion.loc").grad, pyro.param("AutoDiffusion.scale").unconstrained().grad]
+        grads += [pyro.param("AutoDiffusion.loc").grad, pyro.param(frame).unconstrained().grad]
         assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
@@ -110,6 +143,8 @@ def test_bad_input():
         make_process("pis", 0)
     with pytest.raises(ValueError, match="process must be"):
         make_process("ddpm", 4)
+    with pytest.raises(ValueError, match="affine must be"):
+        AutoDiffusion(gaussian_model(), affine="dense")
 
     def discrete():
         pyro.sample("k", dist.Bernoulli(0.3))

@@ -102,6 +102,13 @@ def test_predict_restores_weights_and_multiswag_stacks_runs():
     for a, b in zip(before, runs[0].module.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert MultiSWAG(runs).predict(lambda m: m(X), samples_per_model=3).shape == (6, 128, 1)
+    # seed: run i draws from its own generator seeded seed + i, so scales share their draws
+    seeded = MultiSWAG(runs).predict(lambda m: m(X), 3, scale=0.25, diag_only=True, seed=7)
+    by_run = [swag_predict(r, lambda m: m(X), 3, scale=0.25, diag_only=True,
+                           generator=torch.Generator().manual_seed(7 + i)) for i, r in enumerate(runs)]  # fmt: skip
+    torch.testing.assert_close(seeded, torch.cat(by_run), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="bn_loaders has 1 entries for 2 SWAG runs"):
+        MultiSWAG(runs).predict(lambda m: m(X), bn_loaders=[None])
 
 
 def test_learning_rate_schedule_and_swalr_interop():
