@@ -165,7 +165,8 @@ def run_split(split, classes, cfg, args) -> list[tuple[str, str, dict]]:
     pred = _summaries(gaussian, mcmc.get_samples(), split, classes, args.num_samples, None)
     results.append(("last-layer NUTS", "peer", dict(_metrics(pred, split, classes), train_seconds=seconds)))
 
-    guide = AutoDiffusion(implicit, process="pis", num_steps=cfg["steps"], hidden=64, init_scale=0.1, use_score=False)
+    guide = AutoDiffusion(implicit, process="pis", num_steps=cfg["steps"], hidden=64, init_scale=0.1, use_score=False,
+                          affine=args.affine)  # fmt: skip
     seconds = map_seconds + _svi(implicit, guide, PathELBO(num_paths=cfg["paths"]), X, y, cfg, args.seed)
     pred = _summaries(implicit, guide, split, classes, args.num_samples, (X, y))
     results.append(("implicit BLL (diffusion)", "ours", dict(_metrics(pred, split, classes), train_seconds=seconds)))
@@ -222,6 +223,8 @@ def main(argv=None):
         parser.add_argument("--outliers", type=float, default=0.0, help="fraction of training targets replaced")
         parser.add_argument("--num-samples", type=int, default=300, help="posterior draws for prediction")
         parser.add_argument("--nuts-samples", type=int, default=200, help="NUTS draws (and warm-up steps)")
+        parser.add_argument("--affine", default="diagonal", choices=["diagonal", "full"],
+                            help="the implicit BLL's diffusion-guide frame")  # fmt: skip
 
     args = harness.parse_args(__doc__.splitlines()[0], default_datasets=GAL + ["digits"],
                               default_splits=[0, 1, 2, 3, 4], quick_datasets=["yacht", "digits"], quick_splits=[0],

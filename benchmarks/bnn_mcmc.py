@@ -133,6 +133,7 @@ def main(argv=None):
         parser.add_argument("--max-train", type=int, default=500)
         parser.add_argument("--processes", type=int, default=2)
         parser.add_argument("--skip-hmc", action="store_true", help="NUTS only (HMC runs at width 256, depth 1)")
+        parser.add_argument("--methods", default=None, help="comma-separated subset, e.g. 'repriorised HMC'")
         parser.add_argument("--max-hidden-weights", type=int, default=300_000,
                             help="skip configurations with more hidden weights (2 x 1024: a million)")  # fmt: skip
 
@@ -161,6 +162,8 @@ def main(argv=None):
                     methods = ["NUTS", "repriorised NUTS"]
                     if width == 256 and depth == 1 and not args.skip_hmc:
                         methods += ["HMC", "repriorised HMC"]
+                    if args.methods:
+                        methods = [m for m in methods if m in args.methods.split(",")]
                     for method in methods:
                         pyro.set_rng_seed(args.seed)
                         out = run_config(split, dataset, depth, width, method, args)

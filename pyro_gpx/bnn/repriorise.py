@@ -30,6 +30,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pyro
@@ -109,6 +110,8 @@ class RepriorisedReadout(Reparam):
         self.training_data: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def set_training_data(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        if not (torch.isfinite(X).all() and torch.isfinite(y).all()):
+            raise ValueError("the training data X, y contain NaN or inf")
         self.training_data = (X, y)
 
     def _training_data(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,6 +153,13 @@ class RepriorisedReadout(Reparam):
         whitened = pyro.sample(f"{name}_whitened", dist.Normal(torch.zeros(D, d_out, dtype=Phi.dtype), 1.0).to_event(2))
         if whitened.dim() != 2:  # inside a plate over draws (vectorised Predictive)
             raise NotImplementedError("repriorisation of batched (vectorised) readouts is not supported")
+        if not (torch.isfinite(Phi).all() and torch.isfinite(torch.as_tensor(noise)).all()):
+            # this point's hidden weights (or noise) overflow the features, e.g. an unstable leapfrog
+            # trajectory during warm-up: zero density, which HMC/NUTS reject as they reject any NaN energy
+            # (the training data are checked finite, so this is never bad input)
+            theta = torch.zeros(d_out, D, dtype=Phi.dtype)
+            new_fn = dist.Delta(theta, event_dim=2, log_density=torch.tensor(-math.inf, dtype=Phi.dtype))
+            return {"fn": new_fn, "value": theta, "is_observed": True}
         theta_scaled, logdet = readout_map(Phi * s, Y, noise, whitened)
         theta = (theta_scaled * s[:, None]).T
         logdet = logdet + d_out * s.log().sum()

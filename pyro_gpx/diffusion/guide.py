@@ -244,6 +244,21 @@ class AutoDiffusion(AutoContinuous):
         return path
 
     @torch.no_grad()
+    def explore_paths(self, num_paths: int, *args, noise_scale: float = 1.0, **kwargs) -> torch.Tensor:
+        """States ``(num_paths, K+1, D)`` of paths driven by the current (detached) drift with every
+        Gaussian increment multiplied by ``noise_scale``: a wider, off-policy path distribution for the
+        log-variance loss, which may be evaluated on any paths (Richter and Berner, ICLR 2024)."""
+        if num_paths < 1:
+            raise ValueError(f"num_paths must be >= 1, got {num_paths}")
+        if not noise_scale > 0:
+            raise ValueError(f"noise_scale must be positive, got {noise_scale}")
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        dtype = next(self.prototype_trace.iter_stochastic_nodes())[1]["value"].dtype
+        eps = noise_scale * torch.randn((num_paths,) + self._noise_shape(), dtype=dtype)
+        return self._simulate(eps, args, kwargs, keep_path=True).states
+
+    @torch.no_grad()
     def log_normalizer(self, num_paths: int = 1000, *args, batch_size: int = 1000, **kwargs) -> dict:
         """Importance-sampling estimate of :math:`\\log Z` with its standard error, and the ELBO.
 

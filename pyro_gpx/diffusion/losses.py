@@ -18,6 +18,7 @@ References:
 
 [1] L. Richter, A. Boustati, N. Nüsken, F. Ruiz, Ö. Akyildiz. VarGrad: a low-variance gradient
     estimator for variational inference. NeurIPS 2020.
+[2] L. Richter, J. Berner. Improved sampling via learned diffusions. ICLR 2024.
 """
 
 from __future__ import annotations
@@ -78,15 +79,25 @@ class PathELBO(_BatchedPathLoss):
 
 
 class LogVarianceLoss(_BatchedPathLoss):
-    """Variance of the log weights along paths simulated with the detached current drift."""
+    """Variance of the log weights along paths simulated with the detached current drift.
+
+    :param exploration: the training paths' Gaussian increments are multiplied by this factor (1: on
+        policy). The loss is zero for a perfect sampler whatever paths it is evaluated on, so wider
+        paths are a valid way to make the sampler find mass it does not yet cover [2].
+    """
 
     min_paths = 2  # a variance
 
+    def __init__(self, num_paths: int = 128, exploration: float = 1.0):
+        super().__init__(num_paths)
+        if not exploration > 0:
+            raise ValueError(f"exploration must be positive, got {exploration}")
+        self.exploration = float(exploration)
+
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         guide = _check(guide)
-        with torch.no_grad():
-            path = guide.sample_paths(self.num_paths, *args, keep_path=True, log_target=False, **kwargs)
-        states, process = path.states, guide.process
+        states = guide.explore_paths(self.num_paths, *args, noise_scale=self.exploration, **kwargs)
+        process = guide.process
         target = guide.target(*args, **kwargs)
         times = process.times()
         log_path = process.initial_log_density(states[:, 0]) - guide.frame_log_det()

@@ -97,6 +97,23 @@ def test_predictive_on_new_inputs_maps_back_with_training_data(data):
     torch.testing.assert_close(pred["readout"][3].reshape(1, 7), train_trace.nodes["readout"]["value"])
 
 
+def test_overflowing_proposal_has_zero_density_instead_of_raising(data):
+    # an unstable leapfrog trajectory can carry the hidden weights to where the features overflow; the
+    # repriorised model must then give a non-finite energy (rejected by HMC/NUTS), not raise
+    X, y = data
+    rep = BayesianMLP(3, [5, 4], noise=0.2).repriorised()
+    pyro.set_rng_seed(0)
+    values = {name: site["value"] for name, site in poutine.trace(rep).get_trace(X, y).nodes.items()
+              if site["type"] == "sample" and name.startswith("layers")}  # fmt: skip
+    huge = {name: value * 1e160 for name, value in values.items()}
+    with pyro.validation_enabled(False):  # as Pyro's HMC runs its warm-up
+        trace = poutine.trace(poutine.condition(rep, data=huge)).get_trace(X, y)
+    assert trace.nodes["readout"]["fn"].log_density == -float("inf")
+    assert not torch.isfinite(trace.log_prob_sum())
+    with pytest.raises(ValueError, match="X contains NaN"):
+        poutine.trace(rep).get_trace(torch.where(X > 2, float("nan"), X), y)
+
+
 def test_bad_input(data):
     X, y = data
     with pytest.raises(NotImplementedError, match="Gaussian likelihood"):

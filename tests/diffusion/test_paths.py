@@ -93,6 +93,10 @@ def test_untrained_sampler_is_exact_for_its_reference_marginal(float64, process,
         path = guide.sample_paths(64)
     torch.testing.assert_close(path.log_weight, torch.zeros(64, dtype=torch.float64), rtol=0, atol=1e-10)
     assert LogVarianceLoss(64).loss(model, guide) < 1e-20
+    # the path ratio is exact for any path, so the loss on wider (off-policy) paths is zero too
+    states = guide.explore_paths(64, noise_scale=2.5)
+    assert states[:, -1].std() > 2.0 * sigma * math.sqrt(horizon if process == "pis" else 1.0)
+    assert float(LogVarianceLoss(64, exploration=2.5).differentiable_loss(model, guide)) < 1e-20
 
 
 def test_untrained_dds_in_a_full_frame_is_the_gaussian_it_spans(float64):
@@ -143,6 +147,8 @@ def test_bad_input():
         make_process("pis", 0)
     with pytest.raises(ValueError, match="process must be"):
         make_process("ddpm", 4)
+    with pytest.raises(ValueError, match="exploration must be positive"):
+        LogVarianceLoss(8, exploration=0.0)
     with pytest.raises(ValueError, match="affine must be"):
         AutoDiffusion(gaussian_model(), affine="dense")
 
