@@ -254,7 +254,6 @@ def main(argv=None):
             model, model_args = {"funnel": funnel, "gmm": gmm, "manywell": manywell}[target], ()
         true_log_z = {"funnel": 0.0, "gmm": 0.0, "manywell": MANYWELL_LOG_Z}.get(target)
         reference = reference_samples(target, cfg["eval_paths"], gen)
-        nuts_flat = None
         if target == "logistic":  # a long NUTS run is the reference (1000 draws have ~0.1 sd of Monte Carlo error)
             pyro.set_rng_seed(args.seed + 1)
             out, _, reference = run_nuts(model, model_args, target, None, cfg, cfg["reference_samples"])
@@ -270,7 +269,6 @@ def main(argv=None):
             pyro.clear_param_store()
             if method == "NUTS":
                 out, _, samples = run_nuts(model, model_args, target, target_budget, cfg)
-                nuts_flat = samples
             elif method.startswith(("PIS", "DDS")):
                 process, loss = method.split("-")
                 out, _, samples = run_diffusion(model, model_args, target, process.lower(), loss, target_budget, cfg)
@@ -281,10 +279,9 @@ def main(argv=None):
             if true_log_z is not None and "logz" in out:
                 out["logz_error"] = out["logz"] - true_log_z
                 out["logz_abs_error"] = abs(out["logz_error"])
-            ref = reference if reference is not None else nuts_flat
-            if samples is not None and ref is not None:
-                out["sliced_w2"] = sliced_wasserstein(samples, ref)
-                out["mmd"] = mmd(samples, ref)
+            if samples is not None and reference is not None:
+                out["sliced_w2"] = sliced_wasserstein(samples, reference)
+                out["mmd"] = mmd(samples, reference)
             if target == "gmm" and samples is not None:
                 out["modes_recovered"] = modes_recovered(samples)
             if target == "logistic" and samples is not None:

@@ -225,18 +225,22 @@ class AutoDiffusion(AutoContinuous):
             f"_{name}_latent", dist.Delta(z, log_density=log_density, event_dim=1), infer={"is_auxiliary": True}
         )
 
+    def _path_noise(self, num_paths: int, args, kwargs) -> torch.Tensor:
+        """Standard-normal increments ``(num_paths, K+1, D)`` (the prototype is set up if needed)."""
+        if num_paths < 1:
+            raise ValueError(f"num_paths must be >= 1, got {num_paths}")
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        dtype = next(self.prototype_trace.iter_stochastic_nodes())[1]["value"].dtype
+        return torch.randn((num_paths,) + self._noise_shape(), dtype=dtype)
+
     @pyro_method
     def sample_paths(self, num_paths: int, *args, keep_path: bool = False, log_target: bool = True, **kwargs):
         """Simulate ``num_paths`` paths (batched), with :math:`\\log\\rho(z_K)` and :math:`\\log w`.
 
         Differentiable in the drift's parameters; call inside ``torch.no_grad()`` for evaluation.
         """
-        if num_paths < 1:
-            raise ValueError(f"num_paths must be >= 1, got {num_paths}")
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        dtype = next(self.prototype_trace.iter_stochastic_nodes())[1]["value"].dtype
-        eps = torch.randn((num_paths,) + self._noise_shape(), dtype=dtype)
+        eps = self._path_noise(num_paths, args, kwargs)
         path = self._simulate(eps, args, kwargs, keep_path=keep_path)
         if log_target:
             path["log_target"] = self._log_density(self.target(*args, **kwargs), path.z)
@@ -248,14 +252,9 @@ class AutoDiffusion(AutoContinuous):
         """States ``(num_paths, K+1, D)`` of paths driven by the current (detached) drift with every
         Gaussian increment multiplied by ``noise_scale``: a wider, off-policy path distribution for the
         log-variance loss, which may be evaluated on any paths (Richter and Berner, ICLR 2024)."""
-        if num_paths < 1:
-            raise ValueError(f"num_paths must be >= 1, got {num_paths}")
         if not noise_scale > 0:
             raise ValueError(f"noise_scale must be positive, got {noise_scale}")
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        dtype = next(self.prototype_trace.iter_stochastic_nodes())[1]["value"].dtype
-        eps = noise_scale * torch.randn((num_paths,) + self._noise_shape(), dtype=dtype)
+        eps = noise_scale * self._path_noise(num_paths, args, kwargs)
         return self._simulate(eps, args, kwargs, keep_path=True).states
 
     @torch.no_grad()
