@@ -48,7 +48,7 @@ class Regressor(torch.nn.Module):
         return 0.5 * (torch.log(2 * math.pi * var) + (y - mean) ** 2 / var).mean()
 
 
-def _config(dataset: str, n: int, quick: bool) -> dict:
+def _config(dataset: str, n: int, quick: bool, swa_lr: float | None = None) -> dict:
     big = n > 5000
     # uci-large sets: half the learning rate and a clipped gradient norm (at lr 1e-2 without clipping,
     # SGD diverged on elevators split 1, and some runs blew up at 5e-3)
@@ -56,6 +56,8 @@ def _config(dataset: str, n: int, quick: bool) -> dict:
     cfg = {"hidden": 100 if dataset == "protein" else 50, "batch": 128 if big else 32,
            "epochs": 60 if big else 200, "lr": 5e-3 if large else 1e-2, "swa_lr": 2e-3, "weight_decay": 1e-4,
            "max_rank": 20, "clip": 5.0 if large else None}  # fmt: skip
+    if swa_lr is not None:
+        cfg["swa_lr"] = swa_lr
     if quick:
         cfg["epochs"] = 20 if big else 60
     cfg["swa_start"] = cfg["epochs"] // 2
@@ -140,7 +142,7 @@ def run_split(dataset: str, split_id: int, args, records: list) -> None:
     val = None
     if args.validation > 0:
         split, val = _holdout(split, args.validation, seed=1000 + split_id)
-    cfg = _config(dataset, split.n_train, args.quick)
+    cfg = _config(dataset, split.n_train, args.quick, args.swa_lr)
     num_samples, ensemble = (10, 3) if args.quick else (30, 5)
     net, swag, timing = train_swag(split, cfg, seed=args.seed)
     overhead = timing["collect_seconds"] / (timing["train_seconds"] - timing["collect_seconds"])
@@ -189,6 +191,7 @@ def main(argv=None):
         help_ = ("hold out this fraction of the training rows to choose the SWAG scale and, for every method, "
                  "a noise-variance multiplier (default 0: scale 0.5, learned noise)")  # fmt: skip
         parser.add_argument("--validation", type=float, default=0.0, help=help_)
+        parser.add_argument("--swa-lr", type=float, default=None, help="constant SWA learning rate (default 2e-3)")
 
     args = harness.parse_args(__doc__.splitlines()[0], default_datasets=GAL + LARGE, default_splits=[0, 1, 2, 3, 4],
                               quick_datasets=["yacht", "concrete"], quick_splits=[0], argv=argv,

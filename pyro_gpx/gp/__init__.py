@@ -8,6 +8,7 @@ from .kernel_fn import KernelFn
 from .kernel_ops import block_sparse_kernel_matmul, kernel_diag, kernel_matmul
 from .marginal import OBJECTIVES, ComputationAwareMarginal, exact_log_marginal_likelihood
 from .model import ComputationAwareGP
+from .partition import kd_partition, random_partition
 from .policies import (
     BlockSparsePolicy,
     CGPolicy,
@@ -49,10 +50,12 @@ __all__ = [
     "exact_log_marginal_likelihood",
     "exact_posterior_variance",
     "kernel_diag",
+    "kd_partition",
     "kernel_matmul",
     "partial_cholesky",
     "posterior_moments",
     "project",
+    "random_partition",
     "safe_cholesky",
     "settings",
 ]

@@ -33,6 +33,7 @@ from .actions import Actions, BlockSparseActions, DenseActions, IndexActions
 from .cg import CGResult, conjugate_gradients
 from .kernel_fn import KernelFn
 from .kernel_ops import kernel_matmul
+from .partition import kd_partition, random_partition
 from .preconditioners import build_preconditioner
 
 __all__ = [
@@ -152,32 +153,44 @@ class PseudoInputPolicy(Policy):
 class BlockSparsePolicy(Policy):
     r"""Learned block-sparse actions (CaGP-Opt [2]).
 
-    The training points are split at random (seeded) into ``num_actions`` disjoint blocks of
-    :math:`\lceil n/i \rceil` points; action :math:`j` has learnable entries on block :math:`j` and
-    zeros elsewhere. :math:`K S` then costs one kernel entry per pair of points, memory is O(n),
-    and :math:`S^\top S` is diagonal. The entries are Pyro parameters, trained by SVI together with
-    the hyperparameters.
+    The training points are split into ``num_actions`` disjoint blocks of about :math:`n/i` points;
+    action :math:`j` has learnable entries on block :math:`j` and zeros elsewhere. :math:`K S` then
+    costs one kernel entry per pair of points, memory is O(n), and :math:`S^\top S` is diagonal.
+    The entries are Pyro parameters, trained by SVI together with the hyperparameters.
 
     :param init: ``"targets"`` (the residual :math:`y - \mu` on each block, normalised) or
         ``"random"`` (Gaussian, normalised).
+    :param partition: ``"kd"`` (default: blocks of nearby points, the leaves of a balanced k-d
+        tree in the kernel's scaled inputs :math:`x/\ell` when the kernel is a supported
+        stationary one, see :func:`~pyro_gpx.gp.partition.kd_partition`) or ``"random"`` (a seeded
+        random split). Local blocks act like learned inducing functions; on the UCI benchmark
+        they fit better than random ones at the same cost.
+
+    The partition is made when the policy first sees the data (and again after ``set_data`` with
+    a different number of points), with the kernel's lengthscales at that moment. It is a buffer
+    of the module: save and restore a trained model with ``state_dict`` / ``load_state_dict`` (the
+    Pyro param store alone holds the entries but not which points they act on).
     """
 
-    def __init__(self, num_actions: int, init: str = "targets", seed: int = 0):
+    def __init__(self, num_actions: int, init: str = "targets", partition: str = "kd", seed: int = 0):
         super().__init__()
         if init not in ("targets", "random"):
             raise ValueError(f"init must be 'targets' or 'random', got {init!r}")
-        self.num_actions, self.init, self.seed = num_actions, init, seed
+        if partition not in ("kd", "random"):
+            raise ValueError(f"partition must be 'kd' or 'random', got {partition!r}")
+        self.num_actions, self.init, self.partition, self.seed = num_actions, init, partition, seed
         self._num_data = None
 
-    def _partition(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _partition(self, context: PolicyContext) -> tuple[torch.Tensor, torch.Tensor]:
+        n = context.X.shape[0]
         i = _check_num_actions(self.num_actions, n)
-        block = math.ceil(n / i)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
-        padded = torch.cat([perm, perm[: block * i - n]])
-        mask = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(block * i - n, dtype=torch.bool)])
-        # spread padding over the last blocks: column-major fill keeps block sizes within one
-        index = padded.reshape(block, i).T.contiguous()
-        return index, mask.reshape(block, i).T.contiguous()
+        if self.partition == "random":
+            return random_partition(n, i, self.seed)
+        Z = context.X.detach().double()
+        spec = context.kernel.spec
+        if spec is not None:
+            Z = Z / spec.lengthscale.detach().double()
+        return kd_partition(Z.reshape(n, -1), i)
 
     def _initial_blocks(self, context: PolicyContext, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.init == "targets":
@@ -189,10 +202,21 @@ class BlockSparsePolicy(Policy):
         norms = values.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return (values / norms).to(context.X.dtype)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a policy that has not seen data yet takes its partition (and entries) from the saved state
+        if self._num_data is None and prefix + "index" in state_dict and prefix + "mask" in state_dict:
+            index, mask = state_dict[prefix + "index"], state_dict[prefix + "mask"]
+            self.register_buffer("index", index.clone())
+            self.register_buffer("mask", mask.clone())
+            saved = state_dict.get(prefix + "blocks_unconstrained", state_dict.get(prefix + "blocks"))
+            self.blocks = PyroParam(torch.zeros(index.shape, dtype=saved.dtype if saved is not None else None))
+            self._num_data = int(mask.sum())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def actions(self, context):
         n = context.X.shape[0]
         if self._num_data != n:
-            index, mask = self._partition(n)
+            index, mask = self._partition(context)
             self.register_buffer("index", index)
             self.register_buffer("mask", mask)
             self.blocks = PyroParam(self._initial_blocks(context, index, mask))
