@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from ._validation import check_finite
+
 __all__ = [
     "rmse",
     "gaussian_nll",
@@ -25,8 +27,7 @@ __all__ = [
 def _check(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
     if x.shape[-1:] != y.shape[-1:] or y.dim() != 1:
         raise ValueError(f"{name} has shape {tuple(x.shape)}; expected (..., {y.shape[0]}) matching y of shape (n,)")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or inf")
+    check_finite(name, x)
 
 
 def rmse(mean: torch.Tensor, y: torch.Tensor) -> float:

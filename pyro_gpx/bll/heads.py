@@ -7,6 +7,7 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
+from .._validation import check_finite
 from .positive import register_positive
 
 __all__ = ["GaussianHead", "CategoricalHead"]
@@ -29,8 +30,7 @@ class GaussianHead(PyroModule):
             raise ValueError(f"y must be a vector of {n} regression targets, got shape {tuple(y.shape)}")
         if not y.is_floating_point():
             raise ValueError(f"y must be floating point for a Gaussian head, got {y.dtype}")
-        if not torch.isfinite(y).all():
-            raise ValueError("y contains NaN or inf")
+        check_finite("y", y)
         return y
 
     def observe(self, name: str, f: torch.Tensor, y: torch.Tensor | None, infer: dict | None = None) -> None:

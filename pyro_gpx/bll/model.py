@@ -24,6 +24,7 @@ from pyro.nn import PyroModule
 from pyro.nn.module import to_pyro_module_
 from torch import nn
 
+from .._validation import check_finite
 from .heads import CategoricalHead, GaussianHead
 from .priors import GaussianWeightPrior, ImplicitWeightPrior
 
@@ -86,8 +87,7 @@ class BayesianLastLayer(PyroModule):
         r""":math:`\Phi = [\phi_\psi(X), 1]`, ``(n, D)``."""
         if X.dim() != 2:
             raise ValueError(f"X must be (n, inputs), got shape {tuple(X.shape)}")
-        if not torch.isfinite(X).all():
-            raise ValueError("X contains NaN or inf")
+        check_finite("X", X)
         Phi = X if self.features is None else self.features(X)
         if Phi.dim() != 2 or Phi.shape[-1] != self.feature_dim:
             raise ValueError(f"the features have shape {tuple(Phi.shape)}; expected (n, {self.feature_dim})")

@@ -29,6 +29,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.nn import PyroModule
 
+from .._validation import check_finite
 from .repriorise import RepriorisedReadout
 
 __all__ = ["BayesianMLP", "RepriorisedModel"]
@@ -167,10 +168,9 @@ class BayesianMLP(PyroModule):
         return pyro.sample("noise", self.noise_prior)
 
     def forward(self, X: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if not torch.isfinite(X).all():
-            raise ValueError("X contains NaN or inf")
-        if y is not None and y.is_floating_point() and not torch.isfinite(y).all():
-            raise ValueError("y contains NaN or inf")
+        check_finite("X", X)
+        if y is not None and y.is_floating_point():
+            check_finite("y", y)
         noise = self.noise_variance() if self.likelihood == "gaussian" else None
         # kept for this run: the repriorisation reparam reads the hidden weights and noise from here
         self._current = self.sample_hidden()

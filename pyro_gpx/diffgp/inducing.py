@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .._validation import check_finite
 from ..gp.cholesky import safe_cholesky
 
 __all__ = ["kmeans_inducing", "jittered_cholesky", "whitened_conditional"]
@@ -32,8 +33,7 @@ def kmeans_inducing(X: torch.Tensor, num_inducing: int, *, iters: int = 25, seed
         raise ValueError(f"X must be (n, d), got shape {tuple(X.shape)}")
     if not 1 <= num_inducing <= X.shape[0]:
         raise ValueError(f"num_inducing must be in [1, {X.shape[0]}] (the number of rows of X), got {num_inducing}")
-    if not torch.isfinite(X).all():
-        raise ValueError("X contains NaN or inf")
+    check_finite("X", X)
     gen = torch.Generator().manual_seed(seed)
     X = X.detach()
     centres = X[torch.randperm(X.shape[0], generator=gen)[:num_inducing]].clone()

@@ -42,6 +42,7 @@ import torch
 from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam
 
+from .._validation import check_finite
 from .flow import GPVectorField, integrate_flow
 from .flow_kernel import FlowKernel, KernelState, draw_shape
 from .inducing import jittered_cholesky, kmeans_inducing, whitened_conditional
@@ -125,8 +126,7 @@ class DifferentialGP(PyroModule):
             raise ValueError(
                 f"init_inputs must be an (n, D) tensor, got shape {tuple(getattr(init_inputs, 'shape', ()))}"
             )
-        if not torch.isfinite(init_inputs).all():
-            raise ValueError("init_inputs contains NaN or inf")
+        check_finite("init_inputs", init_inputs)
         if not (isinstance(horizon, (int, float)) and math.isfinite(horizon) and horizon > 0):
             raise ValueError(f"horizon must be a positive number, got {horizon}")
         for name, value in (("num_steps", num_steps), ("num_paths", num_paths)):
@@ -165,14 +165,13 @@ class DifferentialGP(PyroModule):
     def _check_inputs(self, X: torch.Tensor, y: torch.Tensor | None) -> None:
         if X.dim() != 2 or X.shape[1] != self.dim:
             raise ValueError(f"X must be (n, {self.dim}) (the flow's dimension), got shape {tuple(X.shape)}")
-        if not torch.isfinite(X).all():
-            raise ValueError("X contains NaN or inf")
+        check_finite("X", X)
         if y is None:
             return
         if y.shape != X.shape[:1]:
             raise ValueError(f"y must have shape ({X.shape[0]},) to match X, got {tuple(y.shape)}")
-        if self.likelihood == "gaussian" and not torch.isfinite(y).all():
-            raise ValueError("y contains NaN or inf")
+        if self.likelihood == "gaussian":
+            check_finite("y", y)
         if self.likelihood == "bernoulli" and not ((y == 0) | (y == 1)).all():
             raise ValueError("y must hold 0/1 labels for a Bernoulli likelihood")
         if self.likelihood == "categorical" and (

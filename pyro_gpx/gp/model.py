@@ -38,17 +38,13 @@ from pyro.contrib.gp.models.model import GPModel
 from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam, pyro_method
 
+from .._validation import check_finite
 from .kernel_fn import KernelFn
 from .marginal import OBJECTIVES, ComputationAwareMarginal
 from .policies import BlockSparsePolicy, Policy, PolicyContext
 from .posterior import PosteriorMoments, exact_posterior_variance, posterior_moments
 
 __all__ = ["ComputationAwareGP"]
-
-
-def _check_finite(name: str, x: torch.Tensor) -> None:
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or inf")
 
 
 def _has_priors(module: torch.nn.Module) -> bool:
@@ -132,13 +128,13 @@ class ComputationAwareGP(GPModel):
     def set_data(self, X: torch.Tensor, y: torch.Tensor | None = None) -> None:
         if X.dim() != 2:
             raise ValueError(f"X must be (n, d), got shape {tuple(X.shape)}")
-        _check_finite("X", X)
+        check_finite("X", X)
         if y is not None:
             if y.dim() != 1:
                 raise ValueError(f"y must be (n,), got shape {tuple(y.shape)}")
             if y.shape[0] != X.shape[0]:
                 raise ValueError(f"X has {X.shape[0]} rows but y has {y.shape[0]} entries")
-            _check_finite("y", y)
+            check_finite("y", y)
         if "policy" in self._modules:
             self.policy.validate(X.shape[0])
         super().set_data(X, y)
@@ -195,7 +191,7 @@ class ComputationAwareGP(GPModel):
         if self.y is None:
             raise ValueError("the model has no targets y; call set_data(X, y) first")
         self._check_Xnew_shape(Xnew)
-        _check_finite("Xnew", Xnew)
+        check_finite("Xnew", Xnew)
         marginal = self.marginal()
         projection = marginal.project(self.y)
         mean, cov = posterior_moments(projection, marginal.kernel, self.X, Xnew, self._prior_mean(Xnew), full_cov)

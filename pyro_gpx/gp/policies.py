@@ -208,7 +208,7 @@ class BlockSparsePolicy(Policy):
             index, mask = state_dict[prefix + "index"], state_dict[prefix + "mask"]
             self.register_buffer("index", index.clone())
             self.register_buffer("mask", mask.clone())
-            saved = state_dict.get(prefix + "blocks_unconstrained", state_dict.get(prefix + "blocks"))
+            saved = state_dict.get(prefix + "blocks_unconstrained")  # a placeholder of its shape, loaded below
             self.blocks = PyroParam(torch.zeros(index.shape, dtype=saved.dtype if saved is not None else None))
             self._num_data = int(mask.sum())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

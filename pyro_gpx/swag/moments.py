@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import pyro.distributions as dist
 import torch
 
+from .._validation import check_finite
+
 __all__ = ["SWAGMoments", "init_moments", "update_moments", "diagonal_variance", "swag_distribution", "MIN_VARIANCE"]
 
 #: floor on the diagonal variance (parameters that never moved), as in the reference implementation
@@ -72,8 +74,7 @@ def update_moments(moments: SWAGMoments, theta: torch.Tensor) -> SWAGMoments:
     theta = theta.detach().reshape(-1).to(moments.mean.dtype)
     if theta.shape != moments.mean.shape:
         raise ValueError(f"theta has {theta.numel()} entries; these moments track {moments.mean.numel()}")
-    if not torch.isfinite(theta).all():
-        raise ValueError("theta contains NaN or inf")
+    check_finite("theta", theta)
     n = moments.num_snapshots + 1
     mean = moments.mean + (theta - moments.mean) / n
     sq_mean = moments.sq_mean + (theta**2 - moments.sq_mean) / n
