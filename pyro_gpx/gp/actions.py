@@ -17,6 +17,7 @@ import torch
 
 from .kernel_fn import KernelFn
 from .kernel_ops import block_sparse_kernel_matmul, kernel_matmul
+from .symmetric import training_block_matmul
 
 __all__ = ["Actions", "IndexActions", "DenseActions", "BlockSparseActions"]
 
@@ -131,6 +132,8 @@ class BlockSparseActions(Actions):
         return self.blocks.dtype
 
     def kernel_product(self, kernel, X_new, X):
+        if X_new is X and kernel.spec is not None:  # training: K(X, X) is symmetric
+            return training_block_matmul(kernel.spec, X, self.index, self.mask, self.blocks)
         return block_sparse_kernel_matmul(kernel, X_new, X[self.index], self.blocks)
 
     def t_matmul(self, v):

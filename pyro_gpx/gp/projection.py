@@ -37,6 +37,21 @@ def _sym(A: torch.Tensor) -> torch.Tensor:
     return 0.5 * (A + A.transpose(-1, -2))
 
 
+class _Gram(torch.autograd.Function):
+    """:math:`A^\top A` with a one-GEMM backward, :math:`A (\bar G + \bar G^\top)` (autograd's
+    product rule takes two)."""
+
+    @staticmethod
+    def forward(ctx, A):
+        ctx.save_for_backward(A)
+        return A.T @ A
+
+    @staticmethod
+    def backward(ctx, grad):
+        (A,) = ctx.saved_tensors
+        return A @ (grad + grad.T)
+
+
 @dataclass
 class ActionProjection:
     """The data seen through the actions (see the module docstring).
@@ -94,7 +109,7 @@ class ActionProjection:
         KS = self.KS.double()
         r = self.residual.double()
         fit = r - KS @ self.weights
-        KSKS = KS.T @ KS
+        KSKS = _Gram.apply(KS)
         trace_reduction = torch.trace(self.solve_G(_sym(KSKS)))
         expected = -0.5 * (
             n * torch.log(2 * math.pi * noise) + (fit @ fit + diag_K.double().sum() - trace_reduction) / noise

@@ -142,14 +142,50 @@ def _exp_(t: torch.Tensor) -> torch.Tensor:
     return t.exp_()
 
 
-def _chunk_profile(family, Z1c, Z2, half_sq1c, half_sq2, derivative):
-    """kappa (and kappa') on a chunk, computed in place from one GEMM: -rho/2 = z1.z2 - |z1|^2/2 - |z2|^2/2."""
-    A = torch.addmm(half_sq2[None, :], Z1c, Z2.T, beta=-1.0)
+class _Workspace:
+    """Tile buffers reused across the chunks of one pass. A fresh multi-MB tensor per chunk is
+    handed back to the OS when freed and page-faults in again on the next chunk; on CPU that cost
+    more than the arithmetic."""
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        size = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < size:
+            buffer = self._buffers[name] = like.new_empty(size)
+        return buffer[:size].view(shape)
+
+
+def _chunk_profile(family, Z1c, Z2, half_sq1c, half_sq2, derivative, work: _Workspace | None = None):
+    """kappa (and kappa') on a chunk, computed in place from one GEMM: -rho/2 = z1.z2 - |z1|^2/2 - |z2|^2/2.
+
+    With ``work``, the results live in its buffers until the next call."""
+    work = work or _Workspace()
+    A = torch.addmm(half_sq2[None, :], Z1c, Z2.T, beta=-1.0, out=work("A", (Z1c.shape[0], Z2.shape[0]), Z1c))
     A.sub_(half_sq1c[:, None]).clamp_max_(0.0)
     if family == "rbf":
         k = _exp_(A)
         return (k, None) if derivative else k  # kappa' = -kappa / 2, applied by the caller
+    if family in _MATERN_ROOT:
+        return _matern_inplace(family, A, derivative, work)
     return _profile(family, A.mul_(-2.0), derivative)
+
+
+_MATERN_ROOT = {"matern32": 6.0, "matern52": 10.0}  # t = sqrt(nu') r = sqrt(-c A) with A = -rho/2
+
+
+def _matern_inplace(family, A, derivative, work):
+    """Matern-3/2 / 5/2 kappa (and kappa') from A = -rho/2 in few in-place passes (same values as
+    :func:`_profile`); ``A`` is overwritten."""
+    t = A.mul_(-_MATERN_ROOT[family]).sqrt_()
+    e = _exp_(torch.neg(t, out=work("e", A.shape, A)))
+    if family == "matern32":  # kappa = (1 + t) e, kappa' = -3/2 e
+        k = t.add_(1.0).mul_(e)
+        return (k, e.mul_(-1.5)) if derivative else k
+    k = torch.mul(t, t, out=work("t2", A.shape, A)).mul_(1.0 / 3.0).add_(t).add_(1.0).mul_(e)  # (1 + t + t^2/3) e
+    return (k, t.add_(1.0).mul_(e).mul_(-5.0 / 6.0)) if derivative else k  # kappa' = -5/6 (1 + t) e
 
 
 def _half_sq(Z):
@@ -160,9 +196,10 @@ def _forward(Z1, Z2, weights, s2, family, chunk, combine, width):
     """Row chunks of s^2 * combine(kappa chunk, weights)."""
     out = torch.empty(Z1.shape[0], width, dtype=Z1.dtype)
     h1, h2 = _half_sq(Z1), _half_sq(Z2)
+    work = _Workspace()
     for start in range(0, Z1.shape[0], chunk):
         rows = slice(start, start + chunk)
-        out[rows] = combine(_chunk_profile(family, Z1[rows], Z2, h1[rows], h2, False), weights)
+        out[rows] = combine(_chunk_profile(family, Z1[rows], Z2, h1[rows], h2, False, work), weights)
     return out.mul_(s2)
 
 
@@ -173,9 +210,10 @@ def _backward(Z1, Z2, weights, s2, family, chunk, G, chunk_grads):
     gZ1, gZ2 = torch.zeros_like(Z1), torch.zeros_like(Z2)
     g_weights, gs = torch.zeros_like(weights), torch.zeros((), dtype=Z1.dtype)
     h1, h2 = _half_sq(Z1), _half_sq(Z2)
+    work = _Workspace()
     for start in range(0, Z1.shape[0], chunk):
         rows = slice(start, start + chunk)
-        k, dk = _chunk_profile(family, Z1[rows], Z2, h1[rows], h2, True)
+        k, dk = _chunk_profile(family, Z1[rows], Z2, h1[rows], h2, True, work)
         M, gs_chunk = chunk_grads(k, dk, G[rows], weights, s2, g_weights)
         gs += gs_chunk
         gZ1[rows] = 2 * (M.sum(1, keepdim=True) * Z1[rows] - M @ Z2)

@@ -5,8 +5,10 @@ import pyro.contrib.gp as contrib_gp
 import pytest
 import torch
 
-from pyro_gpx.gp import KernelFn, settings
+from pyro_gpx.gp import KernelFn, kd_partition, settings
+from pyro_gpx.gp.actions import BlockSparseActions
 from pyro_gpx.gp.stationary import stationary_block_matmul, stationary_matmul, stationary_spec
+from pyro_gpx.gp.symmetric import training_block_matmul
 
 FAMILIES = {
     "rbf": lambda d: gpytorch.kernels.RBFKernel(ard_num_dims=d),
@@ -64,3 +66,38 @@ def test_specs_of_supported_and_unsupported_kernels(float64):
     kfn = KernelFn(kernel)
     assert kfn.spec is None
     torch.testing.assert_close(kfn(X, X), kernel(X, X).to_dense())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("tile", [5, 12, 1000])  # several tiles (off-diagonal ones included), or one
+def test_symmetric_training_product_matches_row_chunked(float64, family, tile):
+    gen = torch.Generator().manual_seed(1)
+    X = torch.rand(29, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    index, mask = kd_partition(X.detach(), 6)  # 6 blocks of 4-5 points: padding on the short ones
+    blocks = torch.randn(index.shape, generator=gen, dtype=torch.float64).mul(mask).requires_grad_()
+    kernel = _kernel(family)
+    params = [kernel.raw_outputscale, kernel.base_kernel.raw_lengthscale, X, blocks]
+    weight = torch.randn(29, 6, generator=gen, dtype=torch.float64)
+    ref = stationary_block_matmul(stationary_spec(kernel), X, X[index].reshape(-1, 3), blocks)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), params)
+    with settings.chunk_size(tile):
+        out = training_block_matmul(stationary_spec(kernel), X, index, mask, blocks)
+    grads = torch.autograd.grad((out * weight).sum(), params)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grads[-1].mul_(mask), ref_grads[-1].mul_(mask)  # padding entries are masked out of the actions
+    # Matern-1/2: kappa'(rho) ~ 1/sqrt(rho) at the self-distances, which both products round differently
+    rtol = 1e-6 if family == "matern12" else 1e-9
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=1e-11)
+
+
+def test_symmetric_training_product_is_used_for_training_and_matches_dense(float64):
+    gen = torch.Generator().manual_seed(2)
+    X = torch.rand(40, 3, generator=gen, dtype=torch.float64)
+    index, mask = kd_partition(X, 7)
+    blocks = torch.randn(index.shape, generator=gen, dtype=torch.float64)
+    actions = BlockSparseActions(index, blocks, mask, 40)
+    kernel = _kernel("matern32")
+    with settings.chunk_size(9):
+        KS = actions.kernel_product(KernelFn(kernel), X, X)
+    torch.testing.assert_close(KS, kernel(X, X).to_dense() @ actions.dense(), rtol=1e-12, atol=1e-12)
