@@ -203,6 +203,9 @@ def run_autoguide(model, args, target, cls, budget, cfg):
 
 
 def run_nuts(model, args, target, budget, cfg, num_samples=None):
+    """NUTS with a fixed number of draws (``cfg["nuts_samples"]`` after as many warm-up steps), not
+    ``budget``: a truncated chain is not a fair reference. Its wall time is reported instead."""
+    del budget  # same signature as the SVI runners
     kwargs = {"init_strategy": _init(target)} if _init(target) is not None else {}
     mcmc = MCMC(NUTS(model, **kwargs), num_samples=num_samples or cfg["nuts_samples"],
                 warmup_steps=cfg["nuts_samples"], disable_progbar=True)  # fmt: skip

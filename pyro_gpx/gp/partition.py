@@ -31,6 +31,8 @@ import math
 
 import torch
 
+from .._validation import check_finite
+
 __all__ = ["random_partition", "kd_partition"]
 
 
@@ -62,8 +64,7 @@ def kd_partition(Z: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.
     of leaves on either side (every block gets the floor or the ceiling of ``n / num_blocks``)."""
     if Z.dim() != 2:
         raise ValueError(f"Z must be (n, d), got shape {tuple(Z.shape)}")
-    if not torch.isfinite(Z).all():
-        raise ValueError("Z has non-finite entries")
+    check_finite("Z", Z)
     _check(Z.shape[0], num_blocks)
     Z = Z.detach()
     blocks: list[torch.Tensor] = []

@@ -70,7 +70,7 @@ def test_bad_partition_arguments_raise():
         BlockSparsePolicy(4, partition="voronoi")
     with pytest.raises(ValueError, match="num_blocks"):
         kd_partition(torch.randn(5, 2), 6)
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match="Z contains NaN or inf"):
         kd_partition(torch.tensor([[0.0], [float("nan")]]), 1)
 
 
