@@ -46,6 +46,8 @@ METRICS = {
     "ess_proj_per_grad_min": ("min ESS / grad (predictions)", False, "{:.2e}"),
     "ess_per_second_min": ("min ESS / s", False, "{:.3g}"),
     "rhat_max": ("max R-hat", True, "{:.3f}"),
+    "rhat_weights_max": ("max R-hat (weights)", True, "{:.3f}"),
+    "rhat_proj_max": ("max R-hat (predictions)", True, "{:.3f}"),
     "train_seconds": ("train s", True, "{:.1f}"),
     "seconds_per_step": ("s / step", True, "{:.4f}"),
     "seconds_per_epoch": ("s / epoch", True, "{:.3f}"),
