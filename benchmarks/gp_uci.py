@@ -43,6 +43,7 @@ from pyro_gpx.svi import _BAD_LOSS, _numerical_failure  # noqa: E402
 
 DTYPE = torch.float32
 WARM_FRACTION = 0.6
+RESTART_AFTER = 5
 
 
 def make_kernel(dim: int) -> gpytorch.kernels.Kernel:
@@ -69,12 +70,16 @@ class _OutOfTime(Exception):
     pass
 
 
-def _train(step, budget: float, max_steps: int, tol: float = 0.0) -> tuple[int, float, float]:
+def _train(
+    step, budget: float, max_steps: int, tol: float = 0.0, restart_on_stall: bool = True
+) -> tuple[int, float, float]:
     """Run ``step(deadline)`` until the budget is spent (or the loss stops changing by more than
-    ``tol``, relative); returns steps, seconds and the last loss."""
+    ``tol``, relative); returns steps, seconds and the last loss. With ``restart_on_stall``, a step
+    with a ``restart`` method (L-BFGS) that stalls is restarted once with a clear memory before
+    training stops."""
     start = time.perf_counter()
     deadline = start + budget
-    steps, loss, previous = 0, math.nan, math.inf
+    steps, loss, previous, restarted = 0, math.nan, math.inf, False
     while steps < max_steps and time.perf_counter() < deadline:
         try:
             value = float(step(deadline))
@@ -85,7 +90,12 @@ def _train(step, budget: float, max_steps: int, tol: float = 0.0) -> tuple[int, 
         loss = value
         steps += 1
         if tol and abs(previous - loss) <= tol * max(1.0, abs(loss)):
-            break
+            if restarted or not restart_on_stall or not hasattr(step, "restart"):
+                break
+            step.restart()
+            restarted = True
+        else:
+            restarted = False
         previous = loss
     return steps, time.perf_counter() - start, loss
 
@@ -95,8 +105,14 @@ def _plain(step):
     return lambda deadline: step()
 
 
-def _lbfgs_step(params, loss_fn, max_eval: int = 5):
+def _lbfgs_step(params, loss_fn, max_eval: int = 5, restart_after: int = RESTART_AFTER):
     """One L-BFGS iteration (strong-Wolfe line search, at most ``max_eval`` loss evaluations).
+
+    The curvature memory is cleared once, after the first ``restart_after`` calls (0: never): the
+    pairs stored during the large first steps from the initial hyperparameters can leave L-BFGS
+    crawling at a constant tiny decrease (bike split 1 subset phase: 2171 -> 2110 in 37 calls; one
+    restart: converged, test NLL -0.59 -> -1.53). Restarting every 5 calls instead cost elevators
+    0.014 nats (the memory is useful once the pairs are local).
 
     An iteration that would run past the deadline is abandoned and its parameters restored, so
     every method gets the same wall-clock budget (give or take one loss evaluation).
@@ -104,7 +120,13 @@ def _lbfgs_step(params, loss_fn, max_eval: int = 5):
     optim = torch.optim.LBFGS(params, lr=1.0, max_iter=max_eval, max_eval=max_eval, history_size=20,
                               line_search_fn="strong_wolfe")  # fmt: skip
 
+    calls = 0
+
     def step(deadline):
+        nonlocal calls
+        if restart_after and calls == restart_after:
+            optim.state.clear()
+        calls += 1
         saved = [p.detach().clone() for p in params]
 
         def closure():
@@ -130,6 +152,7 @@ def _lbfgs_step(params, loss_fn, max_eval: int = 5):
                     p.copy_(v)
             raise
 
+    step.restart = optim.state.clear
     return step
 
 
@@ -177,7 +200,8 @@ def run_cagp(
     with harness.measure() as m:
         steps, seconds, loss = 0, 0.0, math.nan
         if subset is not None:
-            steps, seconds, loss = _train(make_step(), WARM_FRACTION * budget, max_steps, tol)
+            # a stall on the subset means it has converged there: move on to all the data
+            steps, seconds, loss = _train(make_step(), WARM_FRACTION * budget, max_steps, tol, restart_on_stall=False)
             gp.set_data(X, y)
         more, more_seconds, loss = _train(make_step(), budget - seconds, max_steps, tol)
         steps, seconds = steps + more, seconds + more_seconds
