@@ -84,6 +84,7 @@ def fit_lbfgs(
     max_eval: int = 25,
     history_size: int = 20,
     tolerance_change: float = 1e-9,
+    restart_after: int = 0,
     progress: bool = True,
     **kwargs,
 ) -> list[float]:
@@ -95,10 +96,17 @@ def fit_lbfgs(
     parameters are those Pyro's SVI would train: every ``pyro.param`` the loss touches.
 
     :param num_steps: L-BFGS iterations, each at most ``max_eval`` loss evaluations.
+    :param restart_after: clear the curvature memory once, after this many iterations (0: never).
+        The pairs stored during the large first steps from a poor initial point can leave L-BFGS
+        crawling at a constant tiny decrease; one restart from where it stands then resumes
+        normal progress (``benchmarks/gp_uci.py``, CaGP-Opt on a bike subset: 2171 -> 2110 in 37
+        iterations of 5 evaluations without a restart, -6520 in 30 with one after 5).
     :returns: the loss after each iteration.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if restart_after < 0:
+        raise ValueError(f"restart_after must be >= 0, got {restart_after}")
     loss_fn = (loss or Trace_ELBO()).differentiable_loss
     with poutine.trace(param_only=True) as param_capture:
         loss_fn(model, guide, *args, **kwargs)
@@ -125,7 +133,9 @@ def fit_lbfgs(
 
     losses: list[float] = []
     bar = tqdm(range(num_steps), disable=not progress, desc="L-BFGS", mininterval=0.5)
-    for _ in bar:
+    for step in bar:
+        if restart_after and step == restart_after:
+            optimizer.state.clear()
         value = float(optimizer.step(closure))
         if not math.isfinite(value) or value >= _BAD_LOSS:
             raise FloatingPointError(f"L-BFGS started from a point where the loss is not finite (step {len(losses)})")

@@ -42,3 +42,24 @@ def test_non_finite_loss_is_an_error():
             fit_lbfgs(bad, lambda y: None, torch.zeros(1), num_steps=2, progress=False)
     with pytest.raises(ValueError, match="num_steps"):
         fit_svi(model, AutoNormal(model), torch.zeros(1), num_steps=0)
+
+
+def _banana():
+    x = pyro.param("x", torch.tensor([-1.5, 2.0], dtype=torch.float64))
+    pyro.factor("rosenbrock", -((1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2))
+
+
+def _lbfgs_point(schedule, **kwargs):
+    pyro.clear_param_store()
+    for num_steps in schedule:
+        fit_lbfgs(_banana, lambda: None, num_steps=num_steps, max_eval=3, progress=False, **kwargs)
+    return pyro.param("x").detach().clone()
+
+
+def test_fit_lbfgs_restart_clears_the_memory():
+    # a restart after 2 iterations is a fresh L-BFGS from where the first 2 left off
+    restarted = _lbfgs_point([4], restart_after=2)
+    assert torch.equal(restarted, _lbfgs_point([2, 2]))
+    assert not torch.equal(restarted, _lbfgs_point([4]))  # the memory mattered
+    with pytest.raises(ValueError, match="restart_after"):
+        fit_lbfgs(_banana, lambda: None, restart_after=-1, progress=False)
