@@ -1,7 +1,7 @@
 """Computation-aware Gaussian processes (IterGP / CaGP) as Pyro primitives."""
 
 from . import settings
-from .actions import Actions, BlockSparseActions, DenseActions, IndexActions
+from .actions import Actions, BlockSparseActions, DenseActions, IndexActions, StackedActions
 from .cg import CGResult, conjugate_gradients
 from .cholesky import CholeskyError, NonFiniteError, safe_cholesky
 from .kernel_fn import KernelFn
@@ -20,7 +20,7 @@ from .policies import (
 )
 from .posterior import PosteriorMoments, exact_posterior_variance, posterior_moments
 from .preconditioners import LowRankPreconditioner, build_preconditioner, partial_cholesky
-from .projection import ActionProjection, project
+from .projection import ActionProjection, independent_columns, project
 
 __all__ = [
     "OBJECTIVES",
@@ -43,12 +43,14 @@ __all__ = [
     "PosteriorMoments",
     "PseudoInputPolicy",
     "RandomSketchPolicy",
+    "StackedActions",
     "UnitVectorPolicy",
     "block_sparse_kernel_matmul",
     "build_preconditioner",
     "conjugate_gradients",
     "exact_log_marginal_likelihood",
     "exact_posterior_variance",
+    "independent_columns",
     "kernel_diag",
     "kd_partition",
     "kernel_matmul",

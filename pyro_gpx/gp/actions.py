@@ -9,9 +9,15 @@ cover every policy:
 * :class:`BlockSparseActions`: column :math:`j` nonzero only on block :math:`B_j` of a partition of
   the training points (CaGP-Opt); the kernel product costs one kernel entry per training point
   and row, and memory is O(n).
+
+:class:`StackedActions` puts several action matrices side by side, :math:`S = [S_1, S_2, \dots]`,
+each kept in its own format (learned block-sparse actions followed by a few dense CG directions,
+see ``refine`` in :meth:`~pyro_gpx.gp.model.ComputationAwareGP.posterior`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -19,7 +25,7 @@ from .kernel_fn import KernelFn
 from .kernel_ops import block_sparse_kernel_matmul, kernel_matmul
 from .symmetric import training_block_matmul
 
-__all__ = ["Actions", "IndexActions", "DenseActions", "BlockSparseActions"]
+__all__ = ["Actions", "IndexActions", "DenseActions", "BlockSparseActions", "StackedActions"]
 
 
 class Actions:
@@ -47,6 +53,10 @@ class Actions:
     def dense(self) -> torch.Tensor:
         """The ``(n, i)`` matrix."""
         return self.matmul(torch.eye(self.num_actions, dtype=self._dtype))
+
+    def to(self, dtype: torch.dtype) -> Actions:
+        """The same actions with entries of ``dtype``."""
+        raise NotImplementedError
 
     @property
     def _dtype(self) -> torch.dtype:
@@ -80,6 +90,9 @@ class IndexActions(Actions):
     def gram(self):
         return torch.eye(self.num_actions, dtype=self.dtype)
 
+    def to(self, dtype):
+        return IndexActions(self.indices, self.num_data, dtype)
+
 
 class DenseActions(Actions):
     """A dense action matrix ``S`` of shape ``(n, i)``."""
@@ -96,6 +109,9 @@ class DenseActions(Actions):
 
     def kernel_product(self, kernel, X_new, X):
         return kernel_matmul(kernel, X_new, X, self.S)
+
+    def to(self, dtype):
+        return DenseActions(self.S.to(dtype))
 
     def t_matmul(self, v):
         return self.S.transpose(-1, -2).to(v.dtype) @ v
@@ -131,6 +147,9 @@ class BlockSparseActions(Actions):
     def _dtype(self):
         return self.blocks.dtype
 
+    def to(self, dtype):
+        return BlockSparseActions(self.index, self.blocks.to(dtype), self.mask, self.num_data)
+
     def kernel_product(self, kernel, X_new, X):
         if X_new is X and kernel.spec is not None:  # training: K(X, X) is symmetric
             return training_block_matmul(kernel.spec, X, self.index, self.mask, self.blocks)
@@ -154,3 +173,58 @@ class BlockSparseActions(Actions):
     def gram(self):
         # blocks are disjoint: S^T S is diagonal
         return torch.diag((self.blocks.double() ** 2).sum(-1))
+
+
+class StackedActions(Actions):
+    r"""The columns of several action matrices side by side, :math:`S = [S_1, \dots, S_p]`.
+
+    Each part keeps its own storage (a block-sparse part still costs one kernel entry per point and
+    row); the Gram matrix :math:`S^\top S` is assembled from the parts' own Gram matrices and the
+    cross products :math:`S_a^\top S_b` (one dense part of every pair is formed).
+
+    :param parts: the action matrices, all on the same ``num_data`` points.
+
+    Example::
+
+        >>> import torch
+        >>> S = StackedActions([IndexActions(torch.tensor([0, 2]), 4), DenseActions(torch.ones(4, 1))])
+        >>> S.num_actions, S.gram().tolist()
+        (3, [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 4.0]])
+    """
+
+    def __init__(self, parts: list[Actions]):
+        if not parts:
+            raise ValueError("parts must hold at least one Actions")
+        if len({a.num_data for a in parts}) != 1:
+            raise ValueError(f"parts act on different numbers of points: {[a.num_data for a in parts]}")
+        self.parts = list(parts)
+        self.num_data = parts[0].num_data
+        self.num_actions = sum(a.num_actions for a in parts)
+
+    @property
+    def _dtype(self):
+        return self.parts[0]._dtype
+
+    def kernel_product(self, kernel, X_new, X):
+        products = [a.kernel_product(kernel, X_new, X) for a in self.parts]
+        dtype = functools.reduce(torch.promote_types, [p.dtype for p in products])
+        return torch.cat([p.to(dtype) for p in products], 1)
+
+    def to(self, dtype):
+        return StackedActions([a.to(dtype) for a in self.parts])
+
+    def t_matmul(self, v):
+        return torch.cat([a.t_matmul(v) for a in self.parts], 0)
+
+    def matmul(self, w):
+        pieces = torch.split(w, [a.num_actions for a in self.parts], 0)
+        return sum(a.matmul(piece) for a, piece in zip(self.parts, pieces))
+
+    def gram(self):
+        blocks = [[None] * len(self.parts) for _ in self.parts]
+        for a, part_a in enumerate(self.parts):
+            blocks[a][a] = part_a.gram().double()
+            for b in range(a + 1, len(self.parts)):
+                cross = part_a.t_matmul(self.parts[b].dense().double())  # S_a^T S_b
+                blocks[a][b], blocks[b][a] = cross, cross.T
+        return torch.cat([torch.cat(row, 1) for row in blocks], 0)

@@ -39,10 +39,12 @@ from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam, pyro_method
 
 from .._validation import check_finite
+from .actions import DenseActions, StackedActions
 from .kernel_fn import KernelFn
 from .marginal import OBJECTIVES, ComputationAwareMarginal
 from .policies import BlockSparsePolicy, Policy, PolicyContext
 from .posterior import PosteriorMoments, exact_posterior_variance, posterior_moments
+from .projection import ActionProjection, independent_columns, project
 
 __all__ = ["ComputationAwareGP"]
 
@@ -185,16 +187,38 @@ class ComputationAwareGP(GPModel):
 
     # -- prediction ----------------------------------------------------------------------------
     @pyro_method
-    def posterior(self, Xnew: torch.Tensor, full_cov: bool = False, split: bool = False) -> PosteriorMoments:
-        """Posterior of the latent function at ``Xnew`` (noiseless), optionally with the split of
-        the uncertainty into its mathematical and computational parts (dense exact solve)."""
+    def posterior(
+        self, Xnew: torch.Tensor, full_cov: bool = False, split: bool = False, refine: Policy | None = None
+    ) -> PosteriorMoments:
+        r"""Posterior of the latent function at ``Xnew`` (noiseless), optionally with the split of
+        the uncertainty into its mathematical and computational parts (dense exact solve).
+
+        :param refine: a policy whose actions are appended to the trained ones for this prediction,
+            e.g. ``CGPolicy(20, tol=0.01, preconditioner="rpcholesky")`` after training CaGP-Opt.
+            The posterior stays computation-aware: it conditions on :math:`[S, S_{\text{refine}}]^\top
+            y`, a larger projection of the data, so its mean moves towards the exact GP's and its
+            variance shrinks towards the mathematical one, never below it [1]. With CG run to
+            convergence the mean is the exact GP's (at these hyperparameters), which the learned
+            actions, fitted by the ELBO, need not reach. The policy runs in the model's dtype; the
+            projection and the moments are computed in float64 (with float32 kernel products and
+            a small noise, late CG directions fall below float32's resolution of :math:`K` and
+            the projected Gram matrix would turn indefinite), and new actions that add nothing to
+            the span of the others are dropped (:func:`~pyro_gpx.gp.projection.independent_columns`).
+            It costs one kernel product per CG iteration plus one float64 product for all actions;
+            the hyperparameters are unchanged.
+        """
         if self.y is None:
             raise ValueError("the model has no targets y; call set_data(X, y) first")
         self._check_Xnew_shape(Xnew)
         check_finite("Xnew", Xnew)
         marginal = self.marginal()
-        projection = marginal.project(self.y)
-        mean, cov = posterior_moments(projection, marginal.kernel, self.X, Xnew, self._prior_mean(Xnew), full_cov)
+        X, prior_mean_new = self.X, self._prior_mean(Xnew)
+        if refine is None:
+            projection = marginal.project(self.y)
+        else:  # in float64: late CG directions live where K is small, below float32's resolution
+            projection = self._refined_projection(marginal, refine)
+            X, Xnew, prior_mean_new = X.double(), Xnew.double(), prior_mean_new.double()
+        mean, cov = posterior_moments(projection, marginal.kernel, X, Xnew, prior_mean_new, full_cov)
         result = PosteriorMoments(mean=mean, covariance=cov)
         if split:
             math_part = exact_posterior_variance(marginal.kernel, self.X, Xnew, marginal.noise, full_cov)
@@ -202,14 +226,39 @@ class ComputationAwareGP(GPModel):
             result.computational = cov - math_part
         return result
 
-    def forward(self, Xnew: torch.Tensor, full_cov: bool = False, noiseless: bool = True):
+    @pyro_method
+    def refined_projection(self, refine: Policy) -> ActionProjection:
+        """The float64 projection of the data onto the trained actions followed by ``refine``'s
+        (those that widen the span), as :meth:`posterior` uses it: ``.actions`` are the actions kept,
+        ``.elbo(diag_K)`` scores them."""
+        return self._refined_projection(self.marginal(), refine)
+
+    def _refined_projection(self, marginal: ComputationAwareMarginal, refine: Policy) -> ActionProjection:
+        if not isinstance(refine, Policy):
+            raise TypeError(f"refine must be a Policy, got {type(refine).__name__}")
+        refine.validate(self.X.shape[0])
+        residual = self.y - marginal.prior_mean
+        context = PolicyContext(self.X, residual, marginal.kernel, marginal.noise)
+        base = marginal.actions if marginal.actions is not None else self.policy.actions(context)
+        base, extra = base.to(torch.float64), refine.actions(context).to(torch.float64)
+        X, residual = self.X.double(), residual.double()
+        projection = project(StackedActions([base, extra]), marginal.kernel, X, residual, marginal.noise)
+        G = projection.StKS + projection.noise * projection.StS
+        keep = independent_columns(G, start=base.num_actions)
+        if len(keep) < G.shape[0]:  # redundant new actions: drop them (the span is unchanged)
+            extra = DenseActions(extra.dense()[:, keep[base.num_actions :] - base.num_actions])
+            projection = project(StackedActions([base, extra]), marginal.kernel, X, residual, marginal.noise)
+        return projection
+
+    def forward(self, Xnew: torch.Tensor, full_cov: bool = False, noiseless: bool = True, refine: Policy | None = None):
         r"""Posterior mean and covariance (or variance) at ``Xnew``, as ``GPRegression.forward``.
 
         Latent hyperparameters take their guide values (``set_mode("guide")``); to predict with a
         posterior draw of latent sites, call this inside ``pyro.poutine.condition(data=draw)``.
+        ``refine`` appends a policy's actions for this prediction (see :meth:`posterior`).
         """
         self.set_mode("guide")
-        moments = self.posterior(Xnew, full_cov=full_cov)
+        moments = self.posterior(Xnew, full_cov=full_cov, refine=refine)
         mean, cov = moments.mean, moments.covariance
         if not noiseless:
             noise = (self.noise + self.jitter).double()

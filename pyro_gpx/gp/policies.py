@@ -158,8 +158,9 @@ class BlockSparsePolicy(Policy):
     costs one kernel entry per pair of points, memory is O(n), and :math:`S^\top S` is diagonal.
     The entries are Pyro parameters, trained by SVI together with the hyperparameters.
 
-    :param init: ``"targets"`` (the residual :math:`y - \mu` on each block, normalised) or
-        ``"random"`` (Gaussian, normalised).
+    :param init: ``"constant"`` (default: each action averages its block, so the first posterior
+        conditions on block means of the data), ``"targets"`` (the residual :math:`y - \mu` on each
+        block) or ``"random"`` (Gaussian); every block is normalised to unit norm.
     :param partition: ``"kd"`` (default: blocks of nearby points, the leaves of a balanced k-d
         tree in the kernel's scaled inputs :math:`x/\ell` when the kernel is a supported
         stationary one, see :func:`~pyro_gpx.gp.partition.kd_partition`) or ``"random"`` (a seeded
@@ -172,10 +173,10 @@ class BlockSparsePolicy(Policy):
     Pyro param store alone holds the entries but not which points they act on).
     """
 
-    def __init__(self, num_actions: int, init: str = "targets", partition: str = "kd", seed: int = 0):
+    def __init__(self, num_actions: int, init: str = "constant", partition: str = "kd", seed: int = 0):
         super().__init__()
-        if init not in ("targets", "random"):
-            raise ValueError(f"init must be 'targets' or 'random', got {init!r}")
+        if init not in ("constant", "targets", "random"):
+            raise ValueError(f"init must be 'constant', 'targets' or 'random', got {init!r}")
         if partition not in ("kd", "random"):
             raise ValueError(f"partition must be 'kd' or 'random', got {partition!r}")
         self.num_actions, self.init, self.partition, self.seed = num_actions, init, partition, seed
@@ -193,7 +194,9 @@ class BlockSparsePolicy(Policy):
         return kd_partition(Z.reshape(n, -1), i)
 
     def _initial_blocks(self, context: PolicyContext, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.init == "targets":
+        if self.init == "constant":
+            values = torch.ones(index.shape, dtype=torch.float64)
+        elif self.init == "targets":
             values = context.residual.detach().double()[index]
         else:
             gen = torch.Generator().manual_seed(self.seed + 1)

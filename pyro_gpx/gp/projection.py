@@ -30,7 +30,7 @@ from .actions import Actions
 from .cholesky import safe_cholesky
 from .kernel_fn import KernelFn
 
-__all__ = ["ActionProjection", "project"]
+__all__ = ["ActionProjection", "independent_columns", "project"]
 
 
 def _sym(A: torch.Tensor) -> torch.Tensor:
@@ -155,3 +155,40 @@ def project(
     chol_G = safe_cholesky(G, "the projected Gram matrix S^T (K + noise I) S")
     weights = torch.cholesky_solve(Str[:, None], chol_G)[:, 0]
     return ActionProjection(actions, residual, noise, KS, StKS, StS, Str, chol_G, weights)
+
+
+def independent_columns(G: torch.Tensor, start: int = 0, rtol: float = 1e-6) -> torch.Tensor:
+    r"""Columns of a Gram matrix :math:`G = S^\top \hat K S` whose actions add to the span of the others.
+
+    The first ``start`` columns are kept; each later column :math:`j` is kept, in order, if its
+    pivot (the part of :math:`s_j` that the kept actions do not explain, in the :math:`\hat K`
+    inner product),
+
+    .. math::
+
+        p_j = G_{jj} - G_{Jj}^\top G_{JJ}^{-1} G_{Jj},
+
+    exceeds ``rtol`` :math:`G_{jj}`. The posterior depends on :math:`\operatorname{span}(S)` only, so
+    dropping the others changes nothing but the conditioning: CG directions whose conjugacy float32
+    kernel products destroyed would otherwise make :math:`G` singular.
+
+    Example::
+
+        >>> G = torch.tensor([[2.0, 1.0, 3.0], [1.0, 2.0, 3.0], [3.0, 3.0, 6.0]], dtype=torch.float64)
+        >>> independent_columns(G).tolist()  # column 3 is the sum of the first two
+        [0, 1]
+    """
+    m = G.shape[0]
+    if not 0 <= start <= m:
+        raise ValueError(f"start must be in [0, {m}], got {start}")
+    keep = list(range(start))
+    L = safe_cholesky(G[:start, :start], "the Gram matrix of the kept actions") if start else G.new_zeros(0, 0)
+    for j in range(start, m):
+        c = torch.linalg.solve_triangular(L, G[keep, j : j + 1], upper=False)[:, 0] if keep else G.new_zeros(0)
+        pivot = G[j, j] - c @ c
+        if not pivot > rtol * G[j, j]:
+            continue
+        row = torch.cat([c, pivot.sqrt()[None]])
+        L = torch.cat([torch.cat([L, L.new_zeros(len(keep), 1)], 1), row[None]], 0)
+        keep.append(j)
+    return torch.tensor(keep, dtype=torch.long)

@@ -1,0 +1,132 @@
+"""Refining a trained posterior with extra actions: StackedActions and ``posterior(refine=...)``."""
+
+import gpytorch
+import pytest
+import torch
+
+from pyro_gpx.gp import (
+    BlockSparsePolicy,
+    CGPolicy,
+    ComputationAwareGP,
+    DenseActions,
+    IndexActions,
+    PolicyContext,
+    StackedActions,
+    UnitVectorPolicy,
+    independent_columns,
+)
+
+from .problems import make_problem
+
+
+@pytest.fixture
+def problem(float64):
+    return make_problem(n=80, seed=3)
+
+
+def test_stacked_actions_equal_their_dense_concatenation(problem):
+    n = len(problem.y)
+    context = PolicyContext(problem.X, problem.y, problem.kfn, problem.noise)
+    block = BlockSparsePolicy(7, init="random").actions(context)
+    dense = DenseActions(torch.randn(n, 3, generator=torch.Generator().manual_seed(0)))
+    index = IndexActions(torch.tensor([4, 17, 50]), n)
+    stacked = StackedActions([block, dense, index])
+    S = torch.cat([block.dense(), dense.dense(), index.dense()], 1)
+    assert stacked.num_actions == 13
+    torch.testing.assert_close(stacked.dense(), S)
+    torch.testing.assert_close(stacked.gram(), S.T @ S)
+    v, V, w = problem.y, torch.randn(n, 2), torch.randn(13)
+    torch.testing.assert_close(stacked.t_matmul(v), S.T @ v)
+    torch.testing.assert_close(stacked.t_matmul(V), S.T @ V)
+    torch.testing.assert_close(stacked.matmul(w), S @ w)
+    K = problem.kernel(problem.X_new, problem.X).to_dense()
+    torch.testing.assert_close(stacked.kernel_product(problem.kfn, problem.X_new, problem.X), K @ S)
+    Kxx = problem.kernel(problem.X, problem.X).to_dense()  # training path (symmetric block product)
+    torch.testing.assert_close(stacked.kernel_product(problem.kfn, problem.X, problem.X), Kxx @ S)
+
+
+def test_stacked_actions_reject_bad_parts():
+    with pytest.raises(ValueError, match="parts"):
+        StackedActions([])
+    with pytest.raises(ValueError, match="different numbers of points"):
+        StackedActions([IndexActions(torch.tensor([0]), 5), IndexActions(torch.tensor([0]), 6)])
+
+
+def test_refining_with_converged_cg_gives_the_exact_mean_and_shrinks_the_variance(problem):
+    """Few learned actions leave real computational uncertainty; appending CG directions run to
+    convergence makes the mean the exact GP's, and the variance falls towards (never below) the
+    exact GP's, pointwise."""
+    gp = ComputationAwareGP(problem.X, problem.y, problem.kernel, policy=BlockSparsePolicy(4), noise=problem.noise,
+                            jitter=0.0)  # fmt: skip
+    ref_mean, ref_cov = problem.dense_posterior()
+    with torch.no_grad():
+        base = gp.posterior(problem.X_new, split=True)
+        refined = gp.posterior(problem.X_new, split=True, refine=CGPolicy(80, tol=1e-12))
+        again = gp.posterior(problem.X_new)
+    assert (base.mean - ref_mean).abs().max() > 1e-2  # 4 actions are far from exact
+    torch.testing.assert_close(refined.mean, ref_mean, rtol=1e-6, atol=1e-8)
+    math_var = ref_cov.diagonal()
+    torch.testing.assert_close(refined.mathematical, math_var)
+    assert (refined.covariance >= math_var - 1e-10).all()
+    assert (refined.covariance <= base.covariance + 1e-10).all()
+    assert refined.computational.max() < 1e-3 * base.computational.max()
+    torch.testing.assert_close(again.mean, base.mean)  # refining leaves the model as it was
+
+
+def test_forward_refine_and_bad_refine(problem):
+    gp = ComputationAwareGP(problem.X, problem.y, problem.kernel, policy=BlockSparsePolicy(4), noise=problem.noise)
+    with torch.no_grad():
+        mean, var = gp(problem.X_new, noiseless=False, refine=UnitVectorPolicy(10))
+        base_mean, base_var = gp(problem.X_new, noiseless=False)
+    assert mean.shape == var.shape == (len(problem.X_new),)
+    assert (var <= base_var + 1e-10).all() and not torch.allclose(mean, base_mean)
+    with pytest.raises(TypeError, match="refine must be a Policy"):
+        gp.posterior(problem.X_new, refine="cg")
+    with pytest.raises(ValueError, match="num_actions"):
+        gp.posterior(problem.X_new, refine=UnitVectorPolicy(81))
+
+
+@pytest.mark.parametrize("kernel_kind", ["stationary", "sum"])
+def test_refining_a_float32_model_with_tiny_noise_is_the_float64_posterior_of_its_actions(kernel_kind):
+    """float32 data and kernel, noise 1e-4 of the signal variance: float32 CG directions lose their
+    conjugacy (40 of them span far fewer dimensions). The refined posterior is the dense float64
+    computation-aware posterior of the actions it keeps, :math:`\\mu = k_x S (S^\\top \\hat K S)^{-1}
+    S^\\top y`, with a well-conditioned Gram matrix, and close to the exact GP."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(600, 1, generator=gen) * 10
+    y = torch.sin(X[:, 0]) + 0.01 * torch.randn(600, generator=gen)
+    X_new = torch.linspace(0, 10, 50)[:, None]
+    rbf = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+    rbf.base_kernel.lengthscale = 0.7
+    kernel = rbf if kernel_kind == "stationary" else rbf + gpytorch.kernels.LinearKernel()
+    noise = 1e-4
+    gp = ComputationAwareGP(X, y, kernel, policy=BlockSparsePolicy(20), noise=noise, jitter=0.0)
+    refine = CGPolicy(40, tol=1e-6, preconditioner="rpcholesky", preconditioner_rank=30)
+    with torch.no_grad():
+        refined = gp.posterior(X_new, refine=refine)
+        S = gp.refined_projection(refine).actions.dense()
+        X64, Xn64 = X.double(), X_new.double()
+        K_hat = kernel(X64, X64).to_dense() + noise * torch.eye(600, dtype=torch.float64)
+        KxS = kernel(Xn64, X64).to_dense() @ S
+        G = S.T @ K_hat @ S
+        ref_mean = KxS @ torch.linalg.solve(G, S.T @ y.double())
+        ref_var = kernel(Xn64, Xn64).to_dense().diagonal() - (KxS * torch.linalg.solve(G, KxS.T).T).sum(1)
+        exact_mean = kernel(Xn64, X64).to_dense() @ torch.linalg.solve(K_hat, y.double())
+    assert refined.mean.dtype == torch.float64
+    scaled = G / torch.outer(G.diagonal().sqrt(), G.diagonal().sqrt())
+    assert 20 < S.shape[1] < 60 and torch.linalg.cond(scaled) < 1e9  # redundant directions were dropped
+    torch.testing.assert_close(refined.mean, ref_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(refined.covariance, ref_var.clamp_min(0), rtol=1e-5, atol=1e-6)
+    assert (refined.mean - exact_mean).abs().max() < 1e-2
+
+
+def test_independent_columns_drops_exactly_the_redundant_ones(float64):
+    gen = torch.Generator().manual_seed(1)
+    A = torch.randn(30, 4, generator=gen)
+    S = torch.cat([A, A[:, :2] @ torch.tensor([[1.0], [2.0]]), torch.randn(30, 1, generator=gen), A[:, 3:]], 1)
+    G = S.T @ S + 1e-3 * torch.eye(7) * 0  # columns 4 (a combination) and 6 (a copy) add nothing
+    assert independent_columns(G).tolist() == [0, 1, 2, 3, 5]
+    assert independent_columns(G, start=2).tolist() == [0, 1, 2, 3, 5]
+    assert independent_columns(G, rtol=0.99).tolist() == [0]  # every later column overlaps a little
+    with pytest.raises(ValueError, match="start"):
+        independent_columns(G, start=8)
