@@ -83,9 +83,12 @@ def test_symmetric_training_product_matches_row_chunked(float64, family, tile):
     with settings.chunk_size(tile):
         out = training_block_matmul(stationary_spec(kernel), X, index, mask, blocks)
     grads = torch.autograd.grad((out * weight).sum(), params)
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    # Matern-1/2: kappa(rho) = exp(-sqrt(rho)) has an infinite slope at rho = 0, so the self-distances,
+    # which both products round differently (~1e-16; which way depends on the CPU's vector path), show
+    # as ~1e-8 in the values, and kappa'(rho) ~ 1/sqrt(rho) amplifies it in the gradients
+    tol = 1e-7 if family == "matern12" else 1e-12
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     grads[-1].mul_(mask), ref_grads[-1].mul_(mask)  # padding entries are masked out of the actions
-    # Matern-1/2: kappa'(rho) ~ 1/sqrt(rho) at the self-distances, which both products round differently
     rtol = 1e-6 if family == "matern12" else 1e-9
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=rtol, atol=1e-11)
