@@ -221,7 +221,7 @@ class ComputationAwareGP(GPModel):
         mean, cov = posterior_moments(projection, marginal.kernel, X, Xnew, prior_mean_new, full_cov)
         result = PosteriorMoments(mean=mean, covariance=cov)
         if split:
-            math_part = exact_posterior_variance(marginal.kernel, self.X, Xnew, marginal.noise, full_cov)
+            math_part = exact_posterior_variance(marginal.kernel, X, Xnew, marginal.noise, full_cov)
             result.mathematical = math_part
             result.computational = cov - math_part
         return result

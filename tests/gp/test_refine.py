@@ -103,7 +103,7 @@ def test_refining_a_float32_model_with_tiny_noise_is_the_float64_posterior_of_it
     gp = ComputationAwareGP(X, y, kernel, policy=BlockSparsePolicy(20), noise=noise, jitter=0.0)
     refine = CGPolicy(40, tol=1e-6, preconditioner="rpcholesky", preconditioner_rank=30)
     with torch.no_grad():
-        refined = gp.posterior(X_new, refine=refine)
+        refined = gp.posterior(X_new, refine=refine, split=True)
         S = gp.refined_projection(refine).actions.dense()
         X64, Xn64 = X.double(), X_new.double()
         K_hat = kernel(X64, X64).to_dense() + noise * torch.eye(600, dtype=torch.float64)
@@ -118,6 +118,7 @@ def test_refining_a_float32_model_with_tiny_noise_is_the_float64_posterior_of_it
     torch.testing.assert_close(refined.mean, ref_mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(refined.covariance, ref_var.clamp_min(0), rtol=1e-5, atol=1e-6)
     assert (refined.mean - exact_mean).abs().max() < 1e-2
+    assert refined.computational.min() > -1e-8  # combined >= mathematical, in float64
 
 
 def test_independent_columns_drops_exactly_the_redundant_ones(float64):
