@@ -20,7 +20,7 @@ from .policies import (
 )
 from .posterior import PosteriorMoments, exact_posterior_variance, posterior_moments
 from .preconditioners import LowRankPreconditioner, build_preconditioner, partial_cholesky
-from .projection import ActionProjection, independent_columns, project
+from .projection import ActionProjection, independent_columns, project, project_extended
 
 __all__ = [
     "OBJECTIVES",
@@ -57,6 +57,7 @@ __all__ = [
     "partial_cholesky",
     "posterior_moments",
     "project",
+    "project_extended",
     "random_partition",
     "safe_cholesky",
     "settings",

@@ -39,12 +39,11 @@ from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam, pyro_method
 
 from .._validation import check_finite
-from .actions import DenseActions, StackedActions
 from .kernel_fn import KernelFn
 from .marginal import OBJECTIVES, ComputationAwareMarginal
 from .policies import BlockSparsePolicy, Policy, PolicyContext
 from .posterior import PosteriorMoments, exact_posterior_variance, posterior_moments
-from .projection import ActionProjection, independent_columns, project
+from .projection import ActionProjection, project_extended
 
 __all__ = ["ComputationAwareGP"]
 
@@ -203,7 +202,7 @@ class ComputationAwareGP(GPModel):
             projection and the moments are computed in float64 (with float32 kernel products and
             a small noise, late CG directions fall below float32's resolution of :math:`K` and
             the projected Gram matrix would turn indefinite), and new actions that add nothing to
-            the span of the others are dropped (:func:`~pyro_gpx.gp.projection.independent_columns`).
+            the span of the others are dropped (:func:`~pyro_gpx.gp.projection.project_extended`).
             It costs one kernel product per CG iteration plus one float64 product for all actions;
             the hyperparameters are unchanged.
         """
@@ -241,14 +240,7 @@ class ComputationAwareGP(GPModel):
         context = PolicyContext(self.X, residual, marginal.kernel, marginal.noise)
         base = marginal.actions if marginal.actions is not None else self.policy.actions(context)
         base, extra = base.to(torch.float64), refine.actions(context).to(torch.float64)
-        X, residual = self.X.double(), residual.double()
-        projection = project(StackedActions([base, extra]), marginal.kernel, X, residual, marginal.noise)
-        G = projection.StKS + projection.noise * projection.StS
-        keep = independent_columns(G, start=base.num_actions)
-        if len(keep) < G.shape[0]:  # redundant new actions: drop them (the span is unchanged)
-            extra = DenseActions(extra.dense()[:, keep[base.num_actions :] - base.num_actions])
-            projection = project(StackedActions([base, extra]), marginal.kernel, X, residual, marginal.noise)
-        return projection
+        return project_extended(base, extra, marginal.kernel, self.X.double(), residual.double(), marginal.noise)
 
     def forward(self, Xnew: torch.Tensor, full_cov: bool = False, noiseless: bool = True, refine: Policy | None = None):
         r"""Posterior mean and covariance (or variance) at ``Xnew``, as ``GPRegression.forward``.

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .actions import Actions
+from .actions import Actions, DenseActions, StackedActions
 from .cholesky import safe_cholesky
 from .kernel_fn import KernelFn
 
-__all__ = ["ActionProjection", "independent_columns", "project"]
+__all__ = ["ActionProjection", "independent_columns", "project", "project_extended"]
 
 
 def _sym(A: torch.Tensor) -> torch.Tensor:
@@ -138,6 +138,19 @@ class ActionProjection:
         return -0.5 * (self.Str @ self.weights + self.logdet_G() - self.logdet_StS() + i * math.log(2 * math.pi))
 
 
+def _products(actions: Actions, kernel: KernelFn, X: torch.Tensor, residual: torch.Tensor):
+    """:math:`KS` (the one matrix-free kernel pass), :math:`S^\top K S`, :math:`S^\top S`, :math:`S^\top r`."""
+    KS = actions.kernel_product(kernel, X, X)
+    return KS, _sym(actions.t_matmul(KS.double())), actions.gram().double(), actions.t_matmul(residual.double())
+
+
+def _factorise(actions, residual, noise, KS, StKS, StS, Str) -> ActionProjection:
+    G = StKS + noise * StS
+    chol_G = safe_cholesky(G, "the projected Gram matrix S^T (K + noise I) S")
+    weights = torch.cholesky_solve(Str[:, None], chol_G)[:, 0]
+    return ActionProjection(actions, residual, noise, KS, StKS, StS, Str, chol_G, weights)
+
+
 def project(
     actions: Actions,
     kernel: KernelFn,
@@ -146,15 +159,30 @@ def project(
     noise: torch.Tensor,
 ) -> ActionProjection:
     """Compute the :class:`ActionProjection` (one matrix-free product :math:`K S`)."""
-    KS = actions.kernel_product(kernel, X, X)
     noise = torch.as_tensor(noise).double()
-    StKS = _sym(actions.t_matmul(KS.double()))
-    StS = actions.gram().double()
-    Str = actions.t_matmul(residual.double())
-    G = StKS + noise * StS
-    chol_G = safe_cholesky(G, "the projected Gram matrix S^T (K + noise I) S")
-    weights = torch.cholesky_solve(Str[:, None], chol_G)[:, 0]
-    return ActionProjection(actions, residual, noise, KS, StKS, StS, Str, chol_G, weights)
+    return _factorise(actions, residual, noise, *_products(actions, kernel, X, residual))
+
+
+def project_extended(
+    base: Actions,
+    extra: Actions,
+    kernel: KernelFn,
+    X: torch.Tensor,
+    residual: torch.Tensor,
+    noise: torch.Tensor,
+    rtol: float = 1e-6,
+) -> ActionProjection:
+    """The projection onto :math:`[S_{\text{base}}, S_{\text{extra}}]`, keeping only the extra
+    actions that widen the span (:func:`independent_columns`, chosen before :math:`G` is factorised,
+    from the same kernel pass). The kept extra actions are stored densely."""
+    noise = torch.as_tensor(noise).double()
+    actions = StackedActions([base, extra])
+    KS, StKS, StS, Str = _products(actions, kernel, X, residual)
+    keep = independent_columns(StKS + noise * StS, start=base.num_actions, rtol=rtol)
+    if len(keep) < actions.num_actions:
+        actions = StackedActions([base, DenseActions(extra.dense()[:, keep[base.num_actions :] - base.num_actions])])
+        KS, StKS, StS, Str = KS[:, keep], StKS[keep][:, keep], StS[keep][:, keep], Str[keep]
+    return _factorise(actions, residual, noise, KS, StKS, StS, Str)
 
 
 def independent_columns(G: torch.Tensor, start: int = 0, rtol: float = 1e-6) -> torch.Tensor:
