@@ -25,6 +25,8 @@ References:
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,9 +42,9 @@ class CGResult:
     :ivar K_directions: ``(n, j)`` :math:`\hat K D`.
     :ivar eta: ``(j,)`` :math:`\operatorname{diag}(D^\top \hat K D)`.
     :ivar residual_norms: relative residual norm after each iteration.
-    :ivar stop_reason: ``"converged"``, ``"max_iter"`` or ``"breakdown"`` (a non-positive or
-        vanishing curvature :math:`\eta`: the Krylov space is exhausted, or rounding made
-        :math:`\hat K` numerically indefinite, e.g. float32 products with tiny noise).
+    :ivar stop_reason: ``"converged"``, ``"max_iter"``, ``"max_seconds"`` or ``"breakdown"`` (a
+        non-positive or vanishing curvature :math:`\eta`: the Krylov space is exhausted, or
+        rounding made :math:`\hat K` numerically indefinite, e.g. float32 products with tiny noise).
     """
 
     solution: torch.Tensor
@@ -69,14 +71,22 @@ def conjugate_gradients(
     tol: float = 0.01,
     preconditioner: Callable[[torch.Tensor], torch.Tensor] | None = None,
     reorthogonalize: bool = True,
+    max_seconds: float | None = None,
 ) -> CGResult:
     r"""Solve :math:`\hat K v = b` to relative residual ``tol`` in at most ``max_iter`` iterations.
 
     :param matvec: :math:`v \mapsto \hat K v` for ``(n,)`` vectors.
     :param preconditioner: :math:`r \mapsto P^{-1} r`; identity if ``None``.
+    :param max_seconds: stop after the first iteration that ends later than this many seconds
+        from the start (at least one iteration always runs). The directions found so far are a
+        valid set of actions: a computation-aware posterior built on them accounts for the
+        unfinished solve.
     """
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if max_seconds is not None and not (math.isfinite(max_seconds) and max_seconds > 0):
+        raise ValueError(f"max_seconds must be a positive number or None, got {max_seconds}")
+    deadline = time.perf_counter() + max_seconds if max_seconds is not None else math.inf
     b = b.double()
     n = b.shape[0]
     b_norm = float(b.norm())
@@ -112,5 +122,8 @@ def conjugate_gradients(
         norms.append(float(r.norm()) / b_norm)
         if norms[-1] <= tol:
             reason = "converged"
+            break
+        if time.perf_counter() > deadline:
+            reason = "max_seconds"
             break
     return CGResult(x, D, KD, eta, norms, reason)

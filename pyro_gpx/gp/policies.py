@@ -23,6 +23,7 @@ References:
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -239,6 +240,11 @@ class CGPolicy(Policy):
         :class:`~pyro_gpx.gp.settings.cg_tolerance`).
     :param preconditioner: ``None``, ``"pivoted"`` (greedy pivoted Cholesky) or ``"rpcholesky"``.
     :param preconditioner_rank: rank of the preconditioner.
+    :param preconditioner_block_size: RPCholesky pivots per step (block RPCholesky,
+        :func:`~pyro_gpx.gp.preconditioners.partial_cholesky`); worth it for ranks in the hundreds.
+    :param max_seconds: wall-clock limit of one solve, preconditioner included; CG stops after
+        the iteration that crosses it (at least one iteration runs). Useful for prediction-time
+        refinement under a time budget: the posterior conditions on the directions found so far.
     """
 
     differentiable = False
@@ -251,10 +257,17 @@ class CGPolicy(Policy):
         preconditioner_rank: int = 100,
         reorthogonalize: bool = True,
         seed: int = 0,
+        max_seconds: float | None = None,
+        preconditioner_block_size: int = 1,
     ):
         super().__init__()
         if preconditioner not in (None, "pivoted", "rpcholesky"):
             raise ValueError(f"preconditioner must be None, 'pivoted' or 'rpcholesky', got {preconditioner!r}")
+        if max_seconds is not None and not (math.isfinite(max_seconds) and max_seconds > 0):
+            raise ValueError(f"max_seconds must be a positive number or None, got {max_seconds}")
+        if int(preconditioner_block_size) != preconditioner_block_size or preconditioner_block_size < 1:
+            raise ValueError(f"preconditioner_block_size must be a positive integer, got {preconditioner_block_size}")
+        self.max_seconds, self.preconditioner_block_size = max_seconds, int(preconditioner_block_size)
         self.num_actions, self.tol = num_actions, tol
         self.preconditioner, self.preconditioner_rank = preconditioner, preconditioner_rank
         self.reorthogonalize, self.seed = reorthogonalize, seed
@@ -262,6 +275,7 @@ class CGPolicy(Policy):
 
     @torch.no_grad()
     def solve(self, context: PolicyContext) -> CGResult:
+        start = time.perf_counter()
         n = context.X.shape[0]
         i = _check_num_actions(self.num_actions, n)
         noise = context.noise.detach().double()
@@ -271,14 +285,23 @@ class CGPolicy(Policy):
             pivoting = "greedy" if self.preconditioner == "pivoted" else "rpcholesky"
             gen = torch.Generator().manual_seed(self.seed)
             precond = build_preconditioner(
-                context.kernel, X, noise, self.preconditioner_rank, pivoting=pivoting, generator=gen
+                context.kernel,
+                X,
+                noise,
+                self.preconditioner_rank,
+                pivoting=pivoting,
+                generator=gen,
+                block_size=self.preconditioner_block_size if pivoting == "rpcholesky" else 1,
             ).solve
 
         def matvec(v):
             return kernel_matmul(context.kernel, X, X, v[:, None])[:, 0].double() + noise * v.double()
 
         tol = self.tol if self.tol is not None else settings.cg_tolerance.value()
-        result = conjugate_gradients(matvec, context.residual.detach(), i, tol, precond, self.reorthogonalize)
+        seconds = None if self.max_seconds is None else max(self.max_seconds - (time.perf_counter() - start), 1e-9)
+        result = conjugate_gradients(
+            matvec, context.residual.detach(), i, tol, precond, self.reorthogonalize, max_seconds=seconds
+        )
         self.last_result = result
         return result
 

@@ -50,7 +50,10 @@ def _profile(family: str, rho: torch.Tensor, derivative: bool = False):
     if family == "rbf":
         k = torch.exp(-0.5 * rho)
         return (k, -0.5 * k) if derivative else k
-    r = rho.clamp_min(0).sqrt()
+    # without the explicit derivative (the autograd path of dense blocks) r is clamped above zero: at
+    # rho = 0 (the diagonal of K(X, X)) the sqrt's derivative is infinite and autograd would form
+    # 0 * inf = NaN; d(rho_ii)/d(hyperparameters) = 0 there, so any finite value will do
+    r = rho.clamp_min(0 if derivative else torch.finfo(rho.dtype).tiny).sqrt()
     if family == "matern12":
         e = torch.exp(-r)
         if not derivative:

@@ -1,10 +1,19 @@
 """CG actions: error shrinks to zero with more actions; the uncertainty split behaves as theory says."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
 
-from pyro_gpx.gp import CGPolicy, ComputationAwareGP, PolicyContext, exact_log_marginal_likelihood, project
+from pyro_gpx.gp import (
+    CGPolicy,
+    ComputationAwareGP,
+    PolicyContext,
+    conjugate_gradients,
+    exact_log_marginal_likelihood,
+    project,
+)
 
 from .problems import make_problem
 
@@ -74,9 +83,10 @@ def test_elbo_is_a_lower_bound_tight_for_complete_actions(problem):
     assert elbos[-1] == pytest.approx(exact, rel=1e-3)  # CG's Krylov space is exhausted before n actions
 
 
-@pytest.mark.parametrize("preconditioner", [None, "pivoted", "rpcholesky"])
-def test_cg_policy_residuals_and_preconditioning(problem, preconditioner):
-    policy = CGPolicy(80, tol=1e-10, preconditioner=preconditioner, preconditioner_rank=15)
+@pytest.mark.parametrize("preconditioner, block", [(None, 1), ("pivoted", 1), ("rpcholesky", 1), ("rpcholesky", 5)])
+def test_cg_policy_residuals_and_preconditioning(problem, preconditioner, block):
+    policy = CGPolicy(80, tol=1e-10, preconditioner=preconditioner, preconditioner_rank=15,
+                      preconditioner_block_size=block)  # fmt: skip
     ctx = PolicyContext(problem.X, problem.y, problem.kfn, problem.noise)
     result = policy.solve(ctx)
     K = problem.kernel(problem.X, problem.X).to_dense() + problem.noise * torch.eye(80)
@@ -85,3 +95,30 @@ def test_cg_policy_residuals_and_preconditioning(problem, preconditioner):
     gram = result.directions.T @ K @ result.directions
     off = gram - torch.diag(gram.diagonal())
     assert off.abs().max() < 1e-8 * gram.diagonal().max()
+
+
+def test_cg_time_limit_stops_early_with_valid_directions(problem):
+    """``max_seconds`` stops after the iteration that crosses it; the directions found are the
+    first iterations of the unlimited run (same Krylov space), and at least one always runs."""
+    K = problem.kernel(problem.X, problem.X).to_dense() + problem.noise * torch.eye(80)
+
+    def slow_matvec(v):  # every iteration takes >= 20 ms, so a 50 ms limit allows at most 3
+        time.sleep(0.02)
+        return K @ v
+
+    limited = conjugate_gradients(slow_matvec, problem.y, 80, tol=1e-14, max_seconds=0.05)
+    full = conjugate_gradients(lambda v: K @ v, problem.y, 80, tol=1e-14)
+    assert limited.stop_reason == "max_seconds"
+    assert 1 <= limited.iterations <= 3
+    j = limited.iterations
+    torch.testing.assert_close(limited.directions, full.directions[:, :j], rtol=1e-8, atol=1e-10)
+    assert limited.residual_norms == pytest.approx(full.residual_norms[:j], rel=1e-8)
+    one = conjugate_gradients(slow_matvec, problem.y, 80, tol=1e-14, max_seconds=1e-9)
+    assert one.iterations == 1 and one.stop_reason == "max_seconds"
+    policy = CGPolicy(80, tol=1e-14, max_seconds=1e-9)
+    assert policy.solve(PolicyContext(problem.X, problem.y, problem.kfn, problem.noise)).iterations == 1
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="max_seconds"):
+            conjugate_gradients(slow_matvec, problem.y, 5, max_seconds=bad)
+        with pytest.raises(ValueError, match="max_seconds"):
+            CGPolicy(5, max_seconds=bad)

@@ -87,6 +87,27 @@ def test_rpcholesky_error_decreases_and_full_rank_is_exact(problem):
     assert errors[-1] < 1e-3 * errors[0]
 
 
+def test_block_rpcholesky_is_the_nystrom_factor_of_its_pivots(problem):
+    K = problem.kernel(problem.X, problem.X).to_dense().detach()
+    errors = []
+    for rank in (4, 12, 24):
+        L, pivots = partial_cholesky(problem.kfn, problem.X, rank, pivoting="rpcholesky", block_size=4,
+                                     generator=torch.Generator().manual_seed(1))  # fmt: skip
+        assert L.shape[1] <= rank and len(set(pivots.tolist())) == len(pivots)
+        S = pivots
+        nystrom = K[:, S] @ torch.linalg.solve(K[S][:, S], K[S, :])
+        torch.testing.assert_close(L @ L.T, nystrom, rtol=1e-6, atol=1e-8)
+        assert float(torch.linalg.eigvalsh(K - L @ L.T).min()) > -1e-9  # the residual stays PSD
+        errors.append(float(torch.trace(K - L @ L.T)))
+    assert errors[0] > errors[1] > errors[2]
+    L, _ = partial_cholesky(problem.kfn, problem.X, 50, pivoting="rpcholesky", block_size=8,
+                            generator=torch.Generator().manual_seed(1))  # fmt: skip
+    assert float(torch.trace(K - L @ L.T)) < 1e-8 * float(torch.trace(K))
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match="block_size"):
+            partial_cholesky(problem.kfn, problem.X, 5, pivoting="rpcholesky", block_size=bad)
+
+
 def test_preconditioner_solve_logdet_and_samples(problem):
     pre = build_preconditioner(problem.kfn, problem.X, problem.noise, rank=6)
     P = pre.L @ pre.L.T + problem.noise * torch.eye(50)
