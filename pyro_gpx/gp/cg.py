@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._validation import check_positive_or_none
+
 __all__ = ["CGResult", "conjugate_gradients"]
 
 
@@ -84,8 +86,7 @@ def conjugate_gradients(
     """
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-    if max_seconds is not None and not (math.isfinite(max_seconds) and max_seconds > 0):
-        raise ValueError(f"max_seconds must be a positive number or None, got {max_seconds}")
+    check_positive_or_none("max_seconds", max_seconds)
     deadline = time.perf_counter() + max_seconds if max_seconds is not None else math.inf
     b = b.double()
     n = b.shape[0]

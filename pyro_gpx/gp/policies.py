@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from pyro.nn import PyroModule, PyroParam
 
+from .._validation import check_positive_int, check_positive_or_none
 from . import settings
 from .actions import Actions, BlockSparseActions, DenseActions, IndexActions
 from .cg import CGResult, conjugate_gradients
@@ -263,11 +264,9 @@ class CGPolicy(Policy):
         super().__init__()
         if preconditioner not in (None, "pivoted", "rpcholesky"):
             raise ValueError(f"preconditioner must be None, 'pivoted' or 'rpcholesky', got {preconditioner!r}")
-        if max_seconds is not None and not (math.isfinite(max_seconds) and max_seconds > 0):
-            raise ValueError(f"max_seconds must be a positive number or None, got {max_seconds}")
-        if int(preconditioner_block_size) != preconditioner_block_size or preconditioner_block_size < 1:
-            raise ValueError(f"preconditioner_block_size must be a positive integer, got {preconditioner_block_size}")
-        self.max_seconds, self.preconditioner_block_size = max_seconds, int(preconditioner_block_size)
+        check_positive_or_none("max_seconds", max_seconds)
+        self.max_seconds = max_seconds
+        self.preconditioner_block_size = check_positive_int("preconditioner_block_size", preconditioner_block_size)
         self.num_actions, self.tol = num_actions, tol
         self.preconditioner, self.preconditioner_rank = preconditioner, preconditioner_rank
         self.reorthogonalize, self.seed = reorthogonalize, seed
@@ -291,7 +290,7 @@ class CGPolicy(Policy):
                 self.preconditioner_rank,
                 pivoting=pivoting,
                 generator=gen,
-                block_size=self.preconditioner_block_size if pivoting == "rpcholesky" else 1,
+                block_size=self.preconditioner_block_size,  # greedy pivoting ignores it
             ).solve
 
         def matvec(v):

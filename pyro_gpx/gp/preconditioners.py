@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._validation import check_positive_int
 from .cholesky import safe_cholesky
 from .kernel_fn import KernelFn
 
@@ -69,14 +70,13 @@ def partial_cholesky(
     """
     if pivoting not in ("greedy", "rpcholesky"):
         raise ValueError(f"pivoting must be 'greedy' or 'rpcholesky', got {pivoting!r}")
-    if int(block_size) != block_size or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size}")
+    block_size = check_positive_int("block_size", block_size)
     n = X.shape[0]
     rank = min(int(rank), n)
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     if pivoting == "rpcholesky" and block_size > 1:
-        return _block_rpcholesky(kernel, X, rank, tol, generator, int(block_size))
+        return _block_rpcholesky(kernel, X, rank, tol, generator, block_size)
     diag = kernel.diag(X).double().clone()
     initial = float(diag.sum())
     L = torch.zeros(n, rank, dtype=torch.float64)
