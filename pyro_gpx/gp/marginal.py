@@ -37,16 +37,47 @@ __all__ = ["OBJECTIVES", "ComputationAwareMarginal", "exact_log_marginal_likelih
 OBJECTIVES = ("elbo", "projected", "exact")
 
 
+class _GaussianLogDensity(torch.autograd.Function):
+    r""":math:`\log N(r; 0, C)` for a dense covariance ``C``, with the gradient in closed form,
+
+    .. math:: \frac{\partial}{\partial C} = \tfrac12 (\alpha\alpha^\top - C^{-1}), \qquad
+        \frac{\partial}{\partial r} = -\alpha, \qquad \alpha = C^{-1} r,
+
+    :math:`C^{-1}` from the Cholesky factor (LAPACK ``potri``). Autograd through
+    ``torch.linalg.cholesky`` computes the same gradient 3-4x slower (n = 5000, float64, 2 cores:
+    7.1 s against 2.0 s).
+    """
+
+    @staticmethod
+    def forward(ctx, C: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        L = safe_cholesky(C, "K + noise I")
+        alpha = torch.cholesky_solve(r[:, None], L)[:, 0]
+        ctx.save_for_backward(L, alpha)
+        return -0.5 * (r @ alpha) - L.diagonal().log().sum() - 0.5 * r.shape[0] * math.log(2 * math.pi)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        L, alpha = ctx.saved_tensors
+        grad_C = grad_r = None
+        if ctx.needs_input_grad[0]:
+            grad_C = torch.cholesky_inverse(L)
+            grad_C.sub_(torch.outer(alpha, alpha)).mul_(-0.5 * grad)
+        if ctx.needs_input_grad[1]:
+            grad_r = -grad * alpha
+        return grad_C, grad_r
+
+
 def exact_log_marginal_likelihood(
     kernel: KernelFn, X: torch.Tensor, residual: torch.Tensor, noise: torch.Tensor
 ) -> torch.Tensor:
-    r""":math:`\log N(r; 0, K + \sigma^2 I)` by dense Cholesky, in float64."""
+    r""":math:`\log N(r; 0, K + \sigma^2 I)` by dense Cholesky, in float64; the gradient with
+    respect to :math:`K + \sigma^2 I` is formed in closed form from its inverse (first derivatives
+    only)."""
     n = X.shape[0]
     K = kernel(X, X).double()
     K = K + torch.as_tensor(noise).double() * torch.eye(n, dtype=torch.float64)
-    L = safe_cholesky(K, "K + noise I")
-    alpha = torch.linalg.solve_triangular(L, residual.double()[:, None], upper=False)[:, 0]
-    return -0.5 * (alpha @ alpha) - L.diagonal().log().sum() - 0.5 * n * math.log(2 * math.pi)
+    return _GaussianLogDensity.apply(K, residual.double())
 
 
 class ComputationAwareMarginal(TorchDistribution):
