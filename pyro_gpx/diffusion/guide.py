@@ -24,7 +24,12 @@ a cheap preconditioner: a target whose posterior is far from the origin, badly s
 variable) or strongly correlated (a regression's coefficients) no longer has to be reached by the
 drift network alone; with a zero drift the DDS guide is exactly the Gaussian :math:`N(m, \sigma^2 SS^\top)`,
 so ``affine="full"`` contains ``AutoMultivariateNormal``'s family and the drift learns what is not
-Gaussian. Batched losses and the evidence estimate live in :mod:`~pyro_gpx.diffusion.losses`.
+Gaussian. A normalising flow :math:`f` may follow the affine map (``flow=``): :math:`z = f(m + S y)`,
+and every path gains :math:`-\log|\det \partial f|` at its end point. With a zero drift and the PIS
+defaults (:math:`\sigma = T = 1`, so :math:`y_K \sim N(0, I)`) the guide is then exactly the flow's
+own guide; a flow trained first (e.g. ``AutoIAFNormal``'s transform) is a warm start that the drift
+only has to improve on.
+Batched losses and the evidence estimate live in :mod:`~pyro_gpx.diffusion.losses`.
 """
 
 from __future__ import annotations
@@ -76,6 +81,13 @@ class AutoDiffusion(AutoContinuous):
         (batched against row-by-row evaluation), which a model with internal randomness (e.g. the
         simulated flow of :class:`~pyro_gpx.diffgp.DifferentialGP`) cannot pass: say ``True`` for it.
     :param drift_clip: softly bound the drift network's output (see :class:`~pyro_gpx.diffusion.drift.DriftNet`).
+    :param flow: a bijection of the unconstrained latent space applied after the affine frame,
+        :math:`z = f(m + S y)`: a :class:`~pyro.distributions.torch_transform.TransformModule` (trained
+        with the guide; e.g. a trained ``AutoIAFNormal``'s ``transform``, as a warm start) or a
+        callable ``latent_dim -> TransformModule``. With a flow, the score fed to the drift is that
+        of the pulled-back density :math:`\\nabla_y[\\log\\rho(z) + \\log|\\det\\partial z/\\partial y|]`
+        (detached); on Neal's funnel that score made training diverge, and ``use_score=False`` with a
+        ``drift_clip`` trained stably (``benchmarks/samplers.py``, ``PIS-KL+IAF``).
 
     Example::
 
@@ -107,12 +119,16 @@ class AutoDiffusion(AutoContinuous):
         init_scale: float = 1.0,
         vectorized: bool | None = None,
         drift_clip: float | None = None,
+        flow=None,
     ):
         if init_scale <= 0:
             raise ValueError(f"init_scale must be positive, got {init_scale}")
         if affine not in ("fixed", "diagonal", "full"):
             raise ValueError(f"affine must be 'fixed', 'diagonal' or 'full', got {affine!r}")
+        if flow is not None and not callable(flow):
+            raise TypeError(f"flow must be a TransformModule or a callable latent_dim -> TransformModule, got {flow!r}")
         self.affine, self._init_scale = affine, float(init_scale)
+        self._flow_spec = (flow,)  # a tuple: the module is registered only once the prototype is set up
         self.process = make_process(process, num_steps, sigma, horizon, beta_min, beta_max)
         self._net_config = {"hidden": hidden, "depth": depth, "use_score": use_score, "drift_clip": drift_clip}
         super().__init__(model, init_loc_fn=init_loc_fn)
@@ -143,22 +159,48 @@ class AutoDiffusion(AutoContinuous):
             self.loc = PyroParam(loc)
             self.scale_tril = PyroParam(torch.diag(scale), constraint=constraints.softplus_lower_cholesky)
         self._target_info = {} if self._vectorized is None else {"vectorized": self._vectorized}
+        flow = self._flow_spec[0]
+        if flow is not None and not isinstance(flow, torch.distributions.Transform):
+            flow = flow(self.latent_dim)
+        if flow is not None and not (flow.bijective and flow.domain.event_dim == 1):
+            raise ValueError(f"flow must be a bijection of vectors (event_dim 1), got {flow!r}")
+        self.flow = flow  # a plain nn.Module child: its parameters are registered by pyro.module on access
 
-    def latent_from_state(self, y: torch.Tensor) -> torch.Tensor:
-        """:math:`z = m + S y` (for the rows of ``y``)."""
+    def _affine(self, y: torch.Tensor) -> torch.Tensor:
         if self.affine == "full":
             return self.loc + y @ self.scale_tril.T
         return self.loc + self.scale * y
 
-    def frame_log_det(self) -> torch.Tensor:
-        """:math:`\\log|\\det S|`."""
+    def frame(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r""":math:`z = f(m + S y)` and :math:`\log|\det\partial z/\partial y|` for the rows of ``y``."""
+        x = self._affine(y)
         scale = self.scale_tril.diagonal() if self.affine == "full" else self.scale
-        return scale.log().sum()
+        log_det = scale.log().sum().expand(y.shape[:-1])
+        flow = self.flow
+        if flow is None:
+            return x, log_det
+        z = flow(x)
+        return z, log_det + flow.log_abs_det_jacobian(x, z)
+
+    def latent_from_state(self, y: torch.Tensor) -> torch.Tensor:
+        """:math:`z = f(m + S y)` (for the rows of ``y``; :math:`f` the identity without a flow)."""
+        return self.frame(y)[0]
+
+    def frame_log_det(self, y: torch.Tensor) -> torch.Tensor:
+        """:math:`\\log|\\det\\partial z/\\partial y|` at the rows of ``y`` (:math:`\\log|\\det S|` without a flow)."""
+        return self.frame(y)[1]
 
     def state_score(self, target: UnconstrainedTarget, y: torch.Tensor) -> torch.Tensor:
         """The score in the process frame, :math:`S^\\top\\nabla\\log\\rho(m + S y)` (the target
-        score is detached; the frame is not)."""
-        score = self._score(target, self.latent_from_state(y))
+        score is detached; the frame is not). With a flow, the detached score of the pulled-back
+        density :math:`\\nabla_y[\\log\\rho(z) + \\log|\\det\\partial z/\\partial y|]`."""
+        if self.flow is not None:
+            with torch.enable_grad():
+                y = y.detach().requires_grad_()
+                z, log_det = self.frame(y)
+                score = self._score(target, z.detach())
+                return torch.autograd.grad((z * score).sum() + log_det.sum(), y)[0]
+        score = self._score(target, self._affine(y))
         return score @ self.scale_tril if self.affine == "full" else self.scale * score
 
     def target(self, *args, **kwargs) -> UnconstrainedTarget:
@@ -198,7 +240,8 @@ class AutoDiffusion(AutoContinuous):
             y = y_next
             if keep_path:
                 states.append(y)
-        out = PathSample(z=self.latent_from_state(y), log_path=log_path - self.frame_log_det())
+        z, log_det = self.frame(y)
+        out = PathSample(z=z, log_path=log_path - log_det)
         if keep_path:
             out["states"] = torch.stack(states, 1)
             out["eps"] = eps

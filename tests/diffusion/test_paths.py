@@ -181,3 +181,92 @@ def test_drift_clip_bounds_the_drift_softly(float64):
     torch.testing.assert_close(out, 2.0 * torch.tanh(unclipped / 2.0))
     with pytest.raises(ValueError, match="drift_clip"):
         DriftNet(3, drift_clip=0.0)
+
+
+def _iaf(dim, seed=0):
+    """A float64 affine-autoregressive flow with non-trivial (random) weights."""
+    from pyro.distributions.transforms import affine_autoregressive
+
+    torch.manual_seed(seed)
+    flow = affine_autoregressive(dim, hidden_dims=[8]).to(torch.float64)
+    for p in flow.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return flow
+
+
+def test_untrained_pis_with_a_flow_is_the_flow_guide(float64):
+    # zero drift, sigma = T = 1: y_K ~ N(0, I), so z = f(m + S y) has exactly the flow's density,
+    # which is the path density of every sample
+    flow = _iaf(3)
+    guide = AutoDiffusion(gaussian_model(), num_steps=6, hidden=8, flow=flow, affine="fixed", init_loc_fn=init_to_mean)
+    guide()
+    with torch.no_grad():
+        path = guide.sample_paths(50, keep_path=True)
+        flow_guide = dist.TransformedDistribution(dist.Normal(torch.zeros(3, dtype=torch.float64), 1.0).to_event(1),
+                                                  [flow])  # fmt: skip
+        torch.testing.assert_close(path.z, flow(path.states[:, -1]))
+        torch.testing.assert_close(path.log_path, flow_guide.log_prob(path.z), rtol=1e-10, atol=1e-10)
+
+
+def test_flow_path_density_and_pulled_back_score(float64):
+    """With a drift, the flow's log-Jacobian enters the path density at the end point, and the drift
+    sees the score of log rho(f(m + S y)) + log|det| in y (checked by central differences)."""
+    model = gaussian_model(scale=1.7)
+    guide = AutoDiffusion(model, num_steps=5, hidden=8, flow=lambda d: _iaf(d, seed=1))
+    guide()
+    for p in guide.drift.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    guide.loc = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    guide.scale = FULL_FRAME.diagonal().clone()
+    with torch.no_grad():
+        path = guide.sample_paths(4, keep_path=True)
+        y = path.states[:, -1]
+        x = guide.loc + guide.scale * y
+        z = guide.flow(x)
+        without_flow = _reference_log_path_affine(guide, path)
+        expected = without_flow - guide.flow.log_abs_det_jacobian(x, z)
+    torch.testing.assert_close(path.z, z)
+    torch.testing.assert_close(path.log_path, expected, rtol=1e-10, atol=1e-10)
+
+    target = guide.target()
+
+    def pulled_back(y):
+        z, log_det = guide.frame(y)
+        return target.log_density(z) + log_det
+
+    score = guide.state_score(target, y)
+    eps = 1e-6
+    with torch.no_grad():
+        fd = torch.stack([(pulled_back(y + eps * e) - pulled_back(y - eps * e)) / (2 * eps)
+                          for e in torch.eye(3, dtype=torch.float64)], -1)  # fmt: skip
+    torch.testing.assert_close(score, fd, rtol=1e-6, atol=1e-6)
+
+
+def _reference_log_path_affine(guide, path):
+    """Per-step path density with the drift fed the flow-frame score (the flow's log-Jacobian excluded)."""
+    proc, states, K = guide.process, path.states, guide.process.num_steps
+    total = -guide.scale.detach().log().sum().expand(states.shape[0]).clone()
+    target = guide.target()
+    for k in range(K):
+        z, z_next = states[:, k], states[:, k + 1]
+        u = guide.drift(z, float(proc.times()[k]), guide.state_score(target, z))
+        total += Normal(z + u * proc.dt, proc.sigma * math.sqrt(proc.dt)).log_prob(z_next).sum(-1)
+        if k > 0:
+            f = k / (k + 1)
+            total -= Normal(z_next * f, proc.sigma * math.sqrt(proc.dt * f)).log_prob(z).sum(-1)
+    return total
+
+
+def test_flow_parameters_are_trained(float64):
+    model = gaussian_model(scale=2.0)
+    guide = AutoDiffusion(model, num_steps=4, hidden=8, flow=lambda d: _iaf(d))
+    guide()
+    names = [n for n in pyro.get_param_store() if n.startswith("AutoDiffusion.flow")]
+    assert names
+    for loss in (PathELBO(16), LogVarianceLoss(16)):
+        pyro.get_param_store().get_param(names[0]).grad = None
+        loss.loss_and_grads(model, guide)
+        grads = [pyro.param(n).grad for n in names]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    with pytest.raises(TypeError, match="flow must be"):
+        AutoDiffusion(model, flow=3)
