@@ -100,6 +100,13 @@ class AutoDiffusion(AutoContinuous):
         >>> loss = svi.step()
         >>> guide()["x"].shape
         torch.Size([2])
+
+    In the frame of a normalising flow (with a zero drift it is exactly the flow's guide)::
+
+        >>> from pyro.distributions.transforms import affine_autoregressive
+        >>> guide = AutoDiffusion(model, num_steps=8, hidden=16, flow=affine_autoregressive, use_score=False)
+        >>> guide()["x"].shape
+        torch.Size([2])
     """
 
     def __init__(
