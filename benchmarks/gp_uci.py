@@ -395,8 +395,11 @@ def _converge_lbfgs(params, loss_fn, max_evals: int, label: str) -> tuple[int, f
         return value
 
     optim.step(closure)
-    grad = max(float(p.grad.abs().max()) for p in params)
-    loss = float(loss_fn().detach())
+    # L-BFGS's last evaluation may be a rejected line-search trial: loss and gradient at the final point
+    optim.zero_grad()
+    value = loss_fn()
+    value.backward()
+    loss, grad = float(value), max(float(p.grad.abs().max()) for p in params)
     print(f"  exact reference {label}: converged after {evals[0]} evaluations, loss {loss:.6f}, max |grad| {grad:.1e}",
           flush=True)  # fmt: skip
     return evals[0], loss

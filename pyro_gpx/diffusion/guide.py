@@ -189,14 +189,6 @@ class AutoDiffusion(AutoContinuous):
         z = flow(x)
         return z, log_det + flow.log_abs_det_jacobian(x, z)
 
-    def latent_from_state(self, y: torch.Tensor) -> torch.Tensor:
-        """:math:`z = f(m + S y)` (for the rows of ``y``; :math:`f` the identity without a flow)."""
-        return self.frame(y)[0]
-
-    def frame_log_det(self, y: torch.Tensor) -> torch.Tensor:
-        """:math:`\\log|\\det\\partial z/\\partial y|` at the rows of ``y`` (:math:`\\log|\\det S|` without a flow)."""
-        return self.frame(y)[1]
-
     def state_score(self, target: UnconstrainedTarget, y: torch.Tensor) -> torch.Tensor:
         """The score in the process frame, :math:`S^\\top\\nabla\\log\\rho(m + S y)` (the target
         score is detached; the frame is not). With a flow, the detached score of the pulled-back
