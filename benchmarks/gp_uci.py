@@ -108,6 +108,21 @@ def _plain(step):
     return lambda deadline: step()
 
 
+def _loss_and_grad(loss_fn) -> torch.Tensor | None:
+    """``loss_fn()`` with its gradient, or ``None`` where an L-BFGS trial step left the valid region
+    (non-finite loss, indefinite or non-finite matrix): the line search then backs off."""
+    try:
+        value = loss_fn()
+    except (ValueError, RuntimeError) as e:
+        if not _numerical_failure(e):
+            raise
+        return None
+    if not torch.isfinite(value):
+        return None
+    value.backward()
+    return value
+
+
 def _lbfgs_step(params, loss_fn, max_eval: int = 5, restart_after: int = RESTART_AFTER):
     """One L-BFGS iteration (strong-Wolfe line search, at most ``max_eval`` loss evaluations).
 
@@ -142,17 +157,11 @@ def _lbfgs_step(params, loss_fn, max_eval: int = 5, restart_after: int = RESTART
                 raise _OutOfTime
             optim.zero_grad()
             start = time.perf_counter()
-            try:
-                value = loss_fn()
-            except (ValueError, RuntimeError) as e:
-                if not _numerical_failure(e):
-                    raise
-                return torch.tensor(_BAD_LOSS)  # a trial step left the valid region: back off
-            if not torch.isfinite(value):
-                return torch.tensor(_BAD_LOSS)
-            value.backward()
-            eval_seconds.append(time.perf_counter() - start)
-            return value
+            value = _loss_and_grad(loss_fn)
+            if value is not None:
+                eval_seconds.append(time.perf_counter() - start)
+                return value
+            return torch.tensor(_BAD_LOSS)
 
         try:
             return optim.step(closure)
@@ -387,12 +396,12 @@ def _converge_lbfgs(params, loss_fn, max_evals: int, label: str) -> tuple[int, f
 
     def closure():
         optim.zero_grad()
-        value = loss_fn()
-        value.backward()
+        value = _loss_and_grad(loss_fn)
         evals[0] += 1
-        print(f"  exact reference {label}: evaluation {evals[0]} loss {float(value):.6f} "
-              f"({time.perf_counter() - start:.0f}s)", flush=True)  # fmt: skip
-        return value
+        shown = "invalid (backing off)" if value is None else f"{float(value):.6f}"
+        print(f"  exact reference {label}: evaluation {evals[0]} loss {shown} ({time.perf_counter() - start:.0f}s)",
+              flush=True)  # fmt: skip
+        return torch.tensor(_BAD_LOSS) if value is None else value
 
     optim.step(closure)
     # L-BFGS's last evaluation may be a rejected line-search trial: loss and gradient at the final point
