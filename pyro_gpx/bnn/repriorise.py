@@ -38,6 +38,7 @@ import pyro.distributions as dist
 import torch
 from pyro.infer.reparam.reparam import Reparam
 
+from .._linalg import gram
 from ..gp.cholesky import safe_cholesky
 from .matrix_function import inverse_sqrt_shrinkage
 
@@ -56,7 +57,11 @@ def readout_map(
     :math:`K = \tilde\Phi\tilde\Phi^\top` (:func:`~pyro_gpx.bnn.matrix_function.inverse_sqrt_shrinkage`),
     and the mean and determinant use :math:`K + \lambda I` (:math:`O(n^2 D + n^3)`). Both roots
     whiten the conditional posterior exactly; they differ only in which :math:`\phi` maps to which
-    :math:`\tilde\theta`.
+    :math:`\tilde\theta`, and that matters to the sampler: an eigendecomposition-free dual root,
+    :math:`I - \tilde\Phi^\top L^{-\top}(L + \sqrt\lambda I)^{-1}\tilde\Phi` with :math:`K + \lambda I = LL^\top`
+    (also exact, and half the cost per gradient at :math:`n = 500`, :math:`D = 1025`), took NUTS 45
+    instead of 31 gradients per draw on concrete (:math:`n = 100`, :math:`D = 1025`) with less than
+    half the median ESS per gradient. The symmetric root is the one closest to the identity.
 
     :param Phi_scaled: :math:`\tilde\Phi`, ``(n, D)``.
     :param y: ``(n, d_out)`` targets.
@@ -67,13 +72,13 @@ def readout_map(
     d_out = whitened.shape[-1]
     noise = torch.as_tensor(noise, dtype=Phi_scaled.dtype)
     if 2 * n >= D:  # the eigendecomposition costs several Cholesky factorisations of its size
-        G = Phi_scaled.T @ Phi_scaled + noise * torch.eye(D, dtype=Phi_scaled.dtype)
+        G = gram(Phi_scaled) + noise * torch.eye(D, dtype=Phi_scaled.dtype)
         L = safe_cholesky(G, "the readout Gram matrix Phi^T Phi + noise I")
         mean = torch.cholesky_solve(Phi_scaled.T @ y, L)
         theta = mean + noise.sqrt() * torch.linalg.solve_triangular(L.T, whitened, upper=True)
         logdet = d_out * (0.5 * D * torch.log(noise) - L.diagonal().log().sum())
         return theta, logdet
-    K = Phi_scaled @ Phi_scaled.T
+    K = gram(Phi_scaled.T)
     L = safe_cholesky(K + noise * torch.eye(n, dtype=K.dtype), "the readout kernel matrix Phi Phi^T + noise I")
     mean = Phi_scaled.T @ torch.cholesky_solve(y, L)
     shrink = inverse_sqrt_shrinkage(K / noise)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._linalg import gram
 from .actions import Actions, DenseActions, StackedActions
 from .cholesky import safe_cholesky
 from .kernel_fn import KernelFn
@@ -35,21 +36,6 @@ __all__ = ["ActionProjection", "independent_columns", "project", "project_extend
 
 def _sym(A: torch.Tensor) -> torch.Tensor:
     return 0.5 * (A + A.transpose(-1, -2))
-
-
-class _Gram(torch.autograd.Function):
-    """:math:`A^\top A` with a one-GEMM backward, :math:`A (\bar G + \bar G^\top)` (autograd's
-    product rule takes two)."""
-
-    @staticmethod
-    def forward(ctx, A):
-        ctx.save_for_backward(A)
-        return A.T @ A
-
-    @staticmethod
-    def backward(ctx, grad):
-        (A,) = ctx.saved_tensors
-        return A @ (grad + grad.T)
 
 
 @dataclass
@@ -109,7 +95,7 @@ class ActionProjection:
         KS = self.KS.double()
         r = self.residual.double()
         fit = r - KS @ self.weights
-        KSKS = _Gram.apply(KS)
+        KSKS = gram(KS)
         trace_reduction = torch.trace(self.solve_G(_sym(KSKS)))
         expected = -0.5 * (
             n * torch.log(2 * math.pi * noise) + (fit @ fit + diag_K.double().sum() - trace_reduction) / noise

@@ -40,6 +40,24 @@ def test_readout_map_is_the_conditional_posterior(float64, n, D):
     torch.testing.assert_close(theta - (M @ phi), torch.linalg.solve(G, Phi.T @ y))
 
 
+@pytest.mark.parametrize("kind", ["full rank", "repeated rows"])
+def test_wide_readout_map_gradients_match_finite_differences(float64, kind):
+    # 2n < D: the symmetric root from an n x n eigendecomposition; with three equal rows of features K has
+    # a double zero eigenvalue, where eigh's own backward divides by zero
+    gen = torch.Generator().manual_seed(3)
+    Phi = torch.randn(4, 9, generator=gen)
+    if kind == "repeated rows":
+        Phi[1:3] = Phi[0]
+    y, phi = torch.randn(4, 1, generator=gen), torch.randn(9, 1, generator=gen)
+
+    def f(Phi, noise, phi):
+        theta, logdet = readout_map(Phi, y, noise, phi)
+        return theta.square().sum() + logdet
+
+    inputs = (Phi.requires_grad_(), torch.tensor(0.3, requires_grad=True), phi.requires_grad_())
+    assert torch.autograd.gradcheck(f, inputs)
+
+
 @pytest.mark.parametrize("parameterization", ["ntk", "standard"])
 @pytest.mark.parametrize("latent_noise", [False, True])
 @pytest.mark.parametrize("widths", [[5, 4], [100]], ids=["narrow", "wide"])
