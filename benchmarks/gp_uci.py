@@ -14,6 +14,7 @@ Three parts, all in one process so the numbers are side by side:
 from __future__ import annotations
 
 import functools
+import json
 import math
 import statistics
 import sys
@@ -176,10 +177,11 @@ def _lbfgs_step(params, loss_fn, max_eval: int = 5, restart_after: int = RESTART
     return step
 
 
-def _pyro_params(model, guide) -> list[torch.Tensor]:
+def _pyro_params(model, guide, only: str | None = None) -> list[torch.Tensor]:
+    """The unconstrained Pyro parameters of ``model``/``guide`` (those whose name contains ``only``)."""
     with pyro.poutine.trace(param_only=True) as capture:
         pyro.infer.Trace_ELBO().differentiable_loss(model, guide)
-    return [site["value"].unconstrained() for site in capture.trace.nodes.values()]
+    return [site["value"].unconstrained() for name, site in capture.trace.nodes.items() if only is None or only in name]
 
 
 # -- ours -------------------------------------------------------------------------------------------
@@ -195,6 +197,7 @@ def run_cagp(
     seed: int = 0,
     warm_fraction: float = WARM_FRACTION,
     refine: CGPolicy | None = None,
+    fixed_hypers: dict | None = None,
 ) -> dict:
     """Train a ComputationAwareGP within ``budget`` seconds.
 
@@ -207,19 +210,29 @@ def run_cagp(
     when the budget left, less ``PROJECTION_EVALS`` full-data loss evaluations for the projection
     that follows it, is spent (``CGPolicy.max_seconds``; protein, 41k points: a CG iteration costs
     about 0.35 loss evaluations and the projection with the test predictions about 2).
+    ``fixed_hypers`` (``outputscale``, ``lengthscale``, ``noise``, e.g. a converged exact GP's record):
+    keep these kernel hyperparameters and train only the actions (a diagnostic).
     """
     pyro.clear_param_store()
     X, y = split.X_train, split.y_train
     subset = None
     if warm_start_n is not None and len(y) > warm_start_n:
         subset = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:warm_start_n]
+    kernel, noise = make_kernel(split.dim), 0.1
+    if fixed_hypers is not None:
+        kernel.outputscale = fixed_hypers["outputscale"]
+        kernel.base_kernel.lengthscale = torch.tensor(fixed_hypers["lengthscale"])[None]
+        noise = fixed_hypers["noise"]
     gp = ComputationAwareGP(X if subset is None else X[subset], y if subset is None else y[subset],
-                            make_kernel(split.dim), policy=policy, noise=0.1, objective=objective)  # fmt: skip
+                            kernel, policy=policy, noise=noise, objective=objective)  # fmt: skip
     loss_fn = pyro.infer.Trace_ELBO().differentiable_loss
+    if fixed_hypers is not None and optimizer != "lbfgs":
+        raise ValueError("fixed_hypers is a CaGP-Opt (L-BFGS) diagnostic")
+    only = "policy" if fixed_hypers is not None else None
 
     def make_step():
         if optimizer == "lbfgs":
-            return _lbfgs_step(_pyro_params(gp.model, gp.guide), lambda: loss_fn(gp.model, gp.guide))
+            return _lbfgs_step(_pyro_params(gp.model, gp.guide, only), lambda: loss_fn(gp.model, gp.guide))
         svi = pyro.infer.SVI(gp.model, gp.guide, pyro.optim.Adam({"lr": lr}), pyro.infer.Trace_ELBO())
         return _plain(svi.step)
 
@@ -464,6 +477,20 @@ def _refine_policy(args) -> CGPolicy | None:
                     preconditioner_block_size=50)  # fmt: skip
 
 
+FIXED = "CaGP-Opt (exact GP's hyperparameters)"
+
+
+def _exact_hypers(args, split) -> dict:
+    """The converged exact GP's kernel hyperparameters and noise for ``split`` from ``--hypers-from``."""
+    if not args.hypers_from:
+        raise ValueError(f"method {FIXED!r} needs --hypers-from (a JSON with 'Exact GP (converged Cholesky)' rows)")
+    for record in json.loads(Path(args.hypers_from).read_text()):
+        if (record["dataset"], record["split"], record["method"]) == (split.name, split.split,
+                                                                      "Exact GP (converged Cholesky)"):  # fmt: skip
+            return record
+    raise ValueError(f"no converged exact-GP row for {split.name} split {split.split} in {args.hypers_from}")
+
+
 # -- the three parts --------------------------------------------------------------------------------
 def accuracy(args, records, trained):
     budget = args.budget
@@ -479,6 +506,10 @@ def accuracy(args, records, trained):
                                                                    init=args.action_init), "elbo",
                                                  budget, cfg["max_steps"], 0.1, "lbfgs", cfg["warm_start_n"],
                                                  args.seed, args.warm_fraction, _refine_policy(args))),
+        # diagnostic: the exact GP's hyperparameters (--hypers-from), only the actions trained, no subset phase
+        FIXED: ("ours", lambda s: run_cagp(s, BlockSparsePolicy(min(cfg["actions"], s.n_train), init=args.action_init),
+                                           "elbo", budget, cfg["max_steps"], 0.1, "lbfgs", None, args.seed,
+                                           refine=_refine_policy(args), fixed_hypers=_exact_hypers(args, s))),
         "CaGP-CG": ("ours", lambda s: run_cagp(s, CGPolicy(cfg["cg_actions"], preconditioner="rpcholesky",
                                                            preconditioner_rank=64), "elbo",
                                                budget, cfg["max_steps"], 0.1)),
@@ -631,6 +662,7 @@ def main(argv=None):
             default=20,
             help="CaGP-Opt's prediction-time CG actions (0: predict with the learned actions only)",
         )
+        parser.add_argument("--hypers-from", default=None, help=f"JSON with exact-GP rows, for {FIXED!r}")
         parser.add_argument("--action-init", default="constant", help="CaGP-Opt's BlockSparsePolicy init")
 
     args = harness.parse_args(__doc__.splitlines()[0], default_datasets=["elevators", "bike", "pol", "protein"],
