@@ -213,6 +213,8 @@ def run_cagp(
     ``fixed_hypers`` (``outputscale``, ``lengthscale``, ``noise``, e.g. a converged exact GP's record):
     keep these kernel hyperparameters and train only the actions (a diagnostic).
     """
+    if fixed_hypers is not None and optimizer != "lbfgs":
+        raise ValueError("fixed_hypers is a CaGP-Opt (L-BFGS) diagnostic")
     pyro.clear_param_store()
     X, y = split.X_train, split.y_train
     subset = None
@@ -226,8 +228,6 @@ def run_cagp(
     gp = ComputationAwareGP(X if subset is None else X[subset], y if subset is None else y[subset],
                             kernel, policy=policy, noise=noise, objective=objective)  # fmt: skip
     loss_fn = pyro.infer.Trace_ELBO().differentiable_loss
-    if fixed_hypers is not None and optimizer != "lbfgs":
-        raise ValueError("fixed_hypers is a CaGP-Opt (L-BFGS) diagnostic")
     only = "policy" if fixed_hypers is not None else None
 
     def make_step():

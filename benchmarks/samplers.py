@@ -171,11 +171,19 @@ def _zeros(site):  # the origin of a real-valued site (every target here has rea
     return torch.zeros_like(site["fn"].sample())
 
 
+def _fit_autoguide(model, args, target, cls, budget, cfg):
+    """A Pyro autoguide trained as every peer is: ``Trace_ELBO`` with vectorised particles, Adam 1e-2."""
+    kwargs = {"init_loc_fn": _init(target)} if _init(target) is not None else {}
+    guide = cls(model, **kwargs)
+    elbo = Trace_ELBO(num_particles=cfg["vi_particles"], vectorize_particles=True, max_plate_nesting=1)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), elbo)
+    steps, seconds = _train(svi, args, budget, LR_DECAY.get(target))
+    return guide, steps, seconds
+
+
 def _iaf_warm_start(model, args, target, budget, cfg):
     """``AutoIAFNormal`` trained exactly as the peer for ``budget`` seconds; its trained transform."""
-    guide = AutoIAFNormal(model)
-    elbo = Trace_ELBO(num_particles=cfg["vi_particles"], vectorize_particles=True, max_plate_nesting=1)
-    _train(SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), elbo), args, budget, LR_DECAY.get(target))
+    guide, _, _ = _fit_autoguide(model, args, target, AutoIAFNormal, budget, cfg)
     flow = guide._init_transform_fn(guide.latent_dim)  # a fresh copy (the trained one caches graph tensors)
     flow.load_state_dict(guide.transform.state_dict())
     return flow
@@ -215,11 +223,7 @@ def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fra
 
 
 def run_autoguide(model, args, target, cls, budget, cfg):
-    kwargs = {"init_loc_fn": _init(target)} if _init(target) is not None else {}
-    guide = cls(model, **kwargs)
-    elbo = Trace_ELBO(num_particles=cfg["vi_particles"], vectorize_particles=True, max_plate_nesting=1)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), elbo)
-    steps, seconds = _train(svi, args, budget, LR_DECAY.get(target))
+    guide, steps, seconds = _fit_autoguide(model, args, target, cls, budget, cfg)
     with torch.no_grad():
         log_w, _, guide_trace = vectorized_importance_weights(
             model, guide, *args, num_samples=cfg["eval_paths"], max_plate_nesting=1
