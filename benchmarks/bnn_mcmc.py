@@ -107,6 +107,13 @@ def run_config(split, dataset, depth, width, method, args) -> dict:
     projections = {"proj": np.einsum("csn,nk->csk", f_test.numpy(), U)}
     w_min, w_med, rhat_w = _ess_stats({k: v.numpy() for k, v in weights.items()})
     p_min, p_med, rhat_p = _ess_stats(projections)
+    # per group: which part of the posterior limits the minimum (hidden weights, readout, noise)
+    groups = {
+        "hidden": {k: v.numpy() for k, v in weights.items() if k.startswith("layers")},
+        "readout": {"readout": weights["readout"].numpy()},
+        "noise": {"noise": weights["noise"].numpy()},
+    }
+    by_group = {f"ess_{g}_min": _ess_stats(arrays)[0] for g, arrays in groups.items()}
     grads = float(result.sample_stats["n_steps"].sum())
     chain_seconds = float(sum(result.seconds))
     noise = weights["noise"].reshape(-1)
@@ -121,7 +128,7 @@ def run_config(split, dataset, depth, width, method, args) -> dict:
         "rhat_proj_max": rhat_p, "num_grads": grads,
         "grads_per_draw": grads / (4 * args.num_samples), "train_seconds": wall,
         "rmse": rmse(means.mean(0), y_test), "nll": mixture_gaussian_nll(means, variances, y_test),
-        "divergences": int(result.sample_stats["diverging"].sum()), "width": width, "depth": depth,
+        "divergences": int(result.sample_stats["diverging"].sum()), "width": width, "depth": depth, **by_group,
     }  # fmt: skip
 
 
