@@ -231,9 +231,10 @@ class AutoDiffusion(AutoContinuous):
         y, log_path = process.initial(eps[:, 0])
         log_path = log_path + gaussian_log_density(eps[:, 0], torch.zeros_like(eps[:, 0]), 1.0)
         states = [y] if keep_path else None
+        drift_fn = self.drift.functional()
         for k in range(process.num_steps):
             score = self.state_score(target, y) if target is not None else None
-            drift = self.drift(y, float(times[k]), score)
+            drift = drift_fn(y, float(times[k]), score)
             y_next, log_f, log_b = process.step(k, y, drift, eps[:, k + 1])
             log_path = log_path + log_f + gaussian_log_density(eps[:, k + 1], torch.zeros_like(y), 1.0) - log_b
             y = y_next

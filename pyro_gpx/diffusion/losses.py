@@ -102,10 +102,11 @@ class LogVarianceLoss(_BatchedPathLoss):
         times = process.times()
         z_end, log_det = guide.frame(states[:, -1])  # gradients reach m, S (and a flow)
         log_path = process.initial_log_density(states[:, 0]) - log_det
+        drift_fn = guide.drift.functional()
         for k in range(process.num_steps):
             y, y_next = states[:, k], states[:, k + 1]
             score = guide.state_score(target, y) if guide.drift.use_score else None
-            drift = guide.drift(y, float(times[k]), score)
+            drift = drift_fn(y, float(times[k]), score)
             log_f = process.forward_log_density(k, y, drift, y_next)
             log_path = log_path + log_f - process.backward_log_density(k, y, y_next)
         log_target = guide._log_density(target, z_end)
