@@ -150,6 +150,20 @@ def _metrics(pred: dict, split, classes) -> dict:
     return {"rmse": rmse(means.mean(0), y), "nll": mixture_gaussian_nll(means, variances, y)}
 
 
+def _last_layer_nuts(gaussian, split, classes, args) -> tuple[str, str, dict]:
+    """NUTS over the last layer, with the Gaussian BLL's features (and noise, prior scale) frozen."""
+    X, y = split.X_train, split.y_train
+    with torch.no_grad():
+        design = gaussian.design(X)
+    start = time.perf_counter()
+    kernel = NUTS(gaussian, full_mass=True, max_tree_depth=8)  # a strongly correlated posterior
+    mcmc = MCMC(kernel, num_samples=args.nuts_samples, warmup_steps=args.nuts_samples, disable_progbar=True)
+    mcmc.run(X, y, design=design)
+    seconds = time.perf_counter() - start
+    pred = _summaries(gaussian, mcmc.get_samples(), split, classes, args.num_samples, None)
+    return "last-layer NUTS", "peer", dict(_metrics(pred, split, classes), train_seconds=seconds)
+
+
 def run_split(split, classes, cfg, args) -> list[tuple[str, str, dict]]:
     X, y = split.X_train, split.y_train
     results = []
@@ -164,16 +178,8 @@ def run_split(split, classes, cfg, args) -> list[tuple[str, str, dict]]:
     pred = _summaries(gaussian, guide, split, classes, args.num_samples, None)
     results.append(("Gaussian BLL", "ours", dict(_metrics(pred, split, classes), train_seconds=seconds)))
 
-    # NUTS over the last layer, with the Gaussian BLL's features (and noise, prior scale) frozen
-    with torch.no_grad():
-        design = gaussian.design(X)
-    start = time.perf_counter()
-    kernel = NUTS(gaussian, full_mass=True, max_tree_depth=8)  # a strongly correlated posterior
-    mcmc = MCMC(kernel, num_samples=args.nuts_samples, warmup_steps=args.nuts_samples, disable_progbar=True)
-    mcmc.run(X, y, design=design)
-    seconds = time.perf_counter() - start
-    pred = _summaries(gaussian, mcmc.get_samples(), split, classes, args.num_samples, None)
-    results.append(("last-layer NUTS", "peer", dict(_metrics(pred, split, classes), train_seconds=seconds)))
+    if not args.skip_nuts:
+        results.append(_last_layer_nuts(gaussian, split, classes, args))
 
     guide = AutoDiffusion(implicit, process="pis", num_steps=cfg["steps"], hidden=64, init_scale=0.1, use_score=False,
                           affine=args.affine)  # fmt: skip
@@ -219,10 +225,10 @@ def _add_outliers(split, fraction: float, seed: int):
     return dataclasses.replace(split, y_train=y)
 
 
-def _config(n: int, quick: bool, lr_final: float = 0.01, paths: int = 16) -> dict:
+def _config(n: int, quick: bool, lr_final: float = 0.01, paths: int = 16, steps: int = 8) -> dict:
     batch = 128 if n > 2000 else 32
     epochs = max(10, min(400, math.ceil(4000 / math.ceil(n / batch))))  # about 4000 steps
-    cfg = {"batch": batch, "epochs": epochs, "lr": 5e-3, "lr_final": lr_final, "steps": 16, "paths": paths}
+    cfg = {"batch": batch, "epochs": epochs, "lr": 5e-3, "lr_final": lr_final, "steps": steps, "paths": paths}
     if quick:
         cfg["epochs"] = max(3, epochs // 10)
     return cfg
@@ -236,6 +242,8 @@ def main(argv=None):
         parser.add_argument("--lr-final", type=float, default=0.01,
                             help="the last-layer SVI's learning rate decays exponentially to this share")  # fmt: skip
         parser.add_argument("--paths", type=int, default=16, help="diffusion paths per SVI step (implicit BLL)")
+        parser.add_argument("--steps", type=int, default=8, help="diffusion steps of the implicit BLL's guide")
+        parser.add_argument("--skip-nuts", action="store_true", help="leave out the last-layer NUTS reference")
         parser.add_argument("--affine", default="diagonal", choices=["diagonal", "full"],
                             help="the implicit BLL's diffusion-guide frame")  # fmt: skip
 
@@ -255,7 +263,7 @@ def main(argv=None):
                 split, classes = load_uci(dataset, split_id, args.data_dir), None
                 if args.outliers > 0:
                     split = _add_outliers(split, args.outliers, split_id)
-            cfg = _config(split.n_train, args.quick, args.lr_final, args.paths)
+            cfg = _config(split.n_train, args.quick, args.lr_final, args.paths, args.steps)
             name = dataset if not args.outliers or classes else f"{dataset} (outliers {args.outliers:g})"
             for method, role, metrics in run_split(split, classes, cfg, args):
                 records.append(harness.record("bll", name, split_id, method, role, n_train=split.n_train,
