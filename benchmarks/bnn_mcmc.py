@@ -19,6 +19,7 @@ import arviz as az
 import numpy as np
 import pyro
 import torch
+from pyro.infer.mcmc.util import initialize_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
@@ -90,12 +91,32 @@ def _ess_stats(arrays: dict[str, np.ndarray]) -> tuple[float, float, float, dict
     return float(np.nanmin(ess)), float(np.nanmedian(ess)), float(np.nanmax(rhat)), mins
 
 
+def _gradient_ms(model, X, y, repeats: int = 60) -> float:
+    """Median milliseconds of one potential-energy gradient at the initial point, on one thread:
+    the cost per gradient without the noise of other jobs sharing the cores during the chains."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        init, potential_fn, _, _ = initialize_model(model, (X, y))
+        params = {k: v.detach().clone().requires_grad_() for k, v in init.items()}
+        times = []
+        for _ in range(repeats + 5):
+            start = time.perf_counter()
+            torch.autograd.grad(potential_fn(params), list(params.values()))
+            times.append(time.perf_counter() - start)
+        return 1e3 * float(np.median(times[5:]))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_config(split, dataset, depth, width, method, args) -> dict:
     kernel = "hmc" if "HMC" in method else "nuts"
     bnn = BayesianMLP(split.dim, [width] * depth, noise=None, parameterization="ntk")
     model = bnn.repriorised() if method.startswith("repriorised") else bnn
     kernel_kwargs = {"max_tree_depth": args.max_tree_depth} if kernel == "nuts" else {"trajectory_length": 2.0}
     X, y = split.X_train, split.y_train
+    gradient_ms = _gradient_ms(model, X, y)
+    pyro.set_rng_seed(args.seed)
     start = time.perf_counter()
     result = run_chains(model, (X, y), num_chains=4, num_samples=args.num_samples, warmup_steps=args.num_samples,
                         kernel=kernel, kernel_kwargs=kernel_kwargs, seed=args.seed, processes=args.processes,
@@ -122,7 +143,10 @@ def run_config(split, dataset, depth, width, method, args) -> dict:
         "ess_bulk_min": w_min, "ess_bulk_median": w_med, "ess_proj_min": p_min, "ess_proj_median": p_med,
         "ess_per_grad_min": w_min / grads, "ess_per_grad_median": w_med / grads,
         "ess_proj_per_grad_min": p_min / grads, "ess_per_second_min": w_min / chain_seconds,
-        "ess_proj_per_second_min": p_min / chain_seconds, "rhat_max": max(rhat_w, rhat_p), "rhat_weights_max": rhat_w,
+        "ess_proj_per_second_min": p_min / chain_seconds, "gradient_ms": gradient_ms,
+        "ess_per_gradient_second_min": w_min / grads / (gradient_ms / 1e3),
+        "ess_proj_per_gradient_second_min": p_min / grads / (gradient_ms / 1e3),
+        "rhat_max": max(rhat_w, rhat_p), "rhat_weights_max": rhat_w,
         "rhat_proj_max": rhat_p, "num_grads": grads,
         "grads_per_draw": grads / (4 * args.num_samples), "train_seconds": wall,
         "rmse": rmse(means.mean(0), y_test), "nll": mixture_gaussian_nll(means, variances, y_test),
@@ -187,6 +211,7 @@ def main(argv=None):
         "ess_per_grad_min",
         "ess_proj_per_grad_min",
         "ess_per_second_min",
+        "gradient_ms",
         "rhat_weights_max",
         "rhat_proj_max",
         "nll",

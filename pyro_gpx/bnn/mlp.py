@@ -88,6 +88,7 @@ class BayesianMLP(PyroModule):
         self.fan_ins = [in_dim] + self.widths[:-1]
         self._current: dict[str, torch.Tensor] = {}
         self._current_noise: torch.Tensor | None = None
+        self._current_features: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- priors -----------------------------------------------------------------------------------
     def _weight_prior(self, fan_in: int, shape) -> dist.Distribution:
@@ -144,6 +145,22 @@ class BayesianMLP(PyroModule):
             return torch.cat([self.weight_scale / math.sqrt(d) * h, self.bias_scale * ones], -1)
         return torch.cat([h, ones], -1)
 
+    def __getstate__(self):
+        # the last run's draws may be non-leaf tensors in an autograd graph, which cannot be pickled
+        # (e.g. to run chains in other processes after evaluating the model here)
+        state = dict(super().__getstate__())
+        state.update(_current={}, _current_noise=None, _current_features=None)
+        return state
+
+    def current_features(self, X: torch.Tensor) -> torch.Tensor:
+        """:meth:`features` at the current run's hidden weights, reusing the run's own evaluation
+        when ``X`` is the tensor the model was called with (the repriorised readout needs the
+        features of the training inputs the model has just computed)."""
+        cached = self._current_features
+        if cached is not None and cached[0] is X:
+            return cached[1]
+        return self.features(X)
+
     def current_noise(self) -> torch.Tensor:
         """The noise variance drawn in the current model run."""
         if self._current_noise is None:
@@ -176,11 +193,13 @@ class BayesianMLP(PyroModule):
         self._current = self.sample_hidden()
         self._current_noise = noise
         Phi = self.features(X)
+        self._current_features = (X, Phi)
         readout_scale = 1.0 if self.parameterization == "ntk" else self.readout_prior_scale()
         theta = pyro.sample(
             "readout",
             dist.Normal(torch.zeros(self.out_dim, self.feature_dim, dtype=self.dtype), readout_scale).to_event(2),
         )
+        self._current_features = None  # read by the readout's reparameterisation only; holds the autograd graph
         f = Phi @ theta.transpose(-1, -2)  # (..., n, out)
         if y is not None and y.shape[0] != X.shape[0]:
             raise ValueError(f"X has {X.shape[0]} rows but y has {y.shape[0]}")
@@ -202,7 +221,7 @@ class RepriorisedModel:
 
     def __init__(self, model: BayesianMLP):
         self.model = model
-        self.reparam = RepriorisedReadout(model.features, model.current_noise)
+        self.reparam = RepriorisedReadout(model.current_features, model.current_noise)
 
     def __call__(self, *args, **kwargs):
         return poutine.reparam(self.model, config={"readout": self.reparam})(*args, **kwargs)

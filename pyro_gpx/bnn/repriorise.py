@@ -40,7 +40,7 @@ from pyro.infer.reparam.reparam import Reparam
 
 from .._linalg import gram
 from ..gp.cholesky import safe_cholesky
-from .matrix_function import inverse_sqrt_shrinkage
+from .matrix_function import whitening_terms
 
 __all__ = ["RepriorisedReadout", "readout_map"]
 
@@ -54,8 +54,9 @@ def readout_map(
     :math:`\lambda G^{-1}` is :math:`\sqrt\lambda L^{-\top}` (:math:`O(D^3)`). With fewer
     (:math:`2n < D`, wide networks) it is the symmetric root in its dual form,
     :math:`\sqrt\lambda G^{-1/2} = I + \tilde\Phi^\top h(K/\lambda)\tilde\Phi/\lambda` with
-    :math:`K = \tilde\Phi\tilde\Phi^\top` (:func:`~pyro_gpx.bnn.matrix_function.inverse_sqrt_shrinkage`),
-    and the mean and determinant use :math:`K + \lambda I` (:math:`O(n^2 D + n^3)`). Both roots
+    :math:`K = \tilde\Phi\tilde\Phi^\top`, and the mean and determinant use :math:`K + \lambda I`
+    (:math:`O(n^2 D + n^3)`), all from one eigendecomposition of :math:`K/\lambda`
+    (:func:`~pyro_gpx.bnn.matrix_function.whitening_terms`). Both roots
     whiten the conditional posterior exactly; they differ only in which :math:`\phi` maps to which
     :math:`\tilde\theta`, and that matters to the sampler: an eigendecomposition-free dual root,
     :math:`I - \tilde\Phi^\top L^{-\top}(L + \sqrt\lambda I)^{-1}\tilde\Phi` with :math:`K + \lambda I = LL^\top`
@@ -79,12 +80,14 @@ def readout_map(
         logdet = d_out * (0.5 * D * torch.log(noise) - L.diagonal().log().sum())
         return theta, logdet
     K = gram(Phi_scaled.T)
-    L = safe_cholesky(K + noise * torch.eye(n, dtype=K.dtype), "the readout kernel matrix Phi Phi^T + noise I")
-    mean = Phi_scaled.T @ torch.cholesky_solve(y, L)
-    shrink = inverse_sqrt_shrinkage(K / noise)
-    theta = mean + whitened + Phi_scaled.T @ (shrink @ (Phi_scaled @ whitened)) / noise
-    # log det G = (D - n) log(noise) + log det(K + noise I)
-    logdet = d_out * (0.5 * n * torch.log(noise) - L.diagonal().log().sum())
+    if not torch.isfinite(K).all():
+        raise ValueError("the readout kernel matrix Phi Phi^T is not finite")
+    shrunk, solved, logdet_IS = whitening_terms(K / noise, Phi_scaled @ whitened, y)
+    # one product with Phi^T for mean and root together: each (n, D) product costs a pass over an
+    # (n, D) matrix in the backward pass, the largest cost per gradient after K's Gram product at n << D
+    theta = whitened + Phi_scaled.T @ ((solved + shrunk) / noise)
+    # log det G = (D - n) log(noise) + log det(K + noise I), log det(K + noise I) = n log(noise) + log det(I + K/noise)
+    logdet = -0.5 * d_out * logdet_IS
     return theta, logdet
 
 
@@ -158,16 +161,20 @@ class RepriorisedReadout(Reparam):
         whitened = pyro.sample(f"{name}_whitened", dist.Normal(torch.zeros(D, d_out, dtype=Phi.dtype), 1.0).to_event(2))
         if whitened.dim() != 2:  # inside a plate over draws (vectorised Predictive)
             raise NotImplementedError("repriorisation of batched (vectorised) readouts is not supported")
-        if not (torch.isfinite(Phi).all() and torch.isfinite(torch.as_tensor(noise)).all()):
+        # the sum is non-finite if any entry is (or, harmlessly, if finite entries overflow): an
+        # elementwise isfinite pass over an (n, D) matrix costs as much as several products with it
+        if not (torch.isfinite(Phi.sum()) and torch.isfinite(torch.as_tensor(noise)).all()):
             # this point's hidden weights (or noise) overflow the features, e.g. an unstable leapfrog
             # trajectory during warm-up: zero density, which HMC/NUTS reject as they reject any NaN energy
             # (the training data are checked finite, so this is never bad input)
             theta = torch.zeros(d_out, D, dtype=Phi.dtype)
             new_fn = dist.Delta(theta, event_dim=2, log_density=torch.tensor(-math.inf, dtype=Phi.dtype))
             return {"fn": new_fn, "value": theta, "is_observed": True}
-        theta_scaled, logdet = readout_map(Phi * s, Y, noise, whitened)
-        theta = (theta_scaled * s[:, None]).T
-        logdet = logdet + d_out * s.log().sum()
+        unit = bool((s == 1).all())  # NTK parameterisation: no column scaling to apply
+        theta_scaled, logdet = readout_map(Phi if unit else Phi * s, Y, noise, whitened)
+        theta = (theta_scaled if unit else theta_scaled * s[:, None]).T
+        if not unit:
+            logdet = logdet + d_out * s.log().sum()
         log_density = fn.log_prob(theta) + logdet - dist.Normal(0.0, 1.0).log_prob(whitened).sum()
         new_fn = dist.Delta(theta, event_dim=2, log_density=log_density)
         return {"fn": new_fn, "value": theta, "is_observed": True}

@@ -34,3 +34,21 @@ def test_shapes_and_plate(float64, likelihood, out_dim):
     assert trace.nodes["readout"]["value"].shape == (out_dim, 6)
     assert ("noise" in trace.nodes) == (likelihood == "gaussian")
     pyro.clear_param_store()
+
+
+@pytest.mark.parametrize("repriorised", [False, True])
+def test_pickles_after_a_gradient_evaluation(float64, repriorised):
+    """The last run's draws and features (autograd graph) are not pickled: chains in other processes
+    may start after the model was evaluated here."""
+    import pickle
+
+    from pyro.infer.mcmc.util import initialize_model
+
+    X, y = torch.randn(10, 1), torch.randn(10)
+    bnn = BayesianMLP(1, [8], noise=None)
+    model = bnn.repriorised() if repriorised else bnn
+    init, potential_fn, _, _ = initialize_model(model, (X, y))
+    params = {k: v.clone().requires_grad_() for k, v in init.items()}
+    potential_fn(params).backward()
+    copy = pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(potential_fn(params), initialize_model(copy, (X, y))[1](params))
