@@ -8,7 +8,8 @@ Methods, one run, same split and feature architecture (one hidden layer of 50 ta
   deterministic VBLL-style ELBO (``LastLayerELBO``; classification: ``Trace_ELBO``), features
   trained jointly;
 * ``implicit BLL`` (ours): generator prior W = g(z), ``AutoDiffusion`` guide over z trained with
-  ``PathELBO``, features and generator trained jointly;
+  ``PathELBO``, features and generator trained jointly (``--generator fixed``: the generator stays
+  at a centred random initialisation and only a scale s in W = s g(z) is learned);
 * ``last-layer NUTS``: NUTS over W with the Gaussian BLL's features and noise frozen.
 
 All SVI methods use minibatches (the ``data`` plate rescales the likelihood) and the same number
@@ -117,14 +118,20 @@ def _pretrained(features: nn.Module) -> nn.Module:
     return copy.deepcopy(features)
 
 
-def _bll_models(features: nn.Module, classes: int | None, seed: int):
-    """Both last-layer models start from the MAP network's features (then train them jointly)."""
+def _bll_models(features: nn.Module, classes: int | None, seed: int, generator: str = "learned"):
+    """Both last-layer models start from the MAP network's features (then train them jointly).
+
+    ``generator="learned"``: every generator parameter is learned (empirical Bayes over the whole
+    network); ``"fixed"``: the generator stays at its centred random initialisation and only an
+    output scale is learned, as the Gaussian prior learns its scale."""
     torch.manual_seed(seed)
     head = CategoricalHead(classes) if classes else GaussianHead(0.1)
     gaussian = BayesianLastLayer(_pretrained(features), HIDDEN, head, GaussianWeightPrior(1.0, learn_scale=True))
     head = CategoricalHead(classes) if classes else GaussianHead(0.1)
     C = classes or 1
-    prior = ImplicitWeightPrior.mlp(C * (HIDDEN + 1), latent_dim=16, hidden=64)
+    fixed = generator == "fixed"
+    prior = ImplicitWeightPrior.mlp(C * (HIDDEN + 1), latent_dim=16, hidden=64, learn_generator=not fixed,
+                                    learn_scale=fixed, center=fixed)  # fmt: skip
     implicit = BayesianLastLayer(_pretrained(features), HIDDEN, head, prior)
     return gaussian, implicit
 
@@ -171,7 +178,7 @@ def run_split(split, classes, cfg, args) -> list[tuple[str, str, dict]]:
     results.append(("MAP", "peer", dict(_metrics(pred, split, classes), train_seconds=map_seconds)))
 
     pyro.clear_param_store()
-    gaussian, implicit = _bll_models(features, classes, args.seed)
+    gaussian, implicit = _bll_models(features, classes, args.seed, args.generator)
     guide = LastLayerNormal(gaussian, init_scale=0.1)
     loss = Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=1) if classes else LastLayerELBO()
     seconds = map_seconds + _svi(gaussian, guide, loss, X, y, cfg, args.seed)
@@ -244,6 +251,8 @@ def main(argv=None):
         parser.add_argument("--paths", type=int, default=16, help="diffusion paths per SVI step (implicit BLL)")
         parser.add_argument("--steps", type=int, default=8, help="diffusion steps of the implicit BLL's guide")
         parser.add_argument("--skip-nuts", action="store_true", help="leave out the last-layer NUTS reference")
+        parser.add_argument("--generator", default="learned", choices=["fixed", "learned"],
+                            help="implicit prior: learned generator, or fixed random one + learned scale")  # fmt: skip
         parser.add_argument("--affine", default="diagonal", choices=["diagonal", "full"],
                             help="the implicit BLL's diffusion-guide frame")  # fmt: skip
 

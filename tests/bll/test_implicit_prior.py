@@ -74,3 +74,33 @@ def test_model_parameters_learn_through_the_path_elbo(float64):
     svi.step(X, y)
     for name in ("features.0.weight", "prior.generator.0.weight", "head.noise"):
         assert not torch.equal(pyro.param(name).detach(), before[name]), name
+
+
+def test_generator_mlp_starts_centred_at_unit_scale(float64):
+    from pyro_gpx.bll import generator_mlp
+
+    torch.manual_seed(0)
+    z = torch.randn(20000, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        centred, raw = generator_mlp(16, 51, center=True)(z), generator_mlp(16, 51)(z)
+    # each weight's prior mean is ~0 (Monte Carlo error of the 256 probe draws), not ~0.5
+    assert centred.mean(0).abs().max() < 0.25 < raw.mean(0).abs().mean()
+    assert centred.std() == pytest.approx(1.0, abs=0.1)
+
+
+def test_fixed_generator_with_learned_scale(float64):
+    X, y = torch.randn(20, 3), torch.randn(20)
+    prior = ImplicitWeightPrior.mlp(5, latent_dim=2, hidden=8, learn_generator=False, scale=0.5, learn_scale=True)
+    model = BayesianLastLayer(nn.Sequential(nn.Linear(3, 4), nn.Tanh()), 4, GaussianHead(0.5), prior)
+    trace = pyro.poutine.trace(model).get_trace(X, y)
+    z, W = trace.nodes["weights_latent"]["value"], trace.nodes["weights"]["value"]
+    torch.testing.assert_close(W[0], 0.5 * model.prior.generator(z))
+    guide = AutoDiffusion(model, num_steps=4, hidden=8)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), PathELBO(num_paths=8))
+    svi.step(X, y)
+    before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    svi.step(X, y)
+    assert not torch.equal(pyro.param("prior.scale").detach(), before["prior.scale"])
+    assert not any(k.startswith("prior.generator") for k in before)  # the generator is not a Pyro parameter
+    with pytest.raises(ValueError, match="scale"):
+        ImplicitWeightPrior.mlp(5, latent_dim=2, scale=0.0)
