@@ -12,7 +12,10 @@ Both simulate ``num_paths`` paths at once (``Trace_ELBO`` draws one per particle
   them through the target density.
 
 Each has ``loss(model, guide, *args)`` and ``loss_and_grads(model, guide, *args)`` like Pyro's
-ELBOs, so ``SVI(model, guide, optim, PathELBO(num_paths=256))`` trains the guide.
+ELBOs, so ``SVI(model, guide, optim, PathELBO(num_paths=256))`` trains the guide. The paths are
+scored against the model the guide was built on (batched over paths), so ``model`` must be that
+same object; anything else (say, a ``pyro.factor`` added in a wrapper around it) would be ignored,
+and raises ``ValueError`` instead.
 
 References:
 
@@ -31,9 +34,16 @@ from .guide import AutoDiffusion
 __all__ = ["PathELBO", "LogVarianceLoss"]
 
 
-def _check(guide) -> AutoDiffusion:
+def _check(guide, model) -> AutoDiffusion:
     if not isinstance(guide, AutoDiffusion):
         raise TypeError(f"these losses train an AutoDiffusion guide, got {type(guide).__name__}")
+    if model is not guide._raw_model[0]:
+        # the paths are scored against the guide's own (batched) target density, never the model passed here
+        raise ValueError(
+            "the model passed to the loss is not the model the AutoDiffusion guide was built on; the loss "
+            "scores paths against the guide's model, so build the guide on the model SVI trains "
+            "(e.g. AutoDiffusion(model) with SVI(model, guide, ...), including any poutine wrapper)"
+        )
     return guide
 
 
@@ -70,7 +80,7 @@ class PathELBO(_BatchedPathLoss):
     """Negative extended-space ELBO, averaged over ``num_paths`` batched paths."""
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        path = _check(guide).sample_paths(self.num_paths, *args, **kwargs)
+        path = _check(guide, model).sample_paths(self.num_paths, *args, **kwargs)
         return _finite(-path.log_weight.mean(), "the path ELBO loss")
 
     def loss(self, model, guide, *args, **kwargs) -> float:
@@ -95,7 +105,7 @@ class LogVarianceLoss(_BatchedPathLoss):
         self.exploration = float(exploration)
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        guide = _check(guide)
+        guide = _check(guide, model)
         states = guide.explore_paths(self.num_paths, *args, noise_scale=self.exploration, **kwargs)
         process = guide.process
         target = guide.target(*args, **kwargs)
@@ -115,5 +125,5 @@ class LogVarianceLoss(_BatchedPathLoss):
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         with torch.no_grad():
-            path = _check(guide).sample_paths(self.num_paths, *args, **kwargs)
+            path = _check(guide, model).sample_paths(self.num_paths, *args, **kwargs)
         return float(path.log_weight.var())

@@ -165,6 +165,8 @@ def test_bad_input():
     guide = AutoDiffusion(bad, num_steps=3, hidden=4, use_score=False)
     with pytest.raises(FloatingPointError, match="'broken'"):
         PathELBO(64).loss(bad, guide)
+    with pytest.raises(ValueError, match="not the model the AutoDiffusion guide was built on"):
+        PathELBO(64).loss(gaussian_model(), guide)  # silently scoring `bad` instead would be wrong
 
 
 def test_drift_clip_bounds_the_drift_softly(float64):
