@@ -35,11 +35,16 @@ def _dh(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * a**4 * (a + 2) / (1 + a) ** 2
 
 
+def _psd_eigh(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x, U = torch.linalg.eigh(S)
+    # S is positive semi-definite: only rounding makes x < 0 (h and 1 / (1 + x) need x > -1)
+    return x.clamp_min(-0.5), U
+
+
 class _InverseSqrtShrinkage(torch.autograd.Function):
     @staticmethod
     def forward(ctx, S: torch.Tensor) -> torch.Tensor:
-        x, U = torch.linalg.eigh(S)
-        x = x.clamp_min(-0.5)  # S is positive semi-definite: only rounding makes x < 0 (h needs x > -1)
+        x, U = _psd_eigh(S)
         ctx.save_for_backward(x, U)
         return (U * _h(x)) @ U.T
 
@@ -52,7 +57,7 @@ class _InverseSqrtShrinkage(torch.autograd.Function):
 
 
 def _divided_differences(x: torch.Tensor, hx: torch.Tensor) -> torch.Tensor:
-    """:math:`F_{ij}` of the Daleckii–Krein formula for :math:`h`, with :math:`h'` where :math:`x_i \approx x_j`."""
+    r""":math:`F_{ij}` of the Daleckii–Krein formula for :math:`h`, with :math:`h'` where :math:`x_i \approx x_j`."""
     dx = x[:, None] - x[None, :]
     close = dx.abs() <= torch.finfo(x.dtype).eps ** 0.5 * (1 + x[:, None].abs() + x[None, :].abs())
     return torch.where(
@@ -63,8 +68,7 @@ def _divided_differences(x: torch.Tensor, hx: torch.Tensor) -> torch.Tensor:
 class _WhiteningTerms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, S: torch.Tensor, V: torch.Tensor, Y: torch.Tensor):
-        x, U = torch.linalg.eigh(S)
-        x = x.clamp_min(-0.5)  # as in _InverseSqrtShrinkage
+        x, U = _psd_eigh(S)
         UV, UY = U.T @ V, U.T @ Y
         ctx.save_for_backward(x, U, UV, UY)
         return U @ (_h(x)[:, None] * UV), U @ (UY / (1 + x)[:, None]), torch.log1p(x).sum()
