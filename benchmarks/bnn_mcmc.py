@@ -109,6 +109,9 @@ def _gradient_ms(model, X, y, repeats: int = 60) -> float:
         torch.set_num_threads(threads)
 
 
+ALL_METHODS = ("NUTS", "repriorised NUTS", "HMC", "repriorised HMC")
+
+
 def run_config(split, dataset, depth, width, method, args) -> dict:
     kernel = "hmc" if "HMC" in method else "nuts"
     bnn = BayesianMLP(split.dim, [width] * depth, noise=None, parameterization="ntk")
@@ -162,7 +165,8 @@ def main(argv=None):
         parser.add_argument("--max-tree-depth", type=int, default=8)
         parser.add_argument("--max-train", type=int, default=500)
         parser.add_argument("--processes", type=int, default=2)
-        parser.add_argument("--skip-hmc", action="store_true", help="NUTS only (HMC runs at width 256, depth 1)")
+        help_ = "NUTS only (HMC runs at width 256, depth 1, unless --methods names it)"
+        parser.add_argument("--skip-hmc", action="store_true", help=help_)
         parser.add_argument("--methods", default=None, help="comma-separated subset, e.g. 'repriorised HMC'")
         parser.add_argument("--max-hidden-weights", type=int, default=300_000,
                             help="skip configurations with more hidden weights (2 x 1024: a million)")  # fmt: skip
@@ -192,8 +196,8 @@ def main(argv=None):
                     methods = ["NUTS", "repriorised NUTS"]
                     if width == 256 and depth == 1 and not args.skip_hmc:
                         methods += ["HMC", "repriorised HMC"]
-                    if args.methods:
-                        methods = [m for m in methods if m in args.methods.split(",")]
+                    if args.methods:  # an explicit list runs at every width and depth
+                        methods = [m for m in ALL_METHODS if m in args.methods.split(",")]
                     for method in methods:
                         pyro.set_rng_seed(args.seed)
                         out = run_config(split, dataset, depth, width, method, args)
