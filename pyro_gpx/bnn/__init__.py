@@ -1,7 +1,16 @@
 """Bayesian neural networks for Pyro's MCMC, with readout repriorisation for fast mixing."""
 
 from .chains import ChainsResult, run_chains
+from .jittered_hmc import JitteredHMC
 from .mlp import BayesianMLP, RepriorisedModel
 from .repriorise import RepriorisedReadout, readout_map
 
-__all__ = ["BayesianMLP", "ChainsResult", "RepriorisedModel", "RepriorisedReadout", "readout_map", "run_chains"]
+__all__ = [
+    "BayesianMLP",
+    "ChainsResult",
+    "JitteredHMC",
+    "RepriorisedModel",
+    "RepriorisedReadout",
+    "readout_map",
+    "run_chains",
+]

@@ -23,8 +23,11 @@ import torch
 from pyro.infer import HMC, MCMC, NUTS
 
 from ..diagnostics import SampleStatsRecorder, to_inference_data
+from .jittered_hmc import JitteredHMC
 
 __all__ = ["ChainsResult", "run_chains"]
+
+KERNELS = {"nuts": NUTS, "hmc": HMC, "jittered_hmc": JitteredHMC}
 
 
 @dataclass
@@ -59,7 +62,7 @@ def _run_one(job: dict) -> dict:
     torch.set_default_dtype(job["dtype"])
     pyro.set_rng_seed(job["seed"])
     recorder = SampleStatsRecorder()
-    kernel_cls = NUTS if job["kernel"] == "nuts" else HMC
+    kernel_cls = KERNELS[job["kernel"]]
     kernel = kernel_cls(job["model"], **job["kernel_kwargs"])
     mcmc = MCMC(kernel, num_samples=job["num_samples"], warmup_steps=job["warmup_steps"], hook_fn=recorder,
                 disable_progbar=not job["progress"])  # fmt: skip
@@ -88,16 +91,18 @@ def run_chains(
     threads_per_chain: int = 1,
     progress: bool = True,
 ) -> ChainsResult:
-    """Run ``num_chains`` independent chains of ``NUTS`` (or ``HMC``) on ``model``.
+    """Run ``num_chains`` independent chains of ``NUTS`` (or ``HMC``, or
+    :class:`~pyro_gpx.bnn.jittered_hmc.JitteredHMC`) on ``model``.
 
     :param model: a picklable Pyro model (module-level function, ``PyroModule``, or e.g.
         :class:`~pyro_gpx.bnn.mlp.RepriorisedModel`).
-    :param kernel_kwargs: passed to ``NUTS``/``HMC`` (``max_tree_depth``, ``step_size``, ...).
+    :param kernel: ``"nuts"``, ``"hmc"`` or ``"jittered_hmc"``.
+    :param kernel_kwargs: passed to the kernel (``max_tree_depth``, ``trajectory_length``, ``jitter``, ...).
     :param processes: concurrent chains (default: the CPU count, at most ``num_chains``); 1 runs
         them one after another in this process.
     """
-    if kernel not in ("nuts", "hmc"):
-        raise ValueError(f"kernel must be 'nuts' or 'hmc', got {kernel!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {kernel!r}")
     if num_chains < 1 or num_samples < 1 or warmup_steps < 0:
         raise ValueError("num_chains and num_samples must be >= 1 and warmup_steps >= 0")
     processes = min(num_chains, processes or os.cpu_count() or 1)
