@@ -170,7 +170,7 @@ def main(argv=None):
         parser.add_argument("--processes", type=int, default=2)
         help_ = "NUTS only (HMC runs at width 256, depth 1, unless --methods names it)"
         parser.add_argument("--skip-hmc", action="store_true", help=help_)
-        parser.add_argument("--hmc-jitter", type=float, default=0.2, help="jittered HMC: j in U(1 - j, 1 + j)")
+        parser.add_argument("--hmc-jitter", type=float, default=0.5, help="jittered HMC: j in U(1 - j, 1 + j)")
         parser.add_argument("--methods", default=None, help="comma-separated subset, e.g. 'repriorised HMC'")
         parser.add_argument("--max-hidden-weights", type=int, default=300_000,
                             help="skip configurations with more hidden weights (2 x 1024: a million)")  # fmt: skip

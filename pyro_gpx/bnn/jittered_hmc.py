@@ -6,13 +6,18 @@ a coordinate with frequency :math:`\omega` moves from :math:`x` to
 :math:`x\cos\omega T + (p/\omega)\sin\omega T`: when :math:`\omega T` is near a multiple of
 :math:`\pi`, every trajectory takes it back to :math:`\pm x` and it barely mixes (for
 :math:`\omega T = \pi`, :math:`x^2` never changes). Drawing the length afresh for each trajectory,
-:math:`T_t = T\,u_t` with :math:`u_t \sim U(1 - j, 1 + j)`, breaks that resonance [1, §5.4.2.2]. Each
-trajectory is still a reversible, volume-preserving proposal with a Metropolis correction, so the
+:math:`T_t = T\,u_t` with :math:`u_t \sim U(1 - j, 1 + j)`, breaks that resonance [1]. The default
+:math:`j = 0.5` sweeps :math:`\omega T_t` over at least a quarter period either side of any
+resonance (randomised HMC goes further, with exponentially distributed lengths [2]). Each trajectory
+is still a reversible, volume-preserving proposal with a Metropolis correction, so the
 chain keeps the target; the random length only mixes kernels that each leave it invariant.
 
 References:
 
 [1] R. M. Neal. MCMC using Hamiltonian dynamics. Handbook of Markov Chain Monte Carlo, 2011.
+
+[2] N. Bou-Rabee, J. M. Sanz-Serna. Randomized Hamiltonian Monte Carlo. Annals of Applied
+    Probability 27(4), 2017.
 """
 
 from __future__ import annotations
@@ -39,14 +44,14 @@ class JitteredHMC(HMC):
         >>> from pyro.infer import MCMC
         >>> def model():
         ...     pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
-        >>> kernel = JitteredHMC(model, trajectory_length=2.0, jitter=0.2)
+        >>> kernel = JitteredHMC(model, trajectory_length=2.0)
         >>> mcmc = MCMC(kernel, num_samples=20, warmup_steps=20, disable_progbar=True)
         >>> mcmc.run()
         >>> mcmc.get_samples()["x"].shape
         torch.Size([20, 2])
     """
 
-    def __init__(self, model: Callable | None = None, potential_fn: Callable | None = None, *, jitter: float = 0.2,
+    def __init__(self, model: Callable | None = None, potential_fn: Callable | None = None, *, jitter: float = 0.5,
                  **kwargs):  # fmt: skip
         if not 0.0 <= jitter < 1.0:
             raise ValueError(f"jitter must be in [0, 1), got {jitter}")
