@@ -109,11 +109,13 @@ def _gradient_ms(model, X, y, repeats: int = 60) -> float:
         torch.set_num_threads(threads)
 
 
-ALL_METHODS = ("NUTS", "repriorised NUTS", "HMC", "repriorised HMC", "jittered HMC", "repriorised jittered HMC")
+# each sampler's run_chains kernel; every one runs on the plain and on the repriorised model
+KERNEL_OF = {"NUTS": "nuts", "HMC": "hmc", "jittered HMC": "jittered_hmc"}
+ALL_METHODS = tuple(prefix + name for name in KERNEL_OF for prefix in ("", "repriorised "))
 
 
 def run_config(split, dataset, depth, width, method, args) -> dict:
-    kernel = ("jittered_hmc" if "jittered" in method else "hmc") if "HMC" in method else "nuts"
+    kernel = KERNEL_OF[method.removeprefix("repriorised ")]
     bnn = BayesianMLP(split.dim, [width] * depth, noise=None, parameterization="ntk")
     model = bnn.repriorised() if method.startswith("repriorised") else bnn
     kernel_kwargs = {"max_tree_depth": args.max_tree_depth} if kernel == "nuts" else {"trajectory_length": 2.0}
