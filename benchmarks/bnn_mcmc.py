@@ -118,8 +118,9 @@ def run_config(split, dataset, depth, width, method, args) -> dict:
     kernel = KERNEL_OF[method.removeprefix("repriorised ")]
     bnn = BayesianMLP(split.dim, [width] * depth, noise=None, parameterization="ntk")
     model = bnn.repriorised() if method.startswith("repriorised") else bnn
-    kernel_kwargs = {"max_tree_depth": args.max_tree_depth} if kernel == "nuts" else {"trajectory_length": 2.0}
-    if kernel == "jittered_hmc":  # the length drawn from U(1 - j, 1 + j) x 2 per trajectory
+    nuts = kernel == "nuts"
+    kernel_kwargs = {"max_tree_depth": args.max_tree_depth} if nuts else {"trajectory_length": args.hmc_length}
+    if kernel == "jittered_hmc":  # the length drawn from U(1 - j, 1 + j) x hmc_length per trajectory
         kernel_kwargs["jitter"] = args.hmc_jitter
     X, y = split.X_train, split.y_train
     gradient_ms = _gradient_ms(model, X, y)
@@ -158,7 +159,7 @@ def run_config(split, dataset, depth, width, method, args) -> dict:
         "grads_per_draw": grads / (4 * args.num_samples), "train_seconds": wall,
         "rmse": rmse(means.mean(0), y_test), "nll": mixture_gaussian_nll(means, variances, y_test),
         "divergences": int(result.sample_stats["diverging"].sum()), "width": width, "depth": depth, **by_group,
-        "hmc_jitter": kernel_kwargs.get("jitter"),
+        "hmc_jitter": kernel_kwargs.get("jitter"), "hmc_length": kernel_kwargs.get("trajectory_length"),
     }  # fmt: skip
 
 
@@ -172,6 +173,7 @@ def main(argv=None):
         parser.add_argument("--processes", type=int, default=2)
         help_ = "NUTS only (HMC runs at width 256, depth 1, unless --methods names it)"
         parser.add_argument("--skip-hmc", action="store_true", help=help_)
+        parser.add_argument("--hmc-length", type=float, default=2.0, help="HMC trajectory length (unit mass)")
         parser.add_argument("--hmc-jitter", type=float, default=0.5, help="jittered HMC: j in U(1 - j, 1 + j)")
         parser.add_argument("--methods", default=None, help="comma-separated subset, e.g. 'repriorised HMC'")
         parser.add_argument("--max-hidden-weights", type=int, default=300_000,
