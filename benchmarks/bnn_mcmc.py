@@ -80,15 +80,42 @@ def _predictions(bnn, weights, X_test):
     return out
 
 
-def _ess_stats(arrays: dict[str, np.ndarray]) -> tuple[float, float, float, dict[str, float]]:
-    """Minimum and median bulk ESS and maximum R-hat over every scalar of ``(chain, draw, ...)`` arrays,
-    and the minimum bulk ESS of each array."""
+def _ess_stats(arrays: dict[str, np.ndarray]) -> dict:
+    """Minimum and median bulk ESS, maximum R-hat and the share of R-hat above 1.01 over every scalar of
+    ``(chain, draw, ...)`` arrays, the same R-hat statistics of matched independent chains
+    (:func:`_chance_rhat`), and the minimum bulk ESS of each array (``mins``)."""
     flat = {k: a.reshape(a.shape[0], a.shape[1], -1) for k, a in arrays.items()}
     ess_by_key = {k: az.ess(az.convert_to_dataset({"x": a}), method="bulk")["x"].values for k, a in flat.items()}
     ess = np.concatenate(list(ess_by_key.values()))
     rhat = az.rhat(az.convert_to_dataset({"x": np.concatenate(list(flat.values()), axis=-1)}))["x"].values
-    mins = {k: float(np.nanmin(v)) for k, v in ess_by_key.items()}
-    return float(np.nanmin(ess)), float(np.nanmedian(ess)), float(np.nanmax(rhat)), mins
+    chains, draws = next(iter(flat.values())).shape[:2]
+    chance_max, chance_share = _chance_rhat(ess, chains, draws)
+    return {"min": float(np.nanmin(ess)), "median": float(np.nanmedian(ess)), "rhat_max": float(np.nanmax(rhat)),
+            "rhat_share": float(np.mean(rhat > 1.01)), "chance_rhat_max": chance_max, "chance_rhat_share": chance_share,
+            "mins": {k: float(np.nanmin(v)) for k, v in ess_by_key.items()}}  # fmt: skip
+
+
+def _chance_rhat(ess: np.ndarray, chains: int, draws: int, seed: int = 0, block: int = 2048) -> tuple[float, float]:
+    r"""Maximum R-hat and share of R-hat above 1.01 that *perfectly mixed* chains would show: one
+    stationary Gaussian AR(1) chain set per scalar, its lag-1 correlation
+    :math:`\rho = (1 - r)/(1 + r)` chosen so the bulk ESS matches, :math:`r = \text{ESS}/(\text{chains}
+    \cdot \text{draws})` (:math:`\rho < 0` for antithetic chains, ESS above the number of draws).
+    Over thousands of weights the largest R-hat exceeds 1.01 by chance alone when ESS is about 1000."""
+    gen = np.random.default_rng(seed)
+    ratio = np.clip(np.nan_to_num(ess, nan=1.0) / (chains * draws), 1e-3, None)
+    rho = np.clip((1 - ratio) / (1 + ratio), -0.95, 0.995)
+    maxima, above = [], 0
+    for start in range(0, rho.size, block):
+        r = rho[start : start + block]
+        x = np.empty((chains, draws, r.size))
+        x[:, 0] = gen.normal(size=(chains, r.size))
+        innovation = np.sqrt(1 - r**2)
+        for t in range(1, draws):
+            x[:, t] = r * x[:, t - 1] + innovation * gen.normal(size=(chains, r.size))
+        rhat = az.rhat(az.convert_to_dataset({"x": x}))["x"].values
+        maxima.append(float(rhat.max()))
+        above += int((rhat > 1.01).sum())
+    return max(maxima), above / rho.size
 
 
 def _gradient_ms(model, X, y, repeats: int = 60) -> float:
@@ -136,8 +163,10 @@ def run_config(split, dataset, depth, width, method, args) -> dict:
     U = gen.normal(size=(split.X_test.shape[0], 100))
     U /= np.linalg.norm(U, axis=0)
     projections = {"proj": np.einsum("csn,nk->csk", f_test.numpy(), U)}
-    w_min, w_med, rhat_w, w_mins = _ess_stats({k: v.numpy() for k, v in weights.items()})
-    p_min, p_med, rhat_p, _ = _ess_stats(projections)
+    w_stats = _ess_stats({k: v.numpy() for k, v in weights.items()})
+    p_stats = _ess_stats(projections)
+    w_min, w_med, rhat_w, w_mins = w_stats["min"], w_stats["median"], w_stats["rhat_max"], w_stats["mins"]
+    p_min, p_med, rhat_p = p_stats["min"], p_stats["median"], p_stats["rhat_max"]
     # per group: which part of the posterior limits the minimum (hidden weights, readout, noise)
     by_group = {"ess_hidden_min": min(v for k, v in w_mins.items() if k.startswith("layers")),
                 "ess_readout_min": w_mins["readout"], "ess_noise_min": w_mins["noise"]}  # fmt: skip
@@ -159,6 +188,9 @@ def run_config(split, dataset, depth, width, method, args) -> dict:
         "grads_per_draw": grads / (4 * args.num_samples), "train_seconds": wall,
         "rmse": rmse(means.mean(0), y_test), "nll": mixture_gaussian_nll(means, variances, y_test),
         "divergences": int(result.sample_stats["diverging"].sum()), "width": width, "depth": depth, **by_group,
+        # R-hat that perfectly mixed chains with the measured ESS would show (``_chance_rhat``)
+        "rhat_weights_share": w_stats["rhat_share"], "rhat_weights_chance_max": w_stats["chance_rhat_max"],
+        "rhat_weights_chance_share": w_stats["chance_rhat_share"], "rhat_proj_chance_max": p_stats["chance_rhat_max"],
         "hmc_jitter": kernel_kwargs.get("jitter"), "hmc_length": kernel_kwargs.get("trajectory_length"),
     }  # fmt: skip
 
@@ -215,7 +247,8 @@ def main(argv=None):
                                                       n_train=split.n_train, **out))  # fmt: skip
                         print(f"{dataset:>14} {name:>26}: ESS/grad min {out['ess_per_grad_min']:.2e} "
                               f"(proj {out['ess_proj_per_grad_min']:.2e}) R-hat {out['rhat_weights_max']:.3f} "
-                              f"(proj {out['rhat_proj_max']:.3f}) "
+                              f"(proj {out['rhat_proj_max']:.3f}; chance {out['rhat_weights_chance_max']:.3f} / "
+                              f"{out['rhat_proj_chance_max']:.3f}) "
                               f"grads/draw {out['grads_per_draw']:.0f} NLL {out['nll']:.3f} "
                               f"{out['train_seconds']:.0f}s", flush=True)  # fmt: skip
                         harness.write_json(records, args.out)
@@ -225,6 +258,7 @@ def main(argv=None):
         "ess_per_second_min",
         "gradient_ms",
         "rhat_weights_max",
+        "rhat_weights_chance_max",
         "rhat_proj_max",
         "nll",
         "rmse",

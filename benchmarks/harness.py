@@ -47,6 +47,7 @@ METRICS = {
     "ess_per_second_min": ("min ESS / s", False, "{:.3g}"),
     "rhat_max": ("max R-hat", True, "{:.3f}"),
     "rhat_weights_max": ("max R-hat (weights)", True, "{:.3f}"),
+    "rhat_weights_chance_max": ("max R-hat of matched ideal chains (weights)", True, "{:.3f}"),
     "rhat_proj_max": ("max R-hat (predictions)", True, "{:.3f}"),
     "train_seconds": ("train s", True, "{:.1f}"),
     "seconds_per_step": ("s / step", True, "{:.4f}"),
