@@ -149,6 +149,8 @@ def run_config(split, dataset, depth, width, method, args) -> dict:
     kernel_kwargs = {"max_tree_depth": args.max_tree_depth} if nuts else {"trajectory_length": args.hmc_length}
     if kernel == "jittered_hmc":  # the length drawn from U(1 - j, 1 + j) x hmc_length per trajectory
         kernel_kwargs["jitter"] = args.hmc_jitter
+    if args.target_accept is not None:  # step-size adaptation target (Pyro's default 0.8)
+        kernel_kwargs["target_accept_prob"] = args.target_accept
     X, y = split.X_train, split.y_train
     gradient_ms = _gradient_ms(model, X, y)
     pyro.set_rng_seed(args.seed)
@@ -192,6 +194,7 @@ def run_config(split, dataset, depth, width, method, args) -> dict:
         "rhat_weights_share": w_stats["rhat_share"], "rhat_weights_chance_max": w_stats["chance_rhat_max"],
         "rhat_weights_chance_share": w_stats["chance_rhat_share"], "rhat_proj_chance_max": p_stats["chance_rhat_max"],
         "hmc_jitter": kernel_kwargs.get("jitter"), "hmc_length": kernel_kwargs.get("trajectory_length"),
+        "target_accept": kernel_kwargs.get("target_accept_prob", 0.8),
     }  # fmt: skip
 
 
@@ -207,6 +210,7 @@ def main(argv=None):
         parser.add_argument("--skip-hmc", action="store_true", help=help_)
         parser.add_argument("--hmc-length", type=float, default=2.0, help="HMC trajectory length (unit mass)")
         parser.add_argument("--hmc-jitter", type=float, default=0.5, help="jittered HMC: j in U(1 - j, 1 + j)")
+        parser.add_argument("--target-accept", type=float, default=None, help="step-size target (default 0.8)")
         parser.add_argument("--methods", default=None, help="comma-separated subset, e.g. 'repriorised HMC'")
         parser.add_argument("--max-hidden-weights", type=int, default=300_000,
                             help="skip configurations with more hidden weights (2 x 1024: a million)")  # fmt: skip
