@@ -159,7 +159,14 @@ def run_config(split, dataset, depth, width, method, args) -> dict:
                         kernel=kernel, kernel_kwargs=kernel_kwargs, seed=args.seed, processes=args.processes,
                         progress=False)  # fmt: skip
     wall = time.perf_counter() - start
-    weights = _original_space(model, result.samples, X, y)
+    samples = dict(result.samples)
+    if args.refresh_whitened and "readout_whitened" in samples:
+        # phi is exactly N(0, I) and independent of the hidden weights and noise a posteriori: a Gibbs
+        # refresh of phi at each kept draw is exact and decorrelates the readout from the trajectory
+        gen = torch.Generator().manual_seed(args.seed)
+        phi = samples["readout_whitened"]
+        samples["readout_whitened"] = torch.randn(phi.shape, generator=gen, dtype=phi.dtype)
+    weights = _original_space(model, samples, X, y)
     f_test = _predictions(bnn, weights, split.X_test)
     gen = np.random.default_rng(args.seed)
     U = gen.normal(size=(split.X_test.shape[0], 100))
@@ -194,7 +201,7 @@ def run_config(split, dataset, depth, width, method, args) -> dict:
         "rhat_weights_share": w_stats["rhat_share"], "rhat_weights_chance_max": w_stats["chance_rhat_max"],
         "rhat_weights_chance_share": w_stats["chance_rhat_share"], "rhat_proj_chance_max": p_stats["chance_rhat_max"],
         "hmc_jitter": kernel_kwargs.get("jitter"), "hmc_length": kernel_kwargs.get("trajectory_length"),
-        "target_accept": kernel_kwargs.get("target_accept_prob", 0.8),
+        "target_accept": kernel_kwargs.get("target_accept_prob", 0.8), "refresh_whitened": args.refresh_whitened,
     }  # fmt: skip
 
 
@@ -211,6 +218,8 @@ def main(argv=None):
         parser.add_argument("--hmc-length", type=float, default=2.0, help="HMC trajectory length (unit mass)")
         parser.add_argument("--hmc-jitter", type=float, default=0.5, help="jittered HMC: j in U(1 - j, 1 + j)")
         parser.add_argument("--target-accept", type=float, default=None, help="step-size target (default 0.8)")
+        help_ = "repriorised: draw the whitened readout afresh from N(0, I) at each kept draw"
+        parser.add_argument("--refresh-whitened", action="store_true", help=help_)
         parser.add_argument("--methods", default=None, help="comma-separated subset, e.g. 'repriorised HMC'")
         parser.add_argument("--max-hidden-weights", type=int, default=300_000,
                             help="skip configurations with more hidden weights (2 x 1024: a million)")  # fmt: skip
