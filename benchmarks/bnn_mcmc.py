@@ -160,7 +160,8 @@ def run_config(split, dataset, depth, width, method, args) -> dict:
                         progress=False)  # fmt: skip
     wall = time.perf_counter() - start
     samples = dict(result.samples)
-    if args.refresh_whitened and "readout_whitened" in samples:
+    refreshed = args.refresh_whitened and "readout_whitened" in samples  # the plain model has no phi
+    if refreshed:
         # phi is exactly N(0, I) and independent of the hidden weights and noise a posteriori: a Gibbs
         # refresh of phi at each kept draw is exact and decorrelates the readout from the trajectory
         gen = torch.Generator().manual_seed(args.seed)
@@ -201,7 +202,7 @@ def run_config(split, dataset, depth, width, method, args) -> dict:
         "rhat_weights_share": w_stats["rhat_share"], "rhat_weights_chance_max": w_stats["chance_rhat_max"],
         "rhat_weights_chance_share": w_stats["chance_rhat_share"], "rhat_proj_chance_max": p_stats["chance_rhat_max"],
         "hmc_jitter": kernel_kwargs.get("jitter"), "hmc_length": kernel_kwargs.get("trajectory_length"),
-        "target_accept": kernel_kwargs.get("target_accept_prob", 0.8), "refresh_whitened": args.refresh_whitened,
+        "target_accept": kernel_kwargs.get("target_accept_prob", 0.8), "refresh_whitened": refreshed,
     }  # fmt: skip
 
 
