@@ -1,9 +1,11 @@
 """Plain vs repriorised NUTS (and HMC) on Bayesian MLPs: ESS per gradient evaluation and per second.
 
 Same model, seeds, chains and number of draws for every method, float64, 4 chains in separate
-processes. Effective sample sizes are measured in the *original* weight space (hidden weights
-and readout; the repriorised readout is mapped back) and on 100 random projections of the test
-predictions; R-hat over the 4 chains; test RMSE/NLL of the posterior predictive (original units).
+processes. "collapsed" samplers run on the readout's marginal likelihood (hidden weights and noise
+only) and draw the readout exactly at each kept draw. Effective sample sizes are measured in the
+*original* weight space (hidden weights and readout; the repriorised readout is mapped back) and on
+100 random projections of the test predictions; R-hat over the 4 chains; test RMSE/NLL of the
+posterior predictive (original units).
 
     python benchmarks/bnn_mcmc.py --out benchmarks/results/bnn_mcmc.json [--quick]
 """
@@ -138,13 +140,15 @@ def _gradient_ms(model, X, y, repeats: int = 60) -> float:
 
 # each sampler's run_chains kernel; every one runs on the plain and on the repriorised model
 KERNEL_OF = {"NUTS": "nuts", "HMC": "hmc", "jittered HMC": "jittered_hmc"}
-ALL_METHODS = tuple(prefix + name for name in KERNEL_OF for prefix in ("", "repriorised "))
+PREFIXES = ("", "repriorised ", "collapsed ")
+ALL_METHODS = tuple(prefix + name for name in KERNEL_OF for prefix in PREFIXES)
 
 
 def run_config(split, dataset, depth, width, method, args) -> dict:
-    kernel = KERNEL_OF[method.removeprefix("repriorised ")]
+    kernel = KERNEL_OF[method.removeprefix("repriorised ").removeprefix("collapsed ")]
     bnn = BayesianMLP(split.dim, [width] * depth, noise=None, parameterization="ntk")
-    model = bnn.repriorised() if method.startswith("repriorised") else bnn
+    collapsed = method.startswith("collapsed")
+    model = bnn.repriorised() if method.startswith("repriorised") else bnn.collapsed() if collapsed else bnn
     nuts = kernel == "nuts"
     kernel_kwargs = {"max_tree_depth": args.max_tree_depth} if nuts else {"trajectory_length": args.hmc_length}
     if kernel == "jittered_hmc":  # the length drawn from U(1 - j, 1 + j) x hmc_length per trajectory
@@ -160,14 +164,15 @@ def run_config(split, dataset, depth, width, method, args) -> dict:
                         progress=False)  # fmt: skip
     wall = time.perf_counter() - start
     samples = dict(result.samples)
-    refreshed = args.refresh_whitened and "readout_whitened" in samples  # the plain model has no phi
+    # the plain model has no phi; the collapsed one draws it (and so the readout) exactly at each kept draw
+    refreshed = collapsed or (args.refresh_whitened and "readout_whitened" in samples)
     if refreshed:
         # phi is exactly N(0, I) and independent of the hidden weights and noise a posteriori: a Gibbs
         # refresh of phi at each kept draw is exact and decorrelates the readout from the trajectory
         gen = torch.Generator().manual_seed(args.seed)
-        phi = samples["readout_whitened"]
-        samples["readout_whitened"] = torch.randn(phi.shape, generator=gen, dtype=phi.dtype)
-    weights = _original_space(model, samples, X, y)
+        shape = (4, args.num_samples, bnn.feature_dim, bnn.out_dim)
+        samples["readout_whitened"] = torch.randn(shape, generator=gen, dtype=torch.float64)
+    weights = _original_space(bnn.repriorised() if collapsed else model, samples, X, y)
     f_test = _predictions(bnn, weights, split.X_test)
     gen = np.random.default_rng(args.seed)
     U = gen.normal(size=(split.X_test.shape[0], 100))
@@ -256,7 +261,7 @@ def main(argv=None):
                         pyro.set_rng_seed(args.seed)
                         out = run_config(split, dataset, depth, width, method, args)
                         name = f"{method} ({depth}x{width})"
-                        role = "ours" if method.startswith("repriorised") else "peer"
+                        role = "peer" if method in KERNEL_OF else "ours"
                         records.append(harness.record("bnn_mcmc", dataset, split_id, name, role,
                                                       n_train=split.n_train, **out))  # fmt: skip
                         print(f"{dataset:>14} {name:>26}: ESS/grad min {out['ess_per_grad_min']:.2e} "

@@ -1,13 +1,17 @@
 """Bayesian neural networks for Pyro's MCMC, with readout repriorisation for fast mixing."""
 
 from .chains import ChainsResult, run_chains
+from .collapsed import CollapsedModel
 from .jittered_hmc import JitteredHMC
+from .marginal import GaussianLinearMarginal
 from .mlp import BayesianMLP, RepriorisedModel
 from .repriorise import RepriorisedReadout, readout_map
 
 __all__ = [
     "BayesianMLP",
     "ChainsResult",
+    "CollapsedModel",
+    "GaussianLinearMarginal",
     "JitteredHMC",
     "RepriorisedModel",
     "RepriorisedReadout",

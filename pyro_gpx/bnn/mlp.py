@@ -179,6 +179,13 @@ class BayesianMLP(PyroModule):
             )
         return RepriorisedModel(self)
 
+    def collapsed(self):
+        """This model with its readout integrated out (:class:`~pyro_gpx.bnn.collapsed.CollapsedModel`):
+        the sampler sees only the hidden weights and noise; readouts are drawn exactly afterwards."""
+        from .collapsed import CollapsedModel  # collapsed imports this module
+
+        return CollapsedModel(self)
+
     def noise_variance(self) -> torch.Tensor:
         if self.noise is not None:
             return torch.tensor(self.noise, dtype=self.dtype)

@@ -11,14 +11,6 @@ from scipy import stats
 from pyro_gpx.bnn import BayesianMLP, readout_map
 
 
-@pytest.fixture
-def data(float64):
-    gen = torch.Generator().manual_seed(0)
-    X = torch.randn(40, 3, generator=gen)
-    y = torch.sin(X[:, 0]) + 0.5 * X[:, 1] + 0.1 * torch.randn(40, generator=gen)
-    return X, y
-
-
 @pytest.mark.parametrize("n, D", [(30, 4), (5, 12)], ids=["primal", "dual"])
 def test_readout_map_is_the_conditional_posterior(float64, n, D):
     gen = torch.Generator().manual_seed(1)
