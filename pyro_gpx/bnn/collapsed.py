@@ -22,7 +22,10 @@ the posterior predictive variance is that part.
 Prediction: called without targets, the model is the repriorised model, whose :math:`\phi` site
 ``Predictive`` draws from its :math:`N(0, I)` prior, which *is* its posterior; so
 ``Predictive(collapsed, samples)(X_new)`` returns exact posterior predictive draws, and
-``return_sites=["readout"]`` the readout of each.
+``return_sites=["readout"]`` the readout of each. ArviZ export of the chains works as for any model,
+but the observed site ``"y"`` is the joint marginal of all targets, so its log-likelihood has one
+value per draw, not one per data point (for PSIS-LOO, evaluate the repriorised model on the draws
+with their readouts).
 
 References:
 
