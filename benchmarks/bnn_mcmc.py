@@ -166,13 +166,17 @@ def run_config(split, dataset, depth, width, method, args) -> dict:
     samples = dict(result.samples)
     # the plain model has no phi; the collapsed one draws it (and so the readout) exactly at each kept draw
     refreshed = collapsed or (args.refresh_whitened and "readout_whitened" in samples)
-    if refreshed:
-        # phi is exactly N(0, I) and independent of the hidden weights and noise a posteriori: a Gibbs
-        # refresh of phi at each kept draw is exact and decorrelates the readout from the trajectory
-        gen = torch.Generator().manual_seed(args.seed)
-        shape = (4, args.num_samples, bnn.feature_dim, bnn.out_dim)
-        samples["readout_whitened"] = torch.randn(shape, generator=gen, dtype=torch.float64)
-    weights = _original_space(bnn.repriorised() if collapsed else model, samples, X, y)
+    # phi is exactly N(0, I) and independent of the hidden weights and noise a posteriori: a Gibbs
+    # refresh of phi at each kept draw is exact and decorrelates the readout from the trajectory
+    gen = torch.Generator().manual_seed(args.seed)
+    if collapsed:  # the library's exact readout draws (one randn call of shape (chain, draw, D, out))
+        model.set_training_data(X, y)
+        weights = {**samples, "readout": model.readout_draws(samples, gen)}
+    else:
+        if refreshed:
+            shape = (4, args.num_samples, bnn.feature_dim, bnn.out_dim)
+            samples["readout_whitened"] = torch.randn(shape, generator=gen, dtype=torch.float64)
+        weights = _original_space(model, samples, X, y)
     f_test = _predictions(bnn, weights, split.X_test)
     gen = np.random.default_rng(args.seed)
     U = gen.normal(size=(split.X_test.shape[0], 100))

@@ -41,6 +41,7 @@ import torch
 from .._validation import check_finite
 from .marginal import GaussianLinearMarginal
 from .mlp import BayesianMLP, RepriorisedModel
+from .repriorise import readout_map
 
 __all__ = ["CollapsedModel"]
 
@@ -80,6 +81,44 @@ class CollapsedModel:
     def set_training_data(self, X: torch.Tensor, y: torch.Tensor) -> None:
         """The data the readout is conditioned on when predicting (set by every call with targets)."""
         self.repriorised.set_training_data(X, y)
+
+    def readout_draws(self, samples: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        r"""One exact readout draw per posterior draw: :math:`\theta \mid W, \lambda, y`, with a fresh
+        :math:`\phi \sim N(0, I)` for each, in the original coordinates (``(..., out_dim, D)``).
+
+        :param samples: hidden weights (and ``"noise"`` if latent) with common leading dimensions, e.g.
+            ``(chain, draw)`` from :func:`~pyro_gpx.bnn.chains.run_chains` or ``MCMC.get_samples()``.
+        :param generator: the random stream of the :math:`\phi` draws (one ``randn`` call of shape
+            ``(..., D, out_dim)``).
+        """
+        bnn = self.model
+        X, y = self.repriorised.reparam._training_data()
+        Y = y.reshape(y.shape[0], -1).to(bnn.dtype)
+        missing = {f"layers.{k}.{p}" for k in range(len(bnn.widths)) for p in ("weight", "bias")} - set(samples)
+        if bnn.noise is None:
+            missing |= {"noise"} - set(samples)
+        if missing:
+            raise ValueError(f"samples lack the sites {sorted(missing)}")
+        hidden = {k: v for k, v in samples.items() if k.startswith("layers.")}
+        if hidden:
+            batch = hidden["layers.0.bias"].shape[:-1]  # a bias is a vector per draw
+        elif "noise" in samples:
+            batch = samples["noise"].shape
+        else:
+            raise ValueError("samples hold no latent site (a linear model with fixed noise has nothing to sample)")
+        D = bnn.feature_dim
+        phi = torch.randn(batch + (D, bnn.out_dim), generator=generator, dtype=bnn.dtype)
+        s = bnn.readout_prior_scale()
+        out = torch.empty(batch + (bnn.out_dim, D), dtype=bnn.dtype)
+        flat_phi, flat_out = phi.reshape(-1, D, bnn.out_dim), out.view(-1, bnn.out_dim, D)
+        fixed_noise = None if bnn.noise is None else torch.tensor(bnn.noise, dtype=bnn.dtype)
+        with torch.no_grad():
+            for i in range(flat_out.shape[0]):
+                params = {k: v.reshape((-1,) + v.shape[len(batch) :])[i] for k, v in hidden.items()}
+                noise = fixed_noise if fixed_noise is not None else samples["noise"].reshape(-1)[i]
+                Phi = bnn.features(X, params) * s
+                flat_out[i] = (readout_map(Phi, Y, noise, flat_phi[i])[0] * s[:, None]).T
+        return out
 
     def __call__(self, X: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor | None:
         if y is None:

@@ -117,3 +117,27 @@ def test_bad_input(data):
         GaussianLinearMarginal(torch.randn(40, 3), 0.1).log_prob(torch.randn(39))
     with pytest.raises(ValueError, match="noise"):
         GaussianLinearMarginal(torch.randn(40, 3), -0.1, validate_args=True)
+
+
+def test_readout_draws_are_the_exact_conditional_and_match_predictive(data):
+    X, y = data
+    bnn = BayesianMLP(3, [3], noise=None, parameterization="standard")
+    model = bnn.collapsed()
+    model.set_training_data(X, y)
+    pyro.set_rng_seed(5)
+    trace = poutine.trace(bnn).get_trace(X)
+    hidden = {k: s["value"] for k, s in trace.nodes.items() if k.startswith("layers") or k == "noise"}
+    N = 4000
+    samples = {k: v.expand((2, N // 2) + v.shape) for k, v in hidden.items()}  # (chain, draw, ...)
+    readout = model.readout_draws(samples, torch.Generator().manual_seed(0))
+    assert readout.shape == (2, N // 2, 1, 4)
+    s, noise = bnn.readout_prior_scale(), hidden["noise"]
+    Phi = bnn.features(X, hidden) * s
+    G = Phi.T @ Phi + noise * torch.eye(4)
+    mean = s * torch.linalg.solve(G, Phi.T @ y)
+    cov = noise * torch.linalg.inv(G) * s[:, None] * s[None]
+    flat = readout.reshape(N, 4)
+    assert ((flat.mean(0) - mean).abs() / (cov.diagonal() / N).sqrt()).max() < 4.5
+    torch.testing.assert_close(torch.cov(flat.T), cov, rtol=0.1, atol=0.1 * float(cov.diagonal().min()))
+    with pytest.raises(ValueError, match=r"samples lack the sites \['noise'\]"):
+        model.readout_draws({k: v for k, v in samples.items() if k != "noise"})
