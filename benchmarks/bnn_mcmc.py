@@ -147,7 +147,7 @@ def _gradient_ms(model, X, y, repeats: int = 60) -> float:
 
 
 # each sampler's run_chains kernel; every one runs on the plain and on the repriorised model
-KERNEL_OF = {"NUTS": "nuts", "HMC": "hmc", "jittered HMC": "jittered_hmc"}
+KERNEL_OF = {"NUTS": "nuts", "HMC": "hmc", "jittered HMC": "jittered_hmc", "split HMC": "split_hmc"}
 PREFIXES = ("", "repriorised ", "collapsed ")
 ALL_METHODS = tuple(prefix + name for name in KERNEL_OF for prefix in PREFIXES)
 
@@ -159,7 +159,7 @@ def run_config(split, dataset, depth, width, method, args) -> dict:
     model = bnn.repriorised() if method.startswith("repriorised") else bnn.collapsed() if collapsed else bnn
     nuts = kernel == "nuts"
     kernel_kwargs = {"max_tree_depth": args.max_tree_depth} if nuts else {"trajectory_length": args.hmc_length}
-    if kernel == "jittered_hmc":  # the length drawn from U(1 - j, 1 + j) x hmc_length per trajectory
+    if kernel in ("jittered_hmc", "split_hmc"):  # the length drawn from U(1 - j, 1 + j) x hmc_length per trajectory
         kernel_kwargs["jitter"] = args.hmc_jitter
     if args.target_accept is not None:  # step-size adaptation target (Pyro's default 0.8)
         kernel_kwargs["target_accept_prob"] = args.target_accept

@@ -6,6 +6,7 @@ from .jittered_hmc import JitteredHMC
 from .marginal import GaussianLinearMarginal
 from .mlp import BayesianMLP, RepriorisedModel
 from .repriorise import RepriorisedReadout, readout_map
+from .split_hmc import SplitHMC
 
 __all__ = [
     "BayesianMLP",
@@ -15,6 +16,7 @@ __all__ = [
     "JitteredHMC",
     "RepriorisedModel",
     "RepriorisedReadout",
+    "SplitHMC",
     "readout_map",
     "run_chains",
 ]

@@ -24,10 +24,11 @@ from pyro.infer import HMC, MCMC, NUTS
 
 from ..diagnostics import SampleStatsRecorder, to_inference_data
 from .jittered_hmc import JitteredHMC
+from .split_hmc import SplitHMC
 
 __all__ = ["ChainsResult", "run_chains"]
 
-KERNELS = {"nuts": NUTS, "hmc": HMC, "jittered_hmc": JitteredHMC}
+KERNELS = {"nuts": NUTS, "hmc": HMC, "jittered_hmc": JitteredHMC, "split_hmc": SplitHMC}
 
 
 @dataclass
@@ -91,12 +92,12 @@ def run_chains(
     threads_per_chain: int = 1,
     progress: bool = True,
 ) -> ChainsResult:
-    """Run ``num_chains`` independent chains of ``NUTS`` (or ``HMC``, or
-    :class:`~pyro_gpx.bnn.jittered_hmc.JitteredHMC`) on ``model``.
+    """Run ``num_chains`` independent chains of ``NUTS`` (or ``HMC``,
+    :class:`~pyro_gpx.bnn.jittered_hmc.JitteredHMC`, :class:`~pyro_gpx.bnn.split_hmc.SplitHMC`) on ``model``.
 
     :param model: a picklable Pyro model (module-level function, ``PyroModule``, or e.g.
         :class:`~pyro_gpx.bnn.mlp.RepriorisedModel`).
-    :param kernel: ``"nuts"``, ``"hmc"`` or ``"jittered_hmc"``.
+    :param kernel: ``"nuts"``, ``"hmc"``, ``"jittered_hmc"`` or ``"split_hmc"``.
     :param kernel_kwargs: passed to the kernel (``max_tree_depth``, ``trajectory_length``, ``jitter``, ...).
     :param processes: concurrent chains (default: the CPU count, at most ``num_chains``); 1 runs
         them one after another in this process.
