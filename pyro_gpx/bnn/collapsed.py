@@ -112,10 +112,12 @@ class CollapsedModel:
         out = torch.empty(batch + (bnn.out_dim, D), dtype=bnn.dtype)
         flat_phi, flat_out = phi.reshape(-1, D, bnn.out_dim), out.view(-1, bnn.out_dim, D)
         fixed_noise = None if bnn.noise is None else torch.tensor(bnn.noise, dtype=bnn.dtype)
+        flat_hidden = {k: v.reshape((-1,) + v.shape[len(batch) :]) for k, v in hidden.items()}
+        flat_noise = None if fixed_noise is not None else samples["noise"].reshape(-1)
         with torch.no_grad():
             for i in range(flat_out.shape[0]):
-                params = {k: v.reshape((-1,) + v.shape[len(batch) :])[i] for k, v in hidden.items()}
-                noise = fixed_noise if fixed_noise is not None else samples["noise"].reshape(-1)[i]
+                params = {k: v[i] for k, v in flat_hidden.items()}
+                noise = fixed_noise if flat_noise is None else flat_noise[i]
                 Phi = bnn.features(X, params) * s
                 flat_out[i] = (readout_map(Phi, Y, noise, flat_phi[i])[0] * s[:, None]).T
         return out

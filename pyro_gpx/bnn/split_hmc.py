@@ -42,14 +42,15 @@ from collections.abc import Callable
 
 import pyro
 import torch
-from pyro.infer.mcmc import HMC
 from pyro.ops.integrator import potential_grad
 from pyro.util import optional
+
+from .jittered_hmc import JitteredHMC
 
 __all__ = ["SplitHMC"]
 
 
-class SplitHMC(HMC):
+class SplitHMC(JitteredHMC):
     """Split HMC with an adapted diagonal Gaussian reference (see the module docstring).
 
     :param trajectory_length: integration time in standardised coordinates (the reference's period
@@ -72,16 +73,13 @@ class SplitHMC(HMC):
 
     def __init__(self, model: Callable | None = None, potential_fn: Callable | None = None, *,
                  trajectory_length: float = math.pi / 2, jitter: float = 0.5, **kwargs):  # fmt: skip
-        if not 0.0 <= jitter < 1.0:
-            raise ValueError(f"jitter must be in [0, 1), got {jitter}")
         if trajectory_length <= 0:
             raise ValueError(f"trajectory_length must be positive, got {trajectory_length}")
         if kwargs.get("full_mass"):
             raise NotImplementedError("SplitHMC uses a diagonal Gaussian reference; full_mass is not supported")
         if "num_steps" in kwargs:
             raise ValueError("num_steps is not an option: SplitHMC sets it from trajectory_length and the step size")
-        super().__init__(model, potential_fn, trajectory_length=trajectory_length, **kwargs)
-        self.jitter = float(jitter)
+        super().__init__(model, potential_fn, trajectory_length=trajectory_length, jitter=jitter, **kwargs)
 
     def _reset(self):
         super()._reset()
@@ -107,10 +105,6 @@ class SplitHMC(HMC):
             self._ref_scale = scale
             self._window_sum, self._window_count = {}, 0
 
-    def _num_steps(self) -> int:
-        length = self.trajectory_length * (1.0 + self.jitter * (2.0 * float(torch.rand(())) - 1.0))
-        return max(1, int(length / self.step_size))
-
     def sample(self, params):
         z, potential_energy, z_grads = self._fetch_from_cache()
         if z is None:
@@ -130,7 +124,7 @@ class SplitHMC(HMC):
         g = {k: s[k] * z_grads[k] - x[k] for k in z}  # gradient of the remainder in x
         z_new, grads_new, energy_new = z, z_grads, potential_energy
         with optional(pyro.validation_enabled(False), self._t < self._warmup_steps):
-            for _ in range(self._num_steps()):
+            for _ in range(self.num_steps):  # JitteredHMC's jittered length
                 p = {k: p[k] - 0.5 * eps * g[k] for k in p}
                 x, p = {k: x[k] * cos + p[k] * sin for k in x}, {k: p[k] * cos - x[k] * sin for k in x}
                 z_new = {k: m[k] + s[k] * x[k] for k in x}
