@@ -22,7 +22,7 @@ import pyro
 import torch
 from pyro.infer import HMC, MCMC, NUTS
 
-from ..diagnostics import SampleStatsRecorder, to_inference_data
+from ..diagnostics import SampleStatsRecorder, mcmc_sample_stats, to_inference_data
 from .jittered_hmc import JitteredHMC
 from .split_hmc import SplitHMC
 
@@ -70,10 +70,7 @@ def _run_one(job: dict) -> dict:
     start = time.perf_counter()
     mcmc.run(*job["args"], **job["kwargs"])
     seconds = time.perf_counter() - start
-    stats = recorder.as_arrays(1, job["num_samples"])
-    diverging = np.zeros((1, job["num_samples"]), dtype=bool)
-    diverging[0, mcmc.diagnostics()["divergences"]["chain 0"]] = True
-    stats["diverging"] = diverging
+    stats = mcmc_sample_stats(mcmc, recorder)  # not mcmc.diagnostics(): its ESS of every weight needs tens of GB
     return {"samples": {k: v.detach() for k, v in mcmc.get_samples().items()}, "stats": stats, "seconds": seconds}
 
 

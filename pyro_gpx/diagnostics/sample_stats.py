@@ -110,6 +110,17 @@ class SampleStatsRecorder:
         self._calls = 0
 
 
+def _divergence_indices(mcmc) -> dict[int, list]:
+    """Post-warmup divergence indices per chain. Not through ``MCMC.diagnostics()``: it also computes
+    the ESS and R-hat of every latent, in memory quadratic in the draws times the latent size (tens of
+    GB for a 65 000-weight layer and 500 draws); Pyro keeps the kernels' own diagnostics per chain."""
+    per_chain = getattr(mcmc, "_diagnostics", None)
+    if isinstance(per_chain, list) and all(isinstance(d, dict) for d in per_chain):
+        return {c: list(d.get("divergences", [])) for c, d in enumerate(per_chain)}
+    divergences = mcmc.diagnostics().get("divergences", {})
+    return {c: list(divergences.get(f"chain {c}", [])) for c in range(mcmc.num_chains)}
+
+
 def mcmc_sample_stats(mcmc, recorder: SampleStatsRecorder | None = None) -> dict[str, np.ndarray]:
     """``(chain, draw)`` sampler statistics of a finished :class:`pyro.infer.MCMC` run.
 
@@ -118,14 +129,10 @@ def mcmc_sample_stats(mcmc, recorder: SampleStatsRecorder | None = None) -> dict
     not given).
     """
     num_chains, num_draws = mcmc.num_chains, mcmc.num_samples
-    stats: dict[str, np.ndarray] = {}
-    diagnostics = mcmc.diagnostics()
-    if "divergences" in diagnostics:
-        diverging = np.zeros((num_chains, num_draws), dtype=bool)
-        for c in range(num_chains):
-            idx = [int(i) for i in diagnostics["divergences"].get(f"chain {c}", []) if 0 <= int(i) < num_draws]
-            diverging[c, idx] = True
-        stats["diverging"] = diverging
+    diverging = np.zeros((num_chains, num_draws), dtype=bool)
+    for c, indices in _divergence_indices(mcmc).items():
+        diverging[c, [int(i) for i in indices if 0 <= int(i) < num_draws]] = True
+    stats: dict[str, np.ndarray] = {"diverging": diverging}
     if recorder is None:
         hook = getattr(getattr(mcmc, "sampler", None), "hook", None)
         recorder = hook if isinstance(hook, SampleStatsRecorder) else None
