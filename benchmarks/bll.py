@@ -188,6 +188,9 @@ def run_split(split, classes, cfg, args) -> list[tuple[str, str, dict]]:
     if not args.skip_nuts:
         results.append(_last_layer_nuts(gaussian, split, classes, args))
 
+    # the implicit model starts from its own copy of the MAP features: the two models share parameter
+    # names, so the Gaussian BLL's trained values must leave the store first
+    pyro.clear_param_store()
     guide = AutoDiffusion(implicit, process="pis", num_steps=cfg["steps"], hidden=64, init_scale=0.1, use_score=False,
                           affine=args.affine)  # fmt: skip
     seconds = map_seconds + _svi(implicit, guide, PathELBO(num_paths=cfg["paths"]), X, y, cfg, args.seed)

@@ -299,7 +299,7 @@ def main(argv=None):
             print(f"{target:>9} reference NUTS, {len(reference)} draws: {out['train_seconds']:.0f} s", flush=True)
         target_budget = min(budget, args.logistic_budget) if target == "logistic" else budget
         methods = [("NUTS", "peer")]
-        methods += [(f"{p.upper()}-{loss}", "ours") for p in ("pis", "dds") for loss in ("KL", "LV")]
+        methods += [(f"{p.upper()}-{loss}", "ours") for p in ("pis", "dds", "dis") for loss in ("KL", "LV")]
         if args.methods and "PIS-KL+IAF" in args.methods.split(","):  # opt-in: not better than the IAF alone (README)
             methods += [("PIS-KL+IAF", "ours")]
         methods += [("AutoNormal", "peer"), ("AutoMultivariateNormal", "peer"), ("AutoIAFNormal", "peer")]
@@ -310,7 +310,7 @@ def main(argv=None):
             pyro.clear_param_store()
             if method == "NUTS":
                 out, _, samples = run_nuts(model, model_args, target, target_budget, cfg)
-            elif method.startswith(("PIS", "DDS")):
+            elif method.startswith(("PIS", "DDS", "DIS")):
                 process, loss = method.split("+")[0].split("-")
                 flow_fraction = args.flow_fraction if method.endswith("+IAF") else 0.0
                 out, _, samples = run_diffusion(model, model_args, target, process.lower(), loss, target_budget, cfg,

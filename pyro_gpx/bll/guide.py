@@ -20,6 +20,7 @@ class LastLayerNormal(PyroModule):
     regression) or any Pyro ELBO (e.g. ``Trace_ELBO`` for classification).
 
     :param model: the last-layer model; :param init_scale: initial posterior standard deviation.
+        Its parameters are ``"loc"`` and ``"scale_tril"``, prefixed by the model's ``name`` if it has one.
 
     Decay the learning rate towards the end of training (e.g. ``pyro.optim.ClippedAdam`` with
     ``lrd < 1``). At a constant Adam rate the Cholesky factor keeps jittering by about the step size,
@@ -30,7 +31,7 @@ class LastLayerNormal(PyroModule):
     """
 
     def __init__(self, model: BayesianLastLayer, init_scale: float = 0.1, dtype: torch.dtype = torch.float64):
-        super().__init__()
+        super().__init__(name=getattr(model, "name", None) or "")
         if not isinstance(model.prior, GaussianWeightPrior):
             raise ValueError(
                 "LastLayerNormal approximates a Gaussian-prior last layer; use AutoDiffusion for implicit priors"
@@ -45,7 +46,11 @@ class LastLayerNormal(PyroModule):
         )
 
     def distribution(self) -> dist.Distribution:
-        return dist.MultivariateNormal(self.loc, scale_tril=self.scale_tril).to_event(1)
+        """:math:`q(W)`, from the parameter store's current values (also outside a model run, e.g.
+        after ``pyro.get_param_store().load``)."""
+        with self._pyro_context:  # PyroParams are refreshed from the store only inside a context
+            loc, scale_tril = self.loc, self.scale_tril
+        return dist.MultivariateNormal(loc, scale_tril=scale_tril).to_event(1)
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         return {self.site: pyro.sample(self.site, self.distribution())}

@@ -13,18 +13,40 @@ Pyro parameters, trained by SVI together with the guide of :math:`W` (or of the 
 
 Sites: ``"weights"`` (Gaussian prior) or ``"weights_latent"`` plus the deterministic
 ``"weights"`` (implicit prior); inside ``pyro.plate("data")``: the deterministic ``"f"``
-(``(n, C)``) and the observations ``"y"``.
+(``(n, C)``) and the observations ``"y"``. With ``name="reg"`` every site and the plate are
+prefixed (``"reg.weights"``, ``"reg.data"``, ``"reg.f"``, ``"reg.y"``), and so are its Pyro
+parameters and its :class:`~pyro_gpx.bll.guide.LastLayerNormal`'s (``"reg.features.0.weight"``,
+``"reg.loc"``), so that several last layers fit in one Pyro model or one parameter store.
+
+Saving and loading: the learned parameters (features, learned noise / prior scale / generator,
+:class:`~pyro_gpx.bll.guide.LastLayerNormal`'s mean and covariance) are ``PyroParam`` s read from
+Pyro's parameter store, so either route restores the same model in a fresh process:
+
+* ``torch.save({"model": model.state_dict(), "guide": guide.state_dict()}, path)``; later
+  ``pyro.clear_param_store()``, rebuild both objects with the same arguments and call
+  ``load_state_dict`` on each. This also restores fixed module state: a fixed generator
+  (``learn_generator=False``, whose random weights are buffers) and frozen feature parameters.
+  An autoguide creates its parameters on its first call: call it once on data before loading.
+* ``pyro.get_param_store().save(path)``; later ``pyro.clear_param_store()``, rebuild,
+  ``pyro.get_param_store().load(path)``. Fixed state is not in the store: rebuild a fixed generator
+  from the same seed or use ``state_dict``.
+
+The store is keyed by name: two unnamed models (or guides) built in one store share
+``"features.0.weight"`` (``"loc"``) and the like, and the second then starts from, and trains, the
+first one's values. Clear the store between models, or give them different ``name`` s.
 """
 
 from __future__ import annotations
 
+import itertools
+
 import pyro
 import torch
 from pyro.nn import PyroModule
-from pyro.nn.module import to_pyro_module_
 from torch import nn
 
-from .._validation import check_finite
+from .._validation import check_finite, check_positive_int
+from ._modules import to_pyro_params_
 from .heads import CategoricalHead, GaussianHead
 from .priors import GaussianWeightPrior, ImplicitWeightPrior
 
@@ -34,13 +56,17 @@ __all__ = ["BayesianLastLayer"]
 class BayesianLastLayer(PyroModule):
     """Features ``features(X) -> (n, feature_dim)`` followed by a Bayesian linear last layer.
 
-    :param features: any ``nn.Module`` (converted in place to a ``PyroModule``; its parameters become
-        Pyro parameters); ``None`` for the identity.
+    :param features: any ``nn.Module`` (converted in place to a ``PyroModule``; its trainable
+        parameters become ``PyroParam`` s, read from Pyro's parameter store); ``None`` for the identity.
     :param feature_dim: its output width.
     :param head: :class:`~pyro_gpx.bll.heads.GaussianHead` or :class:`~pyro_gpx.bll.heads.CategoricalHead`.
     :param prior: :class:`~pyro_gpx.bll.priors.GaussianWeightPrior` (default, unit scale) or
         :class:`~pyro_gpx.bll.priors.ImplicitWeightPrior`.
     :param bias: append a constant feature.
+    :param name: a prefix for the sample sites, the data plate and the Pyro parameters
+        (``"<name>.weights"``, ``"<name>.features.0.weight"`` ...), to put several last layers in one
+        model or one parameter store; ``None`` (default): ``"weights"``, ``"data"``, ``"f"``, ``"y"``
+        and parameters named by their attribute path (under a parent ``PyroModule``, the parent's).
 
     Example::
 
@@ -63,20 +89,30 @@ class BayesianLastLayer(PyroModule):
         prior: GaussianWeightPrior | ImplicitWeightPrior | None = None,
         *,
         bias: bool = True,
+        name: str | None = None,
     ):
-        super().__init__()
-        if feature_dim < 1:
-            raise ValueError(f"feature_dim must be >= 1, got {feature_dim}")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"name must be a non-empty string or None, got {name!r}")
+        super().__init__(name=name or "")  # a name also prefixes the Pyro parameters
+        feature_dim = check_positive_int("feature_dim", feature_dim)
         if not isinstance(head, (GaussianHead, CategoricalHead)):
             raise TypeError(f"head must be a GaussianHead or CategoricalHead, got {type(head).__name__}")
         if features is not None:
-            to_pyro_module_(features)
+            to_pyro_params_(features)
         self.features = features
         self.feature_dim, self.bias = feature_dim, bias
         self.head = head
         self.prior = prior if prior is not None else GaussianWeightPrior()
         if not isinstance(self.prior, (GaussianWeightPrior, ImplicitWeightPrior)):
             raise TypeError(f"prior must be a GaussianWeightPrior or ImplicitWeightPrior, got {type(prior).__name__}")
+        self.name = name
+        self.weight_site, self.f_site, self.y_site, self.plate_name = (
+            self.site_name(base) for base in ("weights", "f", "y", "data")
+        )
+
+    def site_name(self, base: str) -> str:
+        """``base`` with this layer's ``name`` prefix (``"<name>.<base>"``, or ``base`` without a name)."""
+        return base if self.name is None else f"{self.name}.{base}"
 
     @property
     def weight_shape(self) -> tuple[int, int]:
@@ -85,9 +121,21 @@ class BayesianLastLayer(PyroModule):
 
     def design(self, X: torch.Tensor) -> torch.Tensor:
         r""":math:`\Phi = [\phi_\psi(X), 1]`, ``(n, D)``."""
-        if X.dim() != 2:
-            raise ValueError(f"X must be (n, inputs), got shape {tuple(X.shape)}")
+        if not isinstance(X, torch.Tensor) or X.dim() != 2:
+            raise ValueError(f"X must be a (n, inputs) tensor, got shape {tuple(getattr(X, 'shape', ()))}")
+        if X.shape[0] == 0:
+            raise ValueError("X has no rows: a batch needs at least one data point")
+        if not X.is_floating_point():
+            raise ValueError(f"X must be floating point, got {X.dtype}")
         check_finite("X", X)
+        if self.features is not None:
+            tensors = itertools.chain(self.features.parameters(), self.features.buffers())
+            ref = next((t for t in tensors if t.is_floating_point()), None)
+            if ref is not None and ref.dtype != X.dtype:
+                raise ValueError(
+                    f"X has dtype {X.dtype} but the feature network's parameters are {ref.dtype}; "
+                    f"convert X (X.to({ref.dtype})) or the network"
+                )
         Phi = X if self.features is None else self.features(X)
         if Phi.dim() != 2 or Phi.shape[-1] != self.feature_dim:
             raise ValueError(f"the features have shape {tuple(Phi.shape)}; expected (n, {self.feature_dim})")
@@ -96,6 +144,17 @@ class BayesianLastLayer(PyroModule):
         if self.bias:
             Phi = torch.cat([Phi, torch.ones(Phi.shape[0], 1, dtype=Phi.dtype)], -1)
         return Phi
+
+    def _check_design(self, design: torch.Tensor) -> torch.Tensor:
+        D = self.weight_shape[1]
+        if not isinstance(design, torch.Tensor) or design.dim() != 2 or design.shape[-1] != D:
+            raise ValueError(f"design must be a (n, {D}) tensor, got shape {tuple(getattr(design, 'shape', ()))}")
+        if design.shape[0] == 0:
+            raise ValueError("design has no rows: a batch needs at least one data point")
+        if not design.is_floating_point():
+            raise ValueError(f"design must be floating point, got {design.dtype}")
+        check_finite("design", design)
+        return design
 
     def forward(
         self,
@@ -108,20 +167,21 @@ class BayesianLastLayer(PyroModule):
         """Run the model on a (mini)batch.
 
         :param X: ``(n, inputs)``; :param y: targets (``None`` to predict).
-        :param num_data: the full data set size when ``X`` is a minibatch.
+        :param num_data: the full data set size (a positive integer) when ``X`` is a minibatch.
         :param design: precomputed :meth:`design` (e.g. frozen features for NUTS); ``X`` is then ignored.
         :returns: ``f``, ``(..., n, C)``.
         """
-        Phi = self.design(X) if design is None else design
+        Phi = self.design(X) if design is None else self._check_design(design)
         n = Phi.shape[0]
         if y is not None:
             y = self.head.check_targets(y, n)
-        size = n if num_data is None else int(num_data)
+        size = n if num_data is None else check_positive_int("num_data", num_data)
         if size < n:
             raise ValueError(f"num_data ({size}) is smaller than the batch ({n})")
         W = self.prior.sample(self.weight_site, self.weight_shape, Phi.dtype)
         f = (Phi.unsqueeze(-2) * W).sum(-1)  # broadcasts over draws: W is (..., 1, C, D) under a particle plate
-        with pyro.plate("data", size, subsample=torch.arange(n)):
-            pyro.deterministic("f", f, event_dim=1)
-            self.head.observe("y", f, y, infer={"last_layer": {"design": Phi, "weights": self.weight_site}})
+        with pyro.plate(self.plate_name, size, subsample=torch.arange(n)):
+            pyro.deterministic(self.f_site, f, event_dim=1)
+            infer = {"last_layer": {"design": Phi, "weights": self.weight_site}}
+            self.head.observe(self.y_site, f, y, infer=infer)
         return f

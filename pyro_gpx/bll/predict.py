@@ -46,7 +46,7 @@ def _f_at(model: BayesianLastLayer, draws: dict[str, torch.Tensor], X: torch.Ten
     shaped = {k: v.reshape((S, 1) + v.shape[1:]) for k, v in draws.items()}
     with poutine.block(), pyro.plate("_pyro_gpx_draws", S, dim=-2):
         trace = poutine.trace(poutine.condition(model, data=shaped)).get_trace(X)
-    return trace.nodes["f"]["value"].expand(S, X.shape[0], model.weight_shape[0])
+    return trace.nodes[model.f_site]["value"].expand(S, X.shape[0], model.weight_shape[0])
 
 
 def predict(
@@ -70,11 +70,13 @@ def predict(
     X_ref, y_ref = train if train is not None else (X, None)
     with torch.no_grad():
         draws = _latent_draws(model, posterior, num_samples, X_ref, y_ref)
-        draws = {k: v.detach() for k, v in draws.items() if k != "weights" or "weights_latent" not in draws}
+        site, latent = model.weight_site, f"{model.weight_site}_latent"
+        draws = {k: v.detach() for k, v in draws.items() if k != site or latent not in draws}
         f = torch.cat([_f_at(model, chunk, X) for chunk in _chunks(draws, draw_batch)])
     out = {"f": f}
     if isinstance(model.head, GaussianHead):
-        noise = model.head.noise.detach().to(f.dtype)
+        with model._pyro_context:  # the store's value (e.g. after pyro.get_param_store().load)
+            noise = model.head.noise.detach().to(f.dtype)
         out.update(mean=f[..., 0].mean(0), var=f[..., 0].var(0) + noise, noise=noise)
         return out
     probs = f.softmax(-1).mean(0)

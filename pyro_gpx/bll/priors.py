@@ -23,9 +23,10 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
-from pyro.nn.module import to_pyro_module_
 from torch import nn
 
+from .._validation import check_positive_int
+from ._modules import freeze_to_buffers_, to_pyro_params_
 from .positive import register_positive
 
 __all__ = ["GaussianWeightPrior", "ImplicitWeightPrior", "generator_mlp"]
@@ -83,7 +84,9 @@ class ImplicitWeightPrior(PyroModule):
     :param generator: ``nn.Module`` mapping ``(..., k)`` to ``(..., C * D)``; its parameters are learned
         with the model (empirical Bayes) unless ``learn_generator=False``.
     :param latent_dim: :math:`k`.
-    :param learn_generator: register the generator's parameters with Pyro (``False`` freezes them).
+    :param learn_generator: make the generator's parameters ``PyroParam`` s, trained by SVI; ``False``
+        freezes them into buffers (converted in place: saved by ``state_dict``, not by Pyro's
+        parameter store; the generator is put in eval mode).
     :param scale: a positive factor on the generated weights, :math:`W = s\\,g_\\theta(z)`.
     :param learn_scale: learn :math:`s` (empirical Bayes on one scalar, as
         :class:`GaussianWeightPrior` does).
@@ -109,15 +112,12 @@ class ImplicitWeightPrior(PyroModule):
         learn_scale: bool = False,
     ):
         super().__init__()
-        if latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+        latent_dim = check_positive_int("latent_dim", latent_dim)
         register_positive(self, "scale", scale, learn_scale)
         if learn_generator:
-            to_pyro_module_(generator)  # its parameters become Pyro parameters, trained by SVI
+            to_pyro_params_(generator)  # its parameters become Pyro parameters, trained by SVI
         else:
-            for p in generator.parameters():
-                p.requires_grad_(False)
-            generator.eval()  # Pyro skips frozen parameters of modules in eval mode without a warning
+            freeze_to_buffers_(generator).eval()  # fixed module state: no Pyro parameters, no warnings
         self.generator = generator
         self.latent_dim = latent_dim
 

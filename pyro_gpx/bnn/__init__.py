@@ -5,6 +5,7 @@ from .collapsed import CollapsedModel
 from .jittered_hmc import JitteredHMC
 from .marginal import GaussianLinearMarginal
 from .mlp import BayesianMLP, RepriorisedModel
+from .predictions import predictions_to_inference_data
 from .repriorise import RepriorisedReadout, readout_map
 from .split_hmc import SplitHMC
 
@@ -17,6 +18,7 @@ __all__ = [
     "RepriorisedModel",
     "RepriorisedReadout",
     "SplitHMC",
+    "predictions_to_inference_data",
     "readout_map",
     "run_chains",
 ]

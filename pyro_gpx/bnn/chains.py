@@ -3,15 +3,16 @@
 Pyro's ``MCMC(num_chains > 1)`` runs chains in parallel only when more CPUs than chains are free,
 and its multiprocessing is fragile (CUDA, forking, logging queues). :func:`run_chains` starts each
 chain as an ordinary single-chain ``MCMC`` in its own spawned process (at most ``processes`` at a
-time), with its own seed, progress bar and :class:`~pyro_gpx.diagnostics.SampleStatsRecorder`, and
-merges the draws into ``(chain, draw, ...)`` arrays that
-:func:`~pyro_gpx.diagnostics.to_inference_data` accepts.
+time), with its own seed, progress bar (labelled ``chain i/n``, one terminal line per chain) and
+:class:`~pyro_gpx.diagnostics.SampleStatsRecorder`, and merges the draws into ``(chain, draw, ...)``
+arrays that :func:`~pyro_gpx.diagnostics.to_inference_data` accepts.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -21,9 +22,11 @@ import numpy as np
 import pyro
 import torch
 from pyro.infer import HMC, MCMC, NUTS
+from tqdm import tqdm
 
 from ..diagnostics import SampleStatsRecorder, mcmc_sample_stats, to_inference_data
 from .jittered_hmc import JitteredHMC
+from .repriorise import _default_data
 from .split_hmc import SplitHMC
 
 __all__ = ["ChainsResult", "run_chains"]
@@ -58,17 +61,50 @@ class ChainsResult:
                                  group_by_chain=True, sample_stats=self.sample_stats, **kwargs)  # fmt: skip
 
 
+class _ChainProgress:
+    """A progress bar for one chain, labelled with its index and driven by the MCMC hook (Pyro's own
+    single-chain bar has no label, and bars of chains in other processes overwrite each other)."""
+
+    def __init__(self, chain: int, num_chains: int, total: int, position: int | None):
+        self.label = f"chain {chain + 1}/{num_chains}"
+        self.sampling = False
+        disable = "CI" in os.environ or "PYTEST_XDIST_WORKER" in os.environ  # as Pyro's bar
+        bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]"
+        self.bar = tqdm(total=total, desc=f"{self.label} warmup", position=position, leave=True, file=sys.stderr,
+                        disable=disable, bar_format=bar_format)  # fmt: skip
+
+    def __call__(self, kernel, params, stage: str, i: int) -> None:
+        if not self.sampling and stage.startswith("Sample"):
+            self.sampling = True
+            self.bar.set_description(f"{self.label} sample", refresh=False)
+        logging = getattr(kernel, "logging", None)  # step size and acceptance probability, as Pyro shows
+        if callable(logging):
+            self.bar.set_postfix(logging(), refresh=False)
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _run_one(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     torch.set_default_dtype(job["dtype"])
     pyro.set_rng_seed(job["seed"])
-    recorder = SampleStatsRecorder()
+    progress = None
+    if job["progress"]:
+        progress = _ChainProgress(job["chain"], job["num_chains"], job["warmup_steps"] + job["num_samples"],
+                                  job["position"])  # fmt: skip
+    recorder = SampleStatsRecorder(progress)
     kernel_cls = KERNELS[job["kernel"]]
     kernel = kernel_cls(job["model"], **job["kernel_kwargs"])
     mcmc = MCMC(kernel, num_samples=job["num_samples"], warmup_steps=job["warmup_steps"], hook_fn=recorder,
-                disable_progbar=not job["progress"])  # fmt: skip
+                disable_progbar=True)  # fmt: skip
     start = time.perf_counter()
-    mcmc.run(*job["args"], **job["kwargs"])
+    try:
+        mcmc.run(*job["args"], **job["kwargs"])
+    finally:
+        if progress is not None:
+            progress.close()
     seconds = time.perf_counter() - start
     stats = mcmc_sample_stats(mcmc, recorder)  # not mcmc.diagnostics(): its ESS of every weight needs tens of GB
     return {"samples": {k: v.detach() for k, v in mcmc.get_samples().items()}, "stats": stats, "seconds": seconds}
@@ -98,17 +134,30 @@ def run_chains(
     :param kernel_kwargs: passed to the kernel (``max_tree_depth``, ``trajectory_length``, ``jitter``, ...).
     :param processes: concurrent chains (default: the CPU count, at most ``num_chains``); 1 runs
         them one after another in this process.
+    :param progress: show a progress bar per chain (``chain i/n warmup`` / ``sample``, with the step
+        size and acceptance probability).
+
+    A model with a ``set_training_data`` method (:class:`~pyro_gpx.bnn.mlp.RepriorisedModel`,
+    :class:`~pyro_gpx.bnn.collapsed.CollapsedModel`) gets the training data ``(X, y)`` of
+    ``model_args`` / ``model_kwargs`` set first, so that the caller's model, which never ran in the
+    chains' processes, predicts with them afterwards (``Predictive(model, result.get_samples())(X_new)``).
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {kernel!r}")
     if num_chains < 1 or num_samples < 1 or warmup_steps < 0:
         raise ValueError("num_chains and num_samples must be >= 1 and warmup_steps >= 0")
     processes = min(num_chains, processes or os.cpu_count() or 1)
+    set_training_data = getattr(model, "set_training_data", None)
+    if callable(set_training_data) and model_args:
+        X, y = _default_data(tuple(model_args), dict(model_kwargs or {}))
+        if y is not None:
+            set_training_data(X, y)
     jobs = [
         {"model": model, "args": tuple(model_args), "kwargs": dict(model_kwargs or {}), "kernel": kernel,
          "kernel_kwargs": dict(kernel_kwargs or {}), "num_samples": num_samples, "warmup_steps": warmup_steps,
          "seed": seed + chain, "threads": threads_per_chain, "progress": progress,
-         "dtype": torch.get_default_dtype()}
+         "dtype": torch.get_default_dtype(), "chain": chain, "num_chains": num_chains,
+         "position": chain if processes > 1 else None}
         for chain in range(num_chains)
     ]  # fmt: skip
     if processes == 1:

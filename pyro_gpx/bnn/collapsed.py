@@ -41,16 +41,17 @@ import torch
 from .._validation import check_finite
 from .marginal import GaussianLinearMarginal
 from .mlp import BayesianMLP, RepriorisedModel
-from .repriorise import readout_map
 
 __all__ = ["CollapsedModel"]
 
 
 class CollapsedModel:
     """``model(X, y)``: hidden weights (and noise) under the readout's marginal likelihood;
-    ``model(X_new)``: the repriorised model, predicting with the training data of the last call with
-    targets (or :meth:`set_training_data`). Picklable, so :func:`~pyro_gpx.bnn.chains.run_chains` can
-    run it in other processes.
+    ``model(X_new)``: the repriorised model, predicting with the training data. The training data are
+    those of the first call with targets, or of :meth:`set_training_data` (which replaces them); a call
+    with other targets raises ``ValueError``, since the marginal likelihood of held-out targets is no
+    held-out score (predict instead, or score with :attr:`repriorised` on draws with readouts).
+    Picklable, so :func:`~pyro_gpx.bnn.chains.run_chains` can run it in other processes.
 
     :param model: a :class:`~pyro_gpx.bnn.mlp.BayesianMLP` with a Gaussian likelihood.
 
@@ -79,7 +80,7 @@ class CollapsedModel:
         self.repriorised = RepriorisedModel(model)
 
     def set_training_data(self, X: torch.Tensor, y: torch.Tensor) -> None:
-        """The data the readout is conditioned on when predicting (set by every call with targets)."""
+        """Fix (or replace) the data the readout is conditioned on; call it before sampling on new data."""
         self.repriorised.set_training_data(X, y)
 
     def readout_draws(self, samples: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
@@ -93,34 +94,19 @@ class CollapsedModel:
         """
         bnn = self.model
         X, y = self.repriorised.reparam._training_data()
-        Y = y.reshape(y.shape[0], -1).to(bnn.dtype)
         missing = {f"layers.{k}.{p}" for k in range(len(bnn.widths)) for p in ("weight", "bias")} - set(samples)
         if bnn.noise is None:
             missing |= {"noise"} - set(samples)
         if missing:
             raise ValueError(f"samples lack the sites {sorted(missing)}")
-        hidden = {k: v for k, v in samples.items() if k.startswith("layers.")}
-        if hidden:
-            batch = hidden["layers.0.bias"].shape[:-1]  # a bias is a vector per draw
+        if bnn.widths:
+            batch = samples["layers.0.bias"].shape[:-1]  # a bias is a vector per draw
         elif "noise" in samples:
             batch = samples["noise"].shape
         else:
             raise ValueError("samples hold no latent site (a linear model with fixed noise has nothing to sample)")
-        D = bnn.feature_dim
-        phi = torch.randn(batch + (D, bnn.out_dim), generator=generator, dtype=bnn.dtype)
-        s = bnn.readout_prior_scale()
-        out = torch.empty(batch + (bnn.out_dim, D), dtype=bnn.dtype)
-        flat_phi, flat_out = phi.reshape(-1, D, bnn.out_dim), out.view(-1, bnn.out_dim, D)
-        fixed_noise = None if bnn.noise is None else torch.tensor(bnn.noise, dtype=bnn.dtype)
-        flat_hidden = {k: v.reshape((-1,) + v.shape[len(batch) :]) for k, v in hidden.items()}
-        flat_noise = None if fixed_noise is not None else samples["noise"].reshape(-1)
-        with torch.no_grad():
-            for i in range(flat_out.shape[0]):
-                params = {k: v[i] for k, v in flat_hidden.items()}
-                noise = fixed_noise if flat_noise is None else flat_noise[i]
-                Phi = bnn.features(X, params) * s
-                flat_out[i] = (readout_map(Phi, Y, noise, flat_phi[i])[0] * s[:, None]).T
-        return out
+        phi = torch.randn(batch + (bnn.feature_dim, bnn.out_dim), generator=generator, dtype=bnn.dtype)
+        return bnn.map_readout(samples, phi, X, y)
 
     def __call__(self, X: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor | None:
         if y is None:
@@ -128,10 +114,20 @@ class CollapsedModel:
         bnn = self.model
         check_finite("X", X)
         check_finite("y", y)
-        expected = (X.shape[0],) if bnn.out_dim == 1 else (X.shape[0], bnn.out_dim)
-        if tuple(y.shape) != expected:
-            raise ValueError(f"y must have shape {expected} for {X.shape[0]} inputs, got {tuple(y.shape)}")
-        self.repriorised.reparam.training_data = (X, y)
+        bnn.check_data(X, y)
+        reparam = self.repriorised.reparam
+        if reparam.training_data is None:
+            reparam.set_training_data(X, y)
+        elif not reparam.is_training_data(X, y):
+            raise ValueError(
+                "CollapsedModel was called with targets other than its training data (those of its first call "
+                "with targets, or of set_training_data). Its density of y is the marginal likelihood with the "
+                "readout integrated over its prior: the sampling target on the training data, not a held-out "
+                "score. To sample on new data, call set_training_data(X, y) first (or build a new model); to "
+                "predict, call it without targets (Predictive(model, samples)(X_new), or "
+                "pyro_gpx.bnn.predictions_to_inference_data); to score held-out targets, evaluate "
+                "model.repriorised on the draws plus fresh N(0, I) draws of 'readout_whitened'"
+            )
         noise = bnn.noise_variance()
         Phi = bnn.features(X, bnn.sample_hidden())
         if bnn.parameterization == "standard":  # NTK features already carry the prior scales

@@ -30,7 +30,7 @@ import torch
 from pyro.nn import PyroModule
 
 from .._validation import check_finite
-from .repriorise import RepriorisedReadout
+from .repriorise import RepriorisedReadout, readout_map
 
 __all__ = ["BayesianMLP", "RepriorisedModel"]
 
@@ -191,10 +191,75 @@ class BayesianMLP(PyroModule):
             return torch.tensor(self.noise, dtype=self.dtype)
         return pyro.sample("noise", self.noise_prior)
 
+    def check_data(self, X: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Check the shapes of inputs ``X`` (``(n, in_dim)``) and targets ``y``: ``(n,)`` for one
+        Gaussian output or class labels, ``(n, out_dim)`` for several Gaussian outputs.
+
+        :raises ValueError: naming ``X`` or ``y``, e.g. for ``y`` of shape ``(n, 1)`` with one output
+            (which would broadcast against the ``(n,)`` means into an ``(n, n)`` likelihood).
+        """
+        if X.dim() != 2 or X.shape[-1] != self.in_dim:
+            raise ValueError(f"X must be (n, {self.in_dim}), got shape {tuple(X.shape)}")
+        if y is None:
+            return
+        n = X.shape[0]
+        several = self.likelihood == "gaussian" and self.out_dim > 1
+        expected = (n, self.out_dim) if several else (n,)
+        if tuple(y.shape) != expected:
+            what = "one label" if self.likelihood != "gaussian" else f"{self.out_dim} outputs" if several else "one"
+            raise ValueError(f"y must have shape {expected} ({what} per row of X), got {tuple(y.shape)}")
+        if self.likelihood == "categorical":
+            if y.is_floating_point() and (y != y.round()).any():
+                raise ValueError("y must hold integer class labels")
+            if ((y < 0) | (y >= self.out_dim)).any():
+                raise ValueError(f"labels must lie in [0, {self.out_dim})")
+
+    def map_readout(
+        self, samples: dict[str, torch.Tensor], whitened: torch.Tensor, X: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        r"""The readouts :math:`\theta = s \odot (G^{-1}\tilde\Phi^\top y + \sqrt\lambda\, G^{-1/2}\phi)`
+        of repriorisation (:func:`~pyro_gpx.bnn.repriorise.readout_map`) for a batch of draws, in the
+        original coordinates, ``(..., out_dim, D)``.
+
+        :param samples: hidden weights (and ``"noise"`` if latent) with leading dimensions ``...``.
+        :param whitened: :math:`\phi`, ``(..., D, out_dim)``.
+        :param X: training inputs; :param y: training targets.
+        """
+        D = self.feature_dim
+        if whitened.shape[-2:] != (D, self.out_dim):
+            raise ValueError(f"whitened readouts must end in ({D}, {self.out_dim}), got {tuple(whitened.shape)}")
+        batch = whitened.shape[:-2]
+        missing = {f"layers.{k}.{p}" for k in range(len(self.widths)) for p in ("weight", "bias")} - set(samples)
+        if self.noise is None:
+            missing |= {"noise"} - set(samples)
+        if missing:
+            raise ValueError(f"samples lack the sites {sorted(missing)}")
+        hidden = {k: v for k, v in samples.items() if k.startswith("layers.")}
+        if self.noise is None:
+            hidden["noise"] = samples["noise"]
+        for k, v in hidden.items():
+            if v.shape[: len(batch)] != batch:
+                raise ValueError(f"samples of {k!r} have shape {tuple(v.shape)}; the draws are {tuple(batch)}")
+        Y = y.reshape(y.shape[0], -1).to(self.dtype)
+        s = self.readout_prior_scale()
+        out = torch.empty(batch + (self.out_dim, D), dtype=self.dtype)
+        flat_phi, flat_out = whitened.reshape(-1, D, self.out_dim), out.view(-1, self.out_dim, D)
+        fixed_noise = None if self.noise is None else torch.tensor(self.noise, dtype=self.dtype)
+        flat = {k: v.reshape((-1,) + v.shape[len(batch) :]) for k, v in hidden.items()}
+        flat_noise = flat.pop("noise", None)
+        with torch.no_grad():
+            for i in range(flat_out.shape[0]):
+                params = {k: v[i] for k, v in flat.items()}
+                noise = fixed_noise if flat_noise is None else flat_noise[i]
+                Phi = self.features(X, params) * s
+                flat_out[i] = (readout_map(Phi, Y, noise, flat_phi[i])[0] * s[:, None]).T
+        return out
+
     def forward(self, X: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         check_finite("X", X)
         if y is not None and y.is_floating_point():
             check_finite("y", y)
+        self.check_data(X, y)
         noise = self.noise_variance() if self.likelihood == "gaussian" else None
         # kept for this run: the repriorisation reparam reads the hidden weights and noise from here
         self._current = self.sample_hidden()
@@ -208,8 +273,6 @@ class BayesianMLP(PyroModule):
         )
         self._current_features = None  # read by the readout's reparameterisation only; holds the autograd graph
         f = Phi @ theta.transpose(-1, -2)  # (..., n, out)
-        if y is not None and y.shape[0] != X.shape[0]:
-            raise ValueError(f"X has {X.shape[0]} rows but y has {y.shape[0]}")
         with pyro.plate("data", X.shape[0]):
             if self.likelihood == "gaussian":
                 loc = f[..., 0] if self.out_dim == 1 else f
@@ -217,14 +280,20 @@ class BayesianMLP(PyroModule):
                 d = d if self.out_dim == 1 else d.to_event(1)
                 pyro.sample("y", d, obs=None if y is None else y.to(self.dtype))
             else:
-                if y is not None and ((y < 0) | (y >= self.out_dim)).any():
-                    raise ValueError(f"labels must lie in [0, {self.out_dim})")
                 pyro.sample("y", dist.Categorical(logits=f), obs=y)
         return f
 
 
 class RepriorisedModel:
-    """``poutine.reparam(model, {"readout": RepriorisedReadout(...)})`` as a picklable callable."""
+    """``poutine.reparam(model, {"readout": RepriorisedReadout(...)})`` as a picklable callable.
+
+    ``model(X, y)`` is the repriorised model; the readout is mapped with the training data, those
+    of the first call with targets or of :meth:`set_training_data`. ``model(X_new)`` predicts with
+    them, and ``model(X_test, y_test)`` scores held-out targets with them (see
+    :class:`~pyro_gpx.bnn.repriorise.RepriorisedReadout`).
+
+    :param model: a :class:`BayesianMLP` with a Gaussian likelihood.
+    """
 
     def __init__(self, model: BayesianMLP):
         self.model = model
@@ -234,4 +303,21 @@ class RepriorisedModel:
         return poutine.reparam(self.model, config={"readout": self.reparam})(*args, **kwargs)
 
     def set_training_data(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        """Fix (or replace) the data the readout is mapped with; call it before sampling on new data."""
+        check_finite("X", X)
+        check_finite("y", y)
+        self.model.check_data(X, y)
         self.reparam.set_training_data(X, y)
+
+    def readout_draws(self, samples: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The readout of each draw in the original coordinates, ``(..., out_dim, D)``: its
+        ``"readout_whitened"`` mapped back with the training data (what the model's ``"readout"``
+        site holds at that draw).
+
+        :param samples: ``"readout_whitened"``, the hidden weights (and ``"noise"`` if latent), with
+            common leading dimensions, e.g. ``(chain, draw)`` or ``MCMC.get_samples()``'s ``(draw,)``.
+        """
+        if "readout_whitened" not in samples:
+            raise ValueError("samples lack the site 'readout_whitened'")
+        X, y = self.reparam._training_data()
+        return self.model.map_readout(samples, samples["readout_whitened"], X, y)

@@ -92,18 +92,35 @@ def readout_map(
 
 
 class RepriorisedReadout(Reparam):
-    """Reparameterise a Gaussian-linear readout site so NUTS samples its exact conditional posterior.
+    r"""Reparameterise a Gaussian-linear readout site so NUTS samples its exact conditional posterior.
 
     :param features: ``features(X) -> (n, D)`` readout inputs at the *current* hidden weights of
         the model run (e.g. :meth:`~pyro_gpx.bnn.mlp.BayesianMLP.features`).
     :param noise: ``noise() -> tensor`` the current likelihood noise variance (a number if fixed).
     :param data: ``data(args, kwargs) -> (X, y)``: the training data from the model's arguments
         (``poutine.reparam`` passes them as ``args_kwargs``); default ``(args[0], args[1] or kwargs["y"])``.
+    :raises NotImplementedError: if ``features`` is a method of a model with a non-Gaussian
+        likelihood (e.g. a categorical :class:`~pyro_gpx.bnn.mlp.BayesianMLP`).
 
-    The training data of the last call with targets is remembered, so the same reparameterised
-    model predicts on new inputs (``Predictive(model, samples)(X_new)``): the readout is mapped
-    back with the training data, then applied to the new features. Call :meth:`set_training_data`
-    to set it explicitly.
+    **Training data.** The map :math:`\phi \mapsto \theta` is built from fixed *training* data
+    :math:`(X_0, y_0)`: those of the first model call with targets, or of :meth:`set_training_data`
+    (which replaces them). Later calls use them whatever their own arguments:
+
+    * with the training data (the same tensors or equal values; e.g. every step of an MCMC run):
+      the repriorised density of the run;
+    * without targets, ``model(X_new)`` (``Predictive(model, samples)(X_new)``): the readout
+      :math:`\theta(\phi)` of each draw, mapped with :math:`(X_0, y_0)`, applied to the new inputs;
+    * with other targets, ``model(X_test, y_test)`` (``Predictive`` or
+      :func:`~pyro_gpx.diagnostics.to_inference_data` with ``model_args=(X_test, y_test)``): the
+      same readout, and the likelihood of the held-out targets under it, i.e. each draw's
+      held-out log-likelihood :math:`\log p(y_{\text{test}} \mid X_{\text{test}}, W, \theta(\phi))`.
+
+    This is exact: for any fixed :math:`(X_0, y_0)` the map is a bijection with the log-Jacobian
+    above, so the model's density is the original density plus the log-Jacobian. The training data
+    only decide which coordinates :math:`\phi` the sampler sees: with those the posterior is
+    conditioned on, :math:`\phi` is exactly :math:`N(0, I)` a posteriori. So to *sample* on other
+    data, call :meth:`set_training_data` with them first (or build a new model): otherwise the chain
+    still targets the right posterior, but in the coordinates whitened for the old data.
     """
 
     def __init__(
@@ -112,22 +129,44 @@ class RepriorisedReadout(Reparam):
         noise: Callable[[], torch.Tensor] | float,
         data: Callable[[tuple, dict], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
     ):
+        _check_gaussian_owner(features)
         self.features = features
         self.noise = noise
         self.data = data or _default_data
         self.training_data: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def set_training_data(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        """Fix the data :math:`(X_0, y_0)` the readout is mapped with (replacing any earlier ones).
+
+        :raises ValueError: if ``X`` or ``y`` contain NaN or inf, or ``y`` has an integer dtype (class
+            labels) and the model is not known to have a Gaussian likelihood.
+        """
         if not (torch.isfinite(X).all() and torch.isfinite(y).all()):
             raise ValueError("the training data X, y contain NaN or inf")
+        if _likelihood_of(self.features) != "gaussian":
+            _check_real_targets(y)
         self.training_data = (X, y)
+
+    def is_training_data(self, X: torch.Tensor, y: torch.Tensor) -> bool:
+        """Whether ``(X, y)`` are the stored training data (the same tensors, or equal values)."""
+        if self.training_data is None:
+            return False
+        X0, y0 = self.training_data
+        if X is X0 and y is y0:
+            return True
+        same = [(a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device) for a, b in ((X, X0), (y, y0))]
+        return all(same) and torch.equal(X, X0) and torch.equal(y, y0)
 
     def _training_data(self) -> tuple[torch.Tensor, torch.Tensor]:
         args_kwargs = getattr(self, "args_kwargs", None)
         if args_kwargs is not None:
             X, y = self.data(*args_kwargs)
             if y is not None:
-                self.training_data = (X, y)
+                if self.training_data is None:
+                    self.set_training_data(X, y)
+                elif self.is_training_data(X, y):
+                    # this call's own tensors: the model may reuse the features it has just computed
+                    return X, y
         if self.training_data is None:
             raise ValueError(
                 "repriorisation needs the training targets: call the model with y, or set_training_data(X, y)"
@@ -138,6 +177,7 @@ class RepriorisedReadout(Reparam):
         name, fn = msg["name"], msg["fn"]
         if msg["is_observed"]:
             raise ValueError(f"site {name!r} is observed; repriorisation applies to a latent readout")
+        _check_gaussian_owner(self.features)
         base, event_dim = self._unwrap(fn)
         if not isinstance(base, dist.Normal) or (base.loc != 0).any():
             raise ValueError(f"site {name!r} needs a zero-mean Normal prior, got {type(base).__name__}")
@@ -152,6 +192,9 @@ class RepriorisedReadout(Reparam):
         Phi = self.features(X)
         if Phi.shape[-1] != D:
             raise ValueError(f"features have {Phi.shape[-1]} columns; the readout {name!r} expects {D}")
+        if y.dim() == 0 or y.shape[0] != Phi.shape[0]:
+            rows = Phi.shape[0]
+            raise ValueError(f"y has shape {tuple(y.shape)}; the readout {name!r} needs one row per input ({rows})")
         Y = y.reshape(y.shape[0], -1).to(Phi.dtype)
         if Y.shape[-1] != d_out:
             raise ValueError(f"targets have {Y.shape[-1]} outputs; the readout {name!r} has {d_out}")
@@ -178,6 +221,36 @@ class RepriorisedReadout(Reparam):
         log_density = fn.log_prob(theta) + logdet - dist.Normal(0.0, 1.0).log_prob(whitened).sum()
         new_fn = dist.Delta(theta, event_dim=2, log_density=log_density)
         return {"fn": new_fn, "value": theta, "is_observed": True}
+
+
+def _check_gaussian_owner(features: Callable) -> None:
+    """Refuse a model whose likelihood is known not to be Gaussian (``features`` bound to it).
+
+    The reparameterisation runs at the readout site, before the model's observation site, so it
+    cannot see the likelihood of an arbitrary model: this catches :class:`~pyro_gpx.bnn.mlp.BayesianMLP`
+    (and any model with a ``likelihood`` attribute); for other models, integer targets (class labels)
+    are refused when the training data are set.
+    """
+    likelihood = _likelihood_of(features)
+    if likelihood is not None and likelihood != "gaussian":
+        raise NotImplementedError(
+            f"repriorisation maps the readout to its exact conditional posterior, which needs a Gaussian "
+            f"likelihood; this model's likelihood is {likelihood!r} (sample classification networks with plain NUTS)"
+        )
+
+
+def _likelihood_of(features: Callable) -> str | None:
+    """The ``likelihood`` attribute of the model ``features`` is a method of, if any."""
+    likelihood = getattr(getattr(features, "__self__", None), "likelihood", None)
+    return likelihood if isinstance(likelihood, str) else None
+
+
+def _check_real_targets(y: torch.Tensor) -> None:
+    if not y.is_floating_point():
+        raise ValueError(
+            f"y has dtype {y.dtype}: repriorisation needs real targets of a Gaussian likelihood (class labels "
+            "need a categorical one, which it does not support; convert regression targets to floating point)"
+        )
 
 
 def _default_data(args: tuple, kwargs: dict):

@@ -1,4 +1,4 @@
-"""Diffusion-sampler posteriors (PIS / DDS) as a Pyro autoguide."""
+"""Diffusion-sampler posteriors (PIS / DDS / DIS) as a Pyro autoguide."""
 
 from .drift import DriftNet
 from .guide import AutoDiffusion, PathSample

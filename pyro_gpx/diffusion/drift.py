@@ -6,7 +6,8 @@ r"""Time-conditioned drift networks :math:`u_\phi(z, t)`.
 
 with Fourier time features :math:`\gamma(t)`; the second term (optional) feeds the target's score
 to the drift as PIS and DDS do [1, 2]. Output layers start at zero, so an untrained sampler is
-exactly its reference process.
+exactly its reference process (for DIS, that process's Euler-Maruyama chain, which is only close to
+stationary; see :mod:`~pyro_gpx.diffusion.processes`).
 
 References:
 

@@ -13,7 +13,7 @@ increments :math:`\epsilon` (one auxiliary site) drives the discretised controll
 with :math:`L = \log p_{F,0}(z_0) + \sum_k \log p_F(z_{k+1}\mid z_k) - \sum_k\log p_B(z_k\mid z_{k+1})`.
 The guide's density is therefore the path ratio, and ``Trace_ELBO`` optimises the extended-space
 ELBO :math:`\mathbb{E}[\log\rho(z_K) - L] \le \log Z` exactly, by reparameterised gradients through
-the simulated path (PIS/DDS training).
+the simulated path (PIS/DDS/DIS training).
 
 The process runs in a learned affine frame, :math:`z = m + S y` (``loc`` :math:`m` starts at
 the ``init_loc_fn`` point, :math:`S` at ``init_scale`` times the identity): the SDE carries :math:`y`,
@@ -24,17 +24,30 @@ a cheap preconditioner: a target whose posterior is far from the origin, badly s
 variable) or strongly correlated (a regression's coefficients) no longer has to be reached by the
 drift network alone; with a zero drift the DDS guide is exactly the Gaussian :math:`N(m, \sigma^2 SS^\top)`,
 so ``affine="full"`` contains ``AutoMultivariateNormal``'s family and the drift learns what is not
-Gaussian. A normalising flow :math:`f` may follow the affine map (``flow=``): :math:`z = f(m + S y)`,
+Gaussian (DIS's untrained chain is only close to that Gaussian: its Euler-Maruyama steps are not exactly
+stationary). A normalising flow :math:`f` may follow the affine map (``flow=``): :math:`z = f(m + S y)`,
 and every path gains :math:`-\log|\det \partial f|` at its end point. With a zero drift and the PIS
 defaults (:math:`\sigma = T = 1`, so :math:`y_K \sim N(0, I)`) the guide is then exactly the flow's
 own guide; a flow trained first (e.g. ``AutoIAFNormal``'s transform) is a warm start that the drift
 only has to improve on.
 Batched losses and the evidence estimate live in :mod:`~pyro_gpx.diffusion.losses`.
+
+Saving and loading: both of Pyro's routes restore a guide exactly (same seed, same paths), into a fresh
+guide built with the same arguments: ``pyro.get_param_store().save(path)`` and, later,
+``pyro.get_param_store().load(path)`` (the guide takes every parameter, the drift network's and a flow's
+included, from the store at its next call); or ``torch.save(guide.state_dict(), path)`` and
+``guide.load_state_dict(torch.load(path))``, before or after the guide's first call (before it, the
+state is kept and loaded once the guide has set itself up), into a guide whose parameters are not in the
+param store (a new process, or after ``pyro.clear_param_store()``): as for every ``PyroModule``, values
+in the param store take precedence. Setting a guide up draws random numbers (``init_to_median``, the
+network's initial weights), so seed after its first call to compare samples.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -44,12 +57,30 @@ from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam, pyro_method
 from pyro.nn.module import to_pyro_module_
+from pyro.poutine.block_messenger import BlockMessenger
 
 from .drift import DriftNet
-from .processes import gaussian_log_density, make_process
-from .target import UnconstrainedTarget
+from .processes import _finite_at_least, _is_index, gaussian_log_density, make_process
+from .target import UnconstrainedTarget, plate_context
 
 __all__ = ["AutoDiffusion", "PathSample"]
+
+
+def _blocks_sample_sites(model) -> bool:
+    """Whether ``model`` is wrapped in a ``poutine.block`` that hides sample sites it is not told about
+    (as ``poutine.block(model, expose=[...])`` does)."""
+    probe = {"type": "sample", "name": "_pyro_gpx_probe", "is_observed": False, "fn": None, "infer": {}}
+    for _ in range(64):  # unwrap poutine handlers: partial(_context_wrap, messenger, fn)
+        if not isinstance(model, functools.partial):
+            return False
+        if len(model.args) == 2 and isinstance(model.args[0], BlockMessenger):
+            try:
+                if model.args[0].hide_fn(probe):
+                    return True
+            except (KeyError, TypeError, AttributeError):  # a custom hide_fn: assume it hides sites
+                return True
+        model = model.args[1] if len(model.args) == 2 else model.func
+    return False
 
 
 class PathSample(dict):
@@ -64,15 +95,21 @@ class PathSample(dict):
 class AutoDiffusion(AutoContinuous):
     """Diffusion-sampler posterior over all continuous latent sites of ``model``.
 
-    :param process: ``"pis"`` (Brownian reference) or ``"dds"`` (variance-preserving reference).
-    :param num_steps: time steps :math:`K`.
-    :param sigma: diffusion scale :math:`\\sigma` (PIS) / reference stationary scale (DDS).
-    :param horizon: :math:`T` (PIS).
+    :param process: ``"pis"`` (Brownian reference), ``"dds"`` (variance-preserving reference,
+        exponential-integrator steps) or ``"dis"`` (the time reversal of the same reference with
+        Euler-Maruyama forward and backward kernels, Berner, Richter and Ullrich; it needs
+        ``num_steps > max(beta_min, beta_max) / 2``). See :mod:`~pyro_gpx.diffusion.processes`.
+    :param num_steps: time steps :math:`K` (an integer >= 1).
+    :param sigma: diffusion scale :math:`\\sigma` (PIS) / reference stationary scale (DDS, DIS).
+    :param horizon: :math:`T` (PIS only, default 1; the time scale of DDS and DIS is set by
+        ``beta_min, beta_max``, so giving them another horizon is an error).
     :param hidden, depth: size of the drift network.
     :param use_score: feed :math:`\\nabla\\log\\rho` to the drift (one model gradient per step). Turn
-        it off inside an ``AutoGuideList``: there the guide sees a blocked model, whose score would
-        miss the other guides' sites.
-    :param beta_min, beta_max: DDS noise schedule.
+        it off inside an ``AutoGuideList``: there the guide sees a blocked model, whose score misses
+        the other guides' sites (they are redrawn from their priors; hidden observations are dropped).
+        A guide that is part of another autoguide, or built on a ``poutine.block(model, expose=...)``,
+        warns at set-up if it is left on.
+    :param beta_min, beta_max: DDS / DIS noise schedule.
     :param affine: the learned frame :math:`z = m + S y`: ``"diagonal"`` (:math:`D` scales),
         ``"full"`` (lower-triangular :math:`S`, :math:`D(D+1)/2` parameters, for correlated
         posteriors) or ``"fixed"`` (:math:`m, S` keep their initial values);
@@ -115,7 +152,7 @@ class AutoDiffusion(AutoContinuous):
         process: str = "pis",
         num_steps: int = 64,
         sigma: float = 1.0,
-        horizon: float = 1.0,
+        horizon: float | None = None,
         hidden: int = 128,
         depth: int = 2,
         use_score: bool = True,
@@ -128,8 +165,8 @@ class AutoDiffusion(AutoContinuous):
         drift_clip: float | None = None,
         flow=None,
     ):
-        if init_scale <= 0:
-            raise ValueError(f"init_scale must be positive, got {init_scale}")
+        if not _finite_at_least(init_scale, 0.0, strict=True):
+            raise ValueError(f"init_scale must be a positive finite number, got {init_scale}")
         if affine not in ("fixed", "diagonal", "full"):
             raise ValueError(f"affine must be 'fixed', 'diagonal' or 'full', got {affine!r}")
         if flow is not None and not callable(flow):
@@ -143,13 +180,24 @@ class AutoDiffusion(AutoContinuous):
         # model from being registered as a submodule (as AutoGuide does)
         self._raw_model = (model,)
         self._vectorized = vectorized
-        self._target_info: dict = {} if vectorized is None else {"vectorized": vectorized}
+        # plate nesting, and per enclosing-plate context whether the model runs batched
+        self._target_info: dict = {"vectorized": {}}
+        self._pending_state = None  # a state dict given before set-up
 
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             if site["fn"].support.is_discrete:
                 raise ValueError(f"AutoDiffusion needs continuous latents; site {name!r} is discrete")
+        if self._net_config["use_score"] and (self.master is not None or _blocks_sample_sites(self._raw_model[0])):
+            warnings.warn(
+                "AutoDiffusion sees a blocked model (it is part of an AutoGuideList, or its model is a "
+                "poutine.block): the score fed to its drift omits the hidden sites (other guides' latents are "
+                "redrawn from their priors, hidden observations are dropped), so it is not the posterior's "
+                "score. Pass use_score=False.",
+                UserWarning,
+                stacklevel=4,
+            )
         dtype = next(self.prototype_trace.iter_stochastic_nodes())[1]["value"].dtype
         drift = DriftNet(self.latent_dim, **self._net_config).to(dtype)
         to_pyro_module_(drift)
@@ -165,13 +213,51 @@ class AutoDiffusion(AutoContinuous):
         else:
             self.loc = PyroParam(loc)
             self.scale_tril = PyroParam(torch.diag(scale), constraint=constraints.softplus_lower_cholesky)
-        self._target_info = {} if self._vectorized is None else {"vectorized": self._vectorized}
+        self._target_info = {"vectorized": {}}
         flow = self._flow_spec[0]
         if flow is not None and not isinstance(flow, torch.distributions.Transform):
             flow = flow(self.latent_dim)
         if flow is not None and not (flow.bijective and flow.domain.event_dim == 1):
             raise ValueError(f"flow must be a bijection of vectors (event_dim 1), got {flow!r}")
         self.flow = flow  # a plain nn.Module child: its parameters are registered by pyro.module on access
+        if self._pending_state is not None:
+            state, strict, assign = self._pending_state
+            self._pending_state = None
+            self.load_state_dict(state, strict=strict, assign=assign)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        # before the guide's first call its parameters do not exist yet: keep its part of the state and load
+        # it once the guide has set itself up (also when the state is loaded through an AutoGuideList)
+        if self.prototype_trace is None:
+            own = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+            if own:
+                self._pending_state = (own, strict, bool(local_metadata.get("assign_to_params_buffers", False)))
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+
+    def _sync_params(self) -> None:
+        """Point the drift network's (and a flow's) parameters at the param store's tensors of the same
+        names, as ``PyroParam`` s are: after ``pyro.get_param_store().load(...)`` the guide then runs
+        with the loaded values (Pyro registers a plain ``nn.Parameter`` in the store, but never reads it
+        back). Call inside the guide's Pyro context (a ``pyro_method`` or ``forward``)."""
+        if pyro.settings.get("module_local_params"):  # no global store to follow
+            return
+        store = pyro.get_param_store()
+        for module in self.drift.modules():  # accessing self.drift names its submodules
+            prefix = module._pyro_name
+            for name, param in list(module._parameters.items()):
+                fullname = f"{prefix}.{name}" if prefix else name
+                if param is None or fullname not in store:
+                    continue
+                stored = store.get_param(fullname).unconstrained()
+                if stored is not param:
+                    if not isinstance(stored, torch.nn.Parameter):  # keep the store and the module on one tensor
+                        store[fullname] = torch.nn.Parameter(stored.detach())
+                        stored = store.get_param(fullname).unconstrained()
+                    module._parameters[name] = stored
+        flow = self.flow
+        if flow is not None:
+            pyro.module(f"{self._pyro_name}.flow" if self._pyro_name else "flow", flow, update_module_params=True)
 
     def _affine(self, y: torch.Tensor) -> torch.Tensor:
         if self.affine == "full":
@@ -203,23 +289,27 @@ class AutoDiffusion(AutoContinuous):
         return score @ self.scale_tril if self.affine == "full" else self.scale * score
 
     def target(self, *args, **kwargs) -> UnconstrainedTarget:
-        """The model's batched unconstrained log density for these arguments (plate nesting and
-        whether the model runs batched are found once and cached)."""
-        info = self._target_info
-        target = UnconstrainedTarget(
-            self, self._raw_model[0], args, kwargs, info.get("nesting"), info.get("vectorized")
-        )
+        """The model's batched unconstrained log density for these arguments (plate nesting is found
+        once; whether the model runs batched is found once per context of enclosing plates, e.g. inside
+        and outside ``Trace_ELBO``'s vectorised particles, and cached)."""
+        info, context = self._target_info, plate_context()
+        vectorized = self._vectorized if self._vectorized is not None else info["vectorized"].get(context)
+        target = UnconstrainedTarget(self, self._raw_model[0], args, kwargs, info.get("nesting"), vectorized)
         info["nesting"] = target.max_plate_nesting
         return target
 
+    def _remember(self, target: UnconstrainedTarget) -> None:
+        if target.vectorized is not None:
+            self._target_info["vectorized"][target.context] = target.vectorized
+
     def _log_density(self, target: UnconstrainedTarget, z: torch.Tensor) -> torch.Tensor:
         out = target.log_density(z)
-        self._target_info["vectorized"] = target.vectorized
+        self._remember(target)
         return out
 
     def _score(self, target: UnconstrainedTarget, z: torch.Tensor) -> torch.Tensor:
         out = target.score(z)
-        self._target_info["vectorized"] = target.vectorized
+        self._remember(target)
         return out
 
     # -- simulation ------------------------------------------------------------------------------
@@ -250,7 +340,35 @@ class AutoDiffusion(AutoContinuous):
     def _noise_shape(self) -> tuple[int, int]:
         return (self.process.num_steps + 1, self.latent_dim)
 
+    def _check_finite(self, z: torch.Tensor, log_density: torch.Tensor) -> None:
+        """Raise ``FloatingPointError`` naming the sites whose simulated latent, or whose path
+        log-density, is not finite (``Trace_ELBO`` would otherwise return an inf/NaN loss)."""
+        if bool(torch.isfinite(z).all()) and bool(torch.isfinite(log_density).all()):
+            return
+        sites, bad, pos = [], [], 0
+        for name, _ in self.prototype_trace.iter_stochastic_nodes():
+            size = math.prod(self._unconstrained_shapes[name])
+            sites.append(name)
+            if not torch.isfinite(z[..., pos : pos + size]).all():
+                bad.append(name)
+            pos += size
+        params = [name for name, p in self.named_parameters() if not torch.isfinite(p).all()]
+        cause = (
+            f"the guide's parameters {', '.join(params[:3])}{', ...' if len(params) > 3 else ''} are not finite, "
+            "e.g. after a step on a non-finite loss"
+            if params
+            else "the drift overflowed; a smaller learning rate or drift_clip bounds it"
+        )
+        if bad:
+            raise FloatingPointError(
+                f"the simulated latent of site(s) {', '.join(map(repr, bad))} is not finite ({cause})"
+            )
+        raise FloatingPointError(
+            f"the path log-density of the latent site(s) {', '.join(map(repr, sites))} is not finite ({cause})"
+        )
+
     def sample_latent(self, *args, **kwargs):
+        self._sync_params()
         name = self._pyro_name
         dtype = next(self.prototype_trace.iter_stochastic_nodes())[1]["value"].dtype
         eps = pyro.sample(
@@ -264,6 +382,7 @@ class AutoDiffusion(AutoContinuous):
         noise_log_density = gaussian_log_density(flat, torch.zeros_like(flat), 1.0).sum(-1)
         log_density = (path.log_path - noise_log_density).reshape(batch_shape)
         z = path.z.reshape(batch_shape + (self.latent_dim,))
+        self._check_finite(z, log_density)
         return pyro.sample(
             f"_{name}_latent", dist.Delta(z, log_density=log_density, event_dim=1), infer={"is_auxiliary": True}
         )
@@ -284,6 +403,7 @@ class AutoDiffusion(AutoContinuous):
         Differentiable in the drift's parameters; call inside ``torch.no_grad()`` for evaluation.
         """
         eps = self._path_noise(num_paths, args, kwargs)
+        self._sync_params()
         path = self._simulate(eps, args, kwargs, keep_path=keep_path)
         if log_target:
             path["log_target"] = self._log_density(self.target(*args, **kwargs), path.z)
@@ -291,6 +411,7 @@ class AutoDiffusion(AutoContinuous):
         return path
 
     @torch.no_grad()
+    @pyro_method
     def explore_paths(self, num_paths: int, *args, noise_scale: float = 1.0, **kwargs) -> torch.Tensor:
         """States ``(num_paths, K+1, D)`` of paths driven by the current (detached) drift with every
         Gaussian increment multiplied by ``noise_scale``: a wider, off-policy path distribution for the
@@ -298,15 +419,46 @@ class AutoDiffusion(AutoContinuous):
         if not noise_scale > 0:
             raise ValueError(f"noise_scale must be positive, got {noise_scale}")
         eps = noise_scale * self._path_noise(num_paths, args, kwargs)
+        self._sync_params()
         return self._simulate(eps, args, kwargs, keep_path=True).states
+
+    @pyro_method
+    def rescore_paths(self, states: torch.Tensor, *args, **kwargs) -> PathSample:
+        """The current sampler's log density ``log_path``, the end points ``z``, ``log_target`` and
+        ``log_weight`` of given process states ``(B, K+1, D)`` (e.g. from :meth:`explore_paths`);
+        differentiable in the drift and the frame (the log-variance loss)."""
+        self._sync_params()
+        process = self.process
+        target = self.target(*args, **kwargs)
+        times = process.times()
+        z_end, log_det = self.frame(states[:, -1])  # gradients reach m, S (and a flow)
+        log_path = process.initial_log_density(states[:, 0]) - log_det
+        drift_fn = self.drift.functional()
+        for k in range(process.num_steps):
+            y, y_next = states[:, k], states[:, k + 1]
+            score = self.state_score(target, y) if self.drift.use_score else None
+            drift = drift_fn(y, float(times[k]), score)
+            log_f = process.forward_log_density(k, y, drift, y_next)
+            log_path = log_path + log_f - process.backward_log_density(k, y, y_next)
+        log_target = self._log_density(target, z_end)
+        return PathSample(z=z_end, log_path=log_path, log_target=log_target, log_weight=log_target - log_path)
 
     @torch.no_grad()
     def log_normalizer(self, num_paths: int = 1000, *args, batch_size: int = 1000, **kwargs) -> dict:
         """Importance-sampling estimate of :math:`\\log Z` with its standard error, and the ELBO.
 
         :math:`\\widehat{\\log Z} = \\log\\frac1N\\sum_i w_i`; the standard error is the delta-method
-        :math:`\\operatorname{sd}(w)/(\\sqrt N\\,\\bar w)`.
+        :math:`\\operatorname{sd}(w)/(\\sqrt N\\,\\bar w)`. It is estimated from the same weights, so it
+        is itself unreliable when a few weights dominate: with an effective sample size ``ess`` near 1
+        (of ``num_paths``) it understates the error (the estimate is then biased low, by an unknown
+        amount); trust it only when ``ess`` is a sizeable fraction of ``num_paths``.
+
+        :param num_paths: number of paths (>= 1); :param batch_size: paths simulated at once (>= 1).
+        :returns: ``{"log_z", "stderr", "elbo", "ess", "num_paths"}``.
         """
+        for arg, value in (("num_paths", num_paths), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not _is_index(value) or value < 1:
+                raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
         weights = []
         for start in range(0, num_paths, batch_size):
             weights.append(self.sample_paths(min(batch_size, num_paths - start), *args, **kwargs).log_weight)

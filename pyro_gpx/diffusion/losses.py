@@ -107,20 +107,8 @@ class LogVarianceLoss(_BatchedPathLoss):
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         guide = _check(guide, model)
         states = guide.explore_paths(self.num_paths, *args, noise_scale=self.exploration, **kwargs)
-        process = guide.process
-        target = guide.target(*args, **kwargs)
-        times = process.times()
-        z_end, log_det = guide.frame(states[:, -1])  # gradients reach m, S (and a flow)
-        log_path = process.initial_log_density(states[:, 0]) - log_det
-        drift_fn = guide.drift.functional()
-        for k in range(process.num_steps):
-            y, y_next = states[:, k], states[:, k + 1]
-            score = guide.state_score(target, y) if guide.drift.use_score else None
-            drift = drift_fn(y, float(times[k]), score)
-            log_f = process.forward_log_density(k, y, drift, y_next)
-            log_path = log_path + log_f - process.backward_log_density(k, y, y_next)
-        log_target = guide._log_density(target, z_end)
-        log_w = log_target - log_path
+        # re-scored inside the guide's Pyro context, so that SVI sees (and steps) its parameters
+        log_w = guide.rescore_paths(states, *args, **kwargs).log_weight
         return _finite(log_w.var(), "the log-variance loss")
 
     def loss(self, model, guide, *args, **kwargs) -> float:

@@ -2,21 +2,32 @@
 
 :math:`\\log\\rho(z) = \\log p(x, T(z)) + \\log|\\det J_T(z)|` for a batch of flat unconstrained vectors
 ``z`` of shape ``(B, D)``: the model runs once under a plate over the batch (left of its own
-plates, with Pyro's handlers above it blocked), or once per row if it is not shape-safe.
+plates and of any enclosing plate, such as ``Trace_ELBO``'s vectorised particles, with Pyro's handlers
+above it blocked), or once per row if it is not shape-safe.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.transforms import biject_to
+from pyro.poutine.runtime import _DIM_ALLOCATOR
 from pyro.poutine.util import site_is_subsample
 
 __all__ = ["UnconstrainedTarget"]
+
+
+def plate_context() -> tuple:
+    """The plate dimensions held by enclosing plates (``()`` outside any), as a hashable key.
+
+    Read from Pyro's global dimension allocator, which also sees plates whose messages a
+    ``poutine.block`` hides (their dimensions stay taken)."""
+    return tuple(_DIM_ALLOCATOR._stack)
 
 
 def _max_plate_nesting(trace) -> int:
@@ -35,7 +46,7 @@ class UnconstrainedTarget:
         arguments.
     :param max_plate_nesting: the model's plate nesting (found by tracing it once if not given).
     :param vectorized: whether the model runs batched (found on the first call if not given; see
-        :attr:`vectorized` to cache the finding).
+        :attr:`vectorized` to cache the finding, which holds for the enclosing plates in :attr:`context`).
     """
 
     def __init__(
@@ -57,6 +68,7 @@ class UnconstrainedTarget:
                 max_plate_nesting = _max_plate_nesting(poutine.trace(conditioned).get_trace(*self.args, **self.kwargs))
         self.max_plate_nesting = max_plate_nesting
         self.vectorized = vectorized
+        self.context = plate_context()  # the enclosing plates under which `vectorized` holds
 
     def _conditioned(self, z: torch.Tensor, batch: int | None):
         """Constrained site values and the log-Jacobian: ``z`` is ``(B, 1, ..., D)`` with ``batch=B``
@@ -73,7 +85,21 @@ class UnconstrainedTarget:
             values[site["name"]] = value
         return values, log_jac
 
-    def _trace_log_prob(self, trace, batch: int | None) -> torch.Tensor:
+    def _particle_dim(self) -> int:
+        """The dimension of the plate over paths: left of the model's plates and of every enclosing one."""
+        return -max(self.max_plate_nesting, len(plate_context())) - 1
+
+    def _trace(self, values: dict, subsample: dict | None = None, batch: int | None = None, dim: int | None = None):
+        """The model's trace with its latents conditioned on ``values`` (and its subsampled plates on the
+        indices in ``subsample``), under a plate of size ``batch`` at ``dim`` if given; hidden from
+        enclosing handlers except for ``param`` sites (model parameters stay visible to SVI)."""
+        data = {**values, **(subsample or {})}
+        # non-finite densities are reported by _trace_log_prob, with the site
+        with poutine.block(expose_types=["param"]), pyro.validation_enabled(False):
+            with pyro.plate("_pyro_gpx_particles", batch, dim=dim) if batch is not None else nullcontext():
+                return poutine.trace(poutine.condition(self.model, data=data)).get_trace(*self.args, **self.kwargs)
+
+    def _trace_log_prob(self, trace, batch: int | None, dim: int | None = None) -> torch.Tensor:
         total = 0.0
         for site in trace.nodes.values():
             if site["type"] != "sample" or site_is_subsample(site):
@@ -87,35 +113,28 @@ class UnconstrainedTarget:
             if batch is None:
                 total = total + lp.sum()
                 continue
-            dim = self.max_plate_nesting + 1
-            if lp.dim() >= dim and lp.shape[-dim] == batch:
-                total = total + lp.movedim(-dim, 0).reshape(batch, -1).sum(-1)
+            if lp.dim() >= -dim and lp.shape[dim] == batch:
+                total = total + lp.movedim(dim, 0).reshape(batch, -1).sum(-1)
             else:  # the same for every row
                 total = total + lp.sum()
         return total
 
-    def _batched(self, z: torch.Tensor) -> torch.Tensor:
-        B = z.shape[0]
-        shaped = z.reshape((B,) + (1,) * self.max_plate_nesting + z.shape[-1:])
+    def _batched(self, z: torch.Tensor, subsample: dict | None = None) -> tuple[torch.Tensor, dict]:
+        """:math:`\\log\\rho` of the rows of ``z`` in one batched model run, and the subsample indices it used."""
+        B, dim = z.shape[0], self._particle_dim()
+        shaped = z.reshape((B,) + (1,) * (-dim - 1) + z.shape[-1:])
         values, log_jac = self._conditioned(shaped, B)
-        with (
-            poutine.block(expose_types=["param"]),  # model parameters stay visible to SVI
-            pyro.validation_enabled(False),  # non-finite densities are reported below, with the site
-            pyro.plate("_pyro_gpx_particles", B, dim=-self.max_plate_nesting - 1),
-        ):
-            trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(*self.args, **self.kwargs)
-        out = self._trace_log_prob(trace, B) + log_jac
+        trace = self._trace(values, subsample, B, dim)
+        out = self._trace_log_prob(trace, B, dim) + log_jac
         if out.shape != (B,):
             raise RuntimeError(f"batched log density has shape {tuple(out.shape)}")
-        return out
+        return out, {name: site["value"] for name, site in trace.nodes.items() if site_is_subsample(site)}
 
-    def _looped(self, z: torch.Tensor) -> torch.Tensor:
+    def _looped(self, z: torch.Tensor, subsample: dict | None = None) -> torch.Tensor:
         outs = []
         for row in z:
             values, log_jac = self._conditioned(row, None)
-            with poutine.block(expose_types=["param"]), pyro.validation_enabled(False):
-                trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(*self.args, **self.kwargs)
-            outs.append(self._trace_log_prob(trace, None) + log_jac)
+            outs.append(self._trace_log_prob(self._trace(values, subsample), None) + log_jac)
         return torch.stack(outs)
 
     def log_density(self, z: torch.Tensor) -> torch.Tensor:
@@ -126,7 +145,8 @@ class UnconstrainedTarget:
             try:
                 probe = z[:2] if len(z) > 1 else z.expand(2, -1)  # a batch of 1 hides broadcasting errors
                 with torch.no_grad():
-                    batched, looped = self._batched(probe), self._looped(probe)
+                    batched, subsample = self._batched(probe)
+                    looped = self._looped(probe, subsample)  # the same minibatch of a subsampled plate
                 rtol = 1e-4 if z.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
                 self.vectorized = torch.allclose(batched, looped, rtol=rtol, atol=rtol)
             except (RuntimeError, ValueError, TypeError, IndexError):
@@ -139,7 +159,7 @@ class UnconstrainedTarget:
                     RuntimeWarning,
                     stacklevel=3,
                 )
-        out = self._batched(z) if self.vectorized else self._looped(z)
+        out = self._batched(z)[0] if self.vectorized else self._looped(z)
         if not torch.isfinite(out).all():
             raise FloatingPointError("the target log density is not finite at some sampled points")
         return out

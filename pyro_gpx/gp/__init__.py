@@ -3,7 +3,7 @@
 from . import settings
 from .actions import Actions, BlockSparseActions, DenseActions, IndexActions, StackedActions
 from .cg import CGResult, conjugate_gradients
-from .cholesky import CholeskyError, NonFiniteError, safe_cholesky
+from .cholesky import CholeskyError, NonFiniteError, NumericalWarning, safe_cholesky
 from .kernel_fn import KernelFn
 from .kernel_ops import block_sparse_kernel_matmul, kernel_diag, kernel_matmul
 from .marginal import OBJECTIVES, ComputationAwareMarginal, exact_log_marginal_likelihood
@@ -20,7 +20,7 @@ from .policies import (
 )
 from .posterior import PosteriorMoments, exact_posterior_variance, posterior_moments
 from .preconditioners import LowRankPreconditioner, build_preconditioner, partial_cholesky
-from .projection import ActionProjection, independent_columns, project, project_extended
+from .projection import ActionProjection, independent_columns, project, project_extended, resolved_columns
 
 __all__ = [
     "OBJECTIVES",
@@ -38,6 +38,7 @@ __all__ = [
     "KernelFn",
     "LowRankPreconditioner",
     "NonFiniteError",
+    "NumericalWarning",
     "Policy",
     "PolicyContext",
     "PosteriorMoments",
@@ -59,6 +60,7 @@ __all__ = [
     "project",
     "project_extended",
     "random_partition",
+    "resolved_columns",
     "safe_cholesky",
     "settings",
 ]

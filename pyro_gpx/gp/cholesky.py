@@ -2,32 +2,48 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+from linear_operator.utils.warnings import NumericalWarning
 
 from . import settings
 
-__all__ = ["CholeskyError", "NonFiniteError", "safe_cholesky"]
+__all__ = ["CholeskyError", "NonFiniteError", "NumericalWarning", "safe_cholesky"]
 
 
 class CholeskyError(RuntimeError):
-    """The matrix stayed non-positive-definite after every jitter that was tried."""
+    """The matrix stayed non-positive-definite after every jitter that was tried.
+
+    A ``RuntimeError`` whose message contains "input is not positive-definite": under SVI it reaches
+    the user; Pyro's HMC/NUTS (``pyro.ops.integrator.potential_grad``) treats it, like torch's own
+    Cholesky errors, as a rejected (divergent) proposal.
+    """
 
 
-class NonFiniteError(ValueError):
-    """A matrix that should be factorised contains NaN or inf (e.g. hyperparameters overflowed)."""
+class NonFiniteError(ValueError, RuntimeError):
+    """A matrix that should be factorised contains NaN or inf (e.g. hyperparameters overflowed).
+
+    Both a ``ValueError`` and a ``RuntimeError`` whose message contains "input is not
+    positive-definite", so that HMC/NUTS rejects such a proposal as it does a failed Cholesky.
+    """
 
 
 def safe_cholesky(A: torch.Tensor, name: str = "matrix") -> torch.Tensor:
     r"""Lower Cholesky factor of a symmetric positive (semi-)definite ``A``, in ``A``'s dtype.
 
     Tries :math:`A`, then :math:`A + \epsilon I` with :math:`\epsilon` growing tenfold from
-    :class:`~pyro_gpx.gp.settings.cholesky_jitter` (relative to the mean diagonal), and raises
+    :class:`~pyro_gpx.gp.settings.cholesky_jitter` (relative to the mean diagonal), warning
+    (:class:`NumericalWarning`, GPyTorch's) with the jitter that worked, and raises
     :class:`CholeskyError` naming the jitters tried.
 
-    :raises ValueError: if ``A`` contains NaN or inf.
+    :raises NonFiniteError: if ``A`` contains NaN or inf.
+    :raises CholeskyError: if every jitter fails.
     """
     if not torch.isfinite(A).all():
-        raise NonFiniteError(f"{name} contains NaN or inf; cannot factorise it")
+        raise NonFiniteError(
+            f"{name} contains NaN or inf (are the hyperparameters finite?); the input is not positive-definite"
+        )
     L, info = torch.linalg.cholesky_ex(A)
     if not info.any():
         return L
@@ -36,9 +52,19 @@ def safe_cholesky(A: torch.Tensor, name: str = "matrix") -> torch.Tensor:
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     tried = []
     for k in range(tries + 1):
-        eps = jitter * 10**k * scale
-        tried.append(float(eps.detach()))
+        relative = jitter * 10**k
+        eps = relative * scale
+        tried.append(f"{float(eps.detach()):.2e}")
         L, info = torch.linalg.cholesky_ex(A + eps * eye)
         if not info.any():
+            warnings.warn(
+                f"{name} ({A.shape[-1]}x{A.shape[-1]}) was not positive definite; added jitter of "
+                f"{relative:.0e} x its mean diagonal",
+                NumericalWarning,
+                stacklevel=2,
+            )
             return L
-    raise CholeskyError(f"{name} ({A.shape[-1]}x{A.shape[-1]}) is not positive definite even with jitter {tried}")
+    raise CholeskyError(
+        f"{name} ({A.shape[-1]}x{A.shape[-1]}): input is not positive-definite even with jitter [{', '.join(tried)}] "
+        f"added to the diagonal (settings.cholesky_jitter = {(jitter, tries)})"
+    )

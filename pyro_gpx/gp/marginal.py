@@ -26,7 +26,7 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 
 from .actions import Actions
-from .cholesky import CholeskyError, NonFiniteError, safe_cholesky
+from .cholesky import safe_cholesky
 from .kernel_fn import KernelFn
 from .policies import Policy, PolicyContext
 from .posterior import MAX_DENSE
@@ -80,6 +80,17 @@ def exact_log_marginal_likelihood(
     return _GaussianLogDensity.apply(K, residual.double())
 
 
+def _check_dtype(name: str, t: torch.Tensor) -> None:
+    r"""float32 and float64 only: kernel products run in the inputs' dtype, and bfloat16/float16
+    products cannot resolve :math:`K + \sigma^2 I`."""
+    if t.dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"{name} has dtype {t.dtype}; computation-aware GPs need float32 or float64 {name} (kernel "
+            "products run in its dtype, and bfloat16/float16 products cannot resolve K + noise I: with "
+            "8-11 mantissa bits their rounding error exceeds typical noise variances)"
+        )
+
+
 class ComputationAwareMarginal(TorchDistribution):
     r"""Marginal likelihood of GP regression, :math:`y \sim N(\mu(X), K + \sigma^2 I)`, whose
     ``log_prob`` is a computation-aware objective.
@@ -111,6 +122,7 @@ class ComputationAwareMarginal(TorchDistribution):
     ):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        _check_dtype("X", X)
         noise = torch.as_tensor(noise)
         if prior_mean.shape != X.shape[:1]:
             raise ValueError(f"prior_mean has shape {tuple(prior_mean.shape)}; expected ({X.shape[0]},)")
@@ -129,17 +141,20 @@ class ComputationAwareMarginal(TorchDistribution):
         return self.last_projection
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        """The objective at ``value``; :math:`-\\infty` where the hyperparameters are numerically
-        invalid (non-finite or non-positive noise, an indefinite projected system), as MCMC proposals
-        can be, so that HMC rejects them instead of crashing."""
+        """The objective at ``value``; :math:`-\\infty` for a non-finite or non-positive noise.
+
+        :raises CholeskyError: if a Gram matrix stays indefinite after jitter escalation (the
+            message names the jitters tried).
+        :raises NonFiniteError: if the kernel products are NaN or inf.
+
+        Both are ``RuntimeError``\\ s whose message contains "input is not positive-definite":
+        under SVI they reach the user, while Pyro's HMC/NUTS treats them as a rejected proposal.
+        """
         if value.shape != self.event_shape:
             raise ValueError(f"y has shape {tuple(value.shape)}; expected {tuple(self.event_shape)}")
         if not torch.isfinite(self.noise).all() or (self.noise <= 0).any():
             return torch.tensor(float("-inf"), dtype=torch.float64)
-        try:
-            return self._objective(value)
-        except (CholeskyError, NonFiniteError):
-            return torch.tensor(float("-inf"), dtype=torch.float64)
+        return self._objective(value)
 
     def _objective(self, value: torch.Tensor) -> torch.Tensor:
         if self.objective == "exact":

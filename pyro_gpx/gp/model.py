@@ -12,6 +12,12 @@ point estimates or latent sites:
   GPyTorch's ``pyro_sample_from_prior``, so ``MCMC(NUTS(gp.model))`` samples them;
 * the noise: ``gp.noise`` is a positive ``PyroParam``; assign a ``PyroSample`` to make it latent.
 
+Numerical failures are not hidden: a Gram matrix that stays indefinite after jitter escalation
+raises :class:`~pyro_gpx.gp.cholesky.CholeskyError` (naming the jitters tried; any jitter that
+was needed warns with a ``NumericalWarning``), and NaN/inf kernel products raise
+:class:`~pyro_gpx.gp.cholesky.NonFiniteError`. Under SVI they reach the user; Pyro's HMC/NUTS
+rejects such a proposal as a divergent one, as it does torch's own Cholesky errors.
+
 Example::
 
     >>> import torch, pyro, gpytorch
@@ -33,19 +39,26 @@ from collections.abc import Callable
 
 import gpytorch
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro.contrib.gp.models.model import GPModel
 from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam, pyro_method
+from pyro.poutine.runtime import am_i_wrapped
 
 from .._validation import check_finite
+from .cholesky import safe_cholesky
 from .kernel_fn import KernelFn
-from .marginal import OBJECTIVES, ComputationAwareMarginal
+from .marginal import OBJECTIVES, ComputationAwareMarginal, _check_dtype
 from .policies import BlockSparsePolicy, Policy, PolicyContext
 from .posterior import PosteriorMoments, exact_posterior_variance, posterior_moments
 from .projection import ActionProjection, project_extended
 
 __all__ = ["ComputationAwareGP"]
+
+
+#: Actions of the default policy, ``BlockSparsePolicy(min(n, DEFAULT_NUM_ACTIONS))``.
+DEFAULT_NUM_ACTIONS = 256
 
 
 def _has_priors(module: torch.nn.Module) -> bool:
@@ -63,9 +76,13 @@ def _sample_gpytorch_priors(kernel: gpytorch.Module) -> gpytorch.Module:
     sampled = kernel.to_pyro_random_module()
     seen = set()
     for name, module, prior, closure, setting_closure in sampled.named_priors():
-        if id(prior) in seen:
+        # one site per hyperparameter: a prior object shared by two hyperparameters gives two sites
+        # (GPyTorch's pyro_sample_from_prior keys on the prior object and samples only the first);
+        # a submodule shared under two names gives one
+        key = (id(module), name.rsplit(".", 1)[-1])
+        if key in seen:
             continue
-        seen.add(id(prior))
+        seen.add(key)
         shape = closure(module).shape
         value = pyro.sample(name, prior.expand(shape).to_event(len(shape)))
         setting_closure(module, value)  # the raw parameter becomes a tensor that depends on ``value``
@@ -88,7 +105,8 @@ class ComputationAwareGP(GPModel):
     :param y: ``(n,)`` training targets (or ``None``).
     :param kernel: a GPyTorch kernel, a ``pyro.contrib.gp`` kernel or a callable
         ``k(X1, X2) -> Tensor``.
-    :param policy: chooses the actions; default ``BlockSparsePolicy(min(n, 256))`` (CaGP-Opt).
+    :param policy: chooses the actions; default ``BlockSparsePolicy(min(n, 256))`` (CaGP-Opt),
+        whose number of actions follows ``set_data``.
     :param mean_function: callable ``X -> (n,)``; zero by default (``nn.Module``\ s are trained).
     :param noise: initial observation noise variance (a positive ``PyroParam``).
     :param objective: ``"elbo"`` (CaGP), ``"projected"`` (IterGP) or ``"exact"`` (dense reference).
@@ -117,35 +135,53 @@ class ComputationAwareGP(GPModel):
             raise ValueError(f"X must be a (n, d) tensor, got {type(X).__name__} of shape {getattr(X, 'shape', None)}")
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a Policy, got {type(policy).__name__}")
+        _check_dtype("X", X)
         super().__init__(X, y, kernel, mean_function, jitter)
         noise = torch.as_tensor(1.0 if noise is None else noise, dtype=X.dtype).detach().clone()
+        if noise.numel() != 1:
+            raise ValueError(
+                f"noise must be a scalar variance (homoscedastic Gaussian noise), got shape {tuple(noise.shape)}"
+            )
+        noise = noise.reshape(())
         if not torch.isfinite(noise) or noise <= 0:
             raise ValueError(f"noise must be positive and finite, got {float(noise)}")
         self.noise = PyroParam(noise, constraints.positive)
-        self.policy = policy if policy is not None else BlockSparsePolicy(min(X.shape[0], 256))
-        self.policy.validate(X.shape[0])
+        self._default_policy = policy is None
+        self.policy = policy if policy is not None else BlockSparsePolicy(min(X.shape[0], DEFAULT_NUM_ACTIONS))
+        self.policy.validate_inputs(X)
         self.objective = objective
 
     def set_data(self, X: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Swap the training data (``X``: ``(n, d)``, ``y``: ``(n,)`` or ``None``).
+
+        With the default policy the number of actions follows the data, ``min(n, 256)``; a policy
+        given explicitly must be able to act on ``n`` points (else ``ValueError``).
+        """
         if X.dim() != 2:
             raise ValueError(f"X must be (n, d), got shape {tuple(X.shape)}")
+        _check_dtype("X", X)
         check_finite("X", X)
         if y is not None:
             if y.dim() != 1:
                 raise ValueError(f"y must be (n,), got shape {tuple(y.shape)}")
             if y.shape[0] != X.shape[0]:
                 raise ValueError(f"X has {X.shape[0]} rows but y has {y.shape[0]} entries")
+            _check_dtype("y", y)
             check_finite("y", y)
         if "policy" in self._modules:
-            self.policy.validate(X.shape[0])
+            if getattr(self, "_default_policy", False):
+                self.policy.num_actions = min(X.shape[0], DEFAULT_NUM_ACTIONS)
+            self.policy.validate_inputs(X)
         super().set_data(X, y)
 
     # -- the pieces of one model evaluation ---------------------------------------------------
-    def _kernel_fn(self) -> KernelFn:
+    def _kernel_fn(self, sample_priors: bool = True) -> KernelFn:
         kernel = self.kernel
         if isinstance(kernel, torch.nn.Module) and not isinstance(kernel, PyroModule):
             pyro.module(self._pyro_get_fullname("kernel"), kernel)
-            if _has_priors(kernel):
+            if sample_priors and _has_priors(kernel):
                 kernel = _sample_gpytorch_priors(kernel)
         return KernelFn(kernel, probe=self.X)
 
@@ -157,13 +193,16 @@ class ComputationAwareGP(GPModel):
         return mean.expand(X.shape[:1]) if mean.dim() == 0 else mean
 
     @pyro_method
-    def marginal(self) -> ComputationAwareMarginal:
+    def marginal(self, sample_priors: bool = True) -> ComputationAwareMarginal:
         """The marginal-likelihood distribution for the current hyperparameters.
 
         With targets set, the actions are chosen here, inside the model run, so that learned
         actions are Pyro parameters of this run (Pyro scores sites after the model returns).
+
+        :param sample_priors: make hyperparameters with a GPyTorch prior sample sites (else the
+            kernel's stored values are used).
         """
-        kernel = self._kernel_fn()
+        kernel = self._kernel_fn(sample_priors)
         noise = self.noise + self.jitter
         prior_mean = self._prior_mean(self.X)
         actions = None
@@ -210,7 +249,7 @@ class ComputationAwareGP(GPModel):
             raise ValueError("the model has no targets y; call set_data(X, y) first")
         self._check_Xnew_shape(Xnew)
         check_finite("Xnew", Xnew)
-        marginal = self.marginal()
+        marginal = self.marginal(sample_priors=am_i_wrapped())
         X, prior_mean_new = self.X, self._prior_mean(Xnew)
         if refine is None:
             projection = marginal.project(self.y)
@@ -230,12 +269,12 @@ class ComputationAwareGP(GPModel):
         """The float64 projection of the data onto the trained actions followed by ``refine``'s
         (those that widen the span), as :meth:`posterior` uses it: ``.actions`` are the actions kept,
         ``.elbo(diag_K)`` scores them."""
-        return self._refined_projection(self.marginal(), refine)
+        return self._refined_projection(self.marginal(sample_priors=am_i_wrapped()), refine)
 
     def _refined_projection(self, marginal: ComputationAwareMarginal, refine: Policy) -> ActionProjection:
         if not isinstance(refine, Policy):
             raise TypeError(f"refine must be a Policy, got {type(refine).__name__}")
-        refine.validate(self.X.shape[0])
+        refine.validate_inputs(self.X)
         residual = self.y - marginal.prior_mean
         context = PolicyContext(self.X, residual, marginal.kernel, marginal.noise)
         base = marginal.actions if marginal.actions is not None else self.policy.actions(context)
@@ -245,8 +284,10 @@ class ComputationAwareGP(GPModel):
     def forward(self, Xnew: torch.Tensor, full_cov: bool = False, noiseless: bool = True, refine: Policy | None = None):
         r"""Posterior mean and covariance (or variance) at ``Xnew``, as ``GPRegression.forward``.
 
-        Latent hyperparameters take their guide values (``set_mode("guide")``); to predict with a
-        posterior draw of latent sites, call this inside ``pyro.poutine.condition(data=draw)``.
+        Latent ``pyro.contrib.gp`` hyperparameters take their guide values (``set_mode("guide")``).
+        Hyperparameters with a GPyTorch prior are not sampled outside a Pyro handler: the kernel's
+        stored values are used, so repeated calls agree. To predict with a posterior draw (or a
+        guide's median) of latent sites, call this inside ``pyro.poutine.condition(data=draw)``.
         ``refine`` appends a policy's actions for this prediction (see :meth:`posterior`).
         """
         self.set_mode("guide")
@@ -256,3 +297,20 @@ class ComputationAwareGP(GPModel):
             noise = (self.noise + self.jitter).double()
             cov = cov + noise * torch.eye(cov.shape[0], dtype=cov.dtype) if full_cov else cov + noise
         return mean.to(Xnew.dtype), cov.to(Xnew.dtype)
+
+    def predictive_distribution(
+        self, Xnew: torch.Tensor, full_cov: bool = False, noiseless: bool = False, refine: Policy | None = None
+    ) -> dist.Normal | dist.MultivariateNormal:
+        """The posterior predictive at ``Xnew`` as a distribution (moments from :meth:`forward`).
+
+        :param full_cov: a ``MultivariateNormal`` over all of ``Xnew`` (else independent
+            ``Normal``\\ s, batch shape ``(m,)``).
+        :param noiseless: of the latent function :math:`f` (else of new observations :math:`y`, the
+            noise variance added; the default).
+        :param refine: as in :meth:`posterior`.
+        """
+        mean, cov = self.forward(Xnew, full_cov=full_cov, noiseless=noiseless, refine=refine)
+        if full_cov:
+            scale_tril = safe_cholesky(cov.double(), "the predictive covariance").to(mean.dtype)
+            return dist.MultivariateNormal(mean, scale_tril=scale_tril)
+        return dist.Normal(mean, cov.clamp_min(0).sqrt())

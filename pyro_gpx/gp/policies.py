@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
+import pyro
 import torch
 from pyro.nn import PyroModule, PyroParam
 
-from .._validation import check_positive_int, check_positive_or_none
+from .._validation import check_finite, check_positive_int, check_positive_or_none
 from . import settings
 from .actions import Actions, BlockSparseActions, DenseActions, IndexActions
 from .cg import CGResult, conjugate_gradients
@@ -59,6 +61,11 @@ class PolicyContext:
     noise: torch.Tensor
 
 
+def _resolution(dtype: torch.dtype) -> float:
+    """Unit roundoff of kernel products in ``dtype`` (float64's for non-float dtypes)."""
+    return torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float64).eps
+
+
 def _check_num_actions(num_actions: int | None, n: int) -> int:
     if num_actions is None:
         return n
@@ -81,6 +88,11 @@ class Policy(PyroModule):
     def validate(self, num_data: int) -> None:
         """Raise if this policy cannot act on ``num_data`` points."""
         _check_num_actions(getattr(self, "num_actions", None), num_data)
+
+    def validate_inputs(self, X: torch.Tensor) -> None:
+        """Raise if this policy cannot act on the training inputs ``X`` (``(n, d)``); by default
+        :meth:`validate` with ``n``."""
+        self.validate(X.shape[0])
 
     def forward(self, context: PolicyContext) -> Actions:
         return self.actions(context)
@@ -134,8 +146,9 @@ class PseudoInputPolicy(Policy):
 
     def __init__(self, inducing_points: torch.Tensor, learn: bool = False):
         super().__init__()
-        if inducing_points.dim() != 2:
-            raise ValueError(f"inducing_points must be (m, d), got shape {tuple(inducing_points.shape)}")
+        if not isinstance(inducing_points, torch.Tensor) or inducing_points.dim() != 2:
+            raise ValueError(f"inducing_points must be a (m, d) tensor, got shape {tuple(inducing_points.shape)}")
+        check_finite("inducing_points", inducing_points)
         if learn:
             self.inducing_points = PyroParam(inducing_points.clone())
         else:
@@ -144,10 +157,19 @@ class PseudoInputPolicy(Policy):
     def validate(self, num_data: int) -> None:
         _check_num_actions(self.inducing_points.shape[0], num_data)
 
+    def validate_inputs(self, X: torch.Tensor) -> None:
+        self._check_features(self.inducing_points, X)
+        self.validate(X.shape[0])
+
+    @staticmethod
+    def _check_features(Z: torch.Tensor, X: torch.Tensor) -> None:
+        if Z.shape[1:] != X.shape[1:]:
+            raise ValueError(f"inducing_points have {Z.shape[1]} features; X has {X.shape[1]}")
+
     def actions(self, context):
         Z = self.inducing_points
-        if Z.shape[1] != context.X.shape[1]:
-            raise ValueError(f"inducing_points have {Z.shape[1]} features; X has {context.X.shape[1]}")
+        self._check_features(Z, context.X)
+        check_finite("inducing_points", Z)  # learned ones can diverge
         _check_num_actions(Z.shape[0], context.X.shape[0])
         return DenseActions(context.kernel(context.X, Z.to(context.X.dtype)))
 
@@ -173,6 +195,12 @@ class BlockSparsePolicy(Policy):
     a different number of points), with the kernel's lengthscales at that moment. It is a buffer
     of the module: save and restore a trained model with ``state_dict`` / ``load_state_dict`` (the
     Pyro param store alone holds the entries but not which points they act on).
+
+    The entries live in Pyro's global param store under the policy's name (``"policy.blocks"`` in a
+    :class:`~pyro_gpx.gp.model.ComputationAwareGP`), like every Pyro parameter: two models built in
+    one process share them. A second model would take the first one's trained entries (this warns)
+    or, if its partition has another shape, cannot use them (a ``ValueError`` naming the parameter).
+    Call ``pyro.clear_param_store()`` between models.
     """
 
     def __init__(self, num_actions: int, init: str = "constant", partition: str = "kd", seed: int = 0):
@@ -218,15 +246,43 @@ class BlockSparsePolicy(Policy):
             self._num_data = int(mask.sum())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _stored_blocks_error(self, stored_shape, shape) -> ValueError:
+        name = self._pyro_get_fullname("blocks")
+        return ValueError(
+            f"the Pyro param store holds {name!r} with shape {tuple(stored_shape)}, but this policy's "
+            f"partition needs {tuple(shape)} ({shape[0]} blocks of up to {shape[1]} points): it belongs to "
+            "another model or an earlier run sharing the store. Call pyro.clear_param_store() before "
+            "building this model (Pyro parameters are global, keyed by name: two models with the same "
+            "names cannot be trained side by side in one store)"
+        )
+
     def actions(self, context):
         n = context.X.shape[0]
         if self._num_data != n:
             index, mask = self._partition(context)
+            init = self._initial_blocks(context, index, mask)
+            if self._num_data is None and self._pyro_context.active:  # our first blocks: not in the store yet
+                name = self._pyro_get_fullname("blocks")
+                store = pyro.get_param_store()
+                if name in store:
+                    stored_shape = store[name].shape
+                    if stored_shape != init.shape:
+                        raise self._stored_blocks_error(stored_shape, init.shape)
+                    warnings.warn(
+                        f"the Pyro param store already holds {name!r} (another model, or an earlier run, "
+                        "sharing the store); this policy uses it instead of initialising its own. Call "
+                        "pyro.clear_param_store() first if that is not intended",
+                        UserWarning,
+                        stacklevel=2,
+                    )
             self.register_buffer("index", index)
             self.register_buffer("mask", mask)
-            self.blocks = PyroParam(self._initial_blocks(context, index, mask))
+            self.blocks = PyroParam(init)  # replaces (and removes from the store) blocks of an earlier n
             self._num_data = n
-        return BlockSparseActions(self.index, self.blocks, self.mask, n)
+        blocks = self.blocks
+        if blocks.shape != self.index.shape:
+            raise self._stored_blocks_error(blocks.shape, self.index.shape)
+        return BlockSparseActions(self.index, blocks, self.mask, n)
 
 
 class CGPolicy(Policy):
@@ -238,7 +294,11 @@ class CGPolicy(Policy):
     HMC/NUTS prefer a policy whose actions do not depend on the hyperparameters.
 
     :param tol: relative residual at which CG stops early (default
-        :class:`~pyro_gpx.gp.settings.cg_tolerance`).
+        :class:`~pyro_gpx.gp.settings.cg_tolerance`; 0 runs all ``num_actions`` iterations unless
+        CG breaks down). CG also stops when a new direction falls below the resolution of the
+        kernel products' dtype (float32: about :math:`10^{-7}\|K\|`), see
+        :func:`~pyro_gpx.gp.cg.conjugate_gradients`. A zero residual (targets equal to the prior
+        mean) gives no directions, and the posterior is the prior.
     :param preconditioner: ``None``, ``"pivoted"`` (greedy pivoted Cholesky) or ``"rpcholesky"``.
     :param preconditioner_rank: rank of the preconditioner.
     :param preconditioner_block_size: RPCholesky pivots per step (block RPCholesky,
@@ -265,6 +325,9 @@ class CGPolicy(Policy):
         if preconditioner not in (None, "pivoted", "rpcholesky"):
             raise ValueError(f"preconditioner must be None, 'pivoted' or 'rpcholesky', got {preconditioner!r}")
         check_positive_or_none("max_seconds", max_seconds)
+        if tol is not None and not (math.isfinite(tol) and tol >= 0):
+            raise ValueError(f"tol must be a finite number >= 0 or None, got {tol}")
+        check_positive_int("preconditioner_rank", preconditioner_rank)
         self.max_seconds = max_seconds
         self.preconditioner_block_size = check_positive_int("preconditioner_block_size", preconditioner_block_size)
         self.num_actions, self.tol = num_actions, tol
@@ -299,15 +362,21 @@ class CGPolicy(Policy):
         tol = self.tol if self.tol is not None else settings.cg_tolerance.value()
         seconds = None if self.max_seconds is None else max(self.max_seconds - (time.perf_counter() - start), 1e-9)
         result = conjugate_gradients(
-            matvec, context.residual.detach(), i, tol, precond, self.reorthogonalize, max_seconds=seconds
+            matvec,
+            context.residual.detach(),
+            i,
+            tol,
+            precond,
+            self.reorthogonalize,
+            max_seconds=seconds,
+            resolution=_resolution(X.dtype),
         )
         self.last_result = result
         return result
 
     def actions(self, context):
         result = self.solve(context)
-        if result.iterations == 0:
-            raise RuntimeError("CG produced no directions (zero residual or breakdown at the first step)")
-        # unit-norm columns: the span is what matters, and late directions can be tiny
-        directions = result.directions / result.directions.norm(dim=0, keepdim=True)
+        # unit-norm columns: the span is what matters, and late directions can be tiny. A zero
+        # residual (y equal to the prior mean) gives no directions: the posterior is the prior.
+        directions = result.directions / result.directions.norm(dim=0, keepdim=True).clamp_min(1e-300)
         return DenseActions(directions.to(context.X.dtype))

@@ -31,7 +31,7 @@ from .actions import Actions, DenseActions, StackedActions
 from .cholesky import safe_cholesky
 from .kernel_fn import KernelFn
 
-__all__ = ["ActionProjection", "independent_columns", "project", "project_extended"]
+__all__ = ["ActionProjection", "independent_columns", "project", "project_extended", "resolved_columns"]
 
 
 def _sym(A: torch.Tensor) -> torch.Tensor:
@@ -124,17 +124,79 @@ class ActionProjection:
         return -0.5 * (self.Str @ self.weights + self.logdet_G() - self.logdet_StS() + i * math.log(2 * math.pi))
 
 
-def _products(actions: Actions, kernel: KernelFn, X: torch.Tensor, residual: torch.Tensor):
-    """:math:`KS` (the one matrix-free kernel pass), :math:`S^\top K S`, :math:`S^\top S`, :math:`S^\top r`."""
-    KS = actions.kernel_product(kernel, X, X)
-    return KS, _sym(actions.t_matmul(KS.double())), actions.gram().double(), actions.t_matmul(residual.double())
-
-
 def _factorise(actions, residual, noise, KS, StKS, StS, Str) -> ActionProjection:
     G = StKS + noise * StS
     chol_G = safe_cholesky(G, "the projected Gram matrix S^T (K + noise I) S")
     weights = torch.cholesky_solve(Str[:, None], chol_G)[:, 0]
     return ActionProjection(actions, residual, noise, KS, StKS, StS, Str, chol_G, weights)
+
+
+#: Safety factor of :func:`resolved_columns` over the measured float32 error of :math:`G`
+#: (at most about 2 eps |K| |s_i| |s_j| on 1-5 d RBF problems with n = 800-5000).
+RESOLUTION_FACTOR = 10.0
+
+
+def resolved_columns(KS: torch.Tensor, G: torch.Tensor, StS: torch.Tensor) -> torch.Tensor | None:
+    r"""Columns of dense actions whose part of :math:`G` rises above the rounding error of :math:`KS`.
+
+    :math:`KS` computed in a dtype with unit roundoff :math:`\epsilon` carries an error of about
+    :math:`\epsilon \|K\| \|s_j\|` per column, so :math:`G = S^\top \hat K S` is only known to
+    :math:`\epsilon \|K\| \|s_i\| \|s_j\|`. Column :math:`j` is kept if its pivot (see
+    :func:`independent_columns`) exceeds ``RESOLUTION_FACTOR`` :math:`\epsilon \hat\lambda \|s_j\|^2`,
+    with :math:`\hat\lambda = \max_j \|K s_j\| / \|s_j\|` (a lower estimate of :math:`\|K\|_2`).
+    In float32, near-dependent pseudo-input columns or CG directions past float32's resolution
+    would otherwise make :math:`G` numerically singular (a jittered, wrong ELBO, negative
+    computational variance). Dropping them conditions on a smaller span, so the projection stays
+    a valid computation-aware one.
+
+    :returns: ``None`` if every column is resolved (the common case, checked with one Cholesky
+        factorisation), else the indices of the columns to keep.
+    """
+    G, norms2 = G.detach(), StS.detach().diagonal()
+    if not (torch.isfinite(G).all() and torch.isfinite(KS).all()):
+        return None  # left to safe_cholesky, which names the problem
+    nonzero = norms2 > 0
+    if not nonzero.any():
+        return torch.zeros(0, dtype=torch.long)
+    lam = (KS.detach().double().norm(dim=0)[nonzero] / norms2[nonzero].sqrt()).max()
+    atol = RESOLUTION_FACTOR * torch.finfo(KS.dtype).eps * lam * norms2
+    L, info = torch.linalg.cholesky_ex(G)
+    if not info.any() and bool((L.diagonal() ** 2 > atol).all()) and bool(nonzero.all()):
+        return None
+    return independent_columns(G, rtol=0.0, atol=atol)
+
+
+#: Dense actions whose :math:`S^\top S` has a larger condition number are replaced by an
+#: orthonormal basis of their span before the kernel product (pseudo-inputs at nearby points).
+#: CG directions and sketches stay far below it (unit-norm CG directions: about 1e4).
+ORTHONORMALISE_ABOVE = 1e6
+
+
+def _products(
+    actions: Actions, kernel: KernelFn, X: torch.Tensor, residual: torch.Tensor, StS: torch.Tensor | None = None
+):
+    r""":math:`KS` (the one matrix-free kernel pass), :math:`S^\top K S`, :math:`S^\top S`, :math:`S^\top r`."""
+    KS = actions.kernel_product(kernel, X, X)
+    StS = actions.gram().double() if StS is None else StS
+    return KS, _sym(actions.t_matmul(KS.double())), StS, actions.t_matmul(residual.double())
+
+
+def _orthonormalised(actions: DenseActions, StS: torch.Tensor) -> DenseActions:
+    r"""Actions :math:`S T` with the span of :math:`S` and orthonormal columns: :math:`T = V\Lambda^{-1/2}`
+    from :math:`S^\top S = V \Lambda V^\top` (float64, without numerically zero eigenvalues), largest
+    first. :math:`T` is held fixed, so gradients still reach :math:`S` (e.g. learned pseudo-inputs)."""
+    evals, evecs = torch.linalg.eigh(StS.detach())
+    keep = evals > evals.max() * StS.shape[0] * torch.finfo(torch.float64).eps
+    T = (evecs[:, keep] / evals[keep].sqrt()).flip(1)
+    return DenseActions((actions.S.double() @ T).to(actions.S.dtype))
+
+
+def _ill_conditioned(StS: torch.Tensor) -> bool:
+    StS = StS.detach()
+    if not torch.isfinite(StS).all():
+        return False  # left to safe_cholesky, which names the problem
+    evals = torch.linalg.eigvalsh(StS)
+    return not bool(evals[0] * ORTHONORMALISE_ABOVE > evals[-1])
 
 
 def project(
@@ -144,9 +206,39 @@ def project(
     residual: torch.Tensor,
     noise: torch.Tensor,
 ) -> ActionProjection:
-    """Compute the :class:`ActionProjection` (one matrix-free product :math:`K S`)."""
+    r"""Compute the :class:`ActionProjection` (one matrix-free product :math:`K S`).
+
+    The projection depends on the span of the actions only, so dense actions (CG directions,
+    sketches, pseudo-inputs) are free to change basis where that is more accurate:
+
+    * near-dependent columns (:math:`\operatorname{cond}(S^\top S) >` ``ORTHONORMALISE_ABOVE``, e.g.
+      pseudo-inputs close together) are replaced by an orthonormal basis of their span first:
+      even in float64 the Gram matrix :math:`G` of such columns is too ill-conditioned for an
+      accurate ELBO;
+    * if the kernel product's precision does not resolve :math:`G` (:func:`resolved_columns`, e.g.
+      float32), the actions are orthonormalised (one more kernel product) and columns still
+      unresolved are dropped.
+
+    CG directions and sketches with float64 products pass both checks unchanged.
+    """
     noise = torch.as_tensor(noise).double()
-    return _factorise(actions, residual, noise, *_products(actions, kernel, X, residual))
+    if not (isinstance(actions, DenseActions) and actions.num_actions > 0):
+        return _factorise(actions, residual, noise, *_products(actions, kernel, X, residual))
+    StS = actions.gram()
+    orthonormal = _ill_conditioned(StS)
+    if orthonormal:
+        actions = _orthonormalised(actions, StS)
+        StS = None
+    KS, StKS, StS, Str = _products(actions, kernel, X, residual, StS)
+    keep = resolved_columns(KS, StKS + noise * StS, StS)
+    if keep is not None and not orthonormal:
+        actions = _orthonormalised(actions, StS)
+        KS, StKS, StS, Str = _products(actions, kernel, X, residual)
+        keep = resolved_columns(KS, StKS + noise * StS, StS)
+    if keep is not None:
+        actions = DenseActions(actions.S[:, keep])
+        KS, StKS, StS, Str = KS[:, keep], StKS[keep][:, keep], StS[keep][:, keep], Str[keep]
+    return _factorise(actions, residual, noise, KS, StKS, StS, Str)
 
 
 def project_extended(
@@ -171,7 +263,9 @@ def project_extended(
     return _factorise(actions, residual, noise, KS, StKS, StS, Str)
 
 
-def independent_columns(G: torch.Tensor, start: int = 0, rtol: float = 1e-6) -> torch.Tensor:
+def independent_columns(
+    G: torch.Tensor, start: int = 0, rtol: float = 1e-6, atol: float | torch.Tensor = 0.0
+) -> torch.Tensor:
     r"""Columns of a Gram matrix :math:`G = S^\top \hat K S` whose actions add to the span of the others.
 
     The first ``start`` columns are kept; each later column :math:`j` is kept, in order, if its
@@ -182,9 +276,10 @@ def independent_columns(G: torch.Tensor, start: int = 0, rtol: float = 1e-6) -> 
 
         p_j = G_{jj} - G_{Jj}^\top G_{JJ}^{-1} G_{Jj},
 
-    exceeds ``rtol`` :math:`G_{jj}`. The posterior depends on :math:`\operatorname{span}(S)` only, so
-    dropping the others changes nothing but the conditioning: CG directions whose conjugacy float32
-    kernel products destroyed would otherwise make :math:`G` singular.
+    exceeds ``rtol`` :math:`G_{jj}` and ``atol`` (a number, or one per column). The posterior
+    depends on :math:`\operatorname{span}(S)` only, so dropping the others changes nothing but the
+    conditioning: CG directions whose conjugacy float32 kernel products destroyed would otherwise
+    make :math:`G` singular.
 
     Example::
 
@@ -195,12 +290,13 @@ def independent_columns(G: torch.Tensor, start: int = 0, rtol: float = 1e-6) -> 
     m = G.shape[0]
     if not 0 <= start <= m:
         raise ValueError(f"start must be in [0, {m}], got {start}")
+    atol = torch.as_tensor(atol, dtype=G.dtype).expand(m)
     keep = list(range(start))
     L = safe_cholesky(G[:start, :start], "the Gram matrix of the kept actions") if start else G.new_zeros(0, 0)
     for j in range(start, m):
         c = torch.linalg.solve_triangular(L, G[keep, j : j + 1], upper=False)[:, 0] if keep else G.new_zeros(0)
         pivot = G[j, j] - c @ c
-        if not pivot > rtol * G[j, j]:
+        if not (pivot > rtol * G[j, j] and pivot > atol[j]):
             continue
         row = torch.cat([c, pivot.sqrt()[None]])
         L = torch.cat([torch.cat([L, L.new_zeros(len(keep), 1)], 1), row[None]], 0)

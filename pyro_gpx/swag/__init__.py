@@ -2,12 +2,21 @@
 
 from .collector import SWAGCollector
 from .guide import AutoSWAG
-from .moments import SWAGMoments, diagonal_variance, init_moments, swag_distribution, update_moments
-from .multiswag import MultiSWAG, swag_predict
+from .moments import (
+    SWAGMoments,
+    diagonal_variance,
+    init_moments,
+    moments_from_state,
+    moments_state_dict,
+    swag_distribution,
+    update_moments,
+)
+from .multiswag import AutoMultiSWAG, MultiSWAG, swag_predict
 from .schedule import swag_learning_rate, swag_scheduler
 from .selection import ScaleSelection, select_scale
 
 __all__ = [
+    "AutoMultiSWAG",
     "AutoSWAG",
     "MultiSWAG",
     "SWAGCollector",
@@ -15,6 +24,8 @@ __all__ = [
     "ScaleSelection",
     "diagonal_variance",
     "init_moments",
+    "moments_from_state",
+    "moments_state_dict",
     "select_scale",
     "swag_distribution",
     "swag_learning_rate",

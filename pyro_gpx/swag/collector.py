@@ -29,7 +29,14 @@ from collections.abc import Iterable
 import torch
 from torch.optim.swa_utils import update_bn
 
-from .moments import SWAGMoments, init_moments, swag_distribution, update_moments
+from .moments import (
+    SWAGMoments,
+    init_moments,
+    moments_from_state,
+    moments_state_dict,
+    swag_distribution,
+    update_moments,
+)
 
 __all__ = ["SWAGCollector"]
 
@@ -40,13 +47,17 @@ class SWAGCollector:
     :param module: the network (its ``parameters()`` with ``requires_grad`` are tracked).
     :param max_rank: :math:`K`, the number of deviation columns kept (20 in [1]).
     :param dtype: dtype of the statistics (float64 avoids cancellation in the variance).
+
+    The statistics live on the parameters' device (the device at the first :meth:`collect`, so
+    moving the module with ``.to(device)`` before collecting is fine); samples come back on the
+    module's device.
     """
 
     def __init__(self, module: torch.nn.Module, max_rank: int = 20, dtype: torch.dtype = torch.float64):
         self.module = module
         self._shapes = self._param_shapes(module)
         num = sum(s.numel() for s in self._shapes.values())
-        self.moments: SWAGMoments = init_moments(num, max_rank, dtype)
+        self.moments: SWAGMoments = init_moments(num, max_rank, dtype, self._device(module))
 
     @staticmethod
     def _params(module: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
@@ -55,6 +66,10 @@ class SWAGCollector:
     @classmethod
     def _param_shapes(cls, module) -> dict[str, torch.Size]:
         return {name: p.shape for name, p in cls._params(module)}
+
+    @classmethod
+    def _device(cls, module: torch.nn.Module) -> torch.device | None:
+        return next((p.device for _, p in cls._params(module)), None)
 
     def _check(self, module: torch.nn.Module) -> None:
         shapes = self._param_shapes(module)
@@ -83,23 +98,47 @@ class SWAGCollector:
     @torch.no_grad()
     def collect(self, module: torch.nn.Module | None = None) -> None:
         """Add the module's current parameters as one iterate (call once per epoch)."""
-        self.moments = update_moments(self.moments, self.flat_parameters(module))
+        flat = self.flat_parameters(module)
+        m = self.moments
+        if m.num_snapshots == 0 and m.mean.device != flat.device:  # the module moved since __init__
+            self.moments = init_moments(m.mean.numel(), m.max_rank, m.mean.dtype, flat.device)
+        self.moments = update_moments(self.moments, flat)
 
     def distribution(self, scale: float = 0.5, diag_only: bool = False):
         """The SWAG Gaussian over the flat parameter vector (see :func:`~pyro_gpx.swag.moments.swag_distribution`)."""
         return swag_distribution(self.moments, scale, diag_only)
 
     @torch.no_grad()
-    def sample(self, scale: float = 0.5, diag_only: bool = False, generator: torch.Generator | None = None):
-        r"""One flat parameter vector
-        :math:`\bar\theta + \sqrt{s}(\Sigma_{\text{diag}}^{1/2}z_1 + \hat Dz_2/\sqrt{k-1})`."""
+    def sample(
+        self,
+        scale: float = 0.5,
+        diag_only: bool = False,
+        generator: torch.Generator | None = None,
+        sample_shape: torch.Size | tuple[int, ...] = (),
+    ) -> torch.Tensor:
+        r"""Flat parameter vectors
+        :math:`\bar\theta + \sqrt{s}(\Sigma_{\text{diag}}^{1/2}z_1 + \hat Dz_2/\sqrt{k-1})`, shape
+        ``sample_shape + (P,)``, in the statistics' dtype on the module's device.
+
+        The normal draws come from ``generator`` on its own device (the default generator of the
+        statistics' device if ``None``), so a CPU generator also seeds samples of a GPU module.
+        """
         d = self.distribution(scale, diag_only)
         m = self.moments
-        z1 = torch.randn(m.mean.shape, generator=generator, dtype=m.mean.dtype)
+        shape = torch.Size(sample_shape)
+        device = generator.device if generator is not None else m.mean.device
+
+        def randn(*size: int) -> torch.Tensor:
+            return torch.randn(shape + size, generator=generator, dtype=m.mean.dtype, device=device).to(m.mean.device)
+
+        z1 = randn(m.mean.numel())
         if isinstance(d, torch.distributions.LowRankMultivariateNormal):
-            z2 = torch.randn(m.rank, generator=generator, dtype=m.mean.dtype)
-            return d.loc + d.cov_factor @ z2 + d.cov_diag.sqrt() * z1
-        return d.mean + d.stddev * z1
+            z2 = randn(m.rank)
+            low_rank = d.cov_factor @ z2 if not shape else z2 @ d.cov_factor.T
+            theta = d.loc + low_rank + d.cov_diag.sqrt() * z1
+        else:
+            theta = d.mean + d.stddev * z1
+        return theta.to(self._device(self.module) or theta.device)
 
     @torch.no_grad()
     def _load(self, module: torch.nn.Module, flat: torch.Tensor) -> torch.nn.Module:
@@ -136,21 +175,21 @@ class SWAGCollector:
         return module
 
     def state_dict(self) -> dict:
-        m = self.moments
-        return {
-            "num_snapshots": m.num_snapshots,
-            "mean": m.mean.clone(),
-            "sq_mean": m.sq_mean.clone(),
-            "deviations": m.deviations.clone(),
-            "max_rank": m.max_rank,
-            "shapes": {k: tuple(v) for k, v in self._shapes.items()},
-        }
+        """The statistics and the parameter shapes: ints, tuples and tensors, for ``torch.save``."""
+        return moments_state_dict(self.moments) | {"shapes": {k: tuple(v) for k, v in self._shapes.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output (moved to the module's device); the saved ``max_rank``
+        replaces this collector's.
+
+        :raises ValueError: if entries are missing or inconsistent, or the state was collected for
+            parameters of other names or shapes.
+        """
+        if not isinstance(state, dict) or "shapes" not in state:
+            raise ValueError("state must be a SWAGCollector.state_dict() with a 'shapes' entry")
         shapes = {k: torch.Size(v) for k, v in state["shapes"].items()}
         if shapes != self._shapes:
-            raise ValueError("the saved SWAG state was collected for parameters of other names or shapes")
-        self.moments = SWAGMoments(
-            int(state["num_snapshots"]), state["mean"].clone(), state["sq_mean"].clone(),
-            state["deviations"].clone(), int(state["max_rank"]),
-        )  # fmt: skip
+            changed = sorted(k for k in set(shapes) | set(self._shapes) if shapes.get(k) != self._shapes.get(k))
+            raise ValueError(f"the saved SWAG state was collected for parameters of other names or shapes: {changed}")
+        num = sum(s.numel() for s in self._shapes.values())
+        self.moments = moments_from_state(state, num, self._device(self.module))

@@ -19,10 +19,16 @@ Gaussian over the *unconstrained* latent vector as the guide:
 It is an :class:`~pyro.infer.autoguide.AutoContinuous`, so constrained latents get their
 transforms and log-Jacobians, and ``median``, ``quantiles``, ``Predictive`` and
 ``pyro_gpx.diagnostics.to_inference_data`` work as for any autoguide.
+
+Saving: ``torch.save(swag.state_dict(), path)``, then ``AutoSWAG(model).load_state_dict(torch.load(path))``
+(the statistics are the module's extra state; :meth:`AutoSWAG.swag_state_dict` is the same dict).
+A guide loaded before its model ran sets its prototype at the first call without drawing from the
+RNG, so it draws what the saved guide did under the same seed.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -30,9 +36,22 @@ from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 
-from .moments import SWAGMoments, diagonal_variance, init_moments, swag_distribution, update_moments
+from .moments import (
+    SWAGMoments,
+    diagonal_variance,
+    init_moments,
+    moments_from_state,
+    moments_state_dict,
+    swag_distribution,
+    update_moments,
+)
 
 __all__ = ["AutoSWAG"]
+
+
+def _rng_kept():
+    """A context that restores the CPU RNG (and the current CUDA device's, if CUDA is in use) on exit."""
+    return torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_initialized() else [])
 
 
 class AutoSWAG(AutoContinuous):
@@ -42,12 +61,18 @@ class AutoSWAG(AutoContinuous):
     :param scale: covariance scale :math:`s` (0.5 gives the SWAG covariance, see
         :mod:`~pyro_gpx.swag.moments`).
     :param diag_only: SWAG-diagonal.
+
+    The statistics accumulate in float64 on the device of the collected values; samples,
+    ``median`` and ``quantiles`` come in the dtype and on the device of the model's latents. The
+    statistics are part of the module's ``state_dict()`` (as its extra state), so
+    ``torch.save(guide.state_dict())`` and ``load_state_dict`` into a fresh guide round-trip them.
     """
 
     def __init__(self, model, max_rank: int = 20, scale: float = 0.5, diag_only: bool = False,
                  init_loc_fn=init_to_median):  # fmt: skip
         self.max_rank, self.scale, self.diag_only = max_rank, scale, diag_only
         self._moments: SWAGMoments | None = None
+        self._swag_shapes: dict[str, tuple[int, ...]] | None = None  # latent shapes the moments track
         super().__init__(model, init_loc_fn=init_loc_fn)
 
     @property
@@ -55,6 +80,34 @@ class AutoSWAG(AutoContinuous):
         if self._moments is None:
             raise ValueError("AutoSWAG has collected nothing yet; call collect(values, *model_args)")
         return self._moments
+
+    def _latent_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(shape) for name, shape in self._unconstrained_shapes.items()}
+
+    def _check_shapes(self) -> None:
+        """The loaded statistics must track this model's latents (same names, order and shapes)."""
+        ours = self._latent_shapes()
+        if self._swag_shapes is not None and list(self._swag_shapes.items()) != list(ours.items()):
+            raise ValueError(
+                f"the saved SWAG state tracks latent sites {self._swag_shapes} (unconstrained shapes); "
+                f"the model has {ours}"
+            )
+        if self._moments is not None and self._moments.mean.numel() != self.latent_dim:
+            raise ValueError(
+                f"the saved SWAG state has {self._moments.mean.numel()} entries; the model has {self.latent_dim}"
+            )
+
+    def _setup_prototype(self, *args, **kwargs):
+        if self._moments is None:
+            super()._setup_prototype(*args, **kwargs)
+        else:  # statistics loaded before the model ran: keep the RNG as it was, so that a reloaded
+            with _rng_kept():  # guide draws what the saved one did under the same seed
+                super()._setup_prototype(*args, **kwargs)
+            self._check_shapes()
+
+    def _latent_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        value = next(self.prototype_trace.iter_stochastic_nodes())[1]["value"]
+        return value.dtype, value.device
 
     def _pack(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
         parts = []
@@ -80,35 +133,70 @@ class AutoSWAG(AutoContinuous):
             self._setup_prototype(*args, **kwargs)
         flat = self._pack(values)
         if self._moments is None:
-            self._moments = init_moments(flat.numel(), self.max_rank, torch.float64)
+            self._moments = init_moments(flat.numel(), self.max_rank, torch.float64, flat.device)
+            self._swag_shapes = self._latent_shapes()
         self._moments = update_moments(self._moments, flat)
 
     def get_posterior(self, *args, **kwargs):
-        d = swag_distribution(self.moments, self.scale, self.diag_only)
-        loc_dtype = next(self.prototype_trace.iter_stochastic_nodes())[1]["value"].dtype
-        if loc_dtype != torch.float64:  # sample in the model's dtype
-            if self.diag_only or self.moments.rank < 2:
-                return type(d)(d.base_dist.loc.to(loc_dtype), d.base_dist.scale.to(loc_dtype)).to_event(1)
-            return type(d)(d.loc.to(loc_dtype), d.cov_factor.to(loc_dtype), d.cov_diag.to(loc_dtype))
-        return d
+        dtype, device = self._latent_dtype_device()  # sample in the model's dtype, on its device
+        return swag_distribution(self.moments, self.scale, self.diag_only, dtype, device)
 
     def _loc_scale(self, *args, **kwargs):
+        if self.prototype_trace is None:  # e.g. median() right after load_state_dict
+            self._setup_prototype(*args, **kwargs)
         m = self.moments
         variance = self.scale * diagonal_variance(m)
         if not self.diag_only and m.rank >= 2:
             variance = variance + self.scale * (m.deviations**2).sum(0) / (m.rank - 1)
-        return m.mean, variance.sqrt()
+        dtype, device = self._latent_dtype_device()
+        return m.mean.to(device=device, dtype=dtype), variance.sqrt().to(device=device, dtype=dtype)
 
     # -- saving ---------------------------------------------------------------------------------
     def swag_state_dict(self) -> dict:
-        m = self.moments
-        return {"num_snapshots": m.num_snapshots, "mean": m.mean.clone(), "sq_mean": m.sq_mean.clone(),
-                "deviations": m.deviations.clone(), "max_rank": m.max_rank}  # fmt: skip
+        """The statistics and the unconstrained latent shapes they track (ints, tuples, tensors)."""
+        state = moments_state_dict(self.moments)
+        if self._swag_shapes is not None:  # unknown only for a state saved without them, not yet run
+            state["shapes"] = dict(self._swag_shapes)
+        return state
 
     def load_swag_state_dict(self, state: dict, *args, **kwargs) -> None:
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        if state["mean"].numel() != self.latent_dim:
-            raise ValueError(f"saved SWAG state has {state['mean'].numel()} entries; the model has {self.latent_dim}")
-        self._moments = SWAGMoments(int(state["num_snapshots"]), state["mean"].clone(), state["sq_mean"].clone(),
-                                    state["deviations"].clone(), int(state["max_rank"]))  # fmt: skip
+        """Restore :meth:`swag_state_dict`'s output; the saved ``max_rank`` replaces this guide's.
+
+        ``*args, **kwargs`` are the model's, needed to check the latent shapes before the first call
+        of the guide (without them the check happens at that call).
+
+        :raises ValueError: if entries are missing or inconsistent, or the state tracks other latents.
+        """
+        moments = moments_from_state(state, name="state")
+        shapes = state.get("shapes")
+        if shapes is not None:
+            if not isinstance(shapes, Mapping):
+                raise ValueError(f"state['shapes'] must map latent site names to shapes, got {shapes!r}")
+            shapes = {str(k): tuple(int(n) for n in v) for k, v in shapes.items()}
+            if sum(math.prod(v) for v in shapes.values()) != moments.mean.numel():
+                raise ValueError(
+                    f"state['shapes'] {shapes} disagrees with the {moments.mean.numel()} entries of the state"
+                )
+        old = self._moments, self._swag_shapes
+        self._moments, self._swag_shapes = moments, shapes
+        try:
+            if self.prototype_trace is None and (args or kwargs):
+                self._setup_prototype(*args, **kwargs)
+            elif self.prototype_trace is not None:
+                self._check_shapes()
+        except ValueError:
+            self._moments, self._swag_shapes = old
+            raise
+        if self.prototype_trace is not None and self._swag_shapes is None:  # state saved without shapes
+            self._swag_shapes = self._latent_shapes()
+        self.max_rank = moments.max_rank
+
+    def get_extra_state(self) -> dict:
+        """The SWAG statistics in the ``nn.Module`` ``state_dict()`` (empty before any collect)."""
+        return {} if self._moments is None else self.swag_state_dict()
+
+    def set_extra_state(self, state: dict) -> None:
+        if not state:
+            self._moments, self._swag_shapes = None, None
+        else:
+            self.load_swag_state_dict(state)

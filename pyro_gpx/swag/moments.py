@@ -17,6 +17,10 @@ samples :math:`\bar\theta + \sqrt{s}\,(\Sigma_{\text{diag}}^{1/2} z_1 + \hat D z
 default scale :math:`s = 1/2` have exactly that covariance. With fewer than :math:`K` iterates,
 :math:`K` is the number collected.
 
+The statistics live on the device of the iterates they were created for (:func:`init_moments`'s
+``device``) and accumulate in their own dtype (float64 by default, to avoid cancellation in
+:math:`\Sigma_{\text{diag}}`); :func:`swag_distribution` can cast its parameters to the model's dtype.
+
 References:
 
 [1] W. Maddox, T. Garipov, P. Izmailov, D. Vetrov, A. Wilson. A simple baseline for Bayesian
@@ -26,6 +30,8 @@ References:
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pyro.distributions as dist
@@ -33,7 +39,19 @@ import torch
 
 from .._validation import check_finite
 
-__all__ = ["SWAGMoments", "init_moments", "update_moments", "diagonal_variance", "swag_distribution", "MIN_VARIANCE"]
+__all__ = [
+    "MIN_VARIANCE",
+    "SWAGMoments",
+    "diagonal_variance",
+    "init_moments",
+    "moments_from_state",
+    "moments_state_dict",
+    "swag_distribution",
+    "update_moments",
+]
+
+#: the entries of :func:`moments_state_dict`
+STATE_KEYS = ("num_snapshots", "mean", "sq_mean", "deviations", "max_rank")
 
 #: floor on the diagonal variance (parameters that never moved), as in the reference implementation
 MIN_VARIANCE = 1e-30
@@ -60,21 +78,36 @@ class SWAGMoments:
         return self.deviations.shape[0]
 
 
-def init_moments(num_params: int, max_rank: int = 20, dtype: torch.dtype = torch.float64) -> SWAGMoments:
+def init_moments(
+    num_params: int,
+    max_rank: int = 20,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> SWAGMoments:
+    """Empty statistics for ``num_params`` parameters, in ``dtype`` on ``device`` (that of the
+    parameters: the default ``None`` is the default device)."""
     if num_params < 1:
         raise ValueError(f"num_params must be >= 1, got {num_params}")
     if max_rank < 1:
         raise ValueError(f"max_rank must be >= 1, got {max_rank}")
-    zeros = torch.zeros(num_params, dtype=dtype)
-    return SWAGMoments(0, zeros, zeros.clone(), torch.zeros(0, num_params, dtype=dtype), max_rank)
+    zeros = torch.zeros(num_params, dtype=dtype, device=device)
+    return SWAGMoments(0, zeros, zeros.clone(), zeros.new_zeros(0, num_params), max_rank)
+
+
+def _check_finite(name: str, x: torch.Tensor) -> None:
+    if x.device.type != "meta":  # meta tensors (device checks without a GPU) carry no values
+        check_finite(name, x)
 
 
 def update_moments(moments: SWAGMoments, theta: torch.Tensor) -> SWAGMoments:
-    """Add one iterate; returns the new statistics (the input is not modified)."""
-    theta = theta.detach().reshape(-1).to(moments.mean.dtype)
+    """Add one iterate; returns the new statistics (the input is not modified).
+
+    ``theta`` is moved to the statistics' device and dtype.
+    """
+    theta = theta.detach().reshape(-1).to(device=moments.mean.device, dtype=moments.mean.dtype)
     if theta.shape != moments.mean.shape:
         raise ValueError(f"theta has {theta.numel()} entries; these moments track {moments.mean.numel()}")
-    check_finite("theta", theta)
+    _check_finite("theta", theta)
     n = moments.num_snapshots + 1
     mean = moments.mean + (theta - moments.mean) / n
     sq_mean = moments.sq_mean + (theta**2 - moments.sq_mean) / n
@@ -87,10 +120,20 @@ def diagonal_variance(moments: SWAGMoments) -> torch.Tensor:
     return (moments.sq_mean - moments.mean**2).clamp_min(MIN_VARIANCE)
 
 
-def swag_distribution(moments: SWAGMoments, scale: float = 0.5, diag_only: bool = False) -> dist.TorchDistribution:
+def swag_distribution(
+    moments: SWAGMoments,
+    scale: float = 0.5,
+    diag_only: bool = False,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> dist.TorchDistribution:
     r"""The SWAG Gaussian: ``LowRankMultivariateNormal`` (or diagonal ``Normal`` with
-    ``diag_only``) with covariance :math:`s(\Sigma_{\text{diag}} + \hat D\hat D^\top/(k-1))`.
+    ``diag_only``, or with fewer than 2 deviation columns) with covariance
+    :math:`s(\Sigma_{\text{diag}} + \hat D\hat D^\top/(k-1))`.
 
+    :param dtype: dtype of the distribution's parameters (default: the moments'); they are computed in
+        the moments' dtype and then cast, so float32 models keep the float64 variance.
+    :param device: device of the distribution's parameters (default: the moments').
     :raises ValueError: with fewer than 2 iterates (no spread to estimate), or a non-positive scale.
     """
     if moments.num_snapshots < 2:
@@ -98,7 +141,58 @@ def swag_distribution(moments: SWAGMoments, scale: float = 0.5, diag_only: bool 
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
     variance = scale * diagonal_variance(moments)
+
+    def cast(x: torch.Tensor) -> torch.Tensor:
+        return x.to(device=device, dtype=dtype)
+
     if diag_only or moments.rank < 2:
-        return dist.Normal(moments.mean, variance.sqrt()).to_event(1)
+        return dist.Normal(cast(moments.mean), cast(variance.sqrt())).to_event(1)
     factor = math.sqrt(scale / (moments.rank - 1)) * moments.deviations.T
-    return dist.LowRankMultivariateNormal(moments.mean, factor, variance)
+    return dist.LowRankMultivariateNormal(cast(moments.mean), cast(factor), cast(variance))
+
+
+def moments_state_dict(moments: SWAGMoments) -> dict:
+    """The statistics as a dict of ints and tensors (copies), saveable with ``torch.save``."""
+    m = moments
+    return {"num_snapshots": m.num_snapshots, "mean": m.mean.clone(), "sq_mean": m.sq_mean.clone(),
+            "deviations": m.deviations.clone(), "max_rank": m.max_rank}  # fmt: skip
+
+
+def moments_from_state(
+    state, num_params: int | None = None, device: torch.device | str | None = None, name: str = "state"
+) -> SWAGMoments:
+    """Statistics from :func:`moments_state_dict`'s output (copied, moved to ``device`` if given),
+    after checking that they are consistent.
+
+    :param num_params: the number of parameters they must track (``None``: any).
+    :raises ValueError: naming ``name`` and the offending entry: missing keys, wrong shapes or
+        dtypes, counts that disagree, NaN or inf.
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{name} must be a dict from a SWAG state_dict(), got {type(state).__name__}")
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"{name} lacks the SWAG entries {missing}")
+    count, max_rank = state["num_snapshots"], state["max_rank"]
+    if not isinstance(count, numbers.Integral) or count < 0:
+        raise ValueError(f"{name}['num_snapshots'] must be an int >= 0, got {count!r}")
+    if not isinstance(max_rank, numbers.Integral) or max_rank < 1:
+        raise ValueError(f"{name}['max_rank'] must be an int >= 1, got {max_rank!r}")
+    count, max_rank = int(count), int(max_rank)
+    tensors = {k: state[k] for k in ("mean", "sq_mean", "deviations")}
+    for key, value in tensors.items():
+        if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+            raise ValueError(f"{name}[{key!r}] must be a floating-point tensor, got {type(value).__name__}")
+        if value.dtype != tensors["mean"].dtype:
+            raise ValueError(f"{name}[{key!r}] has dtype {value.dtype}; {name}['mean'] has {tensors['mean'].dtype}")
+        _check_finite(f"{name}[{key!r}]", value)
+    P = tensors["mean"].numel() if num_params is None else num_params
+    expected = {"mean": (P,), "sq_mean": (P,), "deviations": (min(count, max_rank), P)}
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise ValueError(
+                f"{name}[{key!r}] has shape {tuple(tensors[key].shape)}; expected {shape} "
+                f"({P} parameters, {count} snapshots, max_rank {max_rank})"
+            )
+    mean, sq_mean, deviations = (tensors[k].detach().clone().to(device) for k in ("mean", "sq_mean", "deviations"))
+    return SWAGMoments(count, mean, sq_mean, deviations, max_rank)

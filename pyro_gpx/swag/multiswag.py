@@ -1,5 +1,9 @@
 """MultiSWAG: an equal-weight mixture of independent SWAG runs [1], and Monte Carlo prediction.
 
+:class:`MultiSWAG` ensembles :class:`~pyro_gpx.swag.SWAGCollector` runs of an ``nn.Module``;
+:class:`AutoMultiSWAG` ensembles :class:`~pyro_gpx.swag.AutoSWAG` guides of a Pyro model into one
+guide for ``Predictive``.
+
 References:
 
 [1] A. Wilson, P. Izmailov. Bayesian deep learning and a probabilistic perspective of
@@ -10,11 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import pyro.distributions as dist
 import torch
+from pyro.infer.autoguide import AutoContinuous
 
 from .collector import SWAGCollector
+from .guide import AutoSWAG, _rng_kept
+from .moments import swag_distribution
 
-__all__ = ["swag_predict", "MultiSWAG"]
+__all__ = ["swag_predict", "MultiSWAG", "AutoMultiSWAG"]
 
 
 @torch.no_grad()
@@ -77,3 +85,86 @@ class MultiSWAG:
                          generator=generator if seed is None else torch.Generator().manual_seed(seed + i))
             for i, (c, loader) in enumerate(zip(self.collectors, loaders))
         ])  # fmt: skip
+
+
+class AutoMultiSWAG(AutoContinuous):
+    r"""MultiSWAG as a Pyro guide: the equal-weight mixture
+    :math:`\frac1M\sum_m N(\bar\theta_m, \Sigma_m)` of the SWAG Gaussians of :math:`M` independent
+    :class:`~pyro_gpx.swag.AutoSWAG` runs of the same model (unconstrained space), so each draw
+    comes from a member chosen uniformly at random. Each member keeps its own ``scale`` and
+    ``diag_only``.
+
+    Works with ``Predictive`` (also ``parallel=True``) like any autoguide. The mixture has no
+    reparameterised sampler (it is not for SVI). ``median`` and ``quantiles`` are those of the
+    Gaussian with the mixture's mean and marginal variances. ``state_dict()`` carries every member's
+    statistics; load it into an ``AutoMultiSWAG`` of as many fresh members.
+
+    :param guides: ``AutoSWAG`` guides of the same model, each with statistics collected or loaded.
+    """
+
+    def __init__(self, guides: Sequence[AutoSWAG]):
+        guides = tuple(guides)
+        if not guides or not all(isinstance(g, AutoSWAG) for g in guides):
+            raise TypeError("guides must be a non-empty sequence of AutoSWAG guides")
+        super().__init__(guides[0].model)
+        self._members = guides  # a tuple: not submodules, so each stays usable as a guide of its own
+
+    @property
+    def members(self) -> tuple[AutoSWAG, ...]:
+        return self._members
+
+    def _setup_prototype(self, *args, **kwargs):
+        with _rng_kept():  # keep the RNG as it was: saved and reloaded guides draw alike
+            super()._setup_prototype(*args, **kwargs)
+        shapes = {name: tuple(shape) for name, shape in self._unconstrained_shapes.items()}
+        for i, g in enumerate(self._members):
+            g.moments  # noqa: B018  (raises a clear error if member i collected nothing)
+            if g._swag_shapes is not None and list(g._swag_shapes.items()) != list(shapes.items()):
+                raise ValueError(f"guides[{i}] tracks latent sites {g._swag_shapes}; the model has {shapes}")
+            if g.moments.mean.numel() != self.latent_dim:
+                raise ValueError(
+                    f"guides[{i}] tracks {g.moments.mean.numel()} entries; the model has {self.latent_dim}"
+                )
+
+    def _components(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Members' means ``(M, P)``, low-rank factors ``(M, P, r)`` (zero-padded) and diagonals ``(M, P)``."""
+        value = next(self.prototype_trace.iter_stochastic_nodes())[1]["value"]
+        locs, factors, diags = [], [], []
+        for g in self._members:
+            d = swag_distribution(g.moments, g.scale, g.diag_only, value.dtype, value.device)
+            if isinstance(d, torch.distributions.LowRankMultivariateNormal):
+                loc, factor, diag = d.loc, d.cov_factor, d.cov_diag
+            else:  # SWAG-diagonal (or a single deviation column): no low-rank part
+                loc, diag = d.base_dist.loc, d.variance
+                factor = loc.new_zeros(loc.shape[-1], 1)
+            locs.append(loc)
+            factors.append(factor)
+            diags.append(diag)
+        width = max(f.shape[-1] for f in factors)
+        factors = [torch.nn.functional.pad(f, (0, width - f.shape[-1])) for f in factors]
+        return torch.stack(locs), torch.stack(factors), torch.stack(diags)
+
+    def get_posterior(self, *args, **kwargs):
+        loc, factor, diag = self._components()
+        weights = dist.Categorical(logits=loc.new_zeros(len(self._members)))
+        return dist.MixtureSameFamily(weights, dist.LowRankMultivariateNormal(loc, factor, diag))
+
+    def _loc_scale(self, *args, **kwargs):
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        loc, factor, diag = self._components()
+        mean = loc.mean(0)
+        variance = (diag + (factor**2).sum(-1) + (loc - mean) ** 2).mean(0)  # within + between members
+        return mean, variance.sqrt()
+
+    def get_extra_state(self) -> dict:
+        """Every member's statistics (see :meth:`AutoSWAG.get_extra_state`)."""
+        return {"members": [g.get_extra_state() for g in self._members]}
+
+    def set_extra_state(self, state: dict) -> None:
+        members = state.get("members") if isinstance(state, dict) else None
+        if not isinstance(members, list) or len(members) != len(self._members):
+            count = len(members) if isinstance(members, list) else "no"
+            raise ValueError(f"the saved MultiSWAG state has {count} members; this guide has {len(self._members)}")
+        for g, member_state in zip(self._members, members):
+            g.set_extra_state(member_state)

@@ -1,9 +1,11 @@
 r"""Choosing the SWAG sampling scale on held-out data.
 
 SWAG samples :math:`\theta = \bar\theta + \sqrt{s}\,\big(\Sigma_{\rm diag}^{1/2} z_1 +
-\hat D z_2 / \sqrt{2(K-1)}\big)` [1]; the scale :math:`s` (0.5 in [1]) sets how far the samples
-spread around the SWA mean. How wide the SGD iterates wander depends on the learning rate, the batch
-size and the momentum, so :math:`s` is a hyperparameter: :func:`select_scale` picks it from a grid
+\hat D z_2 / \sqrt{K-1}\big)`, with covariance :math:`s\,(\Sigma_{\rm diag} + \hat D\hat D^\top/(K-1))`;
+the scale :math:`s` (0.5 in [1], which gives the paper's :math:`\Sigma = \tfrac12(\Sigma_{\rm diag} +
+\hat D\hat D^\top/(K-1))`) sets how far the samples spread around the SWA mean. How wide the SGD
+iterates wander depends on the learning rate, the batch size and the momentum, so :math:`s` is a
+hyperparameter: :func:`select_scale` picks it from a grid
 by a held-out loss of the stacked predictions (for regression, the validation NLL of the predictive
 mixture). Every scale is scored with the same standard-normal draws (common random numbers), so the
 comparison is not swamped by Monte Carlo noise.

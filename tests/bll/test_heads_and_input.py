@@ -90,3 +90,24 @@ def test_bad_input(digits_like):
         LastLayerNormal(implicit)
     with pytest.raises(ValueError, match="train="):
         predict(model, AutoNormal(model), X)
+
+
+def test_bad_batch_size_dtype_and_design(digits_like):
+    model, X, y = digits_like
+    with pytest.raises(ValueError, match="num_data must be a positive integer"):
+        model(X, y, num_data=30.7)
+    with pytest.raises(ValueError, match="X has no rows"):
+        model(X[:0], y[:0])
+    with pytest.raises(ValueError, match="X has dtype torch.float32"):
+        model(X.float(), y)
+    with pytest.raises(ValueError, match="X must be floating point"):
+        BayesianLastLayer(None, 5, CategoricalHead(3))(X.long(), y)
+    with pytest.raises(ValueError, match="design contains NaN"):
+        model(X, y, design=torch.full((24, 7), float("nan")))
+    with pytest.raises(ValueError, match=r"design must be a \(n, 7\)"):
+        model(X, y, design=torch.ones(24, 6))
+    with pytest.raises(ValueError, match="design has no rows"):
+        model(X, y, design=torch.ones(0, 7))
+    with pytest.raises(ValueError, match="feature_dim"):
+        BayesianLastLayer(None, 2.5, GaussianHead())
+    assert model(X[:6], y[:6], num_data=torch.tensor(24)).shape == (6, 3)  # an integer tensor is fine

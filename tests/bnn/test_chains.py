@@ -1,7 +1,9 @@
 """Chains in separate processes, merged and exported to ArviZ."""
 
 import arviz as az
+import pytest
 import torch
+from pyro.infer import Predictive
 
 from pyro_gpx.bnn import BayesianMLP, run_chains
 from pyro_gpx.diagnostics import get_group
@@ -13,6 +15,8 @@ def test_parallel_chains_merge_and_export(float64):
     y = X[:, 0] - X[:, 1] + 0.1 * torch.randn(30, generator=gen)
     model = BayesianMLP(2, [], noise=0.05).repriorised()
     result = run_chains(model, (X, y), num_chains=2, num_samples=60, warmup_steps=60, processes=2, progress=False)
+    # the model here never ran in the chains' processes: run_chains gave it the training data to predict with
+    assert Predictive(model, result.get_samples())(X[:3])["y"].shape == (120, 3)
     assert result.samples["readout_whitened"].shape == (2, 60, 3, 1)
     assert result.sample_stats["n_steps"].shape == (2, 60) and result.num_gradients > 0
     # different seeds: the chains differ
@@ -23,3 +27,21 @@ def test_parallel_chains_merge_and_export(float64):
     assert float(az.rhat(idata, var_names=["readout_whitened"]).to_array().max()) < 1.1
     sequential = run_chains(model, (X, y), num_chains=2, num_samples=60, warmup_steps=60, processes=1, progress=False)
     torch.testing.assert_close(sequential.samples["readout_whitened"], result.samples["readout_whitened"])
+
+
+@pytest.mark.parametrize("kind", ["repriorised", "collapsed"])
+def test_run_chains_sets_the_training_data_and_labels_progress(float64, kind, capsys, monkeypatch):
+    monkeypatch.delenv("CI", raising=False)  # progress bars are off in CI, as Pyro's
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(20, 2, generator=gen)
+    y = X[:, 0] + 0.1 * torch.randn(20, generator=gen)
+    bnn = BayesianMLP(2, [], noise=None)
+    model = bnn.repriorised() if kind == "repriorised" else bnn.collapsed()
+    model.set_training_data(X[:5], y[:5])  # left over from an earlier run on other data
+    result = run_chains(model, (X, y), num_chains=2, num_samples=5, warmup_steps=5, processes=1, progress=True)
+    reparam = model.reparam if kind == "repriorised" else model.repriorised.reparam
+    assert reparam.training_data[0] is X and reparam.training_data[1] is y
+    assert Predictive(model, result.get_samples())(X[:3])["y"].shape == (10, 3)
+    err = capsys.readouterr().err
+    assert "chain 1/2 sample" in err and "chain 2/2 sample" in err and "acc. prob" in err

@@ -141,3 +141,19 @@ def test_readout_draws_are_the_exact_conditional_and_match_predictive(data):
     torch.testing.assert_close(torch.cov(flat.T), cov, rtol=0.1, atol=0.1 * float(cov.diagonal().min()))
     with pytest.raises(ValueError, match=r"samples lack the sites \['noise'\]"):
         model.readout_draws({k: v for k, v in samples.items() if k != "noise"})
+
+
+def test_training_data_are_fixed_by_the_first_call_with_targets(data):
+    # audit: every call with targets replaced the training data, so scoring test data re-conditioned
+    # all later predictions on them
+    X, y = data
+    model = BayesianMLP(3, [4], noise=0.1).collapsed()
+    poutine.trace(model).get_trace(X, y)
+    poutine.trace(model).get_trace(X.clone(), y.clone())  # equal values are the training data
+    with pytest.raises(ValueError, match="targets other than its training data.*set_training_data"):
+        poutine.trace(model).get_trace(X[:10], y[:10])
+    assert model.repriorised.reparam.training_data[0] is X
+    model.set_training_data(X[:10], y[:10])  # sampling on new data: replace them first
+    poutine.trace(model).get_trace(X[:10], y[:10])
+    with pytest.raises(ValueError, match=r"y must have shape \(10,\)"):
+        model.set_training_data(X[:10], y[:10, None])

@@ -52,3 +52,27 @@ def test_pickles_after_a_gradient_evaluation(float64, repriorised):
     potential_fn(params).backward()
     copy = pickle.loads(pickle.dumps(model))
     torch.testing.assert_close(potential_fn(params), initialize_model(copy, (X, y))[1](params))
+
+
+@pytest.mark.parametrize("parameterization", ["ntk", "standard"])
+def test_residual_skip_connection_against_a_hand_computed_forward(float64, parameterization):
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(6, 2, generator=gen)
+    W0, b0, W1, b1 = (torch.randn(*shape, generator=gen) for shape in [(5, 2), (5,), (5, 5), (5,)])
+    params = {"layers.0.weight": W0, "layers.0.bias": b0, "layers.1.weight": W1, "layers.1.bias": b1}
+    bnn = BayesianMLP(2, [5, 5], residual=True, parameterization=parameterization, weight_scale=1.5, bias_scale=0.2)
+    if parameterization == "ntk":
+        h1 = torch.relu(1.5 / math.sqrt(2) * X @ W0.T + 0.2 * b0)  # 2 -> 5: no skip
+        h2 = h1 + torch.relu(1.5 / math.sqrt(5) * h1 @ W1.T + 0.2 * b1)  # 5 -> 5: skip
+        expected = torch.cat([1.5 / math.sqrt(5) * h2, torch.full((6, 1), 0.2)], -1)
+    else:
+        h1 = torch.relu(X @ W0.T + b0)
+        h2 = h1 + torch.relu(h1 @ W1.T + b1)
+        expected = torch.cat([h2, torch.ones(6, 1)], -1)
+    torch.testing.assert_close(bnn.features(X, params), expected)
+    plain = BayesianMLP(2, [5, 5], parameterization=parameterization, weight_scale=1.5, bias_scale=0.2)
+    assert not torch.allclose(plain.features(X, params), expected)
+    # the model's output is these features times the readout
+    readout = torch.randn(1, 6, generator=gen)
+    f = poutine.condition(bnn, {**params, "readout": readout})(X)
+    torch.testing.assert_close(f, expected @ readout.T)

@@ -1,14 +1,18 @@
 """Repriorisation: Jacobian against autograd, the change-of-variables identity, exact N(0, I)."""
 
+import re
+
 import numpy as np
 import pyro
+import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
-from pyro.infer import MCMC, NUTS, Predictive
+from pyro.infer import HMC, MCMC, NUTS, Predictive
 from scipy import stats
 
-from pyro_gpx.bnn import BayesianMLP, readout_map
+from pyro_gpx.bnn import BayesianMLP, RepriorisedReadout, readout_map
+from pyro_gpx.diagnostics import get_group, to_inference_data
 
 
 @pytest.mark.parametrize("n, D", [(30, 4), (5, 12)], ids=["primal", "dual"])
@@ -132,9 +136,122 @@ def test_bad_input(data):
         poutine.trace(BayesianMLP(3, [4]).repriorised()).get_trace(X)
     with pytest.raises(ValueError, match=r"X must be \(n, 3\)"):
         poutine.trace(BayesianMLP(3, [4])).get_trace(X[:, :2], y)
-    with pytest.raises(ValueError, match="X has 40 rows but y has 39"):
+    with pytest.raises(ValueError, match=r"y must have shape \(40,\) \(one per row of X\), got \(39,\)"):
         poutine.trace(BayesianMLP(3, [4])).get_trace(X, y[:-1])
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
         poutine.trace(BayesianMLP(3, [4], out_dim=3, likelihood="categorical")).get_trace(X, torch.full((40,), 5))
     with pytest.raises(ValueError, match="layer sizes must be positive"):
         BayesianMLP(3, [0])
+
+
+def _prior_draws(model, X, y, num: int) -> dict[str, torch.Tensor]:
+    """``num`` draws of the model's latent sites (a stand-in for MCMC samples)."""
+    traces = [poutine.trace(model).get_trace(X, y) for _ in range(num)]
+    names = [k for k, s in traces[0].nodes.items() if s["type"] == "sample" and not s["is_observed"] and k != "data"]
+    return {k: torch.stack([t.nodes[k]["value"] for t in traces]) for k in names}
+
+
+def test_held_out_targets_are_scored_with_the_training_map(data):
+    # audit: Predictive(rep, samples)(X_test, y_test) mapped the readout with the TEST targets and left
+    # them as the training data of every later prediction
+    X, y = data
+    bnn = BayesianMLP(3, [6], noise=0.1)
+    rep = bnn.repriorised()
+    samples = _prior_draws(rep, X, y, 4)
+    X_test = torch.randn(10, 3, generator=torch.Generator().manual_seed(7))
+    y_test = torch.sin(X_test[:, 0])
+    sites = ["readout", "y", "_RETURN"]
+    new = Predictive(rep, posterior_samples=samples, return_sites=sites)(X_test)
+    held_out = Predictive(rep, posterior_samples=samples, return_sites=sites)(X_test, y_test)
+    again = Predictive(rep, posterior_samples=samples, return_sites=sites)(X_test)
+    assert rep.reparam.training_data[0] is X and rep.reparam.training_data[1] is y
+    for i in range(4):  # the readout implied by the training data, whatever the call's data
+        draw = {k: v[i] for k, v in samples.items()}
+        train = poutine.trace(poutine.condition(rep, data=draw)).get_trace(X, y).nodes["readout"]["value"]
+        for pred in (new, held_out, again):
+            torch.testing.assert_close(pred["readout"][i].reshape(1, 7), train, rtol=0, atol=0)
+        torch.testing.assert_close(held_out["_RETURN"][i].reshape(10, 1), bnn.features(X_test, draw) @ train.T)
+    # the held-out log-likelihood per draw and point: N(y_test; f(X_test), 0.1) under the training readout
+    idata = to_inference_data(samples, model=rep, model_args=(X_test, y_test))
+    expected = dist.Normal(held_out["_RETURN"][..., 0], 0.1**0.5).log_prob(y_test)
+    np.testing.assert_allclose(get_group(idata, "log_likelihood")["y"].values[0], expected.numpy(), rtol=1e-10)
+    # set_training_data replaces the map's data; equal copies count as the training data
+    assert rep.reparam.is_training_data(X.clone(), y.clone()) and not rep.reparam.is_training_data(X, y + 1)
+    rep.set_training_data(X_test, y_test)
+    moved = Predictive(rep, posterior_samples=samples, return_sites=["readout"])(X)
+    assert not torch.allclose(moved["readout"], new["readout"])
+
+
+@pytest.mark.parametrize("out_dim", [1, 2])
+def test_target_shape_is_checked(data, out_dim):
+    # audit: y of shape (n, 1) with one output broadcast against the (n,) means into an (n, n) likelihood
+    X, y = data
+    bnn = BayesianMLP(3, [4], out_dim=out_dim)
+    bad = y[:, None] if out_dim == 1 else y
+    expected = (40,) if out_dim == 1 else (40, out_dim)
+    message = re.escape(f"y must have shape {expected}") + ".*" + re.escape(f"got {tuple(bad.shape)}")
+    for model in (bnn, bnn.repriorised()):
+        with pytest.raises(ValueError, match=message):
+            poutine.trace(model).get_trace(X, bad)
+    with pytest.raises(ValueError, match="y must have shape"):
+        bnn.repriorised().set_training_data(X, bad)
+    with pytest.raises(ValueError, match="integer class labels"):
+        poutine.trace(BayesianMLP(3, [4], out_dim=3, likelihood="categorical")).get_trace(X, torch.full((40,), 0.5))
+
+
+def test_plain_hmc_on_the_repriorised_model(data):
+    X, y = data
+    rep = BayesianMLP(3, [5], noise=None, parameterization="standard").repriorised()
+    # a fixed step size: Pyro's HMC keeps the trajectory length, so adapted small steps would multiply num_steps
+    kernel = HMC(rep, step_size=0.05, num_steps=4, adapt_step_size=False)
+    mcmc = MCMC(kernel, num_samples=8, warmup_steps=4, disable_progbar=True)
+    mcmc.run(X, y)
+    samples = mcmc.get_samples()
+    assert samples["readout_whitened"].shape == (8, 6, 1) and samples["layers.0.weight"].shape == (8, 5, 3)
+    assert all(torch.isfinite(v).all() for v in samples.values())
+    assert len({float(v) for v in samples["noise"]}) > 1  # it moved
+
+
+def _linear(readout_prior=None, observed=False, likelihood="normal"):
+    def model(X, y=None):
+        prior = readout_prior or dist.Normal(torch.zeros(1, 4), 1.0).to_event(2)
+        theta = pyro.sample("readout", prior, obs=torch.zeros(1, 4) if observed else None)
+        f = (torch.cat([X, torch.ones(X.shape[0], 1)], -1) @ theta.T)[:, 0]
+        with pyro.plate("data", X.shape[0]):
+            pyro.sample("y", dist.Normal(f, 0.1), obs=y)
+
+    return model
+
+
+def _features(X):
+    return torch.cat([X, torch.ones(X.shape[0], 1)], -1)
+
+
+def test_reparam_errors(data):
+    X, y = data
+
+    def run(model, features=_features, y=y):
+        poutine.trace(poutine.reparam(model, {"readout": RepriorisedReadout(features, 0.01)})).get_trace(X, y)
+
+    with pytest.raises(ValueError, match="features have 3 columns; the readout 'readout' expects 4"):
+        run(_linear(), features=lambda X: X)
+    with pytest.raises(ValueError, match="targets have 2 outputs; the readout 'readout' has 1"):
+        run(_linear(), y=torch.stack([y, y], -1))
+    with pytest.raises(ValueError, match="needs a zero-mean Normal prior, got Laplace"):
+        run(_linear(dist.Laplace(torch.zeros(1, 4), 1.0).to_event(2)))
+    with pytest.raises(ValueError, match="needs a zero-mean Normal prior"):
+        run(_linear(dist.Normal(torch.ones(1, 4), 1.0).to_event(2)))
+    with pytest.raises(ValueError, match="event_dim 2"):
+        run(_linear(dist.Normal(torch.zeros(1, 4), 1.0).to_event(1)))
+    with pytest.raises(ValueError, match="site 'readout' is observed"):
+        run(_linear(observed=True))
+    with pytest.raises(ValueError, match="y has shape \\(39,\\)"):
+        run(_linear(), y=y[:-1])
+    with pytest.raises(ValueError, match="y has dtype torch.int64"):  # class labels: not a Gaussian likelihood
+        run(_linear(), y=(y > 0).long())
+    with pytest.raises(ValueError, match="contain NaN"):
+        RepriorisedReadout(_features, 0.01).set_training_data(X, torch.full_like(y, float("nan")))
+    # a categorical BayesianMLP: refused when the reparam is built, not with a shape message
+    classifier = BayesianMLP(3, [4], out_dim=2, likelihood="categorical")
+    with pytest.raises(NotImplementedError, match="likelihood is 'categorical'"):
+        RepriorisedReadout(classifier.current_features, classifier.current_noise)

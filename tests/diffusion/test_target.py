@@ -1,5 +1,8 @@
 """The batched unconstrained log density against a per-point Pyro trace, for shape-safe and unsafe models."""
 
+import math
+import warnings
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -49,3 +52,59 @@ def test_log_density_and_score_match_reference(model, batched):
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
     expected_score = torch.stack([torch.func.grad(reference)(row) for row in z])
     torch.testing.assert_close(target.score(z), expected_score, rtol=1e-10, atol=1e-10)
+
+
+def test_log_density_under_an_enclosing_plate_at_the_models_nesting():
+    # Trace_ELBO(vectorize_particles=True) runs the guide under a particle plate at dim -max_plate_nesting - 1,
+    # exactly where the plate over paths would sit: it must move left, and the result must not change
+    guide = AutoDiffusion(shape_safe, num_steps=2, hidden=8)
+    guide(X, Y)
+    z = torch.randn(5, 3, dtype=torch.float64)
+    expected = torch.stack([reference(row) for row in z])
+    with pyro.plate("num_particles_vectorized", 4, dim=-2):
+        target = guide.target(X, Y)
+        torch.testing.assert_close(target.log_density(z), expected, rtol=1e-10, atol=1e-10)
+    assert target.vectorized is True
+
+
+@pytest.mark.parametrize("max_plate_nesting", [None, 1])
+def test_score_guide_trains_under_vectorised_particles_and_stays_batched(max_plate_nesting):
+    from pyro.infer import SVI, Trace_ELBO
+
+    from pyro_gpx.diffusion import PathELBO
+
+    guide = AutoDiffusion(shape_safe, num_steps=3, hidden=8)  # use_score=True: the model runs inside the guide
+    kw = {} if max_plate_nesting is None else {"max_plate_nesting": max_plate_nesting}
+    elbo = Trace_ELBO(num_particles=2, vectorize_particles=True, **kw)
+    svi = SVI(shape_safe, guide, pyro.optim.Adam({"lr": 1e-2}), elbo)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "one path at a time" fallback
+        losses = [svi.step(X, Y) for _ in range(3)]
+        PathELBO(4).loss(shape_safe, guide, X, Y)
+    assert all(math.isfinite(loss) for loss in losses)
+    found = guide._target_info["vectorized"]
+    assert all(found.values()) and any("num_particles_vectorized" in context for context in found)
+    assert guide.target(X, Y).vectorized is True
+
+
+def test_random_subsample_is_replayed_in_the_batching_probe():
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(torch.zeros(2, dtype=y.dtype), 2.0).to_event(1))
+        with pyro.plate("data", y.shape[0], subsample_size=10) as idx:
+            pyro.sample("y", dist.Normal(mu, 1.0).to_event(1), obs=y[idx])
+
+    y = torch.randn(200, 2, dtype=torch.float64)
+    guide = AutoDiffusion(model, num_steps=2, hidden=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        guide(y)
+    target = guide.target(y)
+    assert target.vectorized is True
+    z = torch.randn(3, 2, dtype=torch.float64)
+    log_density, subsample = target._batched(z)
+    idx = subsample["data"]
+    assert idx.shape == (10,)
+    expected = dist.Normal(0.0, 2.0).log_prob(z).sum(-1)
+    expected = expected + 20.0 * dist.Normal(z[:, None], 1.0).log_prob(y[idx]).sum((-1, -2))  # scale 200 / 10
+    torch.testing.assert_close(log_density, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(target._looped(z, subsample), expected, rtol=1e-10, atol=1e-10)

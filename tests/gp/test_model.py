@@ -86,6 +86,7 @@ def test_float32_products_match_float64_at_n5000():
     y64 = torch.sin(6 * X64[:, 0]) * X64[:, 1] + 0.1 * torch.randn(5000, generator=gen, dtype=torch.float64)
     values = {}
     for dtype in (torch.float64, torch.float32):
+        pyro.clear_param_store()  # each model initialises its own blocks
         kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel(ard_num_dims=3)).to(dtype)
         kernel.base_kernel.lengthscale = torch.tensor([[0.3, 0.5, 1.0]], dtype=dtype)
         gp = ComputationAwareGP(X64.to(dtype), y64.to(dtype), kernel, policy=BlockSparsePolicy(64), noise=0.01)

@@ -1,5 +1,7 @@
 """Matrix-free products, action formats, preconditioners and Cholesky against dense references."""
 
+import warnings
+
 import pytest
 import torch
 from linear_operator.functions import pivoted_cholesky as lo_pivoted_cholesky
@@ -9,6 +11,8 @@ from pyro_gpx.gp import (
     CholeskyError,
     DenseActions,
     IndexActions,
+    NonFiniteError,
+    NumericalWarning,
     build_preconditioner,
     kernel_matmul,
     partial_cholesky,
@@ -120,9 +124,16 @@ def test_preconditioner_solve_logdet_and_samples(problem):
 
 def test_cholesky_jitter_escalation_and_error():
     A = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)  # singular PSD
-    L = safe_cholesky(A)
+    with pytest.warns(NumericalWarning, match=r"matrix \(2x2\) was not positive definite; added jitter of 1e-08"):
+        L = safe_cholesky(A)
     assert torch.isfinite(L).all()
-    with pytest.raises(CholeskyError, match=r"not positive definite even with jitter \["):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning without jitter
+        safe_cholesky(torch.eye(2, dtype=torch.float64))
+    message = r"my matrix \(2x2\): input is not positive-definite even with jitter \[3.00e-08, .*, 3.00e-02\]"
+    with pytest.raises(CholeskyError, match=message) as error:
         safe_cholesky(torch.tensor([[1.0, 2.0], [2.0, -5.0]], dtype=torch.float64), "my matrix")
-    with pytest.raises(ValueError, match="NaN"):
+    assert isinstance(error.value, RuntimeError)
+    with pytest.raises(NonFiniteError, match="NaN") as error:
         safe_cholesky(torch.tensor([[float("nan")]], dtype=torch.float64))
+    assert isinstance(error.value, ValueError) and isinstance(error.value, RuntimeError)

@@ -58,6 +58,7 @@ def test_kd_policy_fits_better_than_random_with_few_actions(float64):
     problem = make_problem()
     elbos = {}
     for partition in ("kd", "random"):
+        pyro.clear_param_store()  # each model initialises its own blocks
         gp = ComputationAwareGP(problem.X, problem.y, problem.kernel, policy=BlockSparsePolicy(6, partition=partition),
                                 noise=float(problem.noise))  # fmt: skip
         with torch.no_grad():

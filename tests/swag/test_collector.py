@@ -1,7 +1,10 @@
 """SWAGCollector against torch.optim.swa_utils, BatchNorm updates, saving, errors."""
 
 import copy
+import io
 
+import numpy as np
+import pyro
 import pytest
 import torch
 from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
@@ -73,7 +76,108 @@ def test_state_dict_round_trip_gives_identical_samples():
     a = swag.sample(generator=torch.Generator().manual_seed(7))
     b = restored.sample(generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-    torch.save(state, "/dev/null")  # plain tensors and ints: saveable with torch.save
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # plain tensors, ints and tuples: loadable with weights_only
+    buffer.seek(0)
+    again = SWAGCollector(_net(seed=4), max_rank=5)
+    again.load_state_dict(torch.load(buffer, weights_only=True))
+    c = again.sample(generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+def test_load_state_dict_validates_the_state():
+    net = _net()
+    swag = SWAGCollector(net, max_rank=5)
+    _train(net, 3, [swag])
+    state = swag.state_dict()
+    fresh = SWAGCollector(_net(seed=1), max_rank=5)
+    bad = [
+        ({k: v for k, v in state.items() if k != "shapes"}, "'shapes' entry"),
+        ({k: v for k, v in state.items() if k != "mean"}, r"lacks the SWAG entries \['mean'\]"),
+        (state | {"deviations": state["deviations"][:, :-1]}, r"has shape \(3, 40\); expected \(3, 41\)"),
+        (state | {"num_snapshots": 7}, r"expected \(5, 41\)"),
+        (state | {"shapes": state["shapes"] | {"2.bias": (2,)}}, r"other names or shapes: \['2.bias'\]"),
+    ]  # fmt: skip
+    for s, match in bad:
+        with pytest.raises(ValueError, match=match):
+            fresh.load_state_dict(s)
+    assert fresh.num_snapshots == 0  # a failed load leaves the collector as it was
+
+
+def _swag_reference(thetas, max_rank, scale):
+    """Mean and covariance scale * (Sigma_diag + D D^T / (k - 1)) of SWAG from numpy."""
+    running = np.cumsum(thetas, 0) / np.arange(1, len(thetas) + 1)[:, None]
+    D = (thetas - running)[-max_rank:].T
+    return thetas.mean(0), scale * (np.diag(thetas.var(0)) + D @ D.T / (D.shape[1] - 1))
+
+
+def _assert_moments_match(draws, mean, cov):
+    """Sample mean and covariance within 5 Monte Carlo standard errors of each entry."""
+    n = draws.shape[0]
+    assert (np.abs(draws.mean(0) - mean) < 5 * np.sqrt(np.diag(cov) / n)).all()
+    se = np.sqrt((cov**2 + np.outer(np.diag(cov), np.diag(cov))) / n)  # sd of a sample covariance
+    assert (np.abs(np.cov(draws.T) - cov) < 5 * se).all()
+
+
+def _five_parameter_swag(thetas, max_rank):
+    net = torch.nn.Linear(4, 1).double()  # 4 weights + 1 bias
+    swag = SWAGCollector(net, max_rank=max_rank)
+    for t in thetas:
+        torch.nn.utils.vector_to_parameters(torch.as_tensor(t), net.parameters())
+        swag.collect()
+    return swag
+
+
+@pytest.mark.parametrize("diag_only", [False, True])
+def test_sampling_covariance_matches_numpy_sigma(diag_only):
+    rng = np.random.default_rng(2)
+    thetas = np.cumsum(rng.normal(size=(10, 5)), 0) * 0.1 + rng.normal(size=5)
+    swag = _five_parameter_swag(thetas, max_rank=3)
+    mean, cov = _swag_reference(thetas, 3, 0.5)
+    if diag_only:
+        cov = 0.5 * np.diag(thetas.var(0))
+    draws = swag.sample(0.5, diag_only, torch.Generator().manual_seed(0), sample_shape=(20_000,))
+    assert draws.shape == (20_000, 5) and draws.dtype == torch.float64
+    _assert_moments_match(draws.numpy(), mean, cov)
+
+
+def test_single_sample_stream_is_unchanged():
+    """One draw: z1 (P normals) then z2 (rank normals) from the generator, as before sample_shape."""
+    rng = np.random.default_rng(3)
+    swag = _five_parameter_swag(np.cumsum(rng.normal(size=(6, 5)), 0), max_rank=3)
+    ours = swag.sample(generator=torch.Generator().manual_seed(11))
+    gen = torch.Generator().manual_seed(11)
+    z1 = torch.randn(5, generator=gen, dtype=torch.float64)
+    z2 = torch.randn(3, generator=gen, dtype=torch.float64)
+    d = swag.distribution()
+    torch.testing.assert_close(ours, d.loc + d.cov_factor @ z2 + d.cov_diag.sqrt() * z1, rtol=0, atol=0)
+
+
+def test_statistics_and_samples_follow_the_module_device():
+    # the meta device stands in for a GPU: tensors with a device and a dtype but no values
+    with pyro.validation_enabled(False):  # distributions cannot validate meta tensors
+        net = torch.nn.Linear(3, 2).to("meta")
+        swag = SWAGCollector(net, max_rank=3)
+        for _ in range(3):
+            swag.collect()
+        m = swag.moments
+        assert {t.device.type for t in (m.mean, m.sq_mean, m.deviations)} == {"meta"}
+        assert m.mean.dtype == torch.float64  # float64 accumulation whatever the parameters' dtype
+        assert swag.sample(generator=torch.Generator().manual_seed(0)).device.type == "meta"  # a CPU generator
+        assert swag.sample(sample_shape=(4,)).shape == (4, 8)
+        assert swag.sample_into().weight.device.type == "meta"
+        # moved after the collector was made, before the first collect: the statistics follow
+        moved = torch.nn.Linear(3, 2)
+        swag = SWAGCollector(moved)
+        moved.to("meta")
+        swag.collect()
+        assert swag.moments.mean.device.type == "meta"
+    # collected on the CPU, moved afterwards: samples land on the module's device
+    net = _net()
+    swag = SWAGCollector(net, max_rank=3)
+    _train(net, 3, [swag])
+    net.to("meta")
+    assert swag.sample().device.type == "meta" and swag.moments.mean.device.type == "cpu"
 
 
 def test_errors_on_too_few_iterates_and_changed_shapes():

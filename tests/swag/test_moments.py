@@ -1,10 +1,18 @@
 """SWAG statistics against a numpy reference; the sampling covariance against Sigma."""
 
 import numpy as np
+import pyro
 import pytest
 import torch
 
-from pyro_gpx.swag import diagonal_variance, init_moments, swag_distribution, update_moments
+from pyro_gpx.swag import (
+    diagonal_variance,
+    init_moments,
+    moments_from_state,
+    moments_state_dict,
+    swag_distribution,
+    update_moments,
+)
 
 
 def _iterates(T=30, P=7, seed=0):
@@ -58,3 +66,51 @@ def test_errors():
         update_moments(m, torch.zeros(4))
     with pytest.raises(ValueError, match="NaN"):
         update_moments(m, torch.tensor([0.0, float("nan"), 1.0]))
+
+
+def test_moments_live_on_the_given_device_and_dtype():
+    m = init_moments(4, max_rank=3, dtype=torch.float32, device="meta")  # meta: a device other than the CPU
+    assert {t.device.type for t in (m.mean, m.sq_mean, m.deviations)} == {"meta"}
+    assert {t.dtype for t in (m.mean, m.sq_mean, m.deviations)} == {torch.float32}
+    m = update_moments(m, torch.ones(4, dtype=torch.float64))  # a CPU float64 iterate is moved and cast
+    assert m.mean.device.type == "meta" and m.deviations.shape == (1, 4) and m.mean.dtype == torch.float32
+
+
+@pytest.mark.parametrize("diag_only, K", [(False, 5), (True, 5), (False, 1)])
+def test_distribution_is_computed_in_float64_then_cast(diag_only, K):
+    m = init_moments(5, max_rank=K)
+    for t in _iterates(8, P=5):
+        m = update_moments(m, torch.as_tensor(t))
+    d64 = swag_distribution(m, 0.5, diag_only)
+    d32 = swag_distribution(m, 0.5, diag_only, dtype=torch.float32)
+    assert type(d32) is type(d64)
+    if isinstance(d64, torch.distributions.LowRankMultivariateNormal):
+        pairs = [(d32.loc, d64.loc), (d32.cov_factor, d64.cov_factor), (d32.cov_diag, d64.cov_diag)]
+    else:
+        pairs = [(d32.base_dist.loc, d64.base_dist.loc), (d32.base_dist.scale, d64.base_dist.scale)]
+    for a, b in pairs:
+        assert a.dtype == torch.float32 and torch.equal(a, b.float())
+    with pyro.validation_enabled(False):  # distributions cannot validate meta tensors
+        assert swag_distribution(m, 0.5, diag_only, device="meta").mean.device.type == "meta"
+
+
+def test_state_round_trip_and_validation():
+    m = init_moments(3, max_rank=2)
+    for t in _iterates(4, P=3):
+        m = update_moments(m, torch.as_tensor(t))
+    state = moments_state_dict(m)
+    back = moments_from_state(state, 3)
+    assert back.num_snapshots == 4 and back.max_rank == 2 and torch.equal(back.deviations, m.deviations)
+    bad = [
+        ({k: v for k, v in state.items() if k != "sq_mean"}, r"lacks the SWAG entries \['sq_mean'\]"),
+        (state | {"deviations": state["deviations"][:1]}, r"deviations.\] has shape \(1, 3\); expected \(2, 3\)"),
+        (state | {"num_snapshots": 1}, r"expected \(1, 3\)"),
+        (state | {"mean": state["mean"].float()}, r"state\[.sq_mean.\] has dtype torch.float64; state\[.mean.\] has"),
+        (state | {"max_rank": 0}, r"state\['max_rank'\] must be an int >= 1"),
+        (state | {"sq_mean": torch.full((3,), float("nan"), dtype=torch.float64)}, "NaN"),
+    ]  # fmt: skip
+    for s, match in bad:
+        with pytest.raises(ValueError, match=match):
+            moments_from_state(s)
+    with pytest.raises(ValueError, match=r"state\['mean'\] has shape \(3,\); expected \(4,\)"):
+        moments_from_state(state, 4)

@@ -1,0 +1,280 @@
+"""Regressions: float32 dense actions, errors that reach the user, priors, stale parameters, bad input."""
+
+import math
+import warnings
+
+import gpytorch
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from gpytorch.priors import LogNormalPrior
+from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
+from pyro.nn import PyroSample
+
+from pyro_gpx.gp import (
+    BlockSparsePolicy,
+    CGPolicy,
+    CholeskyError,
+    ComputationAwareGP,
+    DenseActions,
+    KernelFn,
+    NonFiniteError,
+    NumericalWarning,
+    PolicyContext,
+    PseudoInputPolicy,
+    UnitVectorPolicy,
+    conjugate_gradients,
+    exact_log_marginal_likelihood,
+    project,
+)
+
+from .problems import make_problem
+
+
+def _sine_1d(n=400, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(n, 1, generator=gen, dtype=torch.float64) * 10
+    y = torch.sin(X[:, 0]) + 0.01 * torch.randn(n, generator=gen, dtype=torch.float64)
+    kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel()).to(dtype)
+    kernel.base_kernel.lengthscale = 0.7
+    return X.to(dtype), y.to(dtype), kernel
+
+
+def _elbo_and_split(X, y, kernel, policy, noise):
+    gp = ComputationAwareGP(X, y, kernel, policy=policy, noise=noise, jitter=0.0)
+    X_new = X[:30] * 0.9 + 0.05
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", NumericalWarning)  # no silent jitter
+        elbo = float(gp.marginal().log_prob(y))
+        post = gp.posterior(X_new, split=True)
+    return elbo, post
+
+
+@pytest.mark.parametrize("noise", [1e-2, 1e-3])
+def test_float32_cg_elbo_matches_float64_and_does_not_decrease_with_more_iterations(noise):
+    """float32 CG past float32's resolution used to repeat directions: a singular projected Gram
+    matrix, silent jitter, and an ELBO falling as actions were added (1993 -> 1277 at n = 1500)."""
+    X, y, kernel = _sine_1d(n=300)
+    reference, _ = _elbo_and_split(X, y, kernel, CGPolicy(60, tol=1e-10), noise)  # converges
+    X, y, kernel = _sine_1d(n=300, dtype=torch.float32)
+    for num_actions in (60, 120):
+        pyro.clear_param_store()
+        elbo, post = _elbo_and_split(X, y, kernel, CGPolicy(num_actions, tol=1e-10), noise)
+        assert elbo == pytest.approx(reference, rel=1e-4)
+        assert post.computational.min() > -1e-5  # combined >= mathematical (float32 rounding)
+
+
+def test_float32_cg_stops_at_the_resolution_of_its_products():
+    X, y, kernel = _sine_1d(dtype=torch.float32)
+    policy = CGPolicy(120, tol=1e-10)
+    with torch.no_grad():
+        result = policy.solve(PolicyContext(X, y, KernelFn(kernel), torch.tensor(1e-2)))
+    assert result.stop_reason == "breakdown" and result.iterations < 60
+    S = result.directions / result.directions.norm(dim=0)
+    assert torch.linalg.matrix_rank(S).item() == result.iterations  # no repeated directions
+
+
+def test_float32_projection_drops_cg_directions_below_float32_resolution():
+    """Independently of CG's own stop: float32 directions computed past float32's resolution (CG
+    told its products are float64) are repeated; the projection keeps what float32 resolves."""
+    X, y, kernel = _sine_1d(dtype=torch.float32)
+    kfn, noise = KernelFn(kernel), torch.tensor(1e-2, dtype=torch.float64)
+    with torch.no_grad():
+        result = conjugate_gradients(lambda v: kfn(X, X).double() @ v + noise * v, y, 80, tol=1e-10)
+        assert result.iterations == 80  # no early stop: many directions are rounding error
+        S = result.directions / result.directions.norm(dim=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", NumericalWarning)
+            projection = project(DenseActions(S.float()), kfn, X, y, noise)
+        elbo = float(projection.elbo(kfn.diag(X)))
+        X64, y64, kernel64 = _sine_1d()
+        kfn64 = KernelFn(kernel64)
+        reference = float(project(DenseActions(S[:, :30]), kfn64, X64, y64, noise).elbo(kfn64.diag(X64)))
+    assert projection.num_actions < 60
+    assert elbo == pytest.approx(reference, rel=1e-4)
+
+
+def test_float32_pseudo_inputs_match_float64_with_nonnegative_computational_variance():
+    """Nearby inducing points give near-dependent actions; float32 used to over-estimate the ELBO
+    and give negative computational variance. Both dtypes now agree with the ELBO of the same span in
+    an orthonormal basis (which float64 with the raw columns also missed: cond(G) ~ 1e13)."""
+    gen = torch.Generator().manual_seed(3)
+    X = torch.rand(400, 3, generator=gen, dtype=torch.float64)
+    y = torch.sin(6 * X[:, 0]) * X[:, 1] + 0.1 * torch.randn(400, generator=gen, dtype=torch.float64)
+    Z = X[:32].clone()
+    elbos = {}
+    for dtype in (torch.float64, torch.float32):
+        pyro.clear_param_store()
+        kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel(ard_num_dims=3)).to(dtype)
+        kernel.base_kernel.lengthscale = torch.tensor([[0.3, 0.5, 1.0]], dtype=dtype)
+        elbos[dtype], post = _elbo_and_split(X.to(dtype), y.to(dtype), kernel, PseudoInputPolicy(Z), 0.01)
+        assert post.computational.min() > -1e-6
+    kfn = KernelFn(kernel.double())
+    noise = torch.tensor(0.01, dtype=torch.float64)
+    U = torch.linalg.svd(kfn(X, Z).detach(), full_matrices=False)[0]  # the same span, orthonormal
+    reference = float(project(DenseActions(U), kfn, X, y, noise).elbo(kfn.diag(X)))
+    assert elbos[torch.float64] == pytest.approx(reference, rel=1e-6)
+    assert elbos[torch.float32] == pytest.approx(reference, rel=1e-4)
+    assert reference <= float(exact_log_marginal_likelihood(kfn, X, y, noise))
+
+
+def test_cholesky_failure_reaches_svi_and_names_the_jitter(float64):
+    problem = make_problem(n=20)
+
+    def indefinite(X1, X2):
+        return -torch.exp(-(torch.cdist(X1, X2) ** 2))
+
+    gp = ComputationAwareGP(problem.X, problem.y, indefinite, policy=UnitVectorPolicy(), noise=0.05)
+    svi = SVI(gp.model, gp.guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    with pytest.raises(CholeskyError, match=r"input is not positive-definite even with jitter \[.*e-0"):
+        svi.step()
+
+
+def test_nan_lengthscale_with_cg_names_the_hyperparameters(float64):
+    problem = make_problem(n=30)
+    gp = ComputationAwareGP(problem.X, problem.y, problem.kernel, policy=CGPolicy(10), noise=0.05)
+    with torch.no_grad():
+        problem.kernel.base_kernel.raw_lengthscale.fill_(float("nan"))
+    svi = SVI(gp.model, gp.guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    with pytest.raises(NonFiniteError, match="NaN or inf; check the hyperparameters"):
+        svi.step()
+
+
+class _IndefiniteAboveHalf(pyro.contrib.gp.kernels.RBF):
+    """An RBF kernel that turns indefinite for lengthscales above 0.45 (a numerically failing region
+    inside the posterior's bulk)."""
+
+    def forward(self, X, Z=None, diag=False):
+        K = super().forward(X, Z, diag)
+        return -K if self.lengthscale > 0.45 else K
+
+
+def test_nuts_rejects_proposals_whose_cholesky_fails(float64):
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(15, 1, generator=gen)
+    y = torch.sin(4 * X[:, 0]) + 0.1 * torch.randn(15, generator=gen)
+    kernel = _IndefiniteAboveHalf(1)
+    kernel.lengthscale = PyroSample(dist.LogNormal(torch.tensor(-1.0), torch.tensor(0.5)))
+    gp = ComputationAwareGP(X, y, kernel, policy=UnitVectorPolicy(), noise=0.01)
+    with pytest.raises(CholeskyError):  # the failing region, as SVI would see it
+        with pyro.poutine.condition(data={"kernel.lengthscale": torch.tensor(0.6)}):
+            gp.marginal().log_prob(y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NumericalWarning)
+        mcmc = MCMC(NUTS(gp.model, max_tree_depth=3), num_samples=10, warmup_steps=10, disable_progbar=True)
+        mcmc.run()
+    lengthscale = mcmc.get_samples()["kernel.lengthscale"]
+    assert lengthscale.shape == (10,) and (lengthscale <= 0.45).all()
+    assert mcmc.diagnostics()["divergences"]["chain 0"]  # the failed proposals, rejected
+
+
+def test_jitter_warns(float64):
+    problem = make_problem(n=20)
+    X = torch.cat([problem.X, problem.X[:1]])  # a repeated input, no noise: K + 0 I is singular
+    gp = ComputationAwareGP(X, torch.cat([problem.y, problem.y[:1]]), problem.kernel, UnitVectorPolicy(),
+                            noise=1e-30, jitter=0.0)  # fmt: skip
+    with pytest.warns(NumericalWarning, match="added jitter"):
+        assert torch.isfinite(gp.marginal().log_prob(gp.y))
+
+
+def test_a_prior_shared_by_two_hyperparameters_gives_two_sites(float64):
+    problem = make_problem(n=30)
+    prior = LogNormalPrior(torch.tensor(-1.0), torch.tensor(0.5))
+    kernel = (
+        gpytorch.kernels.RBFKernel(lengthscale_prior=prior)
+        + gpytorch.kernels.MaternKernel(nu=1.5, lengthscale_prior=prior)
+    ).double()
+    gp = ComputationAwareGP(problem.X, problem.y, kernel, policy=UnitVectorPolicy(), noise=0.05)
+    sites = [name for name, site in pyro.poutine.trace(gp.model).get_trace().nodes.items() if site["type"] == "sample"]
+    assert sites == ["kernels.0.lengthscale_prior", "kernels.1.lengthscale_prior", "y"]
+
+    def log_lik(first, second):
+        data = {sites[0]: torch.tensor([[first]]), sites[1]: torch.tensor([[second]])}
+        trace = pyro.poutine.trace(pyro.poutine.condition(gp.model, data)).get_trace()
+        return float(trace.nodes["y"]["fn"].log_prob(problem.y))
+
+    assert abs(log_lik(0.3, 0.1) - log_lik(0.3, 1.0)) > 1.0
+    assert abs(log_lik(0.1, 0.3) - log_lik(1.0, 0.3)) > 1.0
+
+
+def test_predictions_with_gpytorch_priors_use_the_stored_values(float64):
+    problem = make_problem(n=40)
+    kernel = gpytorch.kernels.RBFKernel(ard_num_dims=2, lengthscale_prior=LogNormalPrior(-1.0, 1.0)).double()
+    kernel.lengthscale = torch.tensor([[0.3, 0.5]])
+    gp = ComputationAwareGP(problem.X, problem.y, kernel, policy=UnitVectorPolicy(), noise=0.05)
+    first, second = gp(problem.X_new), gp(problem.X_new)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    plain = gpytorch.kernels.RBFKernel(ard_num_dims=2).double()
+    plain.lengthscale = torch.tensor([[0.3, 0.5]])
+    pyro.clear_param_store()
+    reference = ComputationAwareGP(problem.X, problem.y, plain, policy=UnitVectorPolicy(), noise=0.05)(problem.X_new)
+    torch.testing.assert_close(first, reference)
+    with pyro.poutine.condition(data={"lengthscale_prior": torch.tensor([[0.1, 0.1]])}):
+        conditioned = gp(problem.X_new)  # a draw of the latent hyperparameters, when given
+    assert (conditioned[0] - first[0]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_rejected_naming_the_argument(dtype):
+    problem = make_problem(n=20)
+    with pytest.raises(TypeError, match=f"X has dtype {dtype}; computation-aware GPs need float32 or float64"):
+        ComputationAwareGP(problem.X.to(dtype), problem.y, problem.kernel)
+    with pytest.raises(TypeError, match=f"y has dtype {dtype}"):
+        ComputationAwareGP(problem.X, problem.y.to(dtype), problem.kernel)
+
+
+def test_bad_policy_and_noise_arguments_raise(float64):
+    problem = make_problem(n=20)
+    X, y, k = problem.X, problem.y, problem.kernel
+    with pytest.raises(ValueError, match="inducing_points contains NaN"):
+        PseudoInputPolicy(torch.full((3, 2), float("nan")))
+    with pytest.raises(ValueError, match="inducing_points have 3 features; X has 2"):
+        ComputationAwareGP(X, y, k, policy=PseudoInputPolicy(torch.rand(4, 3)))
+    with pytest.raises(ValueError, match="tol must be"):
+        CGPolicy(5, tol=-1.0)
+    with pytest.raises(ValueError, match="preconditioner_rank must be a positive integer"):
+        CGPolicy(5, preconditioner_rank=0)
+    with pytest.raises(ValueError, match=r"noise must be a scalar variance .* shape \(2,\)"):
+        ComputationAwareGP(X, y, k, noise=torch.tensor([0.1, 0.2]))
+    with pytest.raises(TypeError, match="policy must be a Policy"):
+        ComputationAwareGP(X, y, k, policy="cg")
+
+
+def test_cg_with_zero_residual_gives_the_prior(float64):
+    problem = make_problem(n=30)
+    gp = ComputationAwareGP(problem.X, torch.zeros(30), problem.kernel, policy=CGPolicy(10), noise=0.05, jitter=0.0)
+    elbo = float(gp.marginal().log_prob(gp.y))
+    trace_K = float(problem.kernel(problem.X, diag=True).sum())
+    assert elbo == pytest.approx(-0.5 * (30 * math.log(2 * math.pi * 0.05) + trace_K / 0.05), rel=1e-10)
+    mean, var = gp(problem.X_new)
+    assert (mean == 0).all()
+    torch.testing.assert_close(var, problem.kernel(problem.X_new, diag=True).detach())
+
+
+def test_default_policy_follows_set_data_to_fewer_points(float64):
+    big, small = make_problem(n=300), make_problem(n=40, seed=1)
+    gp = ComputationAwareGP(big.X, big.y, big.kernel, noise=0.05, jitter=0.0)
+    assert gp.policy.num_actions == 256
+    gp.set_data(small.X, small.y)
+    assert gp.policy.num_actions == 40  # one point per block: the exact GP
+    exact = exact_log_marginal_likelihood(KernelFn(big.kernel), small.X, small.y, torch.tensor(0.05))
+    assert float(gp.marginal().log_prob(small.y)) == pytest.approx(float(exact), rel=1e-9)
+    with pytest.raises(ValueError, match=r"num_actions \(30\) exceeds"):  # an explicit policy is kept
+        ComputationAwareGP(big.X, big.y, big.kernel, policy=CGPolicy(30)).set_data(small.X[:20], small.y[:20])
+
+
+def test_block_entries_of_another_model_in_the_param_store(float64):
+    first, second = make_problem(n=80), make_problem(n=70, seed=1)
+    ComputationAwareGP(first.X, first.y, first.kernel, policy=BlockSparsePolicy(10)).marginal()
+    other = ComputationAwareGP(second.X, second.y, second.kernel, policy=BlockSparsePolicy(10))
+    with pytest.raises(ValueError, match=r"'policy.blocks' with shape \(10, 8\).*pyro.clear_param_store\(\)"):
+        other.marginal()
+    same_shape = ComputationAwareGP(first.X, first.y, second.kernel, policy=BlockSparsePolicy(10))
+    with pytest.warns(UserWarning, match="already holds 'policy.blocks'"):
+        same_shape.marginal()
+    pyro.clear_param_store()
+    gp = ComputationAwareGP(first.X, first.y, first.kernel, policy=BlockSparsePolicy(10))
+    gp.marginal()
+    gp.set_data(second.X, second.y)  # the model's own blocks are re-initialised for the new partition
+    assert gp.marginal().actions.blocks.shape == (10, 7)
