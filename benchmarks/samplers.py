@@ -1,4 +1,4 @@
-"""Diffusion-sampler guides (PIS, DDS; KL and log-variance losses) vs Pyro's autoguides and NUTS.
+"""Diffusion-sampler guides (PIS, DDS, DIS; KL and log-variance losses) vs Pyro's autoguides and NUTS.
 
 Targets are Pyro models: a 10-d funnel (log Z = 0), a 2-d mixture of 25 Gaussians (log Z = 0),
 a 32-d many-well (log Z ~ 164.696) and Bayesian logistic regression on the breast-cancer data
@@ -250,6 +250,21 @@ def run_nuts(model, args, target, budget, cfg, num_samples=None):
     return {"train_seconds": time.perf_counter() - start}, None, flat
 
 
+def _run_method(method, model, model_args, target, budget, cfg, args):
+    """The result record and samples of one method."""
+    if method == "NUTS":
+        out, _, samples = run_nuts(model, model_args, target, budget, cfg)
+    elif method.startswith(("PIS", "DDS", "DIS")):
+        process, loss = method.split("+")[0].split("-")
+        flow_fraction = args.flow_fraction if method.endswith("+IAF") else 0.0
+        out, _, samples = run_diffusion(model, model_args, target, process.lower(), loss, budget, cfg, flow_fraction)
+    else:
+        cls = {"AutoNormal": AutoNormal, "AutoMultivariateNormal": AutoMultivariateNormal,
+               "AutoIAFNormal": AutoIAFNormal}[method]  # fmt: skip
+        out, _, samples = run_autoguide(model, model_args, target, cls, budget, cfg)
+    return out, samples
+
+
 def main(argv=None):
     def extra(parser):
         parser.add_argument("--targets", default="funnel,gmm,manywell,logistic")
@@ -308,17 +323,13 @@ def main(argv=None):
         for method, role in methods:
             pyro.set_rng_seed(args.seed)
             pyro.clear_param_store()
-            if method == "NUTS":
-                out, _, samples = run_nuts(model, model_args, target, target_budget, cfg)
-            elif method.startswith(("PIS", "DDS", "DIS")):
-                process, loss = method.split("+")[0].split("-")
-                flow_fraction = args.flow_fraction if method.endswith("+IAF") else 0.0
-                out, _, samples = run_diffusion(model, model_args, target, process.lower(), loss, target_budget, cfg,
-                                                flow_fraction)  # fmt: skip
-            else:
-                cls = {"AutoNormal": AutoNormal, "AutoMultivariateNormal": AutoMultivariateNormal,
-                       "AutoIAFNormal": AutoIAFNormal}[method]  # fmt: skip
-                out, _, samples = run_autoguide(model, model_args, target, cls, target_budget, cfg)
+            try:
+                out, samples = _run_method(method, model, model_args, target, target_budget, cfg, args)
+            except FloatingPointError as err:  # a diverged training run is a result, not the end of the benchmark
+                records.append(harness.record("samplers", target, 0, method, role, failed=str(err)))
+                print(f"{target:>9} {method:>23}: failed ({err})", flush=True)
+                harness.write_json(records, args.out)
+                continue
             if true_log_z is not None and "logz" in out:
                 out["logz_error"] = out["logz"] - true_log_z
                 out["logz_abs_error"] = abs(out["logz_error"])
