@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
-__all__ = ["check_finite", "check_positive_int", "check_positive_or_none"]
+__all__ = ["check_finite", "check_positive_int", "check_positive_or_none", "is_finite_at_least", "is_integer"]
 
 
 def check_finite(name: str, x: torch.Tensor) -> None:
@@ -26,3 +27,24 @@ def check_positive_or_none(name: str, value) -> None:
     """``ValueError`` naming ``name`` unless ``value`` is ``None`` or a finite number > 0."""
     if value is not None and not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive number or None, got {value}")
+
+
+def is_integer(value) -> bool:
+    """Whether ``value`` is an integer (anything with ``__index__``: ``int``, NumPy integers, 0-d integer
+    tensors), but not a ``bool``; ``2.0`` is not."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def is_finite_at_least(value, bound: float, strict: bool = False) -> bool:
+    """Whether ``value`` is a finite real number ``> bound`` (``strict``) or ``>= bound``; NaN fails."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(value) and (value > bound if strict else value >= bound)

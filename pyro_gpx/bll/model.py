@@ -53,6 +53,19 @@ from .priors import GaussianWeightPrior, ImplicitWeightPrior
 __all__ = ["BayesianLastLayer"]
 
 
+def _check_batch(name: str, t: torch.Tensor, width: int | None = None) -> None:
+    """A batch ``t`` must be a floating-point ``(n, width)`` tensor (any width if ``None``) with at least
+    one row and finite entries; else ``ValueError`` naming ``name``."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 2 or (width is not None and t.shape[-1] != width):
+        expected = "(n, inputs)" if width is None else f"(n, {width})"
+        raise ValueError(f"{name} must be a {expected} tensor, got shape {tuple(getattr(t, 'shape', ()))}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} has no rows: a batch needs at least one data point")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {t.dtype}")
+    check_finite(name, t)
+
+
 class BayesianLastLayer(PyroModule):
     """Features ``features(X) -> (n, feature_dim)`` followed by a Bayesian linear last layer.
 
@@ -121,13 +134,7 @@ class BayesianLastLayer(PyroModule):
 
     def design(self, X: torch.Tensor) -> torch.Tensor:
         r""":math:`\Phi = [\phi_\psi(X), 1]`, ``(n, D)``."""
-        if not isinstance(X, torch.Tensor) or X.dim() != 2:
-            raise ValueError(f"X must be a (n, inputs) tensor, got shape {tuple(getattr(X, 'shape', ()))}")
-        if X.shape[0] == 0:
-            raise ValueError("X has no rows: a batch needs at least one data point")
-        if not X.is_floating_point():
-            raise ValueError(f"X must be floating point, got {X.dtype}")
-        check_finite("X", X)
+        _check_batch("X", X)
         if self.features is not None:
             tensors = itertools.chain(self.features.parameters(), self.features.buffers())
             ref = next((t for t in tensors if t.is_floating_point()), None)
@@ -145,17 +152,6 @@ class BayesianLastLayer(PyroModule):
             Phi = torch.cat([Phi, torch.ones(Phi.shape[0], 1, dtype=Phi.dtype)], -1)
         return Phi
 
-    def _check_design(self, design: torch.Tensor) -> torch.Tensor:
-        D = self.weight_shape[1]
-        if not isinstance(design, torch.Tensor) or design.dim() != 2 or design.shape[-1] != D:
-            raise ValueError(f"design must be a (n, {D}) tensor, got shape {tuple(getattr(design, 'shape', ()))}")
-        if design.shape[0] == 0:
-            raise ValueError("design has no rows: a batch needs at least one data point")
-        if not design.is_floating_point():
-            raise ValueError(f"design must be floating point, got {design.dtype}")
-        check_finite("design", design)
-        return design
-
     def forward(
         self,
         X: torch.Tensor,
@@ -171,7 +167,9 @@ class BayesianLastLayer(PyroModule):
         :param design: precomputed :meth:`design` (e.g. frozen features for NUTS); ``X`` is then ignored.
         :returns: ``f``, ``(..., n, C)``.
         """
-        Phi = self.design(X) if design is None else self._check_design(design)
+        if design is not None:
+            _check_batch("design", design, self.weight_shape[1])
+        Phi = self.design(X) if design is None else design
         n = Phi.shape[0]
         if y is not None:
             y = self.head.check_targets(y, n)

@@ -94,11 +94,7 @@ class CollapsedModel:
         """
         bnn = self.model
         X, y = self.repriorised.reparam._training_data()
-        missing = {f"layers.{k}.{p}" for k in range(len(bnn.widths)) for p in ("weight", "bias")} - set(samples)
-        if bnn.noise is None:
-            missing |= {"noise"} - set(samples)
-        if missing:
-            raise ValueError(f"samples lack the sites {sorted(missing)}")
+        bnn.check_samples(samples)
         if bnn.widths:
             batch = samples["layers.0.bias"].shape[:-1]  # a bias is a vector per draw
         elif "noise" in samples:

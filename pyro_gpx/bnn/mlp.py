@@ -214,6 +214,15 @@ class BayesianMLP(PyroModule):
             if ((y < 0) | (y >= self.out_dim)).any():
                 raise ValueError(f"labels must lie in [0, {self.out_dim})")
 
+    def check_samples(self, samples: dict[str, torch.Tensor]) -> None:
+        """Raise ``ValueError`` naming the hidden-weight sites (and ``"noise"`` if latent) that
+        ``samples`` lack."""
+        missing = {f"layers.{k}.{p}" for k in range(len(self.widths)) for p in ("weight", "bias")} - set(samples)
+        if self.noise is None:
+            missing |= {"noise"} - set(samples)
+        if missing:
+            raise ValueError(f"samples lack the sites {sorted(missing)}")
+
     def map_readout(
         self, samples: dict[str, torch.Tensor], whitened: torch.Tensor, X: torch.Tensor, y: torch.Tensor
     ) -> torch.Tensor:
@@ -229,11 +238,7 @@ class BayesianMLP(PyroModule):
         if whitened.shape[-2:] != (D, self.out_dim):
             raise ValueError(f"whitened readouts must end in ({D}, {self.out_dim}), got {tuple(whitened.shape)}")
         batch = whitened.shape[:-2]
-        missing = {f"layers.{k}.{p}" for k in range(len(self.widths)) for p in ("weight", "bias")} - set(samples)
-        if self.noise is None:
-            missing |= {"noise"} - set(samples)
-        if missing:
-            raise ValueError(f"samples lack the sites {sorted(missing)}")
+        self.check_samples(samples)
         hidden = {k: v for k, v in samples.items() if k.startswith("layers.")}
         if self.noise is None:
             hidden["noise"] = samples["noise"]

@@ -59,8 +59,9 @@ from pyro.nn import PyroParam, pyro_method
 from pyro.nn.module import to_pyro_module_
 from pyro.poutine.block_messenger import BlockMessenger
 
+from .._validation import is_finite_at_least, is_integer
 from .drift import DriftNet
-from .processes import _finite_at_least, _is_index, gaussian_log_density, make_process
+from .processes import gaussian_log_density, make_process
 from .target import UnconstrainedTarget, plate_context
 
 __all__ = ["AutoDiffusion", "PathSample"]
@@ -165,7 +166,7 @@ class AutoDiffusion(AutoContinuous):
         drift_clip: float | None = None,
         flow=None,
     ):
-        if not _finite_at_least(init_scale, 0.0, strict=True):
+        if not is_finite_at_least(init_scale, 0.0, strict=True):
             raise ValueError(f"init_scale must be a positive finite number, got {init_scale}")
         if affine not in ("fixed", "diagonal", "full"):
             raise ValueError(f"affine must be 'fixed', 'diagonal' or 'full', got {affine!r}")
@@ -457,7 +458,7 @@ class AutoDiffusion(AutoContinuous):
         :returns: ``{"log_z", "stderr", "elbo", "ess", "num_paths"}``.
         """
         for arg, value in (("num_paths", num_paths), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not _is_index(value) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
         weights = []
         for start in range(0, num_paths, batch_size):

@@ -64,10 +64,11 @@ References:
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 
 import torch
+
+from .._validation import is_finite_at_least, is_integer
 
 __all__ = ["ReferenceProcess", "make_process", "gaussian_log_density"]
 
@@ -173,23 +174,6 @@ class ReferenceProcess:
         return gaussian_log_density(z0, torch.zeros_like(z0), self.sigma**2)
 
 
-def _is_index(value) -> bool:
-    try:
-        operator.index(value)
-    except TypeError:
-        return False
-    return True
-
-
-def _finite_at_least(value, bound: float, strict: bool = False) -> bool:
-    """Whether ``value`` is a finite real number ``> bound`` (``strict``) or ``>= bound``; NaN fails."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return False
-    return math.isfinite(value) and (value > bound if strict else value >= bound)
-
-
 def make_process(
     kind: str,
     num_steps: int,
@@ -214,10 +198,10 @@ def make_process(
     """
     if kind not in ("pis", "dds", "dis"):
         raise ValueError(f"process must be 'pis', 'dds' or 'dis', got {kind!r}")
-    if isinstance(num_steps, bool) or not _is_index(num_steps) or num_steps < 1:
+    if not is_integer(num_steps) or num_steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
     for name, value in (("sigma", sigma), ("horizon", 1.0 if horizon is None else horizon)):
-        if not _finite_at_least(value, 0.0, strict=True):
+        if not is_finite_at_least(value, 0.0, strict=True):
             raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     if kind in ("dds", "dis"):
         if horizon is not None and horizon != 1.0:
@@ -225,7 +209,7 @@ def make_process(
                 f"horizon applies to the PIS process only; {kind.upper()}'s time scale is set by beta_min and "
                 f"beta_max, got horizon={horizon!r}"
             )
-        if not (_finite_at_least(beta_min, 0.0) and _finite_at_least(beta_max, 0.0) and beta_min + beta_max > 0):
+        if not (is_finite_at_least(beta_min, 0.0) and is_finite_at_least(beta_max, 0.0) and beta_min + beta_max > 0):
             raise ValueError(f"beta_min and beta_max must be finite, >= 0 and not both 0, got {beta_min}, {beta_max}")
     horizon = 1.0 if horizon is None else horizon
     if kind == "pis":

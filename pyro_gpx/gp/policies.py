@@ -168,9 +168,8 @@ class PseudoInputPolicy(Policy):
 
     def actions(self, context):
         Z = self.inducing_points
-        self._check_features(Z, context.X)
+        self.validate_inputs(context.X)
         check_finite("inducing_points", Z)  # learned ones can diverge
-        _check_num_actions(Z.shape[0], context.X.shape[0])
         return DenseActions(context.kernel(context.X, Z.to(context.X.dtype)))
 
 
