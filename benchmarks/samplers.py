@@ -205,10 +205,10 @@ def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fra
     warm_seconds = time.perf_counter() - start
     special = DIFFUSION.get(target, {})
     steps, paths = special.get("steps", cfg["steps"]), special.get("paths", cfg["paths"])
-    kwargs.setdefault("use_score", special.get("use_score", True))
+    kwargs.setdefault("use_score", special.get("use_score", not cfg["no_score"]))
     guide = AutoDiffusion(model, process=process, num_steps=steps, sigma=cfg["sigma"][target], hidden=cfg["hidden"],
                           affine=special.get("affine", "diagonal"), **kwargs)  # fmt: skip
-    loss = PathELBO(paths) if loss_name == "KL" else LogVarianceLoss(paths)
+    loss = PathELBO(paths) if loss_name == "KL" else LogVarianceLoss(paths, exploration=cfg["exploration"])
     lr = cfg["lr"][target] if loss_name == "KL" else min(cfg["lr"][target], 5e-3)  # LV diverged at 1e-2 (many-well)
     svi = SVI(model, guide, pyro.optim.Adam(lambda name: {"lr": 0.0 if ".flow." in name else lr}), loss)
     iterations, seconds = _train(svi, args, budget - warm_seconds, LR_DECAY.get(target))
@@ -275,6 +275,12 @@ def main(argv=None):
         parser.add_argument("--paths", type=int, default=None, help="diffusion paths per step")
         parser.add_argument("--sigma", type=float, default=None, help="diffusion scale for every target")
         parser.add_argument("--threads", type=int, default=None, help="torch threads")
+        help_ = "decay every SVI learning rate by this factor over the second half of the budget (every target)"
+        parser.add_argument("--lr-decay", type=float, default=None, help=help_)
+        parser.add_argument("--hidden", type=int, default=64, help="width of the drift networks")
+        parser.add_argument("--no-score", action="store_true", help="drift networks without the score input")
+        help_ = "LV loss: the training paths' noise is scaled by this factor (off-policy exploration)"
+        parser.add_argument("--exploration", type=float, default=1.0, help=help_)
         help_ = "PIS-KL+IAF: share of the budget that trains the AutoIAFNormal warm start"
         parser.add_argument("--flow-fraction", type=float, default=0.5, help=help_)
         parser.add_argument(
@@ -290,14 +296,17 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     budget = args.budget or (20.0 if args.quick else 300.0)
     cfg = {"steps": args.steps or 32, "paths": args.paths or (64 if args.quick else 128),
-           "hidden": 64, "lr": {"funnel": 5e-3, "gmm": 5e-3, "manywell": 1e-2, "logistic": 5e-3},
+           "hidden": args.hidden, "lr": {"funnel": 5e-3, "gmm": 5e-3, "manywell": 1e-2, "logistic": 5e-3},
            "eval_paths": 2000 if args.quick else 10000, "vi_particles": 16, "nuts_samples": 200 if args.quick else 1000,
            "reference_samples": 400 if args.quick else 8000,
-           "sigma": {"funnel": 1.0, "gmm": 3.0, "manywell": 1.0, "logistic": 0.5}}  # fmt: skip
+           "sigma": {"funnel": 1.0, "gmm": 3.0, "manywell": 1.0, "logistic": 0.5},
+           "exploration": args.exploration, "no_score": args.no_score}  # fmt: skip
     if args.lr:
         cfg["lr"] = dict.fromkeys(cfg["lr"], args.lr)
     if args.sigma:
         cfg["sigma"] = dict.fromkeys(cfg["sigma"], args.sigma)
+    if args.lr_decay:
+        LR_DECAY.update(dict.fromkeys(("funnel", "gmm", "manywell", "logistic"), args.lr_decay))
     targets = args.targets.split(",")
     records = []
     gen = torch.Generator().manual_seed(args.seed)

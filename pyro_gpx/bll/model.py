@@ -177,7 +177,11 @@ class BayesianLastLayer(PyroModule):
         if size < n:
             raise ValueError(f"num_data ({size}) is smaller than the batch ({n})")
         W = self.prior.sample(self.weight_site, self.weight_shape, Phi.dtype)
-        f = (Phi.unsqueeze(-2) * W).sum(-1)  # broadcasts over draws: W is (..., 1, C, D) under a particle plate
+        if W.dim() > 2 and W.shape[-3] != 1:
+            # draws batched left of the data plate should arrive as (..., 1, C, D), as under Trace_ELBO's particle
+            # plate; Predictive(parallel=True) sizes its plate from the guide alone and hands over (S, C, D)
+            W = W.unsqueeze(-3)
+        f = (Phi.unsqueeze(-2) * W).sum(-1)  # (..., n, C): W's batch dims sit left of the data plate
         with pyro.plate(self.plate_name, size, subsample=torch.arange(n)):
             pyro.deterministic(self.f_site, f, event_dim=1)
             infer = {"last_layer": {"design": Phi, "weights": self.weight_site}}

@@ -41,6 +41,16 @@ def test_weights_are_generated_and_recorded(problem):
     torch.testing.assert_close(W[0], model.prior.generator(z))
 
 
+def test_parallel_predictive_with_the_diffusion_guide(problem):
+    model, X, y, *_ = problem
+    guide = AutoDiffusion(model, num_steps=4, hidden=8, use_score=False)
+    guide(X, y)
+    out = pyro.infer.Predictive(model, guide=guide, num_samples=5, parallel=True)(X[:4])
+    assert out["weights"].shape == (5, 1, 1, 3) and out["f"].shape == (5, 4, 1) and out["y"].shape == (5, 4)
+    Phi = torch.cat([X[:4], torch.ones(4, 1)], -1)
+    torch.testing.assert_close(out["f"], Phi @ out["weights"][:, 0].mT)
+
+
 def test_diffusion_posterior_matches_the_closed_form(problem):
     model, X, y, mean, cov, log_z = problem
     # the posterior is ~10x narrower than the prior: start the affine frame narrow

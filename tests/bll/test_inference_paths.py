@@ -69,13 +69,15 @@ def test_learned_prior_scale_follows_the_evidence(regression):
     assert float(_log_evidence(Phi, y, scale)) > float(_log_evidence(Phi, y, 1.0))
 
 
+@pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("classes", [None, 3])
-def test_predictive_shapes_and_values(regression, classes):
+def test_predictive_shapes_and_values(regression, classes, parallel):
     X, y, Phi = regression
     head = CategoricalHead(classes) if classes else GaussianHead(NOISE)
     model = BayesianLastLayer(None, 2, head)
     guide = LastLayerNormal(model)
-    out = Predictive(model, guide=guide, num_samples=6)(X[:5])  # serial (parallel=True: see predict)
+    # parallel: Predictive sizes its draw plate from the guide (no plates) and passes W as (S, C, D)
+    out = Predictive(model, guide=guide, num_samples=6, parallel=parallel)(X[:5])
     C = classes or 1
     assert out["weights"].shape == (6, 1, C, 3)  # Predictive pads sites outside the data plate
     assert out["f"].shape == (6, 5, C)
