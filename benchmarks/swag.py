@@ -172,6 +172,8 @@ def run_split(dataset: str, split_id: int, args, records: list) -> None:
                     out[:, 0], out[:, 1], val[1])[1], scales=SCALES, num_samples=num_samples, diag_only=diag_only,
                     seed=100 + i).scale  # fmt: skip
             multiplier, _ = _noise_multiplier(*predictions(method, val[0], scale, 100 + i), val[1])
+        elif args.refit_noise:  # each method's noise variance refitted to its own predictive on the training rows
+            multiplier, _ = _noise_multiplier(*predictions(method, split.X_train, scale, 100 + i), split.y_train)
         m, v = predictions(method, split.X_test, scale, i - 1)  # seeds 1, 2, 3 for the SWAG rows
         metrics = _evaluate(split, m, multiplier * v)
         seconds = multi_seconds if method == "MultiSWAG" else timing["train_seconds"]
@@ -191,6 +193,9 @@ def main(argv=None):
         help_ = ("hold out this fraction of the training rows to choose the SWAG scale and, for every method, "
                  "a noise-variance multiplier (default 0: scale 0.5, learned noise)")  # fmt: skip
         parser.add_argument("--validation", type=float, default=0.0, help=help_)
+        help_ = ("refit each method's noise variance (a multiplier from a log grid) to its own predictive mixture "
+                 "on the training rows")  # fmt: skip
+        parser.add_argument("--refit-noise", action="store_true", help=help_)
         parser.add_argument("--swa-lr", type=float, default=None, help="constant SWA learning rate (default 2e-3)")
 
     args = harness.parse_args(__doc__.splitlines()[0], default_datasets=GAL + LARGE, default_splits=[0, 1, 2, 3, 4],
