@@ -8,6 +8,7 @@ from .kernel_fn import KernelFn
 from .kernel_ops import block_sparse_kernel_matmul, kernel_diag, kernel_matmul
 from .marginal import OBJECTIVES, ComputationAwareMarginal, exact_log_marginal_likelihood
 from .model import ComputationAwareGP
+from .noise_refit import refit_noise
 from .partition import kd_partition, random_partition
 from .policies import (
     BlockSparsePolicy,
@@ -60,6 +61,7 @@ __all__ = [
     "project",
     "project_extended",
     "random_partition",
+    "refit_noise",
     "resolved_columns",
     "safe_cholesky",
     "settings",

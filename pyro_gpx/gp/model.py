@@ -50,6 +50,7 @@ from .._validation import check_finite
 from .cholesky import safe_cholesky
 from .kernel_fn import KernelFn
 from .marginal import OBJECTIVES, ComputationAwareMarginal, _check_dtype
+from .noise_refit import refit_noise as refit_projection_noise
 from .policies import BlockSparsePolicy, Policy, PolicyContext
 from .posterior import PosteriorMoments, exact_posterior_variance, posterior_moments
 from .projection import ActionProjection, project_extended
@@ -226,7 +227,12 @@ class ComputationAwareGP(GPModel):
     # -- prediction ----------------------------------------------------------------------------
     @pyro_method
     def posterior(
-        self, Xnew: torch.Tensor, full_cov: bool = False, split: bool = False, refine: Policy | None = None
+        self,
+        Xnew: torch.Tensor,
+        full_cov: bool = False,
+        split: bool = False,
+        refine: Policy | None = None,
+        refit_noise: bool = False,
     ) -> PosteriorMoments:
         r"""Posterior of the latent function at ``Xnew`` (noiseless), optionally with the split of
         the uncertainty into its mathematical and computational parts (dense exact solve).
@@ -244,6 +250,12 @@ class ComputationAwareGP(GPModel):
             the span of the others are dropped (:func:`~pyro_gpx.gp.projection.project_extended`).
             It costs one kernel product per CG iteration plus one float64 product for all actions;
             the hyperparameters are unchanged.
+        :param refit_noise: condition on the data with the noise variance that maximises the CaGP ELBO
+            of the actions used here (the trained ones and ``refine``'s), the kernel fixed
+            (:func:`~pyro_gpx.gp.noise_refit.refit_noise`: no kernel product, a 1-d search). Training
+            counted what the learned actions could not represent as noise; the refined projection
+            explains more of the data, and the ELBO then selects a smaller noise. The result's
+            ``noise`` is the variance used (the model's ``noise`` parameter is not changed).
         """
         if self.y is None:
             raise ValueError("the model has no targets y; call set_data(X, y) first")
@@ -256,20 +268,29 @@ class ComputationAwareGP(GPModel):
         else:  # in float64: late CG directions live where K is small, below float32's resolution
             projection = self._refined_projection(marginal, refine)
             X, Xnew, prior_mean_new = X.double(), Xnew.double(), prior_mean_new.double()
+        if refit_noise:
+            projection = self._refit_noise(projection, marginal.kernel)
         mean, cov = posterior_moments(projection, marginal.kernel, X, Xnew, prior_mean_new, full_cov)
-        result = PosteriorMoments(mean=mean, covariance=cov)
+        result = PosteriorMoments(mean=mean, covariance=cov, noise=projection.noise)
         if split:
-            math_part = exact_posterior_variance(marginal.kernel, X, Xnew, marginal.noise, full_cov)
+            math_part = exact_posterior_variance(marginal.kernel, X, Xnew, projection.noise, full_cov)
             result.mathematical = math_part
             result.computational = cov - math_part
         return result
 
     @pyro_method
-    def refined_projection(self, refine: Policy) -> ActionProjection:
+    def refined_projection(self, refine: Policy, refit_noise: bool = False) -> ActionProjection:
         """The float64 projection of the data onto the trained actions followed by ``refine``'s
         (those that widen the span), as :meth:`posterior` uses it: ``.actions`` are the actions kept,
-        ``.elbo(diag_K)`` scores them."""
-        return self._refined_projection(self.marginal(sample_priors=am_i_wrapped()), refine)
+        ``.elbo(diag_K)`` scores them; with ``refit_noise``, at the noise :meth:`posterior` would use."""
+        marginal = self.marginal(sample_priors=am_i_wrapped())
+        projection = self._refined_projection(marginal, refine)
+        return self._refit_noise(projection, marginal.kernel) if refit_noise else projection
+
+    def _refit_noise(self, projection: ActionProjection, kernel: KernelFn) -> ActionProjection:
+        with torch.no_grad():
+            diag_K = kernel.diag(self.X).double()
+        return refit_projection_noise(projection, diag_K, min_noise=float(self.jitter))
 
     def _refined_projection(self, marginal: ComputationAwareMarginal, refine: Policy) -> ActionProjection:
         if not isinstance(refine, Policy):
@@ -281,25 +302,38 @@ class ComputationAwareGP(GPModel):
         base, extra = base.to(torch.float64), refine.actions(context).to(torch.float64)
         return project_extended(base, extra, marginal.kernel, self.X.double(), residual.double(), marginal.noise)
 
-    def forward(self, Xnew: torch.Tensor, full_cov: bool = False, noiseless: bool = True, refine: Policy | None = None):
+    def forward(
+        self,
+        Xnew: torch.Tensor,
+        full_cov: bool = False,
+        noiseless: bool = True,
+        refine: Policy | None = None,
+        refit_noise: bool = False,
+    ):
         r"""Posterior mean and covariance (or variance) at ``Xnew``, as ``GPRegression.forward``.
 
         Latent ``pyro.contrib.gp`` hyperparameters take their guide values (``set_mode("guide")``).
         Hyperparameters with a GPyTorch prior are not sampled outside a Pyro handler: the kernel's
         stored values are used, so repeated calls agree. To predict with a posterior draw (or a
         guide's median) of latent sites, call this inside ``pyro.poutine.condition(data=draw)``.
-        ``refine`` appends a policy's actions for this prediction (see :meth:`posterior`).
+        ``refine`` appends a policy's actions for this prediction and ``refit_noise`` re-selects the
+        noise variance (added when ``noiseless=False``) by their ELBO (see :meth:`posterior`).
         """
         self.set_mode("guide")
-        moments = self.posterior(Xnew, full_cov=full_cov, refine=refine)
+        moments = self.posterior(Xnew, full_cov=full_cov, refine=refine, refit_noise=refit_noise)
         mean, cov = moments.mean, moments.covariance
         if not noiseless:
-            noise = (self.noise + self.jitter).double()
+            noise = moments.noise.double()
             cov = cov + noise * torch.eye(cov.shape[0], dtype=cov.dtype) if full_cov else cov + noise
         return mean.to(Xnew.dtype), cov.to(Xnew.dtype)
 
     def predictive_distribution(
-        self, Xnew: torch.Tensor, full_cov: bool = False, noiseless: bool = False, refine: Policy | None = None
+        self,
+        Xnew: torch.Tensor,
+        full_cov: bool = False,
+        noiseless: bool = False,
+        refine: Policy | None = None,
+        refit_noise: bool = False,
     ) -> dist.Normal | dist.MultivariateNormal:
         """The posterior predictive at ``Xnew`` as a distribution (moments from :meth:`forward`).
 
@@ -307,9 +341,9 @@ class ComputationAwareGP(GPModel):
             ``Normal``\\ s, batch shape ``(m,)``).
         :param noiseless: of the latent function :math:`f` (else of new observations :math:`y`, the
             noise variance added; the default).
-        :param refine: as in :meth:`posterior`.
+        :param refine, refit_noise: as in :meth:`posterior`.
         """
-        mean, cov = self.forward(Xnew, full_cov=full_cov, noiseless=noiseless, refine=refine)
+        mean, cov = self.forward(Xnew, full_cov=full_cov, noiseless=noiseless, refine=refine, refit_noise=refit_noise)
         if full_cov:
             scale_tril = safe_cholesky(cov.double(), "the predictive covariance").to(mean.dtype)
             return dist.MultivariateNormal(mean, scale_tril=scale_tril)

@@ -48,12 +48,14 @@ class PosteriorMoments:
     :ivar covariance: ``(m,)`` variances, or ``(m, m)`` with ``full_cov``: the combined uncertainty.
     :ivar mathematical: the exact GP's part (same shape), if requested.
     :ivar computational: ``covariance - mathematical``, if requested.
+    :ivar noise: the observation noise variance the posterior conditioned on (with the jitter).
     """
 
     mean: torch.Tensor
     covariance: torch.Tensor
     mathematical: torch.Tensor | None = None
     computational: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
 
 
 def posterior_moments(
