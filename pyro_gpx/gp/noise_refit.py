@@ -24,6 +24,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -37,26 +38,15 @@ _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
 def _elbo_at(projection: ActionProjection, diag_K: torch.Tensor, KSKS: torch.Tensor, noise: float) -> float:
-    """The CaGP ELBO of ``projection``'s actions at noise variance ``noise`` (``-inf`` if :math:`G`
-    is not numerically positive-definite there)."""
+    """The CaGP ELBO of ``projection``'s actions at noise variance ``noise`` (``-inf`` where :math:`G`
+    is not numerically positive-definite: no jitter, which would bias the score)."""
     noise_t = torch.tensor(noise, dtype=torch.float64)
-    G = _sym(projection.StKS + noise_t * projection.StS)
-    L, info = torch.linalg.cholesky_ex(G)
+    L, info = torch.linalg.cholesky_ex(_sym(projection.StKS + noise_t * projection.StS))
     if info.any():
         return -math.inf
-    w = torch.cholesky_solve(projection.Str[:, None], L)[:, 0]
-    n, i = projection.num_data, projection.num_actions
-    fit = projection.residual.double() - projection.KS.double() @ w
-    trace_reduction = torch.trace(torch.cholesky_solve(KSKS, L))
-    expected = -0.5 * (n * math.log(2 * math.pi * noise) + (fit @ fit + diag_K.sum() - trace_reduction) / noise)
-    kl = 0.5 * (
-        w @ (projection.StKS @ w)
-        - torch.trace(torch.cholesky_solve(projection.StKS, L))
-        + 2 * L.diagonal().log().sum()
-        - i * math.log(noise)
-        - projection.logdet_StS()
-    )
-    value = float(expected - kl)
+    weights = torch.cholesky_solve(projection.Str[:, None], L)[:, 0]
+    trial = dataclasses.replace(projection, noise=noise_t, chol_G=L, weights=weights)
+    value = float(trial.elbo(diag_K, KSKS=KSKS))
     return value if math.isfinite(value) else -math.inf
 
 

@@ -75,7 +75,7 @@ class ActionProjection:
     def logdet_StS(self) -> torch.Tensor:
         return torch.linalg.slogdet(self.StS)[1]
 
-    def elbo(self, diag_K: torch.Tensor) -> torch.Tensor:
+    def elbo(self, diag_K: torch.Tensor, KSKS: torch.Tensor | None = None) -> torch.Tensor:
         r"""The CaGP evidence lower bound [2] (float64):
 
         .. math::
@@ -88,14 +88,15 @@ class ActionProjection:
         The first bracket is :math:`\mathbb{E}_q[\log N(y \mid f, \sigma^2 I)]` under
         :math:`q(f) = N(\mu + KSw,\ K - KSG^{-1}S^\top K)`, the second :math:`\mathrm{KL}(q \,\|\, p)`.
         It never exceeds :math:`\log N(y; \mu, \hat K)` and equals it when :math:`S` spans
-        :math:`\mathbb{R}^n`.
+        :math:`\mathbb{R}^n`. ``KSKS``: :math:`S^\top K K S` if already formed (it does not depend on
+        the noise).
         """
         n, i = self.num_data, self.num_actions
         noise = self.noise
         KS = self.KS.double()
         r = self.residual.double()
         fit = r - KS @ self.weights
-        KSKS = gram(KS)
+        KSKS = gram(KS) if KSKS is None else KSKS
         trace_reduction = torch.trace(self.solve_G(_sym(KSKS)))
         expected = -0.5 * (
             n * torch.log(2 * math.pi * noise) + (fit @ fit + diag_K.double().sum() - trace_reduction) / noise
