@@ -177,7 +177,7 @@ def _fit_autoguide(model, args, target, cls, budget, cfg):
     guide = cls(model, **kwargs)
     elbo = Trace_ELBO(num_particles=cfg["vi_particles"], vectorize_particles=True, max_plate_nesting=1)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), elbo)
-    steps, seconds = _train(svi, args, budget, LR_DECAY.get(target))
+    steps, seconds = _train(svi, args, budget, cfg["lr_decay"].get(target))
     return guide, steps, seconds
 
 
@@ -211,7 +211,7 @@ def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fra
     loss = PathELBO(paths) if loss_name == "KL" else LogVarianceLoss(paths, exploration=cfg["exploration"])
     lr = cfg["lr"][target] if loss_name == "KL" else min(cfg["lr"][target], 5e-3)  # LV diverged at 1e-2 (many-well)
     svi = SVI(model, guide, pyro.optim.Adam(lambda name: {"lr": 0.0 if ".flow." in name else lr}), loss)
-    iterations, seconds = _train(svi, args, budget - warm_seconds, LR_DECAY.get(target))
+    iterations, seconds = _train(svi, args, budget - warm_seconds, cfg["lr_decay"].get(target))
     seconds += warm_seconds
     with torch.no_grad():
         est = guide.log_normalizer(cfg["eval_paths"], *args, batch_size=paths * 4)
@@ -300,13 +300,13 @@ def main(argv=None):
            "eval_paths": 2000 if args.quick else 10000, "vi_particles": 16, "nuts_samples": 200 if args.quick else 1000,
            "reference_samples": 400 if args.quick else 8000,
            "sigma": {"funnel": 1.0, "gmm": 3.0, "manywell": 1.0, "logistic": 0.5},
-           "exploration": args.exploration, "no_score": args.no_score}  # fmt: skip
+           "exploration": args.exploration, "no_score": args.no_score, "lr_decay": dict(LR_DECAY)}  # fmt: skip
     if args.lr:
         cfg["lr"] = dict.fromkeys(cfg["lr"], args.lr)
     if args.sigma:
         cfg["sigma"] = dict.fromkeys(cfg["sigma"], args.sigma)
     if args.lr_decay:
-        LR_DECAY.update(dict.fromkeys(("funnel", "gmm", "manywell", "logistic"), args.lr_decay))
+        cfg["lr_decay"] = dict.fromkeys(("funnel", "gmm", "manywell", "logistic"), args.lr_decay)
     targets = args.targets.split(",")
     records = []
     gen = torch.Generator().manual_seed(args.seed)

@@ -93,12 +93,14 @@ def refit_noise(
         raise ValueError(f"rtol must be in (0, 1), got {rtol}")
     noise0 = float(projection.noise)
     diag_K = diag_K.double()
-    KSKS = _sym(gram(projection.KS.double()))
+    # float64 copies made once, not in every trial's ELBO (a float32 KS would be converted each time)
+    trials = dataclasses.replace(projection, KS=projection.KS.double(), residual=projection.residual.double())
+    KSKS = _sym(gram(trials.KS))
     cache: dict[float, float] = {}
 
     def score(t: float) -> float:  # t = log multiplier
         if t not in cache:
-            cache[t] = _elbo_at(projection, diag_K, KSKS, max(noise0 * math.exp(t), min_noise))
+            cache[t] = _elbo_at(trials, diag_K, KSKS, max(noise0 * math.exp(t), min_noise))
         return cache[t]
 
     a, b = math.log(low), math.log(high)
@@ -114,7 +116,7 @@ def refit_noise(
             lo, c = c, d
             d = lo + _GOLDEN * (hi - lo)
     t_best = max(cache, key=cache.__getitem__)
-    if cache[t_best] <= _elbo_at(projection, diag_K, KSKS, noise0):
+    if cache[t_best] <= _elbo_at(trials, diag_K, KSKS, noise0):
         return projection
     noise = torch.tensor(max(noise0 * math.exp(t_best), min_noise), dtype=torch.float64)
     return _factorise(projection.actions, projection.residual, noise, projection.KS, projection.StKS,
