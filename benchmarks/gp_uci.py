@@ -46,7 +46,7 @@ from pyro_gpx.svi import _BAD_LOSS, _numerical_failure  # noqa: E402
 DTYPE = torch.float32
 WARM_FRACTION = 0.6
 REFINE_FRACTION = 0.1
-PROJECTION_EVALS = 2.5  # the refined float64 projection and test predictions, in full-data loss evaluations
+PROJECTION_EVALS = 1.0  # the refined projection, noise refit and test predictions, in full-data loss evaluations
 RESTART_AFTER = 5
 
 
@@ -209,8 +209,9 @@ def run_cagp(
     for the prediction-time CG actions (``gp.posterior(..., refine=refine)``); their time (with the
     test predictions) is counted in ``train_seconds`` and reported as ``refine_seconds``. CG stops
     when the budget left, less ``PROJECTION_EVALS`` full-data loss evaluations for the projection
-    that follows it, is spent (``CGPolicy.max_seconds``; protein, 41k points: a CG iteration costs
-    about 0.35 loss evaluations and the projection with the test predictions about 2).
+    that follows it, is spent (``CGPolicy.max_seconds``; protein, 41k points, float32: a CG iteration
+    costs about 0.3 loss-and-gradient evaluations, the preconditioner 0.3, and the projection, the
+    noise refit and the test predictions together about 0.8).
     ``fixed_hypers`` (``outputscale``, ``lengthscale``, ``noise``, e.g. a converged exact GP's record):
     keep these kernel hyperparameters and train only the actions (a diagnostic). ``refit_noise``: the
     refined prediction re-selects the noise by the ELBO of the extended actions
@@ -251,7 +252,7 @@ def run_cagp(
         more, more_seconds, loss = _train(full_step, budget - reserve - seconds, max_steps, tol)
         steps, seconds = steps + more, seconds + more_seconds
         if refine is not None and getattr(full_step, "eval_seconds", None):
-            # CG gets what is left of the budget after the float64 projection and the test predictions
+            # CG gets what is left of the budget after the projection, the noise refit and the test predictions
             after_cg = PROJECTION_EVALS * statistics.median(full_step.eval_seconds)
             refine.max_seconds = max(budget - seconds - after_cg, 0.05 * reserve)
         start = time.perf_counter()

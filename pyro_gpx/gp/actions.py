@@ -22,8 +22,8 @@ import functools
 import torch
 
 from .kernel_fn import KernelFn
-from .kernel_ops import block_sparse_kernel_matmul, kernel_matmul
-from .symmetric import training_block_matmul
+from .kernel_ops import block_sparse_kernel_matmul, kernel_matmul, kernel_matmul_accumulate
+from .symmetric import training_block_matmul, training_stacked_matmul
 
 __all__ = ["Actions", "IndexActions", "DenseActions", "BlockSparseActions", "StackedActions"]
 
@@ -94,6 +94,12 @@ class IndexActions(Actions):
         return IndexActions(self.indices, self.num_data, dtype)
 
 
+def _accumulates_wider(S: torch.Tensor, X: torch.Tensor) -> bool:
+    """Whether a product with actions ``S`` forms kernel entries in ``X``'s dtype and sums in the
+    wider dtype of ``S`` (only without autograd; the differentiable path works in ``X``'s dtype)."""
+    return not torch.is_grad_enabled() and torch.promote_types(S.dtype, X.dtype) != X.dtype
+
+
 class DenseActions(Actions):
     """A dense action matrix ``S`` of shape ``(n, i)``."""
 
@@ -108,6 +114,8 @@ class DenseActions(Actions):
         return self.S.dtype
 
     def kernel_product(self, kernel, X_new, X):
+        if _accumulates_wider(self.S, X_new):  # e.g. float32 kernel entries, float64 sums
+            return kernel_matmul_accumulate(kernel, X_new, X, self.S)
         return kernel_matmul(kernel, X_new, X, self.S)
 
     def to(self, dtype):
@@ -206,9 +214,25 @@ class StackedActions(Actions):
         return self.parts[0]._dtype
 
     def kernel_product(self, kernel, X_new, X):
+        if self._one_training_pass(kernel, X_new, X):
+            dense = torch.cat([part.S for part in self.parts[1:]], 1)
+            first = self.parts[0]
+            return training_stacked_matmul(kernel.spec, X, first.index, first.mask, first.blocks, dense)
         products = [a.kernel_product(kernel, X_new, X) for a in self.parts]
         dtype = functools.reduce(torch.promote_types, [p.dtype for p in products])
         return torch.cat([p.to(dtype) for p in products], 1)
+
+    def _one_training_pass(self, kernel, X_new, X) -> bool:
+        """Block-sparse then dense parts, :math:`K(X, X)` of a stationary kernel, no gradient: both
+        products from one upper triangle of kernel tiles (:func:`training_stacked_matmul`)."""
+        return (
+            X_new is X
+            and kernel.spec is not None
+            and not torch.is_grad_enabled()
+            and len(self.parts) > 1
+            and isinstance(self.parts[0], BlockSparseActions)
+            and all(isinstance(part, DenseActions) for part in self.parts[1:])
+        )
 
     def to(self, dtype):
         return StackedActions([a.to(dtype) for a in self.parts])

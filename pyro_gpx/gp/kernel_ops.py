@@ -14,9 +14,9 @@ from torch.utils.checkpoint import checkpoint
 
 from . import settings
 from .kernel_fn import KernelFn
-from .stationary import stationary_block_matmul, stationary_matmul
+from .stationary import stationary_block_matmul, stationary_matmul, stationary_matmul_accumulate
 
-__all__ = ["kernel_matmul", "block_sparse_kernel_matmul", "kernel_diag"]
+__all__ = ["kernel_matmul", "kernel_matmul_accumulate", "block_sparse_kernel_matmul", "kernel_diag"]
 
 
 def _chunked(fn, rows: torch.Tensor, *others, chunk: int | None = None) -> torch.Tensor:
@@ -43,6 +43,19 @@ def kernel_matmul(
     if kernel.spec is not None:
         return stationary_matmul(kernel.spec, X1, X2, V)
     return _chunked(lambda rows, X, W: kernel(rows, X) @ W, X1, X2, V, chunk=chunk)
+
+
+@torch.no_grad()
+def kernel_matmul_accumulate(
+    kernel: KernelFn, X1: torch.Tensor, X2: torch.Tensor, V: torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
+    """:math:`K(X_1, X_2) V` with kernel entries in ``X1``'s dtype and the sums in ``V``'s (no
+    gradient): float32 kernel evaluation, float64 accumulation over the ``n2`` columns."""
+    if V.shape[0] != X2.shape[0]:
+        raise ValueError(f"V has {V.shape[0]} rows; X2 has {X2.shape[0]}")
+    if kernel.spec is not None:
+        return stationary_matmul_accumulate(kernel.spec, X1, X2, V)
+    return _chunked(lambda rows, X, W: kernel(rows, X).to(W.dtype) @ W, X1, X2, V, chunk=chunk)
 
 
 def block_sparse_kernel_matmul(

@@ -244,12 +244,14 @@ class ComputationAwareGP(GPModel):
             variance shrinks towards the mathematical one, never below it [1]. With CG run to
             convergence the mean is the exact GP's (at these hyperparameters), which the learned
             actions, fitted by the ELBO, need not reach. The policy runs in the model's dtype; the
-            projection and the moments are computed in float64 (with float32 kernel products and
-            a small noise, late CG directions fall below float32's resolution of :math:`K` and
-            the projected Gram matrix would turn indefinite), and new actions that add nothing to
-            the span of the others are dropped (:func:`~pyro_gpx.gp.projection.project_extended`).
-            It costs one kernel product per CG iteration plus one float64 product for all actions;
-            the hyperparameters are unchanged.
+            projection and the moments are float64 sums (with float32 sums and a small noise, late
+            CG directions fall below float32's resolution of :math:`K` and the projected Gram
+            matrix would turn indefinite). A float32 model keeps float32 kernel entries where their
+            rounding is far below the noise (and autograd is off), else they are float64. New
+            actions that add nothing to the span of the others are dropped
+            (:func:`~pyro_gpx.gp.projection.project_extended`). It costs one product with
+            :math:`K(X, X)` per CG iteration and one for all actions, each from the upper triangle
+            of kernel tiles for stationary kernels; the hyperparameters are unchanged.
         :param refit_noise: condition on the data with the noise variance that maximises the CaGP ELBO
             of the actions used here (the trained ones and ``refine``'s), the kernel fixed
             (:func:`~pyro_gpx.gp.noise_refit.refit_noise`: no kernel product, a 1-d search). Training
@@ -265,14 +267,17 @@ class ComputationAwareGP(GPModel):
         X, prior_mean_new = self.X, self._prior_mean(Xnew)
         if refine is None:
             projection = marginal.project(self.y)
-        else:  # in float64: late CG directions live where K is small, below float32's resolution
+        else:  # float64 sums: late CG directions live where K is small, below float32's resolution
             projection = self._refined_projection(marginal, refine)
-            X, Xnew, prior_mean_new = X.double(), Xnew.double(), prior_mean_new.double()
+            X = self._refinement_inputs(marginal)
+            Xnew, prior_mean_new = Xnew.to(X.dtype), prior_mean_new.double()
         if refit_noise:
             projection = self._refit_noise(projection, marginal.kernel)
         mean, cov = posterior_moments(projection, marginal.kernel, X, Xnew, prior_mean_new, full_cov)
         result = PosteriorMoments(mean=mean, covariance=cov, noise=projection.noise)
         if split:
+            if refine is not None:
+                X, Xnew = X.double(), Xnew.double()
             math_part = exact_posterior_variance(marginal.kernel, X, Xnew, projection.noise, full_cov)
             result.mathematical = math_part
             result.computational = cov - math_part
@@ -280,7 +285,7 @@ class ComputationAwareGP(GPModel):
 
     @pyro_method
     def refined_projection(self, refine: Policy, refit_noise: bool = False) -> ActionProjection:
-        """The float64 projection of the data onto the trained actions followed by ``refine``'s
+        """The projection (float64 sums) of the data onto the trained actions followed by ``refine``'s
         (those that widen the span), as :meth:`posterior` uses it: ``.actions`` are the actions kept,
         ``.elbo(diag_K)`` scores them; with ``refit_noise``, at the noise :meth:`posterior` would use."""
         marginal = self.marginal(sample_priors=am_i_wrapped())
@@ -300,7 +305,26 @@ class ComputationAwareGP(GPModel):
         context = PolicyContext(self.X, residual, marginal.kernel, marginal.noise)
         base = marginal.actions if marginal.actions is not None else self.policy.actions(context)
         base, extra = base.to(torch.float64), refine.actions(context).to(torch.float64)
-        return project_extended(base, extra, marginal.kernel, self.X.double(), residual.double(), marginal.noise)
+        X = self._refinement_inputs(marginal)
+        return project_extended(base, extra, marginal.kernel, X, residual.double(), marginal.noise)
+
+    def _refinement_inputs(self, marginal: ComputationAwareMarginal) -> torch.Tensor:
+        r"""The training inputs in the dtype the refined projection forms kernel entries in.
+
+        The sums are float64 either way (the actions are). A float32 model keeps float32 entries
+        (a third of the float64 cost) when autograd is off and their rounding cannot matter: each
+        entry is off by at most about :math:`8\epsilon_{32} \max_i k(x_i, x_i)` (rounding and the
+        cancellation in :math:`\|z\|^2 + \|z'\|^2 - 2 z^\top z'`), so the projected
+        :math:`S^\top(K + E + \sigma^2 I)S` keeps :math:`\sigma^2 S^\top S` as its floor while
+        :math:`\|E\| \le n \max|E_{ij}|` stays below :math:`\sigma^2 / 10`. Otherwise float64.
+        """
+        X = self.X
+        if X.dtype == torch.float64 or torch.is_grad_enabled():
+            return X.double()
+        with torch.no_grad():
+            kmax = float(marginal.kernel.diag(X).max())
+        entry_error = 8 * torch.finfo(X.dtype).eps * kmax
+        return X if X.shape[0] * entry_error < 0.1 * float(marginal.noise) else X.double()
 
     def forward(
         self,

@@ -39,6 +39,7 @@ from .kernel_fn import KernelFn
 from .kernel_ops import kernel_matmul
 from .partition import kd_partition, random_partition
 from .preconditioners import build_preconditioner
+from .symmetric import symmetric_matmul
 
 __all__ = [
     "PolicyContext",
@@ -356,6 +357,8 @@ class CGPolicy(Policy):
             ).solve
 
         def matvec(v):
+            if context.kernel.spec is not None:  # half the kernel work; float64 sums
+                return symmetric_matmul(context.kernel.spec, X, v[:, None].double())[:, 0] + noise * v.double()
             return kernel_matmul(context.kernel, X, X, v[:, None])[:, 0].double() + noise * v.double()
 
         tol = self.tol if self.tol is not None else settings.cg_tolerance.value()

@@ -40,7 +40,13 @@ from pyro.contrib.gp import kernels as contrib_kernels
 
 from . import settings
 
-__all__ = ["StationarySpec", "stationary_spec", "stationary_matmul", "stationary_block_matmul"]
+__all__ = [
+    "StationarySpec",
+    "stationary_spec",
+    "stationary_matmul",
+    "stationary_matmul_accumulate",
+    "stationary_block_matmul",
+]
 
 _SQRT3, _SQRT5 = math.sqrt(3.0), math.sqrt(5.0)
 
@@ -285,6 +291,26 @@ def stationary_matmul(spec: StationarySpec, X1: torch.Tensor, X2: torch.Tensor, 
     return _DenseProduct.apply(
         spec.scale(X1), spec.scale(X2), V.to(dtype), spec.outputscale.to(dtype), spec.family, chunk
     )
+
+
+@torch.no_grad()
+def stationary_matmul_accumulate(
+    spec: StationarySpec, X1: torch.Tensor, X2: torch.Tensor, V: torch.Tensor
+) -> torch.Tensor:
+    """:math:`K(X_1, X_2) V` with kernel entries in ``X1``'s dtype and the product in ``V``'s (e.g.
+    float32 entries, float64 sums over the columns of :math:`K`); no gradient."""
+    dtype = X1.dtype
+    chunk = settings.chunk_size.rows(X2.shape[0], fused=True)
+    Z1, Z2 = spec.scale(X1), spec.scale(X2)
+    h1, h2 = _half_sq(Z1), _half_sq(Z2)
+    out = V.new_empty(X1.shape[0], V.shape[1])
+    work = _Workspace()
+    for start in range(0, Z1.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        k = _chunk_profile(spec.family, Z1[rows], Z2, h1[rows], h2, False, work)
+        k = k if V.dtype == dtype else work("wide", k.shape, V).copy_(k)
+        torch.matmul(k, V, out=out[rows])
+    return out.mul_(spec.outputscale.to(V.dtype))
 
 
 def stationary_block_matmul(

@@ -23,9 +23,10 @@ import torch
 from . import settings
 from .stationary import StationarySpec, _chunk_profile, _half_sq, _Workspace
 
-__all__ = ["training_block_matmul"]
+__all__ = ["training_block_matmul", "training_stacked_matmul", "symmetric_matmul"]
 
 _TILE_POINTS = 512  # about 2**18 kernel entries per tile, which stay in cache
+_MATVEC_TILE_POINTS = 1024  # a few columns: larger tiles amortise the loop (protein: 3.7 s vs 4.9 s)
 
 
 def _tiles(num_blocks: int, per_tile: int, block: int):
@@ -115,3 +116,69 @@ def training_block_matmul(
     position = torch.empty(X.shape[0], dtype=torch.long)  # row of each training point in block order
     position[index[mask]] = torch.arange(mask.numel()).reshape(mask.shape)[mask]
     return raw.index_select(0, position)
+
+
+@torch.no_grad()
+def training_stacked_matmul(
+    spec: StationarySpec,
+    X: torch.Tensor,
+    index: torch.Tensor,
+    mask: torch.Tensor,
+    blocks: torch.Tensor,
+    V: torch.Tensor,
+) -> torch.Tensor:
+    r""":math:`K(X, X)\,[S, V]` for block-sparse :math:`S` and dense :math:`V` ``(n, c)`` from one
+    upper triangle of tiles (no gradient): the prediction-time product of trained plus refinement
+    actions (:class:`~pyro_gpx.gp.actions.StackedActions`).
+
+    Kernel entries are formed in ``X``'s dtype; the dense columns accumulate in ``V``'s (a float32
+    tile is widened before it multiplies ``V``), the block columns, sums over one block each, in
+    ``X``'s. The result has the wider dtype, columns ``[S, V]``.
+    """
+    num_blocks, block = blocks.shape
+    dtype, wide = X.dtype, torch.promote_types(X.dtype, V.dtype)
+    per_tile = max(1, (settings.chunk_size.value() or _TILE_POINTS) // block)
+    flat = index.reshape(-1)
+    Z = spec.scale(X[flat])
+    B = blocks.to(dtype)
+    Vz = V.to(wide)[flat] * mask.reshape(-1, 1)  # block order; padding rows contribute nothing
+    half_sq = _half_sq(Z)
+    raw = Z.new_zeros(Z.shape[0], num_blocks)
+    dense = Vz.new_zeros(Vz.shape)
+    work = _Workspace()
+    for rows_a, blocks_a, rows_b, blocks_b, diagonal in _tiles(num_blocks, per_tile, block):
+        k = _chunk_profile(spec.family, Z[rows_a], Z[rows_b], half_sq[rows_a], half_sq[rows_b], False, work)
+        raw[rows_a, blocks_b] += _times_blocks(k, B[blocks_b])
+        k_wide = k if wide == dtype else work("wide", k.shape, Vz).copy_(k)
+        dense[rows_a] += k_wide @ Vz[rows_b]
+        if not diagonal:
+            raw[rows_b, blocks_a] += _transpose_times_blocks(k, B[blocks_a]).T
+            dense[rows_b] += k_wide.T @ Vz[rows_a]
+    position = torch.empty(X.shape[0], dtype=torch.long)
+    position[index[mask]] = torch.arange(mask.numel()).reshape(mask.shape)[mask]
+    out = torch.cat([raw.to(wide), dense], 1).index_select(0, position)
+    return out.mul_(spec.outputscale.to(wide))
+
+
+@torch.no_grad()
+def symmetric_matmul(spec: StationarySpec, X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    r""":math:`K(X, X) V` from the upper triangle of kernel tiles (half the kernel work of
+    :func:`~pyro_gpx.gp.stationary.stationary_matmul`; no gradient), e.g. a CG iteration's product.
+    Kernel entries in ``X``'s dtype, sums in the wider of ``X``'s and ``V``'s."""
+    dtype, wide = X.dtype, torch.promote_types(X.dtype, V.dtype)
+    side = settings.chunk_size.value() or _MATVEC_TILE_POINTS
+    Z, V = spec.scale(X), V.to(wide)
+    half_sq = _half_sq(Z)
+    out = torch.zeros_like(V)
+    work = _Workspace()
+    n = Z.shape[0]
+    for a in range(0, n, side):
+        rows_a = slice(a, min(a + side, n))
+        for b in range(a, n, side):
+            rows_b = slice(b, min(b + side, n))
+            k = _chunk_profile(spec.family, Z[rows_a], Z[rows_b], half_sq[rows_a], half_sq[rows_b], False, work)
+            k = k if wide == dtype else work("wide", k.shape, V).copy_(k)
+            out[rows_a] += k @ V[rows_b]
+            if b != a:
+                out[rows_b] += k.T @ V[rows_a]
+    return out.mul_(spec.outputscale.to(wide))

@@ -1,6 +1,7 @@
 """Refining a trained posterior with extra actions: StackedActions and ``posterior(refine=...)``."""
 
 import gpytorch
+import pyro
 import pytest
 import torch
 
@@ -43,6 +44,10 @@ def test_stacked_actions_equal_their_dense_concatenation(problem):
     torch.testing.assert_close(stacked.kernel_product(problem.kfn, problem.X_new, problem.X), K @ S)
     Kxx = problem.kernel(problem.X, problem.X).to_dense()  # training path (symmetric block product)
     torch.testing.assert_close(stacked.kernel_product(problem.kfn, problem.X, problem.X), Kxx @ S)
+    refinement = StackedActions([block, dense])  # prediction: one triangle of tiles for both parts
+    with torch.no_grad():
+        KS = refinement.kernel_product(problem.kfn, problem.X, problem.X)
+    torch.testing.assert_close(KS, Kxx.detach() @ S[:, :10])
 
 
 def test_stacked_actions_reject_bad_parts():
@@ -131,3 +136,33 @@ def test_independent_columns_drops_exactly_the_redundant_ones(float64):
     assert independent_columns(G, rtol=0.99).tolist() == [0]  # every later column overlaps a little
     with pytest.raises(ValueError, match="start"):
         independent_columns(G, start=8)
+
+
+def test_refining_a_float32_model_forms_float32_kernel_entries_where_their_rounding_is_harmless():
+    """With noise well above the entries' rounding, the refined float32 model keeps float32 kernel
+    entries (float64 sums) and gives the posterior of float64 entries; with a tiny noise, or under
+    autograd, it evaluates the kernel in float64."""
+    gen = torch.Generator().manual_seed(5)
+    X = torch.rand(900, 2, generator=gen) * 4
+    y = torch.sin(2 * X[:, 0]) * X[:, 1] + 0.1 * torch.randn(900, generator=gen)
+    X_new = torch.rand(40, 2, generator=gen) * 4
+    kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.MaternKernel(nu=1.5))
+    gp = ComputationAwareGP(X, y, kernel, policy=BlockSparsePolicy(30), noise=0.01)
+    refine = CGPolicy(20, tol=1e-4, preconditioner="rpcholesky", preconditioner_rank=50)
+    with torch.no_grad():
+        assert gp._refinement_inputs(gp.marginal()).dtype == torch.float32
+        mixed = gp.posterior(X_new, refine=refine, refit_noise=True)
+    gp._refinement_inputs = lambda marginal: gp.X.double()
+    with torch.no_grad():
+        wide = gp.posterior(X_new, refine=refine, refit_noise=True)
+    assert mixed.mean.dtype == mixed.covariance.dtype == torch.float64
+    torch.testing.assert_close(mixed.noise, wide.noise, rtol=1e-4, atol=0)
+    # the entries' rounding (~1e-7 relative) moves the mean by a thousandth of a posterior sd at most
+    assert ((mixed.mean - wide.mean).abs() / wide.covariance.sqrt()).max() < 1e-3
+    torch.testing.assert_close(mixed.covariance, wide.covariance, rtol=1e-3, atol=1e-7)
+    del gp._refinement_inputs
+    assert gp._refinement_inputs(gp.marginal()).dtype == torch.float64  # autograd on
+    pyro.clear_param_store()  # a second model of the same name would share the stored noise
+    tiny = ComputationAwareGP(X, y, kernel, policy=BlockSparsePolicy(30), noise=1e-6)
+    with torch.no_grad():
+        assert tiny._refinement_inputs(tiny.marginal()).dtype == torch.float64
