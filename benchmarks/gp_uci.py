@@ -1,12 +1,14 @@
 """Computation-aware GPs (CaGP-Opt, CaGP-CG, IterGP-CG) vs GPyTorch exact GP, SGPR and SVGP.
 
-Three parts, all in one process so the numbers are side by side:
+Parts, all in one process so the numbers are side by side:
 
 * ``accuracy``: uci-large sets, each method trained for the same wall-clock budget on the same
   split; test RMSE, NLL, 95% coverage (original units), train seconds, peak RSS.
 * ``scaling``: seconds per training step versus n for CaGP-Opt and the GPyTorch exact GP.
 * ``cg``: CG iterations to relative residual 0.01 with no, greedy pivoted-Cholesky and RPCholesky
   preconditioning.
+* ``outputscale`` (a probe, with ``accuracy``): CaGP-Opt's refined ELBO and test metrics with the
+  outputscale multiplied by a factor on a log grid, the noise re-selected at each.
 
     python benchmarks/gp_uci.py --out benchmarks/results/gp_uci.json [--quick] [--parts accuracy,scaling,cg]
 """
@@ -40,6 +42,8 @@ from pyro_gpx.gp import (  # noqa: E402
     exact_log_marginal_likelihood,
     kernel_matmul,
 )
+from pyro_gpx.gp.noise_refit import refit_noise  # noqa: E402
+from pyro_gpx.gp.projection import _factorise  # noqa: E402
 from pyro_gpx.metrics import gaussian_coverage, gaussian_nll, rmse  # noqa: E402
 from pyro_gpx.svi import _BAD_LOSS, _numerical_failure  # noqa: E402
 
@@ -549,6 +553,8 @@ def accuracy(args, records, trained):
                 gp = result.pop("_gp", None)
                 if gp is not None and method == "CaGP-Opt":
                     trained[(dataset, split_id)] = gp
+                    if "outputscale" in args.parts.split(","):
+                        outputscale_probe(args, records, split, gp)
                 records.append(harness.record("gp_uci", dataset, split_id, method, role, n_train=split.n_train,
                                               budget_seconds=budget, **result))  # fmt: skip
                 print(f"{dataset:>10} {split_id} {method:>20}: RMSE {result['rmse']:.4f} NLL {result['nll']:.3f} "
@@ -597,6 +603,39 @@ def _exact_step(split):
         optim.step()
 
     return step
+
+
+def outputscale_probe(args, records, split, gp):
+    r"""Would re-selecting the outputscale with the noise help? For a CaGP-Opt model just trained on
+    ``split`` (Pyro's parameters are global, so before the next model is built): the refined
+    projection (trained noise) with :math:`K` scaled by ``a`` (no new kernel product: :math:`KS`,
+    :math:`S^\top K S` and :math:`\operatorname{diag} K` scale with it), the noise re-selected by
+    :func:`refit_noise` at each ``a``, and the ELBO and test metrics there."""
+    probe = []
+    with torch.no_grad():
+        marginal = gp.marginal()
+        projection = gp.refined_projection(_refine_policy(args))
+        X = gp._refinement_inputs(marginal)
+        diag_K = marginal.kernel.diag(gp.X).double()
+        KxS = projection.actions.kernel_product(marginal.kernel, split.X_test.to(X.dtype), X).double()
+        k_test = marginal.kernel.diag(split.X_test).double()
+        prior_test = gp._prior_mean(split.X_test).double()
+        for a in torch.logspace(math.log10(0.25), math.log10(4.0), 17, dtype=torch.float64).tolist():
+            scaled = _factorise(projection.actions, projection.residual, projection.noise, projection.KS.double() * a,
+                                projection.StKS * a, projection.StS, projection.Str)  # fmt: skip
+            refit = refit_noise(scaled, diag_K * a, min_noise=float(gp.jitter))
+            root = torch.linalg.solve_triangular(refit.chol_G, a * KxS.T, upper=False)
+            var = (a * k_test - root.square().sum(0)).clamp_min(0) + refit.noise
+            metrics = _metrics(split, prior_test + a * KxS @ refit.weights, var)
+            elbo = float(refit.elbo(diag_K * a)) / split.n_train
+            fields = dict(multiplier=a, noise=float(refit.noise), elbo_per_point=elbo, **metrics)
+            record = harness.record("gp_uci_outputscale_probe", split.name, split.split, "CaGP-Opt", "ours", **fields)
+            probe.append(record)
+    chosen = max(probe, key=lambda r: r["elbo_per_point"])
+    at_one = min(probe, key=lambda r: abs(math.log(r["multiplier"])))
+    print(f"{split.name:>10} {split.split} outputscale x{chosen['multiplier']:.2f} (ELBO's choice): NLL "
+          f"{chosen['nll']:.4f} vs {at_one['nll']:.4f} at x1", flush=True)  # fmt: skip
+    records.extend(probe)
 
 
 def scaling(args, records):
