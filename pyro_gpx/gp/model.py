@@ -268,8 +268,8 @@ class ComputationAwareGP(GPModel):
         if refine is None:
             projection = marginal.project(self.y)
         else:  # float64 sums: late CG directions live where K is small, below float32's resolution
-            projection = self._refined_projection(marginal, refine)
             X = self._refinement_inputs(marginal)
+            projection = self._refined_projection(marginal, refine, X)
             Xnew, prior_mean_new = Xnew.to(X.dtype), prior_mean_new.double()
         if refit_noise:
             projection = self._refit_noise(projection, marginal.kernel)
@@ -289,7 +289,7 @@ class ComputationAwareGP(GPModel):
         (those that widen the span), as :meth:`posterior` uses it: ``.actions`` are the actions kept,
         ``.elbo(diag_K)`` scores them; with ``refit_noise``, at the noise :meth:`posterior` would use."""
         marginal = self.marginal(sample_priors=am_i_wrapped())
-        projection = self._refined_projection(marginal, refine)
+        projection = self._refined_projection(marginal, refine, self._refinement_inputs(marginal))
         return self._refit_noise(projection, marginal.kernel) if refit_noise else projection
 
     def _refit_noise(self, projection: ActionProjection, kernel: KernelFn) -> ActionProjection:
@@ -297,7 +297,11 @@ class ComputationAwareGP(GPModel):
             diag_K = kernel.diag(self.X).double()
         return refit_projection_noise(projection, diag_K, min_noise=float(self.jitter))
 
-    def _refined_projection(self, marginal: ComputationAwareMarginal, refine: Policy) -> ActionProjection:
+    def _refined_projection(
+        self, marginal: ComputationAwareMarginal, refine: Policy, X: torch.Tensor
+    ) -> ActionProjection:
+        """The projection onto the trained and ``refine``'s actions; ``X``: the training inputs in
+        the dtype of the kernel entries (:meth:`_refinement_inputs`)."""
         if not isinstance(refine, Policy):
             raise TypeError(f"refine must be a Policy, got {type(refine).__name__}")
         refine.validate_inputs(self.X)
@@ -305,7 +309,6 @@ class ComputationAwareGP(GPModel):
         context = PolicyContext(self.X, residual, marginal.kernel, marginal.noise)
         base = marginal.actions if marginal.actions is not None else self.policy.actions(context)
         base, extra = base.to(torch.float64), refine.actions(context).to(torch.float64)
-        X = self._refinement_inputs(marginal)
         return project_extended(base, extra, marginal.kernel, X, residual.double(), marginal.noise)
 
     def _refinement_inputs(self, marginal: ComputationAwareMarginal) -> torch.Tensor:

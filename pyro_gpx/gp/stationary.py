@@ -201,6 +201,11 @@ def _half_sq(Z):
     return 0.5 * (Z * Z).sum(-1)
 
 
+def _widened(k: torch.Tensor, like: torch.Tensor, work: _Workspace) -> torch.Tensor:
+    """The kernel chunk ``k`` in ``like``'s dtype (a workspace copy when that is wider)."""
+    return k if k.dtype == like.dtype else work("wide", k.shape, like).copy_(k)
+
+
 def _forward(Z1, Z2, weights, s2, family, chunk, combine, width):
     """Row chunks of s^2 * combine(kappa chunk, weights)."""
     out = torch.empty(Z1.shape[0], width, dtype=Z1.dtype)
@@ -299,7 +304,6 @@ def stationary_matmul_accumulate(
 ) -> torch.Tensor:
     """:math:`K(X_1, X_2) V` with kernel entries in ``X1``'s dtype and the product in ``V``'s (e.g.
     float32 entries, float64 sums over the columns of :math:`K`); no gradient."""
-    dtype = X1.dtype
     chunk = settings.chunk_size.rows(X2.shape[0], fused=True)
     Z1, Z2 = spec.scale(X1), spec.scale(X2)
     h1, h2 = _half_sq(Z1), _half_sq(Z2)
@@ -308,8 +312,7 @@ def stationary_matmul_accumulate(
     for start in range(0, Z1.shape[0], chunk):
         rows = slice(start, start + chunk)
         k = _chunk_profile(spec.family, Z1[rows], Z2, h1[rows], h2, False, work)
-        k = k if V.dtype == dtype else work("wide", k.shape, V).copy_(k)
-        torch.matmul(k, V, out=out[rows])
+        torch.matmul(_widened(k, V, work), V, out=out[rows])
     return out.mul_(spec.outputscale.to(V.dtype))
 
 

@@ -21,12 +21,19 @@ from __future__ import annotations
 import torch
 
 from . import settings
-from .stationary import StationarySpec, _chunk_profile, _half_sq, _Workspace
+from .stationary import StationarySpec, _chunk_profile, _half_sq, _widened, _Workspace
 
 __all__ = ["training_block_matmul", "training_stacked_matmul", "symmetric_matmul"]
 
 _TILE_POINTS = 512  # about 2**18 kernel entries per tile, which stay in cache
 _MATVEC_TILE_POINTS = 1024  # a few columns: larger tiles amortise the loop (protein: 3.7 s vs 4.9 s)
+
+
+def _block_order_positions(index: torch.Tensor, mask: torch.Tensor, num_data: int) -> torch.Tensor:
+    """The row of each training point in block order (``index`` flattened, padding included)."""
+    position = torch.empty(num_data, dtype=torch.long)
+    position[index[mask]] = torch.arange(mask.numel()).reshape(mask.shape)[mask]
+    return position
 
 
 def _tiles(num_blocks: int, per_tile: int, block: int):
@@ -113,9 +120,7 @@ def training_block_matmul(
     per_tile = max(1, side // block)
     Z = spec.scale(X[index.reshape(-1)])
     raw = _SymmetricBlockProduct.apply(Z, blocks.to(dtype), spec.outputscale.to(dtype), spec.family, per_tile)
-    position = torch.empty(X.shape[0], dtype=torch.long)  # row of each training point in block order
-    position[index[mask]] = torch.arange(mask.numel()).reshape(mask.shape)[mask]
-    return raw.index_select(0, position)
+    return raw.index_select(0, _block_order_positions(index, mask, X.shape[0]))
 
 
 @torch.no_grad()
@@ -149,14 +154,12 @@ def training_stacked_matmul(
     for rows_a, blocks_a, rows_b, blocks_b, diagonal in _tiles(num_blocks, per_tile, block):
         k = _chunk_profile(spec.family, Z[rows_a], Z[rows_b], half_sq[rows_a], half_sq[rows_b], False, work)
         raw[rows_a, blocks_b] += _times_blocks(k, B[blocks_b])
-        k_wide = k if wide == dtype else work("wide", k.shape, Vz).copy_(k)
+        k_wide = _widened(k, Vz, work)
         dense[rows_a] += k_wide @ Vz[rows_b]
         if not diagonal:
             raw[rows_b, blocks_a] += _transpose_times_blocks(k, B[blocks_a]).T
             dense[rows_b] += k_wide.T @ Vz[rows_a]
-    position = torch.empty(X.shape[0], dtype=torch.long)
-    position[index[mask]] = torch.arange(mask.numel()).reshape(mask.shape)[mask]
-    out = torch.cat([raw.to(wide), dense], 1).index_select(0, position)
+    out = torch.cat([raw.to(wide), dense], 1).index_select(0, _block_order_positions(index, mask, X.shape[0]))
     return out.mul_(spec.outputscale.to(wide))
 
 
@@ -165,20 +168,16 @@ def symmetric_matmul(spec: StationarySpec, X: torch.Tensor, V: torch.Tensor) -> 
     r""":math:`K(X, X) V` from the upper triangle of kernel tiles (half the kernel work of
     :func:`~pyro_gpx.gp.stationary.stationary_matmul`; no gradient), e.g. a CG iteration's product.
     Kernel entries in ``X``'s dtype, sums in the wider of ``X``'s and ``V``'s."""
-    dtype, wide = X.dtype, torch.promote_types(X.dtype, V.dtype)
+    wide = torch.promote_types(X.dtype, V.dtype)
     side = settings.chunk_size.value() or _MATVEC_TILE_POINTS
     Z, V = spec.scale(X), V.to(wide)
     half_sq = _half_sq(Z)
     out = torch.zeros_like(V)
     work = _Workspace()
-    n = Z.shape[0]
-    for a in range(0, n, side):
-        rows_a = slice(a, min(a + side, n))
-        for b in range(a, n, side):
-            rows_b = slice(b, min(b + side, n))
-            k = _chunk_profile(spec.family, Z[rows_a], Z[rows_b], half_sq[rows_a], half_sq[rows_b], False, work)
-            k = k if wide == dtype else work("wide", k.shape, V).copy_(k)
-            out[rows_a] += k @ V[rows_b]
-            if b != a:
-                out[rows_b] += k.T @ V[rows_a]
+    for rows_a, _, rows_b, _, diagonal in _tiles(Z.shape[0], side, 1):  # tiles of single points
+        k = _widened(_chunk_profile(spec.family, Z[rows_a], Z[rows_b], half_sq[rows_a], half_sq[rows_b], False, work),
+                     V, work)  # fmt: skip
+        out[rows_a] += k @ V[rows_b]
+        if not diagonal:
+            out[rows_b] += k.T @ V[rows_a]
     return out.mul_(spec.outputscale.to(wide))
