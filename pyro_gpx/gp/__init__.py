@@ -7,6 +7,7 @@ from .cholesky import CholeskyError, NonFiniteError, NumericalWarning, safe_chol
 from .kernel_fn import KernelFn
 from .kernel_ops import block_sparse_kernel_matmul, kernel_diag, kernel_matmul
 from .marginal import OBJECTIVES, ComputationAwareMarginal, exact_log_marginal_likelihood
+from .mll_refit import MLLRefit, refit_outputscale_noise, subset_refit_outputscale_noise
 from .model import ComputationAwareGP
 from .noise_refit import refit_noise
 from .partition import kd_partition, random_partition
@@ -57,6 +58,9 @@ __all__ = [
     "kd_partition",
     "kernel_matmul",
     "partial_cholesky",
+    "MLLRefit",
+    "refit_outputscale_noise",
+    "subset_refit_outputscale_noise",
     "posterior_moments",
     "project",
     "project_extended",

@@ -215,23 +215,31 @@ class StackedActions(Actions):
 
     def kernel_product(self, kernel, X_new, X):
         if self._one_training_pass(kernel, X_new, X):
-            dense = torch.cat([part.S for part in self.parts[1:]], 1)
+            dense_parts = [part for part in self.parts[1:] if isinstance(part, DenseActions)]
             first = self.parts[0]
-            return training_stacked_matmul(kernel.spec, X, first.index, first.mask, first.blocks, dense)
+            joint = training_stacked_matmul(kernel.spec, X, first.index, first.mask, first.blocks,
+                                            torch.cat([part.S for part in dense_parts], 1))  # fmt: skip
+            pieces = iter(torch.split(joint, [first.num_actions] + [part.num_actions for part in dense_parts], 1))
+            products = [next(pieces)]
+            for part in self.parts[1:]:  # unit-vector parts: kernel columns, no pass over K
+                products.append(next(pieces) if isinstance(part, DenseActions) else part.kernel_product(kernel, X, X))
+            return torch.cat([p.to(joint.dtype) for p in products], 1)
         products = [a.kernel_product(kernel, X_new, X) for a in self.parts]
         dtype = functools.reduce(torch.promote_types, [p.dtype for p in products])
         return torch.cat([p.to(dtype) for p in products], 1)
 
     def _one_training_pass(self, kernel, X_new, X) -> bool:
-        """Block-sparse then dense parts, :math:`K(X, X)` of a stationary kernel, no gradient: both
-        products from one upper triangle of kernel tiles (:func:`training_stacked_matmul`)."""
+        """Block-sparse then dense (and unit-vector) parts, :math:`K(X, X)` of a stationary kernel, no
+        gradient: the block-sparse and dense products from one upper triangle of kernel tiles
+        (:func:`training_stacked_matmul`), unit vectors as kernel columns."""
         return (
             X_new is X
             and kernel.spec is not None
             and not torch.is_grad_enabled()
             and len(self.parts) > 1
             and isinstance(self.parts[0], BlockSparseActions)
-            and all(isinstance(part, DenseActions) for part in self.parts[1:])
+            and all(isinstance(part, (DenseActions, IndexActions)) for part in self.parts[1:])
+            and any(isinstance(part, DenseActions) for part in self.parts[1:])
         )
 
     def to(self, dtype):

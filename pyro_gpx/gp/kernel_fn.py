@@ -11,6 +11,7 @@ evaluation, so all evaluations use the same, differentiable values.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import gpytorch
@@ -41,6 +42,7 @@ class KernelFn:
         #: hyperparameters of a supported stationary kernel (fused products), else None
         self.spec: StationarySpec | None = stationary_spec(kernel) if fused else None
         self._values = None
+        self._multiplier = 1.0
         if self.spec is None and isinstance(kernel, PyroModule) and probe is not None:
             with poutine.trace() as tr:
                 kernel(probe[:1], probe[:1])
@@ -65,7 +67,18 @@ class KernelFn:
         else:
             with poutine.block(), poutine.condition(data=self._values):
                 out = self._call(X1, X2, diag)
-        return out.to(X1.dtype)
+        return (out if self._multiplier == 1.0 else self._multiplier * out).to(X1.dtype)
+
+    def scaled(self, multiplier: float) -> KernelFn:
+        """The kernel times ``multiplier`` (a new outputscale), sharing everything else."""
+        if not multiplier > 0:
+            raise ValueError(f"multiplier must be positive, got {multiplier}")
+        new = object.__new__(KernelFn)
+        new.__dict__.update(self.__dict__)
+        new._multiplier = self._multiplier * float(multiplier)
+        if self.spec is not None:
+            new.spec = dataclasses.replace(self.spec, outputscale=self.spec.outputscale * float(multiplier))
+        return new
 
     def __call__(self, X1: torch.Tensor, X2: torch.Tensor) -> torch.Tensor:
         if self.spec is not None:

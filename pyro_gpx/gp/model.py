@@ -49,11 +49,15 @@ from pyro.poutine.runtime import am_i_wrapped
 from .._validation import check_finite
 from .cholesky import safe_cholesky
 from .kernel_fn import KernelFn
+from .kernel_ops import kernel_matmul
 from .marginal import OBJECTIVES, ComputationAwareMarginal, _check_dtype
+from .mll_refit import MLLRefit, refit_outputscale_noise, subset_refit_outputscale_noise
 from .noise_refit import refit_noise as refit_projection_noise
 from .policies import BlockSparsePolicy, Policy, PolicyContext
 from .posterior import PosteriorMoments, exact_posterior_variance, posterior_moments
+from .preconditioners import partial_cholesky
 from .projection import ActionProjection, project_extended
+from .symmetric import symmetric_matmul
 
 __all__ = ["ComputationAwareGP"]
 
@@ -150,6 +154,8 @@ class ComputationAwareGP(GPModel):
             raise ValueError(f"noise must be positive and finite, got {float(noise)}")
         self.noise = PyroParam(noise, constraints.positive)
         self._default_policy = policy is None
+        #: the outputscale multiplier and noise chosen by the last ``posterior(..., refit_mll=...)``
+        self.last_mll_refit: MLLRefit | None = None
         self.policy = policy if policy is not None else BlockSparsePolicy(min(X.shape[0], DEFAULT_NUM_ACTIONS))
         self.policy.validate_inputs(X)
         self.objective = objective
@@ -233,6 +239,7 @@ class ComputationAwareGP(GPModel):
         split: bool = False,
         refine: Policy | None = None,
         refit_noise: bool = False,
+        refit_mll: str | MLLRefit | None = None,
     ) -> PosteriorMoments:
         r"""Posterior of the latent function at ``Xnew`` (noiseless), optionally with the split of
         the uncertainty into its mathematical and computational parts (dense exact solve).
@@ -258,12 +265,27 @@ class ComputationAwareGP(GPModel):
             counted what the learned actions could not represent as noise; the refined projection
             explains more of the data, and the ELBO then selects a smaller noise. The result's
             ``noise`` is the variance used (the model's ``noise`` parameter is not changed).
+        :param refit_mll: condition on the data with the outputscale multiplier and noise variance
+            that maximise the *exact* log marginal likelihood at the trained lengthscales
+            (:mod:`~pyro_gpx.gp.mll_refit`): ``"subset"`` (dense likelihoods of random subsets of
+            2000 points, about a second) or ``"stochastic"`` (matrix-free over all the data: block
+            preconditioned CG and Hutchinson's trace estimator, a few hundred kernel products on a
+            hard problem). The ELBO's gap to the likelihood grows with the outputscale, so training
+            selects a small one and a large noise; with ``refine`` run to convergence the posterior
+            is the exact GP's, for which the likelihood's choice predicts better. An
+            :class:`~pyro_gpx.gp.mll_refit.MLLRefit` (from :meth:`refit_mll`) is used as given. The refinement and
+            the moments then use the re-selected kernel and noise; the choice is kept as
+            ``last_mll_refit`` (the model's parameters are not changed). Excludes ``refit_noise``.
         """
         if self.y is None:
             raise ValueError("the model has no targets y; call set_data(X, y) first")
         self._check_Xnew_shape(Xnew)
         check_finite("Xnew", Xnew)
         marginal = self.marginal(sample_priors=am_i_wrapped())
+        if refit_mll is not None:
+            if refit_noise:
+                raise ValueError("refit_noise and refit_mll are exclusive: refit_mll re-selects the noise too")
+            marginal = self._mll_refitted(marginal, refit_mll)
         X, prior_mean_new = self.X, self._prior_mean(Xnew)
         if refine is None:
             projection = marginal.project(self.y)
@@ -291,6 +313,52 @@ class ComputationAwareGP(GPModel):
         marginal = self.marginal(sample_priors=am_i_wrapped())
         projection = self._refined_projection(marginal, refine, self._refinement_inputs(marginal))
         return self._refit_noise(projection, marginal.kernel) if refit_noise else projection
+
+    @pyro_method
+    def refit_mll(self, method: str = "subset") -> MLLRefit:
+        """The outputscale multiplier and noise variance that maximise the exact log marginal likelihood
+        at the current lengthscales (see :meth:`posterior`'s ``refit_mll``); pass the result to
+        :meth:`posterior` to reuse it. The model's parameters are not changed."""
+        if self.y is None:
+            raise ValueError("the model has no targets y; call set_data(X, y) first")
+        marginal = self.marginal(sample_priors=am_i_wrapped())
+        residual = (self.y - marginal.prior_mean).detach()
+        noise, jitter = float(marginal.noise.detach()), float(self.jitter)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            if method == "subset":
+                fit = subset_refit_outputscale_noise(marginal.kernel, self.X, residual, noise, min_noise=jitter,
+                                                     generator=generator)  # fmt: skip
+            elif method == "stochastic":
+                fit = self._stochastic_mll_refit(marginal, residual, noise, generator)
+            else:
+                raise ValueError(f"refit_mll must be 'subset', 'stochastic', an MLLRefit or None, got {method!r}")
+        return fit
+
+    def _mll_refitted(self, marginal: ComputationAwareMarginal, refit: str | MLLRefit) -> ComputationAwareMarginal:
+        """``marginal`` with the kernel scaled and the noise replaced by the likelihood's choice."""
+        fit = refit if isinstance(refit, MLLRefit) else self.refit_mll(refit)
+        self.last_mll_refit = fit
+        kernel = marginal.kernel.scaled(fit.multiplier)
+        noise = torch.as_tensor(fit.noise, dtype=torch.as_tensor(marginal.noise).dtype)
+        actions = marginal.actions
+        if actions is not None and not isinstance(self.policy, BlockSparsePolicy):  # e.g. CG: re-run at the new kernel
+            residual = (self.y - marginal.prior_mean).detach()
+            actions = self.policy.actions(PolicyContext(self.X, residual, kernel, noise))
+        return ComputationAwareMarginal(self.X, kernel, noise, marginal.prior_mean, self.policy, marginal.objective,
+                                        actions=actions)  # fmt: skip
+
+    def _stochastic_mll_refit(self, marginal, residual, noise, generator) -> MLLRefit:
+        kernel, X = marginal.kernel, self.X
+        rank = min(1000, X.shape[0])
+        L, _ = partial_cholesky(kernel, X, rank, pivoting="rpcholesky", generator=generator, block_size=50)
+
+        def matvec(V):
+            if kernel.spec is not None:
+                return symmetric_matmul(kernel.spec, X, V)
+            return kernel_matmul(kernel, X, X, V).double()
+
+        return refit_outputscale_noise(matvec, residual, L, noise, min_noise=float(self.jitter), generator=generator)
 
     def _refit_noise(self, projection: ActionProjection, kernel: KernelFn) -> ActionProjection:
         with torch.no_grad():
@@ -336,6 +404,7 @@ class ComputationAwareGP(GPModel):
         noiseless: bool = True,
         refine: Policy | None = None,
         refit_noise: bool = False,
+        refit_mll: str | None = None,
     ):
         r"""Posterior mean and covariance (or variance) at ``Xnew``, as ``GPRegression.forward``.
 
@@ -344,10 +413,11 @@ class ComputationAwareGP(GPModel):
         stored values are used, so repeated calls agree. To predict with a posterior draw (or a
         guide's median) of latent sites, call this inside ``pyro.poutine.condition(data=draw)``.
         ``refine`` appends a policy's actions for this prediction and ``refit_noise`` re-selects the
-        noise variance (added when ``noiseless=False``) by their ELBO (see :meth:`posterior`).
+        noise variance (added when ``noiseless=False``) by their ELBO, ``refit_mll`` the outputscale
+        and the noise by the exact likelihood (see :meth:`posterior`).
         """
         self.set_mode("guide")
-        moments = self.posterior(Xnew, full_cov=full_cov, refine=refine, refit_noise=refit_noise)
+        moments = self.posterior(Xnew, full_cov=full_cov, refine=refine, refit_noise=refit_noise, refit_mll=refit_mll)
         mean, cov = moments.mean, moments.covariance
         if not noiseless:
             noise = moments.noise.double()
@@ -361,6 +431,7 @@ class ComputationAwareGP(GPModel):
         noiseless: bool = False,
         refine: Policy | None = None,
         refit_noise: bool = False,
+        refit_mll: str | None = None,
     ) -> dist.Normal | dist.MultivariateNormal:
         """The posterior predictive at ``Xnew`` as a distribution (moments from :meth:`forward`).
 
@@ -368,9 +439,10 @@ class ComputationAwareGP(GPModel):
             ``Normal``\\ s, batch shape ``(m,)``).
         :param noiseless: of the latent function :math:`f` (else of new observations :math:`y`, the
             noise variance added; the default).
-        :param refine, refit_noise: as in :meth:`posterior`.
+        :param refine, refit_noise, refit_mll: as in :meth:`posterior`.
         """
-        mean, cov = self.forward(Xnew, full_cov=full_cov, noiseless=noiseless, refine=refine, refit_noise=refit_noise)
+        mean, cov = self.forward(Xnew, full_cov=full_cov, noiseless=noiseless, refine=refine, refit_noise=refit_noise,
+                                 refit_mll=refit_mll)  # fmt: skip
         if full_cov:
             scale_tril = safe_cholesky(cov.double(), "the predictive covariance").to(mean.dtype)
             return dist.MultivariateNormal(mean, scale_tril=scale_tril)

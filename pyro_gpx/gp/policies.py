@@ -33,7 +33,7 @@ from pyro.nn import PyroModule, PyroParam
 
 from .._validation import check_finite, check_positive_int, check_positive_or_none
 from . import settings
-from .actions import Actions, BlockSparseActions, DenseActions, IndexActions
+from .actions import Actions, BlockSparseActions, DenseActions, IndexActions, StackedActions
 from .cg import CGResult, conjugate_gradients
 from .kernel_fn import KernelFn
 from .kernel_ops import kernel_matmul
@@ -306,6 +306,11 @@ class CGPolicy(Policy):
     :param max_seconds: wall-clock limit of one solve, preconditioner included; CG stops after
         the iteration that crosses it (at least one iteration runs). Useful for prediction-time
         refinement under a time budget: the posterior conditions on the directions found so far.
+    :param pivot_actions: also return unit vectors at the preconditioner's pivots (the points
+        whose kernel columns built it), so the posterior conditions on those observations exactly.
+        CG's directions resolve the mean; with a small noise they leave the variance at new points
+        near the prior (computational uncertainty), and the pivots, spread over the data by
+        RPCholesky, bring it down to at most a subset-of-data GP's. They cost a kernel column each.
     """
 
     differentiable = False
@@ -320,8 +325,13 @@ class CGPolicy(Policy):
         seed: int = 0,
         max_seconds: float | None = None,
         preconditioner_block_size: int = 1,
+        pivot_actions: bool = False,
     ):
         super().__init__()
+        if pivot_actions and preconditioner is None:
+            raise ValueError("pivot_actions needs a preconditioner (its pivots are the actions)")
+        self.pivot_actions = pivot_actions
+        self.last_pivots: torch.Tensor | None = None
         if preconditioner not in (None, "pivoted", "rpcholesky"):
             raise ValueError(f"preconditioner must be None, 'pivoted' or 'rpcholesky', got {preconditioner!r}")
         check_positive_or_none("max_seconds", max_seconds)
@@ -346,7 +356,7 @@ class CGPolicy(Policy):
         if self.preconditioner is not None:
             pivoting = "greedy" if self.preconditioner == "pivoted" else "rpcholesky"
             gen = torch.Generator().manual_seed(self.seed)
-            precond = build_preconditioner(
+            factor = build_preconditioner(
                 context.kernel,
                 X,
                 noise,
@@ -354,7 +364,8 @@ class CGPolicy(Policy):
                 pivoting=pivoting,
                 generator=gen,
                 block_size=self.preconditioner_block_size,  # greedy pivoting ignores it
-            ).solve
+            )
+            precond, self.last_pivots = factor.solve, factor.pivots
 
         def matvec(v):
             if context.kernel.spec is not None:  # half the kernel work; float64 sums
@@ -381,4 +392,8 @@ class CGPolicy(Policy):
         # unit-norm columns: the span is what matters, and late directions can be tiny. A zero
         # residual (y equal to the prior mean) gives no directions: the posterior is the prior.
         directions = result.directions / result.directions.norm(dim=0, keepdim=True).clamp_min(1e-300)
-        return DenseActions(directions.to(context.X.dtype))
+        dense = DenseActions(directions.to(context.X.dtype))
+        if not self.pivot_actions or self.last_pivots is None or len(self.last_pivots) == 0:
+            return dense
+        pivots = IndexActions(self.last_pivots, context.X.shape[0], context.X.dtype)
+        return StackedActions([dense, pivots]) if dense.num_actions else pivots

@@ -133,6 +133,8 @@ class LowRankPreconditioner:
 
     L: torch.Tensor
     noise: torch.Tensor
+    #: the training points whose kernel columns built ``L`` (when known)
+    pivots: torch.Tensor | None = None
 
     def __post_init__(self):
         k = self.L.shape[1]
@@ -175,8 +177,8 @@ def build_preconditioner(
 ) -> LowRankPreconditioner:
     """Factor :math:`K(X, X)` to ``rank`` and wrap it as a preconditioner for :math:`K + \\sigma^2 I`
     (``block_size``: see :func:`partial_cholesky`)."""
-    L, _ = partial_cholesky(kernel, X, rank, pivoting=pivoting, generator=generator, block_size=block_size)
+    L, pivots = partial_cholesky(kernel, X, rank, pivoting=pivoting, generator=generator, block_size=block_size)
     noise = torch.as_tensor(noise, dtype=torch.float64).detach()
     if not math.isfinite(float(noise)) or float(noise) <= 0:
         raise ValueError(f"noise must be positive and finite, got {float(noise)}")
-    return LowRankPreconditioner(L=L, noise=noise)
+    return LowRankPreconditioner(L=L, noise=noise, pivots=pivots)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .._linalg import gram
-from .actions import Actions, DenseActions, StackedActions
+from .actions import Actions, DenseActions, IndexActions, StackedActions
 from .cholesky import safe_cholesky
 from .kernel_fn import KernelFn
 
@@ -255,13 +255,30 @@ def project_extended(
     actions that widen the span (:func:`independent_columns`, chosen before :math:`G` is factorised,
     from the same kernel pass). The kept extra actions are stored densely."""
     noise = torch.as_tensor(noise).double()
-    actions = StackedActions([base, extra])
+    extras = extra.parts if isinstance(extra, StackedActions) else [extra]
+    actions = StackedActions([base, *extras])
     KS, StKS, StS, Str = _products(actions, kernel, X, residual)
     keep = independent_columns(StKS + noise * StS, start=base.num_actions, rtol=rtol)
     if len(keep) < actions.num_actions:
-        actions = StackedActions([base, DenseActions(extra.dense()[:, keep[base.num_actions :] - base.num_actions])])
+        actions = StackedActions([base, *_kept_columns(extras, keep[base.num_actions :] - base.num_actions)])
         KS, StKS, StS, Str = KS[:, keep], StKS[keep][:, keep], StS[keep][:, keep], Str[keep]
     return _factorise(actions, residual, noise, KS, StKS, StS, Str)
+
+
+def _kept_columns(parts: list[Actions], keep: torch.Tensor) -> list[Actions]:
+    """``parts`` with only the columns ``keep`` (indices into their stacked columns); unit vectors stay
+    unit vectors, other parts become dense."""
+    out, offset = [], 0
+    for part in parts:
+        chosen = keep[(keep >= offset) & (keep < offset + part.num_actions)] - offset
+        if len(chosen) == part.num_actions:
+            out.append(part)
+        elif len(chosen) and isinstance(part, IndexActions):
+            out.append(IndexActions(part.indices[chosen], part.num_data, part.dtype))
+        elif len(chosen):
+            out.append(DenseActions(part.dense()[:, chosen]))
+        offset += part.num_actions
+    return out
 
 
 def independent_columns(
@@ -292,6 +309,12 @@ def independent_columns(
     if not 0 <= start <= m:
         raise ValueError(f"start must be in [0, {m}], got {start}")
     atol = torch.as_tensor(atol, dtype=G.dtype).expand(m)
+    # fast path: when every column is kept, the pivots are the squared diagonal of G's Cholesky factor
+    full, info = torch.linalg.cholesky_ex(G)
+    if int(info) == 0:
+        pivots = full.diagonal()[start:] ** 2
+        if bool(((pivots > rtol * G.diagonal()[start:]) & (pivots > atol[start:])).all()):
+            return torch.arange(m)
     keep = list(range(start))
     L = safe_cholesky(G[:start, :start], "the Gram matrix of the kept actions") if start else G.new_zeros(0, 0)
     for j in range(start, m):

@@ -166,3 +166,39 @@ def test_refining_a_float32_model_forms_float32_kernel_entries_where_their_round
     tiny = ComputationAwareGP(X, y, kernel, policy=BlockSparsePolicy(30), noise=1e-6)
     with torch.no_grad():
         assert tiny._refinement_inputs(tiny.marginal()).dtype == torch.float64
+
+
+def test_pivot_actions_bring_the_variance_down_with_a_small_noise(float64):
+    """With a tiny noise, CG directions resolve the mean but leave the variance at new points high;
+    unit vectors at the preconditioner's pivots condition on those points exactly, so the variance
+    falls towards the exact GP's (never below) and the mean stays exact. The one-pass training
+    product of [block-sparse, dense, unit-vector] parts equals the dense product."""
+    problem = make_problem(n=300, seed=4, noise=1e-4, lengthscale=(0.2, 0.3))
+    gp = ComputationAwareGP(problem.X, problem.y, problem.kernel, policy=BlockSparsePolicy(10), noise=problem.noise,
+                            jitter=0.0)  # fmt: skip
+    ref_mean, ref_cov = problem.dense_posterior()
+    kwargs = dict(tol=1e-8, preconditioner="rpcholesky", preconditioner_rank=60)
+    with torch.no_grad():
+        plain = gp.posterior(problem.X_new, refine=CGPolicy(300, **kwargs))
+        pivots = CGPolicy(300, pivot_actions=True, **kwargs)
+        with_pivots = gp.posterior(problem.X_new, refine=pivots)
+    assert len(pivots.last_pivots) == 60
+    torch.testing.assert_close(with_pivots.mean, ref_mean, rtol=1e-5, atol=1e-6)
+    exact = ref_cov.diagonal()
+    assert (with_pivots.covariance >= exact - 1e-8).all()
+    assert (with_pivots.covariance <= plain.covariance + 1e-10).all()
+    assert float((with_pivots.covariance - exact).sum()) < 0.5 * float((plain.covariance - exact).sum())
+    n = len(problem.y)
+    context = PolicyContext(problem.X, problem.y, problem.kfn, problem.noise)
+    parts = [
+        BlockSparsePolicy(5).actions(context),
+        DenseActions(torch.randn(n, 2)),
+        IndexActions(torch.tensor([3, 9]), n),
+    ]
+    stacked = StackedActions(parts)
+    with torch.no_grad():
+        KS = stacked.kernel_product(problem.kfn, problem.X, problem.X)
+        dense = problem.kernel(problem.X, problem.X).to_dense() @ stacked.dense()
+    torch.testing.assert_close(KS, dense)
+    with pytest.raises(ValueError, match="pivot_actions"):
+        CGPolicy(5, pivot_actions=True)
