@@ -122,3 +122,14 @@ def test_refit_mll_rejects_bad_arguments(data):
     with pytest.raises(ValueError, match="num_points"):
         subset_refit_outputscale_noise(KernelFn(kernel), X, y, noise=0.1, num_points=0)
     assert isinstance(gp.refit_mll("subset"), MLLRefit)
+
+
+def test_model_stochastic_refit_agrees_with_the_exact_subset_refit(data):
+    """``gp.refit_mll("stochastic")`` (matrix-free over all the data) lands within a few percent of
+    ``"subset"``, which with 2000 > n points is the exact maximiser."""
+    X, y, kernel, K = data
+    gp = ComputationAwareGP(X, y, kernel, policy=BlockSparsePolicy(8), noise=0.4, jitter=0.0)
+    exact, stochastic = gp.refit_mll("subset"), gp.refit_mll("stochastic")
+    assert stochastic.products > 0 and exact.products == 0
+    assert stochastic.multiplier == pytest.approx(exact.multiplier, rel=0.05)
+    assert stochastic.noise == pytest.approx(exact.noise, rel=0.05)
