@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from . import settings
 from .kernel_fn import KernelFn
 from .stationary import stationary_block_matmul, stationary_matmul, stationary_matmul_accumulate
+from .symmetric import symmetric_matmul
 
 __all__ = ["kernel_matmul", "kernel_matmul_accumulate", "block_sparse_kernel_matmul", "kernel_diag"]
 
@@ -43,6 +44,16 @@ def kernel_matmul(
     if kernel.spec is not None:
         return stationary_matmul(kernel.spec, X1, X2, V)
     return _chunked(lambda rows, X, W: kernel(rows, X) @ W, X1, X2, V, chunk=chunk)
+
+
+@torch.no_grad()
+def training_matmul(kernel: KernelFn, X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """:math:`K(X, X) V` in float64, no gradient (CG and the likelihood search): from the upper
+    triangle of kernel tiles for a stationary kernel (half the kernel work, entries in ``X``'s dtype,
+    float64 sums), else row-chunked."""
+    if kernel.spec is not None:
+        return symmetric_matmul(kernel.spec, X, V.double())
+    return kernel_matmul(kernel, X, X, V).double()
 
 
 @torch.no_grad()

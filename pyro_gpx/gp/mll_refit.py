@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from .._validation import check_positive_int
+from ._search import grid_golden_bracket
 from .kernel_fn import KernelFn
 
 __all__ = ["MLLRefit", "refit_outputscale_noise", "subset_refit_outputscale_noise"]
@@ -260,21 +261,7 @@ def _profile_maximiser(evals: torch.Tensor, rho: torch.Tensor, log_tau: torch.Te
         a = float((rho**2 / shifted).sum()) / m
         return -0.5 * (m * math.log(a) + float(shifted.log().sum())), a
 
-    grid = [profile(float(u))[0] for u in log_tau]
-    best = max(range(len(grid)), key=grid.__getitem__)
-    lo, hi = float(log_tau[max(best - 1, 0)]), float(log_tau[min(best + 1, len(grid) - 1)])
-    ratio = (math.sqrt(5.0) - 1.0) / 2.0
-    c, d = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fc, fd = profile(c)[0], profile(d)[0]
-    while hi - lo > 1e-3:
-        if fc >= fd:
-            hi, d, fd = d, c, fc
-            c = hi - ratio * (hi - lo)
-            fc = profile(c)[0]
-        else:
-            lo, c, fc = c, d, fd
-            d = lo + ratio * (hi - lo)
-            fd = profile(d)[0]
+    lo, hi = grid_golden_bracket(lambda u: profile(u)[0], log_tau.tolist(), 1e-3)
     u = 0.5 * (lo + hi)
     return math.exp(u), profile(u)[1]
 

@@ -49,7 +49,7 @@ from pyro.poutine.runtime import am_i_wrapped
 from .._validation import check_finite
 from .cholesky import safe_cholesky
 from .kernel_fn import KernelFn
-from .kernel_ops import kernel_matmul
+from .kernel_ops import training_matmul
 from .marginal import OBJECTIVES, ComputationAwareMarginal, _check_dtype
 from .mll_refit import MLLRefit, refit_outputscale_noise, subset_refit_outputscale_noise
 from .noise_refit import refit_noise as refit_projection_noise
@@ -57,7 +57,6 @@ from .policies import BlockSparsePolicy, Policy, PolicyContext
 from .posterior import PosteriorMoments, exact_posterior_variance, posterior_moments
 from .preconditioners import partial_cholesky
 from .projection import ActionProjection, project_extended
-from .symmetric import symmetric_matmul
 
 __all__ = ["ComputationAwareGP"]
 
@@ -321,30 +320,30 @@ class ComputationAwareGP(GPModel):
         :meth:`posterior` to reuse it. The model's parameters are not changed."""
         if self.y is None:
             raise ValueError("the model has no targets y; call set_data(X, y) first")
-        marginal = self.marginal(sample_priors=am_i_wrapped())
+        return self._refit_mll(self.marginal(sample_priors=am_i_wrapped()), method)
+
+    def _refit_mll(self, marginal: ComputationAwareMarginal, method: str) -> MLLRefit:
         residual = (self.y - marginal.prior_mean).detach()
         noise, jitter = float(marginal.noise.detach()), float(self.jitter)
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
             if method == "subset":
-                fit = subset_refit_outputscale_noise(marginal.kernel, self.X, residual, noise, min_noise=jitter,
-                                                     generator=generator)  # fmt: skip
-            elif method == "stochastic":
-                fit = self._stochastic_mll_refit(marginal, residual, noise, generator)
-            else:
-                raise ValueError(f"refit_mll must be 'subset', 'stochastic', an MLLRefit or None, got {method!r}")
-        return fit
+                return subset_refit_outputscale_noise(marginal.kernel, self.X, residual, noise, min_noise=jitter,
+                                                      generator=generator)  # fmt: skip
+            if method == "stochastic":
+                return self._stochastic_mll_refit(marginal, residual, noise, generator)
+        raise ValueError(f"refit_mll must be 'subset', 'stochastic', an MLLRefit or None, got {method!r}")
 
     def _mll_refitted(self, marginal: ComputationAwareMarginal, refit: str | MLLRefit) -> ComputationAwareMarginal:
-        """``marginal`` with the kernel scaled and the noise replaced by the likelihood's choice."""
-        fit = refit if isinstance(refit, MLLRefit) else self.refit_mll(refit)
+        """``marginal`` with the kernel scaled and the noise replaced by the likelihood's choice (the
+        policy chooses its actions again for them: CG's directions depend on the kernel)."""
+        fit = refit if isinstance(refit, MLLRefit) else self._refit_mll(marginal, refit)
         self.last_mll_refit = fit
         kernel = marginal.kernel.scaled(fit.multiplier)
         noise = torch.as_tensor(fit.noise, dtype=torch.as_tensor(marginal.noise).dtype)
         actions = marginal.actions
-        if actions is not None and not isinstance(self.policy, BlockSparsePolicy):  # e.g. CG: re-run at the new kernel
-            residual = (self.y - marginal.prior_mean).detach()
-            actions = self.policy.actions(PolicyContext(self.X, residual, kernel, noise))
+        if actions is not None:
+            actions = self.policy.actions(PolicyContext(self.X, self.y - marginal.prior_mean, kernel, noise))
         return ComputationAwareMarginal(self.X, kernel, noise, marginal.prior_mean, self.policy, marginal.objective,
                                         actions=actions)  # fmt: skip
 
@@ -352,13 +351,8 @@ class ComputationAwareGP(GPModel):
         kernel, X = marginal.kernel, self.X
         rank = min(1000, X.shape[0])
         L, _ = partial_cholesky(kernel, X, rank, pivoting="rpcholesky", generator=generator, block_size=50)
-
-        def matvec(V):
-            if kernel.spec is not None:
-                return symmetric_matmul(kernel.spec, X, V)
-            return kernel_matmul(kernel, X, X, V).double()
-
-        return refit_outputscale_noise(matvec, residual, L, noise, min_noise=float(self.jitter), generator=generator)
+        return refit_outputscale_noise(lambda V: training_matmul(kernel, X, V), residual, L, noise,
+                                       min_noise=float(self.jitter), generator=generator)  # fmt: skip
 
     def _refit_noise(self, projection: ActionProjection, kernel: KernelFn) -> ActionProjection:
         with torch.no_grad():

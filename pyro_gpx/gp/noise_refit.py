@@ -30,11 +30,10 @@ import math
 import torch
 
 from .._linalg import gram
+from ._search import grid_golden_bracket
 from .projection import ActionProjection, _factorise, _sym
 
 __all__ = ["refit_noise"]
-
-_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
 def _elbo_at(projection: ActionProjection, diag_K: torch.Tensor, KSKS: torch.Tensor, noise: float) -> float:
@@ -104,17 +103,7 @@ def refit_noise(
         return cache[t]
 
     a, b = math.log(low), math.log(high)
-    grid = [a + (b - a) * k / 14 for k in range(15)]
-    best = max(range(15), key=lambda k: score(grid[k]))
-    lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, 14)]
-    c, d = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
-    while hi - lo > rtol:
-        if score(c) >= score(d):
-            hi, d = d, c
-            c = hi - _GOLDEN * (hi - lo)
-        else:
-            lo, c = c, d
-            d = lo + _GOLDEN * (hi - lo)
+    grid_golden_bracket(score, [a + (b - a) * k / 14 for k in range(15)], rtol)
     t_best = max(cache, key=cache.__getitem__)
     if cache[t_best] <= _elbo_at(trials, diag_K, KSKS, noise0):
         return projection

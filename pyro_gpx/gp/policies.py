@@ -36,10 +36,9 @@ from . import settings
 from .actions import Actions, BlockSparseActions, DenseActions, IndexActions, StackedActions
 from .cg import CGResult, conjugate_gradients
 from .kernel_fn import KernelFn
-from .kernel_ops import kernel_matmul
+from .kernel_ops import training_matmul
 from .partition import kd_partition, random_partition
 from .preconditioners import build_preconditioner
-from .symmetric import symmetric_matmul
 
 __all__ = [
     "PolicyContext",
@@ -368,9 +367,7 @@ class CGPolicy(Policy):
             precond, self.last_pivots = factor.solve, factor.pivots
 
         def matvec(v):
-            if context.kernel.spec is not None:  # half the kernel work; float64 sums
-                return symmetric_matmul(context.kernel.spec, X, v[:, None].double())[:, 0] + noise * v.double()
-            return kernel_matmul(context.kernel, X, X, v[:, None])[:, 0].double() + noise * v.double()
+            return training_matmul(context.kernel, X, v[:, None])[:, 0] + noise * v.double()
 
         tol = self.tol if self.tol is not None else settings.cg_tolerance.value()
         seconds = None if self.max_seconds is None else max(self.max_seconds - (time.perf_counter() - start), 1e-9)
