@@ -205,6 +205,7 @@ def run_cagp(
     refit_noise: bool = False,
     refit_mll: str | None = None,
     refine_fraction: float = REFINE_FRACTION,
+    refit_share: float = 0.5,
 ) -> dict:
     """Train a ComputationAwareGP within ``budget`` seconds.
 
@@ -222,10 +223,11 @@ def run_cagp(
     keep these kernel hyperparameters and train only the actions (a diagnostic). ``refit_noise``: the
     refined prediction re-selects the noise by the ELBO of the extended actions
     (``gp.posterior(..., refit_noise=True)``); the ``*_norefit`` fields keep the trained noise.
-    ``refit_mll`` (``"subset"`` or ``"stochastic"``, with ``refine``): the outputscale and the noise are
-    re-selected by the exact log marginal likelihood before the refinement (``gp.refit_mll``; its time
-    counts, and CG gets what is left); the ``*_elbo_refit`` fields are the same model refined with the
-    ELBO's noise instead (untimed).
+    ``refit_mll`` (``"subset"``, ``"subset-kernel"`` or ``"stochastic"``, with ``refine``): the
+    outputscale and the noise (``"subset-kernel"``: and the lengthscales, within ``refit_share`` of
+    the reserve) are re-selected by the exact log marginal likelihood before the refinement
+    (``gp.refit_mll``; its time counts, and CG gets what is left); the ``*_elbo_refit`` fields are
+    the same model refined with the ELBO's noise instead (untimed).
     """
     if fixed_hypers is not None and optimizer != "lbfgs":
         raise ValueError("fixed_hypers is a CaGP-Opt (L-BFGS) diagnostic")
@@ -262,7 +264,9 @@ def run_cagp(
         more, more_seconds, loss = _train(full_step, budget - reserve - seconds, max_steps, tol)
         steps, seconds = steps + more, seconds + more_seconds
         start = time.perf_counter()
-        mll = gp.refit_mll(refit_mll) if refit_mll is not None and refine is not None else None
+        options = {"max_seconds": refit_share * reserve} if refit_mll == "subset-kernel" else {}
+        mll = gp.refit_mll(refit_mll, **options) if refit_mll is not None and refine is not None else None
+        mll_seconds = time.perf_counter() - start
         if refine is not None and getattr(full_step, "eval_seconds", None):
             # CG gets what is left of the budget after the projection, the noise refit and the test predictions
             # (float64 kernel entries where the re-selected noise is small: about three float32 passes)
@@ -284,7 +288,10 @@ def run_cagp(
         )
         if mll is not None:
             out.update(mll_multiplier=mll.multiplier, mll_noise=mll.noise, mll_evaluations=mll.evaluations,
-                       mll_products=mll.products)  # fmt: skip
+                       mll_products=mll.products, mll_seconds=mll_seconds, mll_converged=mll.converged)  # fmt: skip
+            if mll.kernel is not None:
+                spec = mll.kernel.spec
+                out.update(mll_outputscale=float(spec.outputscale), mll_lengthscale=spec.lengthscale.tolist())
             refine.max_seconds = None
             with torch.no_grad():
                 elbo = gp.posterior(split.X_test, refine=refine, refit_noise=True)
@@ -507,7 +514,8 @@ def _refine_policy(args) -> CGPolicy | None:
     if not args.refine_iters:
         return None
     pivots = getattr(args, "refit_mll", "none") != "none"  # a small re-selected noise: pivots for the variance
-    return CGPolicy(args.refine_iters, tol=0.01, preconditioner="rpcholesky", preconditioner_rank=1000,
+    return CGPolicy(args.refine_iters, tol=0.01, preconditioner="rpcholesky",
+                    preconditioner_rank=getattr(args, "pivots", 1000),
                     preconditioner_block_size=50, pivot_actions=pivots)  # fmt: skip
 
 
@@ -542,7 +550,8 @@ def accuracy(args, records, trained):
                                                  args.seed, args.warm_fraction, _refine_policy(args),
                                                  refit_noise=not args.no_refit_noise,
                                                  refit_mll=None if args.refit_mll == "none" else args.refit_mll,
-                                                 refine_fraction=args.refine_fraction)),
+                                                 refine_fraction=args.refine_fraction,
+                                                 refit_share=args.refit_share)),
         # diagnostic: the exact GP's hyperparameters (--hypers-from), only the actions trained, no subset phase
         FIXED: ("ours", lambda s: run_cagp(s, BlockSparsePolicy(min(cfg["actions"], s.n_train), init=args.action_init),
                                            "elbo", budget, cfg["max_steps"], 0.1, "lbfgs", None, args.seed,
@@ -740,7 +749,16 @@ def main(argv=None):
             "CaGP-Opt's refined prediction re-selects the outputscale and noise by the exact marginal likelihood: "
             "'subset' (dense, random subsets), 'stochastic' (matrix-free) or 'none' (the ELBO's noise refit)"
         )
-        parser.add_argument("--refit-mll", default="none", choices=["none", "subset", "stochastic"], help=help_)
+        parser.add_argument(
+            "--refit-mll",
+            default="none",
+            choices=["none", "subset", "subset-kernel", "stochastic"],
+            help=help_ + "; 'subset-kernel': the lengthscales too (L-BFGS on the subsets' likelihood)",
+        )
+        help_ = "share of the refinement reserve the 'subset-kernel' refit may take (the rest is CG's)"
+        parser.add_argument("--refit-share", type=float, default=0.5, help=help_)
+        help_ = "rank of the refinement's RPCholesky preconditioner (its pivots: unit-vector actions with --refit-mll)"
+        parser.add_argument("--pivots", type=int, default=1000, help=help_)
         help_ = "share of CaGP-Opt's budget kept for the prediction-time refinement (and --refit-mll)"
         parser.add_argument("--refine-fraction", type=float, default=REFINE_FRACTION, help=help_)
         parser.add_argument("--hypers-from", default=None, help=f"JSON with exact-GP rows, for {FIXED!r}")

@@ -6,6 +6,7 @@ from .cg import CGResult, conjugate_gradients
 from .cholesky import CholeskyError, NonFiniteError, NumericalWarning, safe_cholesky
 from .kernel_fn import KernelFn
 from .kernel_ops import block_sparse_kernel_matmul, kernel_diag, kernel_matmul
+from .kernel_refit import subset_refit_kernel_noise
 from .marginal import OBJECTIVES, ComputationAwareMarginal, exact_log_marginal_likelihood
 from .mll_refit import MLLRefit, refit_outputscale_noise, subset_refit_outputscale_noise
 from .model import ComputationAwareGP
@@ -60,6 +61,7 @@ __all__ = [
     "partial_cholesky",
     "MLLRefit",
     "refit_outputscale_noise",
+    "subset_refit_kernel_noise",
     "subset_refit_outputscale_noise",
     "posterior_moments",
     "project",

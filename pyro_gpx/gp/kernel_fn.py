@@ -80,6 +80,29 @@ class KernelFn:
             new.spec = dataclasses.replace(self.spec, outputscale=self.spec.outputscale * float(multiplier))
         return new
 
+    def with_hyperparameters(self, lengthscale: torch.Tensor, outputscale: torch.Tensor) -> KernelFn:
+        """The same stationary kernel family with other lengthscales and outputscale (tensors, which
+        may require gradients), e.g. re-selected by :mod:`~pyro_gpx.gp.kernel_refit`.
+
+        :raises ValueError: for a kernel without fused stationary products (``spec`` is ``None``).
+        """
+        if self.spec is None:
+            raise ValueError(
+                f"re-selecting the hyperparameters needs a supported stationary kernel (RBF or Matérn, ARD or "
+                f"not, optionally scaled; GPyTorch or pyro.contrib.gp), got {type(self.kernel).__name__}"
+            )
+        lengthscale, outputscale = torch.as_tensor(lengthscale), torch.as_tensor(outputscale)
+        if lengthscale.shape != self.spec.lengthscale.shape or outputscale.shape != ():
+            raise ValueError(
+                f"lengthscale must have shape {tuple(self.spec.lengthscale.shape)} and outputscale shape (), got "
+                f"{tuple(lengthscale.shape)} and {tuple(outputscale.shape)}"
+            )
+        new = object.__new__(KernelFn)
+        new.__dict__.update(self.__dict__)
+        new._multiplier = 1.0
+        new.spec = dataclasses.replace(self.spec, lengthscale=lengthscale, outputscale=outputscale)
+        return new
+
     def __call__(self, X1: torch.Tensor, X2: torch.Tensor) -> torch.Tensor:
         if self.spec is not None:
             return self.spec.dense(X1, X2)

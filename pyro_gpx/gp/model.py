@@ -50,6 +50,7 @@ from .._validation import check_finite
 from .cholesky import safe_cholesky
 from .kernel_fn import KernelFn
 from .kernel_ops import training_matmul
+from .kernel_refit import subset_refit_kernel_noise
 from .marginal import OBJECTIVES, ComputationAwareMarginal, _check_dtype
 from .mll_refit import MLLRefit, refit_outputscale_noise, subset_refit_outputscale_noise
 from .noise_refit import refit_noise as refit_projection_noise
@@ -269,7 +270,9 @@ class ComputationAwareGP(GPModel):
             (:mod:`~pyro_gpx.gp.mll_refit`): ``"subset"`` (dense likelihoods of random subsets of
             2000 points, about a second) or ``"stochastic"`` (matrix-free over all the data: block
             preconditioned CG and Hutchinson's trace estimator, a few hundred kernel products on a
-            hard problem). The ELBO's gap to the likelihood grows with the outputscale, so training
+            hard problem), or ``"subset-kernel"``: the lengthscales too, by L-BFGS on the subsets'
+            likelihood (:mod:`~pyro_gpx.gp.kernel_refit`; stationary kernels; tens of seconds).
+            The ELBO's gap to the likelihood grows with the outputscale, so training
             selects a small one and a large noise; with ``refine`` run to convergence the posterior
             is the exact GP's, for which the likelihood's choice predicts better. An
             :class:`~pyro_gpx.gp.mll_refit.MLLRefit` (from :meth:`refit_mll`) is used as given. The refinement and
@@ -314,32 +317,45 @@ class ComputationAwareGP(GPModel):
         return self._refit_noise(projection, marginal.kernel) if refit_noise else projection
 
     @pyro_method
-    def refit_mll(self, method: str = "subset") -> MLLRefit:
+    def refit_mll(self, method: str = "subset", **options) -> MLLRefit:
         """The outputscale multiplier and noise variance that maximise the exact log marginal likelihood
-        at the current lengthscales (see :meth:`posterior`'s ``refit_mll``); pass the result to
-        :meth:`posterior` to reuse it. The model's parameters are not changed."""
+        at the current lengthscales, or with ``method="subset-kernel"`` the lengthscales too (see
+        :meth:`posterior`'s ``refit_mll``); pass the result to :meth:`posterior` to reuse it. The
+        model's parameters are not changed.
+
+        :param options: keyword arguments for the search:
+            :func:`~pyro_gpx.gp.mll_refit.subset_refit_outputscale_noise` (``"subset"``),
+            :func:`~pyro_gpx.gp.kernel_refit.subset_refit_kernel_noise` (``"subset-kernel"``, e.g.
+            ``num_points``, ``max_seconds``) or :func:`~pyro_gpx.gp.mll_refit.refit_outputscale_noise`
+            (``"stochastic"``).
+        """
         if self.y is None:
             raise ValueError("the model has no targets y; call set_data(X, y) first")
-        return self._refit_mll(self.marginal(sample_priors=am_i_wrapped()), method)
+        return self._refit_mll(self.marginal(sample_priors=am_i_wrapped()), method, **options)
 
-    def _refit_mll(self, marginal: ComputationAwareMarginal, method: str) -> MLLRefit:
+    def _refit_mll(self, marginal: ComputationAwareMarginal, method: str, **options) -> MLLRefit:
         residual = (self.y - marginal.prior_mean).detach()
         noise, jitter = float(marginal.noise.detach()), float(self.jitter)
         generator = torch.Generator().manual_seed(0)
+        if method == "subset-kernel":
+            return subset_refit_kernel_noise(marginal.kernel, self.X, residual, noise, min_noise=jitter,
+                                             generator=generator, **options)  # fmt: skip
         with torch.no_grad():
             if method == "subset":
                 return subset_refit_outputscale_noise(marginal.kernel, self.X, residual, noise, min_noise=jitter,
-                                                      generator=generator)  # fmt: skip
+                                                      generator=generator, **options)  # fmt: skip
             if method == "stochastic":
-                return self._stochastic_mll_refit(marginal, residual, noise, generator)
-        raise ValueError(f"refit_mll must be 'subset', 'stochastic', an MLLRefit or None, got {method!r}")
+                return self._stochastic_mll_refit(marginal, residual, noise, generator, **options)
+        raise ValueError(
+            f"refit_mll must be 'subset', 'subset-kernel', 'stochastic', an MLLRefit or None, got {method!r}"
+        )
 
     def _mll_refitted(self, marginal: ComputationAwareMarginal, refit: str | MLLRefit) -> ComputationAwareMarginal:
         """``marginal`` with the kernel scaled and the noise replaced by the likelihood's choice (the
         policy chooses its actions again for them: CG's directions depend on the kernel)."""
         fit = refit if isinstance(refit, MLLRefit) else self._refit_mll(marginal, refit)
         self.last_mll_refit = fit
-        kernel = marginal.kernel.scaled(fit.multiplier)
+        kernel = (marginal.kernel if fit.kernel is None else fit.kernel).scaled(fit.multiplier)
         noise = torch.as_tensor(fit.noise, dtype=torch.as_tensor(marginal.noise).dtype)
         actions = marginal.actions
         if actions is not None:
@@ -347,12 +363,12 @@ class ComputationAwareGP(GPModel):
         return ComputationAwareMarginal(self.X, kernel, noise, marginal.prior_mean, self.policy, marginal.objective,
                                         actions=actions)  # fmt: skip
 
-    def _stochastic_mll_refit(self, marginal, residual, noise, generator) -> MLLRefit:
+    def _stochastic_mll_refit(self, marginal, residual, noise, generator, **options) -> MLLRefit:
         kernel, X = marginal.kernel, self.X
         rank = min(1000, X.shape[0])
         L, _ = partial_cholesky(kernel, X, rank, pivoting="rpcholesky", generator=generator, block_size=50)
         return refit_outputscale_noise(lambda V: training_matmul(kernel, X, V), residual, L, noise,
-                                       min_noise=float(self.jitter), generator=generator)  # fmt: skip
+                                       min_noise=float(self.jitter), generator=generator, **options)  # fmt: skip
 
     def _refit_noise(self, projection: ActionProjection, kernel: KernelFn) -> ActionProjection:
         with torch.no_grad():

@@ -122,7 +122,9 @@ def test_refining_a_float32_model_with_tiny_noise_is_the_float64_posterior_of_it
     assert 20 < S.shape[1] < 60 and torch.linalg.cond(scaled) < 1e9  # redundant directions were dropped
     torch.testing.assert_close(refined.mean, ref_mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(refined.covariance, ref_var.clamp_min(0), rtol=1e-5, atol=1e-6)
-    assert (refined.mean - exact_mean).abs().max() < 1e-2
+    # which float32 CG directions survive depends on the CPU's rounding (vector width): the largest
+    # gap, at the edge point x = 10, was 0.0096 on one machine and 0.0138 on another
+    assert (refined.mean - exact_mean).abs().max() < 2e-2
     assert refined.computational.min() > -1e-8  # combined >= mathematical, in float64
 
 
