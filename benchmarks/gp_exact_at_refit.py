@@ -58,15 +58,9 @@ def main(argv=None):
     start = time.perf_counter()
     with torch.no_grad():
         kernel = (gp.marginal().kernel if fit.kernel is None else fit.kernel).scaled(fit.multiplier)
-        X, Xs = gp.X.double(), split.X_test.double()
-        residual = (gp.y - gp._prior_mean(gp.X)).double()
-        K = kernel(X, X).double()
-        K.diagonal().add_(fit.noise)
-        L = torch.linalg.cholesky(K)
-        del K
-        Kxs = kernel(X, Xs).double()
-        mean = gp._prior_mean(Xs).double() + Kxs.T @ torch.cholesky_solve(residual[:, None], L)[:, 0]
-        var = kernel.diag(Xs).double() - torch.linalg.solve_triangular(L, Kxs, upper=False).square().sum(0)
+        residual = gp.y - gp._prior_mean(gp.X)
+        mean, var = gp_uci.exact_moments(kernel, gp.X, residual, split.X_test, fit.noise)
+        mean = mean + gp._prior_mean(split.X_test).double()
         var = var.clamp_min(0)
     out["exact_at_refit"] = {**gp_uci._metrics(split, mean, var + fit.noise), "seconds": time.perf_counter() - start,
                              "mean_latent_variance": float(var.mean()), "noise": fit.noise}  # fmt: skip

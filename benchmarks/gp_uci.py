@@ -467,6 +467,21 @@ def _converge_lbfgs(params, loss_fn, max_evals: int, label: str) -> tuple[int, f
     return evals[0], loss
 
 
+@torch.no_grad()
+def exact_moments(kernel: KernelFn, X: torch.Tensor, residual: torch.Tensor, X_new: torch.Tensor, noise: float):
+    """The exact GP's posterior mean (of the residual) and latent variance at ``X_new``, by a dense
+    float64 Cholesky factor of K(X, X) + noise I."""
+    X, X_new = X.double(), X_new.double()
+    K = kernel(X, X).double()
+    K.diagonal().add_(noise)
+    L = torch.linalg.cholesky(K)
+    del K
+    Kxs = kernel(X, X_new).double()
+    mean = Kxs.T @ torch.cholesky_solve(residual.double()[:, None], L)[:, 0]
+    var = kernel.diag(X_new).double() - torch.linalg.solve_triangular(L, Kxs, upper=False).square().sum(0)
+    return mean, var
+
+
 def run_exact_reference(split, max_n: int, seed: int, warm_start_n: int = 2500, max_evals: int = 200) -> dict:
     """The exact GP (dense float64 Cholesky, zero mean, the same kernel family and initialisation as
     CaGP-Opt) trained by L-BFGS to convergence, with no time budget: the reference for "test NLL
@@ -493,15 +508,9 @@ def run_exact_reference(split, max_n: int, seed: int, warm_start_n: int = 2500, 
         more, loss = _converge_lbfgs(params, lambda: _exact_loss(kernel, likelihood, X, y), max_evals, f"n={len(y)}")
         evals += more
         seconds = time.perf_counter() - start
-        with torch.no_grad():
-            noise = likelihood.noise.double()
-            kfn = KernelFn(kernel)
-            L = torch.linalg.cholesky(kfn(X, X) + noise * torch.eye(len(y), dtype=torch.float64))
-            alpha = torch.cholesky_solve(y[:, None], L)[:, 0]
-            Xs = split.X_test.double()
-            Kxs = kfn(X, Xs)
-            mean = Kxs.T @ alpha
-            var = kfn.diag(Xs) - torch.linalg.solve_triangular(L, Kxs, upper=False).square().sum(0) + noise
+        noise = float(likelihood.noise)
+        mean, var = exact_moments(KernelFn(kernel), X, y, split.X_test.double(), noise)
+        var = var + noise
     return {**_metrics(split, mean, var), "train_seconds": seconds, "peak_rss_mb": m.peak_rss_mb, "steps": evals,
             "n_used": len(y), "final_loss": loss, "noise": float(likelihood.noise),
             **_kernel_hypers(kernel)}  # fmt: skip

@@ -73,16 +73,13 @@ class KernelFn:
         """The kernel times ``multiplier`` (a new outputscale), sharing everything else."""
         if not multiplier > 0:
             raise ValueError(f"multiplier must be positive, got {multiplier}")
-        new = object.__new__(KernelFn)
-        new.__dict__.update(self.__dict__)
-        new._multiplier = self._multiplier * float(multiplier)
-        if self.spec is not None:
-            new.spec = dataclasses.replace(self.spec, outputscale=self.spec.outputscale * float(multiplier))
-        return new
+        spec = self.spec
+        if spec is not None:
+            spec = dataclasses.replace(spec, outputscale=spec.outputscale * float(multiplier))
+        return self._copy(self._multiplier * float(multiplier), spec)
 
-    def with_hyperparameters(self, lengthscale: torch.Tensor, outputscale: torch.Tensor) -> KernelFn:
-        """The same stationary kernel family with other lengthscales and outputscale (tensors, which
-        may require gradients), e.g. re-selected by :mod:`~pyro_gpx.gp.kernel_refit`.
+    def stationary(self) -> StationarySpec:
+        """The supported stationary kernel's hyperparameters (``spec``).
 
         :raises ValueError: for a kernel without fused stationary products (``spec`` is ``None``).
         """
@@ -91,16 +88,28 @@ class KernelFn:
                 f"re-selecting the hyperparameters needs a supported stationary kernel (RBF or Matérn, ARD or "
                 f"not, optionally scaled; GPyTorch or pyro.contrib.gp), got {type(self.kernel).__name__}"
             )
+        return self.spec
+
+    def with_hyperparameters(self, lengthscale: torch.Tensor, outputscale: torch.Tensor) -> KernelFn:
+        """The same stationary kernel family with other lengthscales and outputscale (tensors, which
+        may require gradients), e.g. re-selected by :mod:`~pyro_gpx.gp.kernel_refit`.
+
+        :raises ValueError: for a kernel without fused stationary products (:meth:`stationary`).
+        """
+        spec = self.stationary()
         lengthscale, outputscale = torch.as_tensor(lengthscale), torch.as_tensor(outputscale)
-        if lengthscale.shape != self.spec.lengthscale.shape or outputscale.shape != ():
+        if lengthscale.shape != spec.lengthscale.shape or outputscale.shape != ():
             raise ValueError(
-                f"lengthscale must have shape {tuple(self.spec.lengthscale.shape)} and outputscale shape (), got "
+                f"lengthscale must have shape {tuple(spec.lengthscale.shape)} and outputscale shape (), got "
                 f"{tuple(lengthscale.shape)} and {tuple(outputscale.shape)}"
             )
+        return self._copy(1.0, dataclasses.replace(spec, lengthscale=lengthscale, outputscale=outputscale))
+
+    def _copy(self, multiplier: float, spec: StationarySpec | None) -> KernelFn:
+        """This kernel function with another multiplier and spec, sharing everything else."""
         new = object.__new__(KernelFn)
         new.__dict__.update(self.__dict__)
-        new._multiplier = 1.0
-        new.spec = dataclasses.replace(self.spec, lengthscale=lengthscale, outputscale=outputscale)
+        new._multiplier, new.spec = multiplier, spec
         return new
 
     def __call__(self, X1: torch.Tensor, X2: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ import torch
 
 from .._validation import check_positive_int
 from .kernel_fn import KernelFn
-from .mll_refit import MLLRefit, random_subsets
+from .mll_refit import MLLRefit, check_noise, random_subsets
 from .stationary import _profile, _sqdist
 
 __all__ = ["subset_refit_kernel_noise"]
@@ -86,21 +86,13 @@ def subset_refit_kernel_noise(
     >>> round(float(fit.kernel.spec.lengthscale), 1), round(fit.noise, 2)  # was 0.69 and 0.5
     (0.8, 0.01)
     """
-    if kernel.spec is None:
-        kernel.with_hyperparameters(torch.ones(()), torch.ones(()))  # raises the ValueError naming the kernel
-    check_positive_int("num_points", num_points)
-    check_positive_int("num_subsets", num_subsets)
+    spec = kernel.stationary()
     check_positive_int("max_evaluations", max_evaluations)
-    if not (math.isfinite(noise) and noise > 0):
-        raise ValueError(f"noise must be positive and finite, got {noise}")
+    check_noise(noise)
     if not (math.isfinite(min_noise) and min_noise >= 0):
         raise ValueError(f"min_noise must be non-negative and finite, got {min_noise}")
-    n = X.shape[0]
-    if residual.shape != (n,):
-        raise ValueError(f"residual has shape {tuple(residual.shape)}; expected ({n},)")
-    subsets = random_subsets(X, num_points, num_subsets, generator)  # repeated inputs dropped
+    subsets = random_subsets(X, residual, num_points, num_subsets, generator)  # repeated inputs dropped
     data = [(X[i].detach().double(), residual[i].detach().double()) for i in subsets]
-    spec = kernel.spec
     params = [
         spec.lengthscale.detach().double().log().clone().requires_grad_(),
         spec.outputscale.detach().double().log().clone().requires_grad_(),
@@ -149,13 +141,12 @@ class _SubsetSearch:
         for X, r in self.data:
             value = self._subset(X / lengthscale, r, outputscale, self.min_noise + noise_part, grads, noise_part)
             if value is None:
-                loss = math.inf
-                break
+                for p in self.params:
+                    p.grad = torch.zeros_like(p)
+                return torch.tensor(_BAD_LOSS, dtype=torch.float64)
             loss += value
         for p, g in zip(self.params, grads, strict=True):
-            p.grad = g / total_points if math.isfinite(loss) else torch.zeros_like(p)
-        if not math.isfinite(loss):
-            return torch.tensor(_BAD_LOSS, dtype=torch.float64)
+            p.grad = g / total_points
         loss /= total_points
         if loss < self.best_loss:
             self.best_loss, self.best = loss, [p.detach().clone() for p in self.params]

@@ -98,9 +98,13 @@ class _ShiftedPreconditioner:
         return (n - self.s.numel()) / tau + float((1.0 / (self.s + tau)).sum())
 
 
-def _check_search(noise: float, bounds: tuple[float, float]) -> tuple[float, float]:
+def check_noise(noise: float) -> None:
     if not (math.isfinite(noise) and noise > 0):
         raise ValueError(f"noise must be positive and finite, got {noise}")
+
+
+def _check_search(noise: float, bounds: tuple[float, float]) -> tuple[float, float]:
+    check_noise(noise)
     low, high = bounds
     if not 0 < low < 1 < high:
         raise ValueError(f"bounds must satisfy 0 < low < 1 < high, got {bounds}")
@@ -270,7 +274,6 @@ def _profile_maximiser(evals: torch.Tensor, rho: torch.Tensor, log_tau: torch.Te
     return math.exp(u), profile(u)[1]
 
 
-@torch.no_grad()
 def distinct_rows(X: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     r"""``index`` without the rows whose inputs repeat an earlier row of ``X[index]``. Identical rows
     (protein has about 1 400 among 41 000, nearly all with identical targets too) make a subset's
@@ -284,17 +287,26 @@ def distinct_rows(X: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def random_subsets(
-    X: torch.Tensor, num_points: int, num_subsets: int, generator: torch.Generator | None = None
+    X: torch.Tensor,
+    residual: torch.Tensor,
+    num_points: int,
+    num_subsets: int,
+    generator: torch.Generator | None = None,
 ) -> list[torch.Tensor]:
     """Indices of ``num_subsets`` random subsets of ``num_points`` rows of ``X`` (one subset of all
     rows where ``num_points`` is not smaller than their number), repeated inputs dropped
-    (:func:`distinct_rows`)."""
+    (:func:`distinct_rows`); checks the arguments, ``residual`` (``(n,)``) for its shape."""
+    check_positive_int("num_points", num_points)
+    check_positive_int("num_subsets", num_subsets)
     n = X.shape[0]
+    if residual.shape != (n,):
+        raise ValueError(f"residual has shape {tuple(residual.shape)}; expected ({n},)")
     if num_points >= n:
         return [distinct_rows(X, torch.arange(n))]
     return [distinct_rows(X, torch.randperm(n, generator=generator)[:num_points]) for _ in range(num_subsets)]
 
 
+@torch.no_grad()
 def subset_refit_outputscale_noise(
     kernel: KernelFn,
     X: torch.Tensor,
@@ -322,13 +334,8 @@ def subset_refit_outputscale_noise(
     :param X: training inputs ``(n, d)``; ``residual``: :math:`y - \mu(X)`, ``(n,)``.
     :param noise: the current noise variance; the search runs over ``bounds`` times it.
     """
-    check_positive_int("num_points", num_points)
-    check_positive_int("num_subsets", num_subsets)
     low, high = _check_search(noise, bounds)
-    n = X.shape[0]
-    if residual.shape != (n,):
-        raise ValueError(f"residual has shape {tuple(residual.shape)}; expected ({n},)")
-    subsets = random_subsets(X, num_points, num_subsets, generator)
+    subsets = random_subsets(X, residual, num_points, num_subsets, generator)
     log_tau = torch.linspace(math.log(noise * low), math.log(noise * high), 61, dtype=torch.float64)
     log_taus, log_as = [], []
     for index in subsets:
