@@ -24,6 +24,7 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.distributions.transforms import affine_autoregressive
 from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal
 from pyro.infer.autoguide.initialization import init_to_value
@@ -189,28 +190,41 @@ def _iaf_warm_start(model, args, target, budget, cfg):
     return flow
 
 
-def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fraction: float = 0.0):
-    """``flow_fraction > 0``: that share of the budget trains ``AutoIAFNormal``; the diffusion guide then
-    runs in its fixed flow (``AutoDiffusion(flow=...)``, affine frame starting at the identity), so it
-    starts as the trained flow guide and spends the rest of the budget improving on it."""
+def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fraction: float | None = None,
+                  zero_drift: bool = False):  # fmt: skip
+    """``flow_fraction`` (``+IAF`` methods): the guide runs in the frame of an affine autoregressive flow,
+    ``AutoDiffusion(flow=...)``, with the affine frame starting at the identity, so that with a zero drift
+    it is the flow's own guide. ``0``: a fresh flow, trained jointly with the drift (same optimiser, same
+    budget). ``> 0``: that share of the budget trains ``AutoIAFNormal`` as the peer is trained; the
+    diffusion then runs in its fixed, trained flow for the rest of the budget (a warm start).
+    ``zero_drift``: the drift stays at zero (an ablation: the flow alone, trained with the path ELBO)."""
     kwargs = {"init_loc_fn": _init(target)} if _init(target) is not None else {}
     start = time.perf_counter()
-    if flow_fraction > 0:
-        # the flow is kept fixed (a restarted Adam's first full-size steps on its trained weights took the ELBO
-        # from -0.15 to -18 on the funnel), the drift sees no score (with the pulled-back funnel score the
-        # loss diverged) and is bounded (an unbounded one threw a path to v = 187: exp(v / 2) overflows)
-        kwargs = {"init_loc_fn": _zeros, "flow": _iaf_warm_start(model, args, target, flow_fraction * budget, cfg),
-                  "drift_clip": FLOW_DRIFT_CLIP, "use_score": False}  # fmt: skip
+    train_flow = flow_fraction == 0
+    if flow_fraction is not None:
+        # the drift sees no score (with the pulled-back funnel score the loss diverged) and is bounded (an
+        # unbounded one threw a path to v = 187: exp(v / 2) overflows). A warm-started flow is kept fixed: a
+        # restarted Adam's first full-size steps on its trained weights took the ELBO from -0.15 to -18 on the funnel
+        flow = (affine_autoregressive if train_flow
+                else _iaf_warm_start(model, args, target, flow_fraction * budget, cfg))  # fmt: skip
+        kwargs = {"init_loc_fn": _zeros, "flow": flow, "drift_clip": FLOW_DRIFT_CLIP, "use_score": False}
         pyro.clear_param_store()
     warm_seconds = time.perf_counter() - start
     special = DIFFUSION.get(target, {})
     steps, paths = special.get("steps", cfg["steps"]), special.get("paths", cfg["paths"])
     kwargs.setdefault("use_score", special.get("use_score", not cfg["no_score"]))
+    if process == "pis":
+        kwargs["grid_power"] = cfg["grid_power"]
     guide = AutoDiffusion(model, process=process, num_steps=steps, sigma=cfg["sigma"][target], hidden=cfg["hidden"],
                           affine=special.get("affine", "diagonal"), **kwargs)  # fmt: skip
     loss = PathELBO(paths) if loss_name == "KL" else LogVarianceLoss(paths, exploration=cfg["exploration"])
     lr = cfg["lr"][target] if loss_name == "KL" else min(cfg["lr"][target], 5e-3)  # LV diverged at 1e-2 (many-well)
-    svi = SVI(model, guide, pyro.optim.Adam(lambda name: {"lr": 0.0 if ".flow." in name else lr}), loss)
+    frozen = flow_fraction is not None and not train_flow
+
+    def rate(name):
+        return {"lr": 0.0 if (frozen and ".flow." in name) or (zero_drift and ".drift." in name) else lr}
+
+    svi = SVI(model, guide, pyro.optim.Adam(rate), loss)
     iterations, seconds = _train(svi, args, budget - warm_seconds, cfg["lr_decay"].get(target))
     seconds += warm_seconds
     with torch.no_grad():
@@ -218,7 +232,8 @@ def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fra
         samples = guide.sample_paths(cfg["eval_paths"], *args, log_target=False).z
     # one target gradient per path (the end point), plus one per step with the score input
     grads = iterations * paths * ((steps + 1) if guide.drift.use_score else 1)
-    return {"elbo": est["elbo"], "logz": est["log_z"], "logz_stderr": est["stderr"], "train_seconds": seconds,
+    return {"elbo": est["elbo"], "logz": est["log_z"], "logz_stderr": est["stderr"], "ess": est["ess"],
+            "train_seconds": seconds,
             "steps": iterations, "num_grads": grads}, guide, samples  # fmt: skip
 
 
@@ -232,7 +247,10 @@ def run_autoguide(model, args, target, cls, budget, cfg):
                      if site["type"] == "sample" and not site["infer"].get("is_auxiliary"))  # fmt: skip
     z = torch.cat([guide_trace.nodes[n]["value"].reshape(cfg["eval_paths"], -1) for n in latents], 1)
     log_z = torch.logsumexp(log_w, 0) - math.log(len(log_w))
+    normalised = torch.exp(log_w - log_z)  # the same standard error and ESS as AutoDiffusion.log_normalizer
     return {"elbo": float(log_w.mean()), "logz": float(log_z), "train_seconds": seconds, "steps": steps,
+            "logz_stderr": float(normalised.std() / math.sqrt(len(log_w))),
+            "ess": float(normalised.sum() ** 2 / (normalised**2).sum()),
             "num_grads": steps * cfg["vi_particles"]}, guide, z  # fmt: skip
 
 
@@ -255,9 +273,10 @@ def _run_method(method, model, model_args, target, budget, cfg, args):
     if method == "NUTS":
         out, _, samples = run_nuts(model, model_args, target, budget, cfg)
     elif method.startswith(("PIS", "DDS", "DIS")):
-        process, loss = method.split("+")[0].split("-")
-        flow_fraction = args.flow_fraction if method.endswith("+IAF") else 0.0
-        out, _, samples = run_diffusion(model, model_args, target, process.lower(), loss, budget, cfg, flow_fraction)
+        process, loss = method.split(" ")[0].split("+")[0].split("-")
+        flow_fraction = args.flow_fraction if "+IAF" in method else None
+        out, _, samples = run_diffusion(model, model_args, target, process.lower(), loss, budget, cfg, flow_fraction,
+                                        zero_drift=method.endswith("(zero drift)"))  # fmt: skip
     else:
         cls = {"AutoNormal": AutoNormal, "AutoMultivariateNormal": AutoMultivariateNormal,
                "AutoIAFNormal": AutoIAFNormal}[method]  # fmt: skip
@@ -279,10 +298,15 @@ def main(argv=None):
         parser.add_argument("--lr-decay", type=float, default=None, help=help_)
         parser.add_argument("--hidden", type=int, default=64, help="width of the drift networks")
         parser.add_argument("--no-score", action="store_true", help="drift networks without the score input")
+        help_ = "PIS time grid t_k = T (1 - (1 - k/K)^p): p > 1 shortens the final steps (AutoDiffusion(grid_power=p))"
+        parser.add_argument("--grid-power", type=float, default=1.0, help=help_)
         help_ = "LV loss: the training paths' noise is scaled by this factor (off-policy exploration)"
         parser.add_argument("--exploration", type=float, default=1.0, help=help_)
-        help_ = "PIS-KL+IAF: share of the budget that trains the AutoIAFNormal warm start"
-        parser.add_argument("--flow-fraction", type=float, default=0.5, help=help_)
+        help_ = (
+            "methods ending in +IAF (PIS-KL+IAF, DDS-KL+IAF, ...): 0 trains a fresh flow jointly with the drift; "
+            "> 0 is the share of the budget that trains an AutoIAFNormal warm start, then kept fixed"
+        )
+        parser.add_argument("--flow-fraction", type=float, default=0.0, help=help_)
         parser.add_argument(
             "--logistic-budget",
             type=float,
@@ -300,7 +324,8 @@ def main(argv=None):
            "eval_paths": 2000 if args.quick else 10000, "vi_particles": 16, "nuts_samples": 200 if args.quick else 1000,
            "reference_samples": 400 if args.quick else 8000,
            "sigma": {"funnel": 1.0, "gmm": 3.0, "manywell": 1.0, "logistic": 0.5},
-           "exploration": args.exploration, "no_score": args.no_score, "lr_decay": dict(LR_DECAY)}  # fmt: skip
+           "exploration": args.exploration, "no_score": args.no_score, "lr_decay": dict(LR_DECAY),
+           "grid_power": args.grid_power}  # fmt: skip
     if args.lr:
         cfg["lr"] = dict.fromkeys(cfg["lr"], args.lr)
     if args.sigma:
@@ -324,8 +349,9 @@ def main(argv=None):
         target_budget = min(budget, args.logistic_budget) if target == "logistic" else budget
         methods = [("NUTS", "peer")]
         methods += [(f"{p.upper()}-{loss}", "ours") for p in ("pis", "dds", "dis") for loss in ("KL", "LV")]
-        if args.methods and "PIS-KL+IAF" in args.methods.split(","):  # opt-in: not better than the IAF alone (README)
-            methods += [("PIS-KL+IAF", "ours")]
+        methods += [(f"{p.upper()}-KL+IAF", "ours") for p in ("pis", "dds")]  # in an affine autoregressive frame
+        if args.methods and "PIS-KL+IAF (zero drift)" in args.methods.split(","):  # opt-in ablation: the flow alone
+            methods += [("PIS-KL+IAF (zero drift)", "ours")]
         methods += [("AutoNormal", "peer"), ("AutoMultivariateNormal", "peer"), ("AutoIAFNormal", "peer")]
         if args.methods:
             methods = [(m, r) for m, r in methods if m in args.methods.split(",")]

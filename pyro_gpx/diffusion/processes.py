@@ -12,10 +12,12 @@ back to the starting distribution. Each path has log weight
 whose mean is the extended-space ELBO (:math:`\le \log Z`) and whose log-mean-exp estimates
 :math:`\log Z` [1, 2, 3].
 
-* **PIS** [1]: :math:`z_0 = 0`; :math:`p_F(z_{k+1}\mid z_k) = N(z_k + u_k\Delta t, \sigma^2\Delta t)`;
+* **PIS** [1]: :math:`z_0 = 0`; :math:`p_F(z_{k+1}\mid z_k) = N(z_k + u_k\Delta t_k, \sigma^2\Delta t_k)`
+  on a time grid :math:`0 = t_0 < \dots < t_K = T` (:math:`\Delta t_k = t_{k+1} - t_k`; uniform by default);
   the reference is Brownian motion from 0, whose backward kernels are the bridge
-  :math:`N(z_{k+1}\tfrac{k}{k+1}, \sigma^2\Delta t\tfrac{k}{k+1})` (the step to :math:`z_0 = 0` is a
-  point mass in both directions and cancels).
+  :math:`N(z_{k+1}\tfrac{t_k}{t_{k+1}}, \sigma^2\Delta t_k\tfrac{t_k}{t_{k+1}})` (the step to :math:`z_0 = 0` is a
+  point mass in both directions and cancels). Both are exact for any grid, so the last steps may be
+  shortened (``grid_power``) without changing the reference.
 * **DDS** [2]: the reference noises the target with a variance-preserving (Ornstein–Uhlenbeck)
   chain :math:`p_B(z_k\mid z_{k+1}) = N(\sqrt{1-\alpha_k}\,z_{k+1}, \alpha_k\sigma^2)` towards
   :math:`N(0, \sigma^2 I)`; the sampler starts there and uses the exponential-integrator step
@@ -89,6 +91,7 @@ class ReferenceProcess:
     :ivar horizon: :math:`T` (PIS; :math:`\\Delta t = T/K`; 1 for DDS and DIS).
     :ivar alphas: per-step :math:`\\alpha_k` (DDS).
     :ivar betas: per-step mean :math:`\\bar\\beta_k` of the :math:`\\beta` schedule (DIS).
+    :ivar grid: PIS's times :math:`0 = t_0 < \\dots < t_K = T` (``None``: uniform, :math:`t_k = kT/K`).
     """
 
     kind: str
@@ -97,14 +100,30 @@ class ReferenceProcess:
     horizon: float = 1.0
     alphas: torch.Tensor | None = None
     betas: torch.Tensor | None = None
+    grid: torch.Tensor | None = None
 
     @property
     def dt(self) -> float:
+        """The step :math:`T/K` of a uniform grid (DDS, DIS, uniform PIS); see :meth:`step_size`."""
         return self.horizon / self.num_steps
 
+    def step_size(self, k: int) -> float:
+        """:math:`\\Delta t_k = t_{k+1} - t_k`."""
+        if self.grid is None:
+            return self.dt
+        return float(self.grid[k + 1] - self.grid[k])
+
     def times(self, dtype=torch.float64) -> torch.Tensor:
-        """Normalised times :math:`t_k = k/K` of the steps (the drift's time input)."""
+        """Normalised start times :math:`t_k / T` of the steps (the drift's time input)."""
+        if self.grid is not None:
+            return (self.grid[:-1] / self.horizon).to(dtype)
         return torch.arange(self.num_steps, dtype=dtype) / self.num_steps
+
+    def _bridge_fraction(self, k: int) -> float:
+        """:math:`t_k / t_{k+1}`, the Brownian bridge's shrinkage of :math:`z_{k+1}` towards 0."""
+        if self.grid is None:
+            return k / (k + 1)
+        return float(self.grid[k] / self.grid[k + 1])
 
     def initial(self, eps0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:math:`z_0` from standard-normal ``eps0`` and :math:`\\log p_{F,0}(z_0) - \\log N(\\epsilon_0; 0, I)`.
@@ -123,8 +142,9 @@ class ReferenceProcess:
         :math:`\\log p_F(z_{k+1}\\mid z_k) - \\log N(\\epsilon; 0, I)` and :math:`\\log p_B(z_k\\mid z_{k+1})`."""
         d = z.shape[-1]
         if self.kind == "pis":
-            std = self.sigma * math.sqrt(self.dt)
-            z_next = z + drift * self.dt + std * eps
+            dt = self.step_size(k)
+            std = self.sigma * math.sqrt(dt)
+            z_next = z + drift * dt + std * eps
         elif self.kind == "dis":
             mean, std = self._dis_forward(k, z, drift)
             z_next = mean + std * eps
@@ -141,8 +161,8 @@ class ReferenceProcess:
         if self.kind == "pis":
             if k == 0:  # the bridge ends at the point 0: cancels with the sampler's start
                 return torch.zeros(z.shape[:-1], dtype=z.dtype)
-            frac = k / (k + 1)
-            return gaussian_log_density(z, z_next * frac, self.sigma**2 * self.dt * frac)
+            frac = self._bridge_fraction(k)
+            return gaussian_log_density(z, z_next * frac, self.sigma**2 * self.step_size(k) * frac)
         if self.kind == "dis":  # Euler-Maruyama step of the noising SDE from z_{k+1}
             beta = float(self.betas[k])
             return gaussian_log_density(z, (1 - 0.5 * beta * self.dt) * z_next, self.sigma**2 * beta * self.dt)
@@ -152,7 +172,8 @@ class ReferenceProcess:
     def forward_log_density(self, k: int, z: torch.Tensor, drift: torch.Tensor, z_next: torch.Tensor) -> torch.Tensor:
         """:math:`\\log p_F(z_{k+1}\\mid z_k)` of a given transition (for fixed paths)."""
         if self.kind == "pis":
-            return gaussian_log_density(z_next, z + drift * self.dt, self.sigma**2 * self.dt)
+            dt = self.step_size(k)
+            return gaussian_log_density(z_next, z + drift * dt, self.sigma**2 * dt)
         if self.kind == "dis":
             mean, std = self._dis_forward(k, z, drift)
             return gaussian_log_density(z_next, mean, std**2)
@@ -181,6 +202,7 @@ def make_process(
     horizon: float | None = None,
     beta_min: float = 0.1,
     beta_max: float = 20.0,
+    grid_power: float = 1.0,
 ) -> ReferenceProcess:
     """A PIS (Brownian), DDS or DIS (variance-preserving, linear :math:`\\beta` schedule) reference.
 
@@ -195,6 +217,10 @@ def make_process(
     :param horizon: :math:`T` of PIS (default 1); DDS and DIS have none (their time scale is the
         :math:`\\beta` schedule), so a horizon other than 1 is an error there rather than silently ignored.
     :param beta_min, beta_max: the schedule of DDS and DIS, finite and >= 0, not both 0.
+    :param grid_power: PIS's time grid :math:`t_k = T\\,(1 - (1 - k/K)^p)`, a number >= 1: ``1`` is
+        uniform; ``p > 1`` takes shorter steps towards the end (the last is :math:`T/K^p`, the first about
+        :math:`pT/K`), so the final step's noise :math:`\\sigma\\sqrt{\\Delta t_{K-1}}` no longer limits how
+        narrow a conditional the sampler can reach (a funnel's neck).
     """
     if kind not in ("pis", "dds", "dis"):
         raise ValueError(f"process must be 'pis', 'dds' or 'dis', got {kind!r}")
@@ -211,9 +237,18 @@ def make_process(
             )
         if not (is_finite_at_least(beta_min, 0.0) and is_finite_at_least(beta_max, 0.0) and beta_min + beta_max > 0):
             raise ValueError(f"beta_min and beta_max must be finite, >= 0 and not both 0, got {beta_min}, {beta_max}")
+    if not is_finite_at_least(grid_power, 1.0):
+        raise ValueError(f"grid_power must be a finite number >= 1, got {grid_power!r}")
+    if grid_power != 1.0 and kind != "pis":
+        raise ValueError(f"grid_power applies to the PIS process only, got grid_power={grid_power!r} for {kind!r}")
     horizon = 1.0 if horizon is None else horizon
     if kind == "pis":
-        return ReferenceProcess("pis", int(num_steps), float(sigma), float(horizon))
+        grid = None
+        if grid_power != 1.0:
+            fraction = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+            grid = horizon * (1 - (1 - fraction) ** grid_power)
+            grid[-1] = horizon
+        return ReferenceProcess("pis", int(num_steps), float(sigma), float(horizon), grid=grid)
     s = 1.0 - torch.arange(num_steps + 1, dtype=torch.float64) / num_steps  # noising time, 1 -> 0
 
     def integral(a):

@@ -36,28 +36,29 @@ def _dis_betas(num_steps, beta_min, beta_max):
     return beta_min + s_mid * (beta_max - beta_min)
 
 
-def _reference_log_path(guide, path, betas=None):
+def _reference_log_path(guide, path, betas=None, grid_power=1.0):
     """L recomputed step by step with torch.distributions, in the frame z = loc + S y (S dense); ``betas``:
-    DIS's per-step beta, computed independently."""
+    DIS's per-step beta, computed independently; ``grid_power``: PIS's times t_k = T (1 - (1 - k/K)^p)."""
     proc, states = guide.process, path.states
     K = proc.num_steps
+    t = [proc.horizon * (1 - (1 - k / K) ** grid_power) for k in range(K + 1)]
     loc, S = guide.loc.detach(), _frame_matrix(guide)
     total = -torch.linalg.slogdet(S).logabsdet.expand(states.shape[0]).clone()
     if proc.kind in ("dds", "dis"):
         total += Normal(0.0, proc.sigma).log_prob(states[:, 0]).sum(-1)
-    times = proc.times()
     with torch.no_grad():
         for k in range(K):
             z, z_next = states[:, k], states[:, k + 1]
             score = None
             if guide.drift.use_score:
                 score = UnconstrainedTarget(guide, guide._raw_model[0]).score(loc + z @ S.T) @ S
-            u = guide.drift(z, float(times[k]), score)
-            if proc.kind == "pis":
-                total += Normal(z + u * proc.dt, proc.sigma * math.sqrt(proc.dt)).log_prob(z_next).sum(-1)
+            u = guide.drift(z, t[k] / proc.horizon if proc.kind == "pis" else k / K, score)
+            if proc.kind == "pis":  # Brownian bridge back from t_{k+1} to t_k (a point mass at t_0 = 0)
+                dt = t[k + 1] - t[k]
+                total += Normal(z + u * dt, proc.sigma * math.sqrt(dt)).log_prob(z_next).sum(-1)
                 if k > 0:
-                    f = k / (k + 1)
-                    total -= Normal(z_next * f, proc.sigma * math.sqrt(proc.dt * f)).log_prob(z).sum(-1)
+                    f = t[k] / t[k + 1]
+                    total -= Normal(z_next * f, proc.sigma * math.sqrt(dt * f)).log_prob(z).sum(-1)
             elif proc.kind == "dis":
                 # Euler-Maruyama: generative drift beta/2 z + sigma^2 beta score, with the network giving
                 # score + z / sigma^2; the noising SDE dX = -beta/2 X ds + sigma sqrt(beta) dW stepped backwards
@@ -77,12 +78,15 @@ def _reference_log_path(guide, path, betas=None):
 FULL_FRAME = torch.tensor([[0.7, 0.0, 0.0], [0.4, 1.5, 0.0], [-0.3, 0.8, 2.0]], dtype=torch.float64)
 
 
-@pytest.mark.parametrize("process", ["pis", "dds", "dis"])
+@pytest.mark.parametrize("process", ["pis", "pis-grid", "dds", "dis"])
 @pytest.mark.parametrize("use_score", [False, True])
 @pytest.mark.parametrize("affine", ["diagonal", "full"])
 def test_path_log_density_matches_per_step_computation(float64, process, use_score, affine):
     model = gaussian_model(scale=1.7)
     schedule = {"beta_min": 0.3, "beta_max": 8.0} if process == "dis" else {}  # 6 steps: DIS needs beta_max < 12
+    grid_power = 2.5 if process == "pis-grid" else 1.0
+    if process == "pis-grid":
+        process, schedule = "pis", {"grid_power": grid_power, "horizon": 1.7}
     guide = AutoDiffusion(model, process=process, num_steps=6, hidden=8, use_score=use_score, sigma=1.3,
                           affine=affine, **schedule)  # fmt: skip
     guide()
@@ -96,19 +100,22 @@ def test_path_log_density_matches_per_step_computation(float64, process, use_sco
     with torch.no_grad():
         path = guide.sample_paths(5, keep_path=True)
     betas = _dis_betas(6, 0.3, 8.0) if process == "dis" else None
-    torch.testing.assert_close(path.log_path, _reference_log_path(guide, path, betas), rtol=1e-10, atol=1e-10)
+    expected = _reference_log_path(guide, path, betas, grid_power)
+    torch.testing.assert_close(path.log_path, expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(path.z, guide.loc + path.states[:, -1] @ _frame_matrix(guide).T)
     assert path.states[:, 0].abs().sum() == 0 if process == "pis" else path.states[:, 0].std() > 0
 
 
-@pytest.mark.parametrize("process, sigma, horizon", [("pis", 1.0, 2.0), ("dds", 1.5, 1.0)])
-def test_untrained_sampler_is_exact_for_its_reference_marginal(float64, process, sigma, horizon):
-    # zero drift: PIS ends at N(0, sigma^2 T), DDS stays at N(0, sigma^2); for that target every
-    # log weight is log Z = 0 and the log-variance loss is exactly zero
+@pytest.mark.parametrize(
+    "process, sigma, horizon, grid_power", [("pis", 1.0, 2.0, 1.0), ("pis", 1.2, 2.0, 3.0), ("dds", 1.5, 1.0, 1.0)]
+)
+def test_untrained_sampler_is_exact_for_its_reference_marginal(float64, process, sigma, horizon, grid_power):
+    # zero drift: PIS ends at N(0, sigma^2 T) on any time grid, DDS stays at N(0, sigma^2); for that target
+    # every log weight is log Z = 0 and the log-variance loss is exactly zero
     scale = sigma * math.sqrt(horizon) if process == "pis" else sigma
     model = gaussian_model(scale)
     guide = AutoDiffusion(model, process=process, num_steps=10, sigma=sigma, horizon=horizon, hidden=8,
-                          init_loc_fn=init_to_mean)  # fmt: skip
+                          init_loc_fn=init_to_mean, grid_power=grid_power)  # fmt: skip
     guide()
     with torch.no_grad():
         path = guide.sample_paths(64)
@@ -257,6 +264,12 @@ def test_bad_input():
     assert AutoDiffusion(gaussian_model(), horizon=2.0).process.horizon == 2.0
     with pytest.raises(ValueError, match="beta_min and beta_max"):
         make_process("dds", 4, beta_min=float("nan"))
+    with pytest.raises(ValueError, match="grid_power must be a finite number >= 1"):
+        AutoDiffusion(gaussian_model(), grid_power=0.5)
+    with pytest.raises(ValueError, match="grid_power applies to the PIS process only"):
+        make_process("dds", 8, grid_power=2.0)
+    grid = make_process("pis", 4, horizon=2.0, grid_power=2.0).grid  # t_k = T (1 - (1 - k/K)^2)
+    torch.testing.assert_close(grid, torch.tensor([0.0, 0.875, 1.5, 1.875, 2.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="num_paths must be an integer >= 1"):
         AutoDiffusion(gaussian_model(), num_steps=2, hidden=4).log_normalizer(0)
 
