@@ -16,40 +16,19 @@ import argparse
 import json
 import math
 import sys
-import warnings
 from pathlib import Path
 
-import pyro
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gp_uci  # noqa: E402
-import harness  # noqa: E402
-
-from pyro_gpx.datasets import load_uci  # noqa: E402
-from pyro_gpx.gp import BlockSparsePolicy  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="elevators")
-    parser.add_argument("--split", type=int, default=0)
-    parser.add_argument("--budget", type=float, default=90.0)
-    data_dir = harness.DEFAULT_DATA_DIR
-    parser.add_argument("--data-dir", default=str(data_dir) if data_dir.is_dir() else None)
-    parser.add_argument("--out", default="gp_mll_probe.json")
-    args = parser.parse_args(argv)
-    if args.data_dir is None:
-        parser.error("--data-dir is required (no ../shared/data next to the repository)")
-    split = load_uci(args.dataset, args.split, args.data_dir, dtype=gp_uci.DTYPE, seed=args.split)
-    pyro.set_rng_seed(0)
-    torch.manual_seed(0)
+    parser = gp_uci.probe_parser(__doc__.splitlines()[0], "elevators", "gp_mll_probe.json")
+    args = gp_uci.probe_args(parser, argv)
     refine = gp_uci._refine_policy(argparse.Namespace(refine_iters=20))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = gp_uci.run_cagp(split, BlockSparsePolicy(512), "elbo", args.budget, 2000, 0.1, "lbfgs", 5000, 0,
-                              gp_uci.WARM_FRACTION, refine, refit_noise=True)  # fmt: skip
-    gp = res.pop("_gp")
+    split, res, gp = gp_uci.probe_fit(args, refine, refit_noise=True)
     kept = ("nll", "rmse", "coverage95", "noise", "noise_refit", "outputscale")
     out = {"dataset": args.dataset, "split": args.split, "cagp": {k: res[k] for k in kept}}
     with torch.no_grad():

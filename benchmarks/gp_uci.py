@@ -15,6 +15,7 @@ Parts, all in one process so the numbers are side by side:
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import math
@@ -526,6 +527,39 @@ def _refine_policy(args) -> CGPolicy | None:
     return CGPolicy(args.refine_iters, tol=0.01, preconditioner="rpcholesky",
                     preconditioner_rank=getattr(args, "pivots", 1000),
                     preconditioner_block_size=50, pivot_actions=pivots)  # fmt: skip
+
+
+def probe_parser(description: str, dataset: str, out: str) -> argparse.ArgumentParser:
+    """The arguments the one-split probes share: ``--dataset --split --budget --data-dir --out``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--dataset", default=dataset)
+    parser.add_argument("--split", type=int, default=0)
+    parser.add_argument("--budget", type=float, default=90.0)
+    data_dir = harness.DEFAULT_DATA_DIR
+    parser.add_argument("--data-dir", default=str(data_dir) if data_dir.is_dir() else None)
+    parser.add_argument("--out", default=out)
+    return parser
+
+
+def probe_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse a probe's arguments; a missing data directory is an error."""
+    args = parser.parse_args(argv)
+    if args.data_dir is None:
+        parser.error("--data-dir is required (no ../shared/data next to the repository)")
+    return args
+
+
+def probe_fit(args: argparse.Namespace, refine: CGPolicy | None, **kwargs):
+    """Load a probe's split and train CaGP-Opt on it as the benchmark does (``kwargs``: the refit
+    options of :func:`run_cagp`). Returns ``split, result, gp``."""
+    split = load_uci(args.dataset, args.split, args.data_dir, dtype=DTYPE, seed=args.split)
+    pyro.set_rng_seed(0)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = run_cagp(split, BlockSparsePolicy(512), "elbo", args.budget, 2000, 0.1, "lbfgs", 5000, 0,
+                       WARM_FRACTION, refine, **kwargs)  # fmt: skip
+    return split, res, res.pop("_gp")
 
 
 FIXED = "CaGP-Opt (exact GP's hyperparameters)"
