@@ -33,7 +33,7 @@ from pyro.infer.importance import vectorized_importance_weights
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
-from pyro_gpx.diffusion import AutoDiffusion, LogVarianceLoss, PathELBO  # noqa: E402
+from pyro_gpx.diffusion import AutoDiffusion, LogVarianceLoss, PathELBO, importance_estimate  # noqa: E402
 
 MANYWELL_LOG_Z = 164.696
 
@@ -246,11 +246,9 @@ def run_autoguide(model, args, target, cls, budget, cfg):
     latents = sorted(n for n, site in guide_trace.nodes.items()
                      if site["type"] == "sample" and not site["infer"].get("is_auxiliary"))  # fmt: skip
     z = torch.cat([guide_trace.nodes[n]["value"].reshape(cfg["eval_paths"], -1) for n in latents], 1)
-    log_z = torch.logsumexp(log_w, 0) - math.log(len(log_w))
-    normalised = torch.exp(log_w - log_z)  # the same standard error and ESS as AutoDiffusion.log_normalizer
-    return {"elbo": float(log_w.mean()), "logz": float(log_z), "train_seconds": seconds, "steps": steps,
-            "logz_stderr": float(normalised.std() / math.sqrt(len(log_w))),
-            "ess": float(normalised.sum() ** 2 / (normalised**2).sum()),
+    est = importance_estimate(log_w)  # as AutoDiffusion.log_normalizer
+    return {"elbo": est["elbo"], "logz": est["log_z"], "train_seconds": seconds, "steps": steps,
+            "logz_stderr": est["stderr"], "ess": est["ess"],
             "num_grads": steps * cfg["vi_particles"]}, guide, z  # fmt: skip
 
 

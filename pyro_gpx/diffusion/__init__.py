@@ -1,7 +1,7 @@
 """Diffusion-sampler posteriors (PIS / DDS / DIS) as a Pyro autoguide."""
 
 from .drift import DriftNet
-from .guide import AutoDiffusion, PathSample
+from .guide import AutoDiffusion, PathSample, importance_estimate
 from .losses import LogVarianceLoss, PathELBO
 from .processes import ReferenceProcess, gaussian_log_density, make_process
 from .target import UnconstrainedTarget
@@ -15,5 +15,6 @@ __all__ = [
     "ReferenceProcess",
     "UnconstrainedTarget",
     "gaussian_log_density",
+    "importance_estimate",
     "make_process",
 ]

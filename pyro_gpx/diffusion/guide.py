@@ -64,7 +64,7 @@ from .drift import DriftNet
 from .processes import gaussian_log_density, make_process
 from .target import UnconstrainedTarget, plate_context
 
-__all__ = ["AutoDiffusion", "PathSample"]
+__all__ = ["AutoDiffusion", "PathSample", "importance_estimate"]
 
 
 def _blocks_sample_sites(model) -> bool:
@@ -82,6 +82,21 @@ def _blocks_sample_sites(model) -> bool:
                 return True
         model = model.args[1] if len(model.args) == 2 else model.func
     return False
+
+
+def importance_estimate(log_weights: torch.Tensor) -> dict:
+    """:math:`\\widehat{\\log Z} = \\log\\frac1N\\sum_i w_i` from log importance weights ``(N,)`` (of
+    any proposal: paths of :class:`AutoDiffusion`, draws of another guide), with the delta-method
+    standard error :math:`\\operatorname{sd}(w)/(\\sqrt N\\,\\bar w)`, the mean log weight (the ELBO)
+    and the effective sample size :math:`(\\sum w)^2/\\sum w^2`.
+
+    :returns: ``{"log_z", "stderr", "elbo", "ess", "num_paths"}``.
+    """
+    n = log_weights.numel()
+    log_z = torch.logsumexp(log_weights, 0) - math.log(n)
+    normalised = torch.exp(log_weights - log_z)
+    return {"log_z": float(log_z), "stderr": float(normalised.std() / math.sqrt(n)), "elbo": float(log_weights.mean()),
+            "ess": float(normalised.sum() ** 2 / (normalised**2).sum()), "num_paths": n}  # fmt: skip
 
 
 class PathSample(dict):
@@ -470,14 +485,7 @@ class AutoDiffusion(AutoContinuous):
         weights = []
         for start in range(0, num_paths, batch_size):
             weights.append(self.sample_paths(min(batch_size, num_paths - start), *args, **kwargs).log_weight)
-        log_w = torch.cat(weights)
-        n = log_w.numel()
-        log_z = torch.logsumexp(log_w, 0) - math.log(n)
-        normalised = torch.exp(log_w - log_z)
-        stderr = normalised.std() / math.sqrt(n)
-        ess = float(normalised.sum() ** 2 / (normalised**2).sum())
-        return {"log_z": float(log_z), "stderr": float(stderr), "elbo": float(log_w.mean()), "ess": ess,
-                "num_paths": n}  # fmt: skip
+        return importance_estimate(torch.cat(weights))
 
     def _loc_scale(self, *args, **kwargs):
         with torch.no_grad():

@@ -523,3 +523,17 @@ def test_log_variance_loss_trains_under_svi(float64):
     changed = {name for name, value in before.items() if (after[name] - value).abs().sum() > 0}
     # the hidden layers get gradients once the zero-initialised output layer has moved
     assert {"AutoDiffusion.loc", "AutoDiffusion.scale", "AutoDiffusion.drift.out.weight"} <= changed
+
+
+def test_importance_estimate_matches_numpy():
+    import numpy as np
+
+    from pyro_gpx.diffusion import importance_estimate
+
+    log_w = torch.tensor([-1.0, 0.5, -3.0, 2.0, 0.0], dtype=torch.float64)
+    w = np.exp(log_w.numpy())
+    est = importance_estimate(log_w)
+    assert est["log_z"] == pytest.approx(np.log(w.mean()), rel=1e-12)
+    assert est["stderr"] == pytest.approx(w.std(ddof=1) / (np.sqrt(5) * w.mean()), rel=1e-12)
+    assert est["ess"] == pytest.approx(w.sum() ** 2 / (w**2).sum(), rel=1e-12)
+    assert est["elbo"] == pytest.approx(float(log_w.mean()), rel=1e-12) and est["num_paths"] == 5
