@@ -33,7 +33,7 @@ from pyro.infer.importance import vectorized_importance_weights
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
-from pyro_gpx.diffusion import AutoDiffusion, LogVarianceLoss, PathELBO, importance_estimate  # noqa: E402
+from pyro_gpx.diffusion import AutoDiffusion, LogVarianceLoss, PathELBO, ReplayBuffer, importance_estimate  # noqa: E402
 
 MANYWELL_LOG_Z = 164.696
 
@@ -191,13 +191,15 @@ def _iaf_warm_start(model, args, target, budget, cfg):
 
 
 def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fraction: float | None = None,
-                  zero_drift: bool = False):  # fmt: skip
+                  zero_drift: bool = False, buffered: bool = False):  # fmt: skip
     """``flow_fraction`` (``+IAF`` methods): the guide runs in the frame of an affine autoregressive flow,
     ``AutoDiffusion(flow=...)``, with the affine frame starting at the identity, so that with a zero drift
     it is the flow's own guide. ``0``: a fresh flow, trained jointly with the drift (same optimiser, same
     budget). ``> 0``: that share of the budget trains ``AutoIAFNormal`` as the peer is trained; the
     diffusion then runs in its fixed, trained flow for the rest of the budget (a warm start).
-    ``zero_drift``: the drift stays at zero (an ablation: the flow alone, trained with the path ELBO)."""
+    ``zero_drift``: the drift stays at zero (an ablation: the flow alone, trained with the path ELBO).
+    ``buffered`` (``+buffer`` methods, LV only): half of each batch is backward paths from a replay buffer of
+    the forward paths' end points, refined by ``cfg["search_steps"]`` Langevin steps per call (Sendera et al.)."""
     kwargs = {"init_loc_fn": _init(target)} if _init(target) is not None else {}
     start = time.perf_counter()
     train_flow = flow_fraction == 0
@@ -217,21 +219,34 @@ def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fra
         kwargs["grid_power"] = cfg["grid_power"]
     guide = AutoDiffusion(model, process=process, num_steps=steps, sigma=cfg["sigma"][target], hidden=cfg["hidden"],
                           affine=special.get("affine", "diagonal"), **kwargs)  # fmt: skip
-    loss = PathELBO(paths) if loss_name == "KL" else LogVarianceLoss(paths, exploration=cfg["exploration"])
+    if loss_name == "KL":
+        loss = PathELBO(paths)
+    else:
+        buffer = ReplayBuffer(cfg["buffer_capacity"], cfg["rank_weight"]) if buffered else None
+        loss = LogVarianceLoss(paths, exploration=cfg["exploration"], buffer=buffer,
+                               search_steps=cfg["search_steps"] if buffered else 0)  # fmt: skip
     lr = cfg["lr"][target] if loss_name == "KL" else min(cfg["lr"][target], 5e-3)  # LV diverged at 1e-2 (many-well)
     frozen = flow_fraction is not None and not train_flow
 
     def rate(name):
         return {"lr": 0.0 if (frozen and ".flow." in name) or (zero_drift and ".drift." in name) else lr}
 
+    iterations = kl_iterations = 0
+    if loss_name == "LV" and cfg["kl_fraction"] > 0:  # a reverse-KL warm start: fast, but it drops modes
+        kl_svi = SVI(model, guide, pyro.optim.Adam({"lr": cfg["lr"][target]}), PathELBO(paths))
+        kl_iterations, kl_seconds = _train(kl_svi, args, cfg["kl_fraction"] * budget)
+        warm_seconds += kl_seconds
     svi = SVI(model, guide, pyro.optim.Adam(rate), loss)
     iterations, seconds = _train(svi, args, budget - warm_seconds, cfg["lr_decay"].get(target))
     seconds += warm_seconds
+    iterations += kl_iterations
     with torch.no_grad():
         est = guide.log_normalizer(cfg["eval_paths"], *args, batch_size=paths * 4)
         samples = guide.sample_paths(cfg["eval_paths"], *args, log_target=False).z
     # one target gradient per path (the end point), plus one per step with the score input
     grads = iterations * paths * ((steps + 1) if guide.drift.use_score else 1)
+    if buffered:  # the local search's gradients: one per replayed point and Langevin step
+        grads += loss.calls * paths * cfg["search_steps"]
     return {"elbo": est["elbo"], "logz": est["log_z"], "logz_stderr": est["stderr"], "ess": est["ess"],
             "train_seconds": seconds,
             "steps": iterations, "num_grads": grads}, guide, samples  # fmt: skip
@@ -274,7 +289,8 @@ def _run_method(method, model, model_args, target, budget, cfg, args):
         process, loss = method.split(" ")[0].split("+")[0].split("-")
         flow_fraction = args.flow_fraction if "+IAF" in method else None
         out, _, samples = run_diffusion(model, model_args, target, process.lower(), loss, budget, cfg, flow_fraction,
-                                        zero_drift=method.endswith("(zero drift)"))  # fmt: skip
+                                        zero_drift=method.endswith("(zero drift)"),
+                                        buffered="+buffer" in method)  # fmt: skip
     else:
         cls = {"AutoNormal": AutoNormal, "AutoMultivariateNormal": AutoMultivariateNormal,
                "AutoIAFNormal": AutoIAFNormal}[method]  # fmt: skip
@@ -305,6 +321,13 @@ def main(argv=None):
             "> 0 is the share of the budget that trains an AutoIAFNormal warm start, then kept fixed"
         )
         parser.add_argument("--flow-fraction", type=float, default=0.0, help=help_)
+        help_ = "+buffer methods: Langevin local-search steps on the replayed points per training step"
+        parser.add_argument("--search-steps", type=int, default=10, help=help_)
+        parser.add_argument("--buffer-capacity", type=int, default=10_000, help="+buffer methods: replay buffer size")
+        help_ = "+buffer methods: c in the replay priority 1 / (c N + rank); large c replays uniformly"
+        parser.add_argument("--rank-weight", type=float, default=0.01, help=help_)
+        help_ = "LV methods: this share of the budget first trains the guide with the path ELBO (reverse KL)"
+        parser.add_argument("--kl-fraction", type=float, default=0.0, help=help_)
         parser.add_argument(
             "--logistic-budget",
             type=float,
@@ -323,7 +346,9 @@ def main(argv=None):
            "reference_samples": 400 if args.quick else 8000,
            "sigma": {"funnel": 1.0, "gmm": 3.0, "manywell": 1.0, "logistic": 0.5},
            "exploration": args.exploration, "no_score": args.no_score, "lr_decay": dict(LR_DECAY),
-           "grid_power": args.grid_power}  # fmt: skip
+           "grid_power": args.grid_power, "search_steps": args.search_steps,
+           "buffer_capacity": args.buffer_capacity, "kl_fraction": args.kl_fraction,
+           "rank_weight": args.rank_weight}  # fmt: skip
     if args.lr:
         cfg["lr"] = dict.fromkeys(cfg["lr"], args.lr)
     if args.sigma:
@@ -350,6 +375,9 @@ def main(argv=None):
         methods += [(f"{p.upper()}-KL+IAF", "ours") for p in ("pis", "dds")]  # in an affine autoregressive frame
         if args.methods and "PIS-KL+IAF (zero drift)" in args.methods.split(","):  # opt-in ablation: the flow alone
             methods += [("PIS-KL+IAF (zero drift)", "ours")]
+        for buffered in ("PIS-LV+buffer", "DDS-LV+buffer"):  # opt-in: LV with backward paths from a replay buffer
+            if args.methods and buffered in args.methods.split(","):
+                methods += [(buffered, "ours")]
         methods += [("AutoNormal", "peer"), ("AutoMultivariateNormal", "peer"), ("AutoIAFNormal", "peer")]
         if args.methods:
             methods = [(m, r) for m, r in methods if m in args.methods.split(",")]
@@ -371,6 +399,8 @@ def main(argv=None):
                 out["mmd"] = mmd(samples, reference)
             if target == "gmm" and samples is not None:
                 out["modes_recovered"] = modes_recovered(samples)
+            if target == "manywell" and samples is not None:  # the lighter well of each pair (exact share 0.156)
+                out["lighter_well_share"] = float((samples[:, 0::2] < 0).double().mean())
             if target == "logistic" and samples is not None:
                 m_ref, s_ref = reference.mean(0), reference.std(0)
                 out["mean_rel_error"] = float(((samples.mean(0) - m_ref).abs() / s_ref).max())

@@ -1,5 +1,6 @@
 """Diffusion-sampler posteriors (PIS / DDS / DIS) as a Pyro autoguide."""
 
+from .buffer import ReplayBuffer, langevin_search
 from .drift import DriftNet
 from .guide import AutoDiffusion, PathSample, importance_estimate
 from .losses import LogVarianceLoss, PathELBO
@@ -12,9 +13,11 @@ __all__ = [
     "LogVarianceLoss",
     "PathELBO",
     "PathSample",
+    "ReplayBuffer",
     "ReferenceProcess",
     "UnconstrainedTarget",
     "gaussian_log_density",
     "importance_estimate",
+    "langevin_search",
     "make_process",
 ]

@@ -298,6 +298,13 @@ class AutoDiffusion(AutoContinuous):
         z = flow(x)
         return z, log_det + flow.log_abs_det_jacobian(x, z)
 
+    def frame_inverse(self, z: torch.Tensor) -> torch.Tensor:
+        """The process state :math:`y` with :math:`f(m + S y) = z`, for the rows of ``z``."""
+        x = z if self.flow is None else self.flow.inv(z)
+        if self.affine == "full":
+            return torch.linalg.solve_triangular(self.scale_tril, (x - self.loc).unsqueeze(-1), upper=False)[..., 0]
+        return (x - self.loc) / self.scale
+
     def state_score(self, target: UnconstrainedTarget, y: torch.Tensor) -> torch.Tensor:
         """The score in the process frame, :math:`S^\\top\\nabla\\log\\rho(m + S y)` (the target
         score is detached; the frame is not). With a flow, the detached score of the pulled-back
@@ -444,6 +451,28 @@ class AutoDiffusion(AutoContinuous):
         eps = noise_scale * self._path_noise(num_paths, args, kwargs)
         self._sync_params()
         return self._simulate(eps, args, kwargs, keep_path=True).states
+
+    @torch.no_grad()
+    @pyro_method
+    def backward_paths(self, z: torch.Tensor) -> torch.Tensor:
+        """States ``(B, K+1, D)`` of the *reference* run backwards from given end points ``z`` ``(B, D)``
+        (unconstrained latents, e.g. from a :class:`~pyro_gpx.diffusion.buffer.ReplayBuffer`): off-policy
+        paths that reach wherever ``z`` lies, so the log-variance loss on them pulls the sampler towards
+        mass it does not yet cover [Sendera et al., NeurIPS 2024]."""
+        if self.prototype_trace is None:
+            raise RuntimeError("backward_paths needs a set-up guide: simulate or train it once first")
+        if z.dim() != 2 or z.shape[-1] != self.latent_dim:
+            raise ValueError(f"z must have shape (num_paths, {self.latent_dim}), got {tuple(z.shape)}")
+        if not torch.isfinite(z).all():
+            raise ValueError("z must be finite")
+        self._sync_params()
+        process = self.process
+        y = self.frame_inverse(z.to(self.loc.dtype))
+        states = [y]
+        for k in reversed(range(process.num_steps)):
+            y = process.backward_step(k, y, torch.randn_like(y))
+            states.append(y)
+        return torch.stack(states[::-1], 1)
 
     @pyro_method
     def rescore_paths(self, states: torch.Tensor, *args, **kwargs) -> PathSample:

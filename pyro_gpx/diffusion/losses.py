@@ -22,6 +22,8 @@ References:
 [1] L. Richter, A. Boustati, N. Nüsken, F. Ruiz, Ö. Akyildiz. VarGrad: a low-variance gradient
     estimator for variational inference. NeurIPS 2020.
 [2] L. Richter, J. Berner. Improved sampling via learned diffusions. ICLR 2024.
+[3] M. Sendera, M. Kim, S. Mittal, P. Lemos, L. Scimeca, J. Rector-Brooks, A. Adam, Y. Bengio,
+    N. Malkin. Improved off-policy training of diffusion samplers. NeurIPS 2024.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from __future__ import annotations
 import torch
 from pyro.infer.elbo import ELBO
 
+from .._validation import is_integer
+from .buffer import ReplayBuffer, langevin_search
 from .guide import AutoDiffusion
 
 __all__ = ["PathELBO", "LogVarianceLoss"]
@@ -94,22 +98,63 @@ class LogVarianceLoss(_BatchedPathLoss):
     :param exploration: the training paths' Gaussian increments are multiplied by this factor (1: on
         policy). The loss is zero for a perfect sampler whatever paths it is evaluated on, so wider
         paths are a valid way to make the sampler find mass it does not yet cover [2].
+    :param buffer: a :class:`~pyro_gpx.diffusion.buffer.ReplayBuffer`: the end points of the forward
+        paths are added to it, and once it holds ``num_paths`` points a share ``backward_fraction`` of
+        each batch is paths of the reference run *backwards* from replayed points
+        (:meth:`~pyro_gpx.diffusion.guide.AutoDiffusion.backward_paths`) [3]. These reach mass that the
+        sampler has lost, where its own paths never go.
+    :param backward_fraction: that share, in (0, 1).
+    :param search_steps: Metropolis-adjusted Langevin steps (:func:`~pyro_gpx.diffusion.buffer.langevin_search`)
+        run on ``num_paths`` replayed points every ``search_every`` calls; the results are added to the
+        buffer. The step size adapts towards an acceptance rate of 0.574.
+    :param search_every: calls between local searches.
     """
 
     min_paths = 2  # a variance
 
-    def __init__(self, num_paths: int = 128, exploration: float = 1.0):
+    def __init__(self, num_paths: int = 128, exploration: float = 1.0, buffer: ReplayBuffer | None = None,
+                 backward_fraction: float = 0.5, search_steps: int = 0, search_every: int = 1):  # fmt: skip
         super().__init__(num_paths)
         if not exploration > 0:
             raise ValueError(f"exploration must be positive, got {exploration}")
+        if not 0 < backward_fraction < 1:
+            raise ValueError(f"backward_fraction must be in (0, 1), got {backward_fraction!r}")
+        if not is_integer(search_steps) or search_steps < 0:
+            raise ValueError(f"search_steps must be an integer >= 0, got {search_steps!r}")
+        if not is_integer(search_every) or search_every < 1:
+            raise ValueError(f"search_every must be an integer >= 1, got {search_every!r}")
+        if buffer is None and search_steps:
+            raise ValueError("search_steps needs a buffer to search from and add to")
         self.exploration = float(exploration)
+        self.buffer, self.backward_fraction = buffer, float(backward_fraction)
+        self.search_steps, self.search_every = int(search_steps), int(search_every)
+        self.search_step_size, self.calls = 0.01, 0
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         guide = _check(guide, model)
-        states = guide.explore_paths(self.num_paths, *args, noise_scale=self.exploration, **kwargs)
+        buffer = self.buffer
+        num_backward = 0
+        if buffer is not None and len(buffer) >= self.num_paths:
+            num_backward = min(max(round(self.backward_fraction * self.num_paths), 1), self.num_paths - 1)
+        num_forward = self.num_paths - num_backward
+        states = guide.explore_paths(num_forward, *args, noise_scale=self.exploration, **kwargs)
+        if num_backward:
+            states = torch.cat([states, guide.backward_paths(buffer.sample(num_backward)[0])])
         # re-scored inside the guide's Pyro context, so that SVI sees (and steps) its parameters
-        log_w = guide.rescore_paths(states, *args, **kwargs).log_weight
-        return _finite(log_w.var(), "the log-variance loss")
+        path = guide.rescore_paths(states, *args, **kwargs)
+        if buffer is not None:
+            buffer.add(path.z[:num_forward].detach(), path.log_target[:num_forward].detach())
+            self.calls += 1
+            if self.search_steps and self.calls % self.search_every == 0:
+                self._search(guide, args, kwargs)
+        return _finite(path.log_weight.var(), "the log-variance loss")
+
+    def _search(self, guide, args, kwargs) -> None:
+        target = guide.target(*args, **kwargs)
+        start = self.buffer.sample(self.num_paths)[0]
+        z, log_target, accept = langevin_search(target.log_density, start, self.search_steps, self.search_step_size)
+        self.search_step_size *= 1.1 if accept > 0.574 else 0.9
+        self.buffer.add(z, log_target)
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         with torch.no_grad():

@@ -156,18 +156,29 @@ class ReferenceProcess:
         log_f_minus_noise = torch.full(z.shape[:-1], -d * math.log(std), dtype=z.dtype)
         return z_next, log_f_minus_noise, self.backward_log_density(k, z, z_next)
 
-    def backward_log_density(self, k: int, z: torch.Tensor, z_next: torch.Tensor) -> torch.Tensor:
-        """:math:`\\log p_B(z_k\\mid z_{k+1})` of the reference (no drift involved)."""
+    def _backward_moments(self, k: int, z_next: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Mean and variance of :math:`p_B(z_k\\mid z_{k+1})` (PIS's ``k = 0``: the point 0, variance 0)."""
         if self.kind == "pis":
-            if k == 0:  # the bridge ends at the point 0: cancels with the sampler's start
-                return torch.zeros(z.shape[:-1], dtype=z.dtype)
             frac = self._bridge_fraction(k)
-            return gaussian_log_density(z, z_next * frac, self.sigma**2 * self.step_size(k) * frac)
+            return z_next * frac, self.sigma**2 * self.step_size(k) * frac
         if self.kind == "dis":  # Euler-Maruyama step of the noising SDE from z_{k+1}
             beta = float(self.betas[k])
-            return gaussian_log_density(z, (1 - 0.5 * beta * self.dt) * z_next, self.sigma**2 * beta * self.dt)
+            return (1 - 0.5 * beta * self.dt) * z_next, self.sigma**2 * beta * self.dt
         alpha = float(self.alphas[k])
-        return gaussian_log_density(z, math.sqrt(1.0 - alpha) * z_next, self.sigma**2 * alpha)
+        return math.sqrt(1.0 - alpha) * z_next, self.sigma**2 * alpha
+
+    def backward_log_density(self, k: int, z: torch.Tensor, z_next: torch.Tensor) -> torch.Tensor:
+        """:math:`\\log p_B(z_k\\mid z_{k+1})` of the reference (no drift involved)."""
+        if self.kind == "pis" and k == 0:  # the bridge ends at the point 0: cancels with the sampler's start
+            return torch.zeros(z.shape[:-1], dtype=z.dtype)
+        mean, var = self._backward_moments(k, z_next)
+        return gaussian_log_density(z, mean, var)
+
+    def backward_step(self, k: int, z_next: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """A draw of :math:`z_k \\sim p_B(\\cdot\\mid z_{k+1})` from standard-normal ``eps``: the reference
+        run backwards from given end points (off-policy paths for the log-variance loss)."""
+        mean, var = self._backward_moments(k, z_next)
+        return mean + math.sqrt(var) * eps
 
     def forward_log_density(self, k: int, z: torch.Tensor, drift: torch.Tensor, z_next: torch.Tensor) -> torch.Tensor:
         """:math:`\\log p_F(z_{k+1}\\mid z_k)` of a given transition (for fixed paths)."""
