@@ -1,7 +1,8 @@
 """Diffusion-sampler guides (PIS, DDS, DIS; KL and log-variance losses) vs Pyro's autoguides and NUTS.
 
 Targets are Pyro models: a 10-d funnel (log Z = 0), a 2-d mixture of 25 Gaussians (log Z = 0),
-a 32-d many-well (log Z ~ 164.696) and Bayesian logistic regression on the breast-cancer data
+a 32-d many-well (log Z ~ 164.696), an opt-in 2-d mixture of two modes weighted 0.8 / 0.2 (``twomode``,
+log Z = 0) and Bayesian logistic regression on the breast-cancer data
 bundled with scikit-learn (a long NUTS run, 8000 draws, is the reference posterior). Every method gets
 the same wall-clock budget (on logistic regression at most ``--logistic-budget``, 40 s, less than the
 timed NUTS run takes); reported are the ELBO, the importance-sampled log Z (and its error where log Z is known),
@@ -59,6 +60,15 @@ def gmm():  # the mixture density as a factor (its support has no bijection for 
     pyro.factor("mixture", MIXTURE.log_prob(z))
 
 
+TWO_MODES = dist.MixtureSameFamily(dist.Categorical(torch.tensor([0.8, 0.2])),
+                                   dist.Normal(torch.tensor([[2.5, 0.0], [-2.5, 0.0]]), 0.4).to_event(1))  # fmt: skip
+
+
+def twomode():  # two separated modes of unequal weight (0.8 / 0.2): does a sampler keep the lighter one?
+    z = pyro.sample("z", _flat(2))
+    pyro.factor("mixture", TWO_MODES.log_prob(z))
+
+
 def _double_well_energy(x):  # per pair of coordinates
     return x[..., 0] ** 4 - 6 * x[..., 0] ** 2 - 0.5 * x[..., 0] + 0.5 * x[..., 1] ** 2
 
@@ -89,6 +99,9 @@ def reference_samples(target: str, n: int, gen: torch.Generator) -> torch.Tensor
     if target == "funnel":
         v = 3 * torch.randn(n, 1, generator=gen)
         return torch.cat([v, torch.randn(n, 9, generator=gen) * torch.exp(v / 2)], 1)
+    if target == "twomode":
+        lighter = (torch.rand(n, generator=gen) < 0.2).long()
+        return TWO_MODES.component_distribution.base_dist.loc[lighter] + 0.4 * torch.randn(n, 2, generator=gen)
     if target == "gmm":
         idx = torch.randint(25, (n,), generator=gen)
         return GRID[idx] + 0.3 * torch.randn(n, 2, generator=gen)
@@ -154,7 +167,7 @@ def _train(svi, args, budget: float, decay: float | None = None) -> tuple[int, f
 
 
 def _init(target):
-    if target in ("manywell", "gmm"):
+    if target in ("manywell", "gmm", "twomode"):
         return init_to_value(values={"z": torch.zeros(32 if target == "manywell" else 2)})
     return None
 
@@ -222,9 +235,10 @@ def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fra
     if loss_name == "KL":
         loss = PathELBO(paths)
     else:
-        buffer = ReplayBuffer(cfg["buffer_capacity"], cfg["rank_weight"]) if buffered else None
+        buffer = ReplayBuffer(cfg["buffer_capacity"], cfg["rank_weight"], cfg["eviction"]) if buffered else None
         loss = LogVarianceLoss(paths, exploration=cfg["exploration"], buffer=buffer,
-                               search_steps=cfg["search_steps"] if buffered else 0)  # fmt: skip
+                               search_steps=cfg["search_steps"] if buffered else 0,
+                               search_in_place=cfg["search_in_place"])  # fmt: skip
     lr = cfg["lr"][target] if loss_name == "KL" else min(cfg["lr"][target], 5e-3)  # LV diverged at 1e-2 (many-well)
     frozen = flow_fraction is not None and not train_flow
 
@@ -326,6 +340,9 @@ def main(argv=None):
         parser.add_argument("--buffer-capacity", type=int, default=10_000, help="+buffer methods: replay buffer size")
         help_ = "+buffer methods: c in the replay priority 1 / (c N + rank); large c replays uniformly"
         parser.add_argument("--rank-weight", type=float, default=0.01, help=help_)
+        parser.add_argument("--eviction", default="fifo", choices=["fifo", "reservoir"], help="+buffer methods")
+        help_ = "+buffer methods: searched points replace their starting points (a population of Langevin chains)"
+        parser.add_argument("--search-in-place", action="store_true", help=help_)
         help_ = "LV methods: this share of the budget first trains the guide with the path ELBO (reverse KL)"
         parser.add_argument("--kl-fraction", type=float, default=0.0, help=help_)
         parser.add_argument(
@@ -341,20 +358,22 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     budget = args.budget or (20.0 if args.quick else 300.0)
     cfg = {"steps": args.steps or 32, "paths": args.paths or (64 if args.quick else 128),
-           "hidden": args.hidden, "lr": {"funnel": 5e-3, "gmm": 5e-3, "manywell": 1e-2, "logistic": 5e-3},
+           "hidden": args.hidden, "lr": {"funnel": 5e-3, "gmm": 5e-3, "manywell": 1e-2, "logistic": 5e-3,
+                                         "twomode": 5e-3},
            "eval_paths": 2000 if args.quick else 10000, "vi_particles": 16, "nuts_samples": 200 if args.quick else 1000,
            "reference_samples": 400 if args.quick else 8000,
-           "sigma": {"funnel": 1.0, "gmm": 3.0, "manywell": 1.0, "logistic": 0.5},
+           "sigma": {"funnel": 1.0, "gmm": 3.0, "manywell": 1.0, "logistic": 0.5, "twomode": 1.0},
            "exploration": args.exploration, "no_score": args.no_score, "lr_decay": dict(LR_DECAY),
            "grid_power": args.grid_power, "search_steps": args.search_steps,
            "buffer_capacity": args.buffer_capacity, "kl_fraction": args.kl_fraction,
-           "rank_weight": args.rank_weight}  # fmt: skip
+           "rank_weight": args.rank_weight, "eviction": args.eviction,
+           "search_in_place": args.search_in_place}  # fmt: skip
     if args.lr:
         cfg["lr"] = dict.fromkeys(cfg["lr"], args.lr)
     if args.sigma:
         cfg["sigma"] = dict.fromkeys(cfg["sigma"], args.sigma)
     if args.lr_decay:
-        cfg["lr_decay"] = dict.fromkeys(("funnel", "gmm", "manywell", "logistic"), args.lr_decay)
+        cfg["lr_decay"] = dict.fromkeys(("funnel", "gmm", "manywell", "logistic", "twomode"), args.lr_decay)
     targets = args.targets.split(",")
     records = []
     gen = torch.Generator().manual_seed(args.seed)
@@ -362,8 +381,8 @@ def main(argv=None):
         if target == "logistic":
             model, model_args = logistic, logistic_data()
         else:
-            model, model_args = {"funnel": funnel, "gmm": gmm, "manywell": manywell}[target], ()
-        true_log_z = {"funnel": 0.0, "gmm": 0.0, "manywell": MANYWELL_LOG_Z}.get(target)
+            model, model_args = {"funnel": funnel, "gmm": gmm, "manywell": manywell, "twomode": twomode}[target], ()
+        true_log_z = {"funnel": 0.0, "gmm": 0.0, "manywell": MANYWELL_LOG_Z, "twomode": 0.0}.get(target)
         reference = reference_samples(target, cfg["eval_paths"], gen)
         if target == "logistic":  # a long NUTS run is the reference (1000 draws have ~0.1 sd of Monte Carlo error)
             pyro.set_rng_seed(args.seed + 1)
@@ -399,7 +418,7 @@ def main(argv=None):
                 out["mmd"] = mmd(samples, reference)
             if target == "gmm" and samples is not None:
                 out["modes_recovered"] = modes_recovered(samples)
-            if target == "manywell" and samples is not None:  # the lighter well of each pair (exact share 0.156)
+            if target in ("manywell", "twomode") and samples is not None:  # exact share: 0.156 (each pair), 0.2
                 out["lighter_well_share"] = float((samples[:, 0::2] < 0).double().mean())
             if target == "logistic" and samples is not None:
                 m_ref, s_ref = reference.mean(0), reference.std(0)

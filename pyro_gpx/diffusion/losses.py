@@ -53,7 +53,7 @@ def _check(guide, model) -> AutoDiffusion:
 
 def _finite(value: torch.Tensor, what: str) -> torch.Tensor:
     if not torch.isfinite(value):
-        raise FloatingPointError(f"{what} became {float(value)}")
+        raise FloatingPointError(f"{what} became {float(value.detach())}")
     return value
 
 
@@ -108,12 +108,15 @@ class LogVarianceLoss(_BatchedPathLoss):
         run on ``num_paths`` replayed points every ``search_every`` calls; the results are added to the
         buffer. The step size adapts towards an acceptance rate of 0.574.
     :param search_every: calls between local searches.
+    :param search_in_place: the searched points replace their starting points (the buffer is then a
+        population of Langevin chains) instead of being added next to them.
     """
 
     min_paths = 2  # a variance
 
     def __init__(self, num_paths: int = 128, exploration: float = 1.0, buffer: ReplayBuffer | None = None,
-                 backward_fraction: float = 0.5, search_steps: int = 0, search_every: int = 1):  # fmt: skip
+                 backward_fraction: float = 0.5, search_steps: int = 0, search_every: int = 1,
+                 search_in_place: bool = False):  # fmt: skip
         super().__init__(num_paths)
         if not exploration > 0:
             raise ValueError(f"exploration must be positive, got {exploration}")
@@ -128,7 +131,7 @@ class LogVarianceLoss(_BatchedPathLoss):
         self.exploration = float(exploration)
         self.buffer, self.backward_fraction = buffer, float(backward_fraction)
         self.search_steps, self.search_every = int(search_steps), int(search_every)
-        self.search_step_size, self.calls = 0.01, 0
+        self.search_step_size, self.calls, self.search_in_place = 0.01, 0, bool(search_in_place)
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         guide = _check(guide, model)
@@ -150,11 +153,15 @@ class LogVarianceLoss(_BatchedPathLoss):
         return _finite(path.log_weight.var(), "the log-variance loss")
 
     def _search(self, guide, args, kwargs) -> None:
-        target = guide.target(*args, **kwargs)
-        start = self.buffer.sample(self.num_paths)[0]
-        z, log_target, accept = langevin_search(target.log_density, start, self.search_steps, self.search_step_size)
+        target, buffer = guide.target(*args, **kwargs), self.buffer
+        index = buffer.sample_index(self.num_paths).unique()
+        z, log_target, accept = langevin_search(target.log_density, buffer.z[index], self.search_steps,
+                                                self.search_step_size)  # fmt: skip
         self.search_step_size *= 1.1 if accept > 0.574 else 0.9
-        self.buffer.add(z, log_target)
+        if self.search_in_place:
+            buffer.update(index, z, log_target)
+        else:
+            buffer.add(z, log_target)
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         with torch.no_grad():

@@ -154,6 +154,27 @@ def test_replay_buffer_priority_capacity_and_state(float64):
         ReplayBuffer().sample(1)
 
 
+def test_reservoir_buffer_keeps_a_uniform_sample_of_its_history(float64):
+    torch.manual_seed(0)
+    fifo, reservoir = ReplayBuffer(capacity=1000), ReplayBuffer(capacity=1000, eviction="reservoir")
+    for start in range(0, 10_000, 100):
+        batch = torch.arange(start, start + 100, dtype=torch.float64)[:, None]
+        fifo.add(batch, batch[:, 0])
+        reservoir.add(batch, batch[:, 0])
+    assert fifo.z.min() == 9000 and reservoir.seen == 10_000 and len(reservoir) == 1000
+    kept = reservoir.z[:, 0]
+    assert len(kept.unique()) == 1000
+    torch.testing.assert_close(reservoir.log_target, kept)
+    # a uniform sample of 0..9999: mean 4999.5 (sd of the mean about 91), half from the first half (sd 0.016)
+    assert abs(float(kept.mean()) - 4999.5) < 4 * 91
+    assert abs(float((kept < 5000).double().mean()) - 0.5) < 4 * 0.016
+    copy = ReplayBuffer()
+    copy.load_state_dict(reservoir.state_dict())
+    assert copy.eviction == "reservoir" and copy.seen == 10_000
+    with pytest.raises(ValueError, match="eviction"):
+        ReplayBuffer(eviction="lifo")
+
+
 def test_langevin_search_keeps_the_target_invariant(float64):
     # started at exact draws of a correlated Gaussian, Metropolis-adjusted steps leave them exact draws
     cov = torch.tensor([[2.0, 0.8], [0.8, 0.5]])
@@ -181,7 +202,15 @@ def test_buffered_log_variance_loss(float64):
     buffer.add(3 * torch.randn(40, 3), torch.zeros(40))  # far-off points: the backward paths reach them
     loss = LogVarianceLoss(16, buffer=buffer, search_steps=2)
     assert float(loss.differentiable_loss(model, guide).detach()) < 1e-20
-    assert len(buffer) == 40 + 8 + 16 and loss.calls == 1  # 8 forward end points, 16 searched points
+    assert 40 + 8 < len(buffer) <= 40 + 8 + 16 and loss.calls == 1  # 8 forward end points, distinct searched points
+    in_place = ReplayBuffer(capacity=100)
+    in_place.add(3 * torch.randn(40, 3), torch.zeros(40))
+    before_search = in_place.z.clone()
+    LogVarianceLoss(16, buffer=in_place, search_steps=2, search_in_place=True).differentiable_loss(model, guide)
+    moved = torch.cat([(in_place.z[:40] != before_search).any(-1), torch.ones(8, dtype=torch.bool)])
+    assert len(in_place) == 48 and moved[:40].any()  # moved, not added
+    exact = dist.Normal(0.0, sigma).log_prob(in_place.z).sum(-1)
+    torch.testing.assert_close(in_place.log_target[moved], exact[moved])
     before = guide.drift.out.weight.detach().clone()
     pyro.clear_param_store()
     model = gaussian_model(scale=2.0)
