@@ -34,7 +34,14 @@ from pyro.infer.importance import vectorized_importance_weights
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
-from pyro_gpx.diffusion import AutoDiffusion, LogVarianceLoss, PathELBO, ReplayBuffer, importance_estimate  # noqa: E402
+from pyro_gpx.diffusion import (  # noqa: E402
+    AutoDiffusion,
+    LogVarianceLoss,
+    PathELBO,
+    ReplayBuffer,
+    importance_estimate,
+    langevin_search,
+)
 
 MANYWELL_LOG_Z = 164.696
 
@@ -239,6 +246,8 @@ def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fra
         loss = LogVarianceLoss(paths, exploration=cfg["exploration"], buffer=buffer,
                                search_steps=cfg["search_steps"] if buffered else 0,
                                search_in_place=cfg["search_in_place"])  # fmt: skip
+        if buffered and cfg["buffer_init"]:  # seeded before training, from the untrained sampler's wide end points
+            buffer.add(*_langevin_seed(guide, target_args=args, num=cfg["buffer_init"]))
     lr = cfg["lr"][target] if loss_name == "KL" else min(cfg["lr"][target], 5e-3)  # LV diverged at 1e-2 (many-well)
     frozen = flow_fraction is not None and not train_flow
 
@@ -260,10 +269,20 @@ def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fra
     # one target gradient per path (the end point), plus one per step with the score input
     grads = iterations * paths * ((steps + 1) if guide.drift.use_score else 1)
     if buffered:  # the local search's gradients: one per replayed point and Langevin step
-        grads += loss.calls * paths * cfg["search_steps"]
+        grads += loss.calls * paths * cfg["search_steps"] + cfg["buffer_init"] * 100  # and the seeding's
     return {"elbo": est["elbo"], "logz": est["log_z"], "logz_stderr": est["stderr"], "ess": est["ess"],
             "train_seconds": seconds,
             "steps": iterations, "num_grads": grads}, guide, samples  # fmt: skip
+
+
+def _langevin_seed(guide, target_args, num, steps=100, step_size=0.02):
+    """``num`` end points of the (untrained) guide moved by ``steps`` Langevin steps on the target, with
+    their log density: a buffer that covers the modes before reverse-KL training can drop any."""
+    with torch.no_grad():
+        z = guide.sample_paths(num, *target_args, log_target=False).z
+    target = guide.target(*target_args)
+    z, log_target, _ = langevin_search(target.log_density, z, steps, step_size)
+    return z, log_target
 
 
 def run_autoguide(model, args, target, cls, budget, cfg):
@@ -340,6 +359,8 @@ def main(argv=None):
         parser.add_argument("--buffer-capacity", type=int, default=10_000, help="+buffer methods: replay buffer size")
         help_ = "+buffer methods: c in the replay priority 1 / (c N + rank); large c replays uniformly"
         parser.add_argument("--rank-weight", type=float, default=0.01, help=help_)
+        help_ = "+buffer methods: seed the buffer with this many end points of the untrained guide, Langevin-moved"
+        parser.add_argument("--buffer-init", type=int, default=0, help=help_)
         parser.add_argument("--eviction", default="fifo", choices=["fifo", "reservoir"], help="+buffer methods")
         help_ = "+buffer methods: searched points replace their starting points (a population of Langevin chains)"
         parser.add_argument("--search-in-place", action="store_true", help=help_)
@@ -367,7 +388,7 @@ def main(argv=None):
            "grid_power": args.grid_power, "search_steps": args.search_steps,
            "buffer_capacity": args.buffer_capacity, "kl_fraction": args.kl_fraction,
            "rank_weight": args.rank_weight, "eviction": args.eviction,
-           "search_in_place": args.search_in_place}  # fmt: skip
+           "search_in_place": args.search_in_place, "buffer_init": args.buffer_init}  # fmt: skip
     if args.lr:
         cfg["lr"] = dict.fromkeys(cfg["lr"], args.lr)
     if args.sigma:
