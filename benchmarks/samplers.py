@@ -259,7 +259,11 @@ def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fra
         kl_svi = SVI(model, guide, pyro.optim.Adam({"lr": cfg["lr"][target]}), PathELBO(paths))
         kl_iterations, kl_seconds = _train(kl_svi, args, cfg["kl_fraction"] * budget)
         warm_seconds += kl_seconds
-    svi = SVI(model, guide, pyro.optim.Adam(rate), loss)
+    if cfg["clip_norm"]:
+        optim = pyro.optim.ClippedAdam(lambda name: {**rate(name), "clip_norm": cfg["clip_norm"]})
+    else:
+        optim = pyro.optim.Adam(rate)
+    svi = SVI(model, guide, optim, loss)
     iterations, seconds = _train(svi, args, budget - warm_seconds, cfg["lr_decay"].get(target))
     seconds += warm_seconds
     iterations += kl_iterations
@@ -361,6 +365,8 @@ def main(argv=None):
         parser.add_argument("--rank-weight", type=float, default=0.01, help=help_)
         help_ = "+buffer methods: seed the buffer with this many end points of the untrained guide, Langevin-moved"
         parser.add_argument("--buffer-init", type=int, default=0, help=help_)
+        help_ = "clip each diffusion parameter's gradient norm at this value (ClippedAdam; the KL start is not clipped)"
+        parser.add_argument("--clip-norm", type=float, default=None, help=help_)
         parser.add_argument("--eviction", default="fifo", choices=["fifo", "reservoir"], help="+buffer methods")
         help_ = "+buffer methods: searched points replace their starting points (a population of Langevin chains)"
         parser.add_argument("--search-in-place", action="store_true", help=help_)
@@ -388,7 +394,8 @@ def main(argv=None):
            "grid_power": args.grid_power, "search_steps": args.search_steps,
            "buffer_capacity": args.buffer_capacity, "kl_fraction": args.kl_fraction,
            "rank_weight": args.rank_weight, "eviction": args.eviction,
-           "search_in_place": args.search_in_place, "buffer_init": args.buffer_init}  # fmt: skip
+           "search_in_place": args.search_in_place, "buffer_init": args.buffer_init,
+           "clip_norm": args.clip_norm}  # fmt: skip
     if args.lr:
         cfg["lr"] = dict.fromkeys(cfg["lr"], args.lr)
     if args.sigma:
