@@ -105,8 +105,9 @@ class LogVarianceLoss(_BatchedPathLoss):
         sampler has lost, where its own paths never go.
     :param backward_fraction: that share, in (0, 1).
     :param search_steps: Metropolis-adjusted Langevin steps (:func:`~pyro_gpx.diffusion.buffer.langevin_search`)
-        run on ``num_paths`` replayed points every ``search_every`` calls; the results are added to the
-        buffer. The step size adapts towards an acceptance rate of 0.574.
+        run on the distinct points of ``num_paths`` replays every ``search_every`` calls; the results are
+        added to the buffer (or replace their starting points, ``search_in_place``). The step size adapts
+        towards an acceptance rate of 0.574.
     :param search_every: calls between local searches.
     :param search_in_place: the searched points replace their starting points (the buffer is then a
         population of Langevin chains) instead of being added next to them.
