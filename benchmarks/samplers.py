@@ -44,6 +44,7 @@ from pyro_gpx.diffusion import (  # noqa: E402
 )
 
 MANYWELL_LOG_Z = 164.696
+SEED_LANGEVIN_STEPS = 100  # Langevin steps that move the replay buffer's seed points (--buffer-init)
 
 
 # -- targets -------------------------------------------------------------------------------------
@@ -254,7 +255,7 @@ def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fra
     def rate(name):
         return {"lr": 0.0 if (frozen and ".flow." in name) or (zero_drift and ".drift." in name) else lr}
 
-    iterations = kl_iterations = 0
+    kl_iterations = 0
     if loss_name == "LV" and cfg["kl_fraction"] > 0:  # a reverse-KL warm start: fast, but it drops modes
         kl_svi = SVI(model, guide, pyro.optim.Adam({"lr": cfg["lr"][target]}), PathELBO(paths))
         kl_iterations, kl_seconds = _train(kl_svi, args, cfg["kl_fraction"] * budget)
@@ -272,14 +273,14 @@ def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fra
         samples = guide.sample_paths(cfg["eval_paths"], *args, log_target=False).z
     # one target gradient per path (the end point), plus one per step with the score input
     grads = iterations * paths * ((steps + 1) if guide.drift.use_score else 1)
-    if buffered:  # the local search's gradients: one per replayed point and Langevin step
-        grads += loss.calls * paths * cfg["search_steps"] + cfg["buffer_init"] * 100  # and the seeding's
+    if buffered:  # the local search's and the seeding's gradients: one per point and Langevin step
+        grads += loss.calls * paths * cfg["search_steps"] + cfg["buffer_init"] * SEED_LANGEVIN_STEPS
     return {"elbo": est["elbo"], "logz": est["log_z"], "logz_stderr": est["stderr"], "ess": est["ess"],
             "train_seconds": seconds,
             "steps": iterations, "num_grads": grads}, guide, samples  # fmt: skip
 
 
-def _langevin_seed(guide, target_args, num, steps=100, step_size=0.02):
+def _langevin_seed(guide, target_args, num, steps=SEED_LANGEVIN_STEPS, step_size=0.02):
     """``num`` end points of the (untrained) guide moved by ``steps`` Langevin steps on the target, with
     their log density: a buffer that covers the modes before reverse-KL training can drop any."""
     with torch.no_grad():
