@@ -159,9 +159,12 @@ def modes_recovered(samples: torch.Tensor) -> int:
 LR_DECAY = {"logistic": 0.1}
 
 
-def _train(svi, args, budget: float, decay: float | None = None) -> tuple[int, float]:
+def _train(svi, args, budget: float, decay: float | None = None, on_step=None) -> tuple[int, float]:
+    """SVI steps for ``budget`` seconds; ``on_step(fraction of the budget spent)`` runs before each."""
     start, steps = time.perf_counter(), 0
     while (elapsed := time.perf_counter() - start) < budget:
+        if on_step is not None:
+            on_step(elapsed / budget)
         if decay is not None:
             factor = decay ** max(0.0, 2 * elapsed / budget - 1)
             for optimizer in svi.optim.optim_objs.values():
@@ -265,7 +268,28 @@ def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fra
     else:
         optim = pyro.optim.Adam(rate)
     svi = SVI(model, guide, optim, loss)
-    iterations, seconds = _train(svi, args, budget - warm_seconds, cfg["lr_decay"].get(target))
+    end_budget = cfg["kl_end_fraction"] * budget if loss_name == "LV" else 0.0
+    on_step = None
+    if loss_name == "LV" and cfg["exploration_end"] is not None:  # linear, over the LV phase
+
+        def on_step(fraction):
+            loss.exploration = cfg["exploration"] + fraction * (cfg["exploration_end"] - cfg["exploration"])
+
+    lv_budget = budget - warm_seconds - end_budget
+    iterations, seconds = _train(svi, args, lv_budget, cfg["lr_decay"].get(target), on_step)
+    extra = {}
+    if end_budget:  # a reverse-KL finish from the LV guide: sharpens each mode; does it keep their weights?
+        with torch.no_grad():
+            z = guide.sample_paths(2000, *args, log_target=False).z
+        if target in ("manywell", "twomode"):
+            extra["lighter_well_share_before_kl_end"] = float((z[:, 0::2] < 0).double().mean())
+        end_lr = cfg["kl_end_lr"]
+        end_optim = (pyro.optim.ClippedAdam({"lr": end_lr, "clip_norm": cfg["clip_norm"]}) if cfg["clip_norm"]
+                     else pyro.optim.Adam({"lr": end_lr}))  # fmt: skip
+        end_svi = SVI(model, guide, end_optim, PathELBO(paths))
+        end_iterations, end_seconds = _train(end_svi, args, end_budget, cfg["lr_decay"].get(target))
+        iterations, seconds = iterations + end_iterations, seconds + end_seconds
+        extra["kl_end_steps"] = end_iterations
     seconds += warm_seconds
     iterations += kl_iterations
     with torch.no_grad():
@@ -277,7 +301,7 @@ def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fra
         grads += loss.calls * paths * cfg["search_steps"] + cfg["buffer_init"] * SEED_LANGEVIN_STEPS
     return {"elbo": est["elbo"], "logz": est["log_z"], "logz_stderr": est["stderr"], "ess": est["ess"],
             "train_seconds": seconds,
-            "steps": iterations, "num_grads": grads}, guide, samples  # fmt: skip
+            "steps": iterations, "num_grads": grads, **extra}, guide, samples  # fmt: skip
 
 
 def _langevin_seed(guide, target_args, num, steps=SEED_LANGEVIN_STEPS, step_size=0.02):
@@ -286,8 +310,9 @@ def _langevin_seed(guide, target_args, num, steps=SEED_LANGEVIN_STEPS, step_size
     with torch.no_grad():
         z = guide.sample_paths(num, *target_args, log_target=False).z
     target = guide.target(*target_args)
-    z, log_target, _ = langevin_search(target.log_density, z, steps, step_size)
-    return z, log_target
+    z, log_target, _ = langevin_search(lambda x: target.log_density(x, strict=False), z, steps, step_size)
+    finite = torch.isfinite(log_target)  # a start where the density is not finite never moves: left out
+    return z[finite], log_target[finite]
 
 
 def run_autoguide(model, args, target, cls, budget, cfg):
@@ -354,6 +379,8 @@ def main(argv=None):
         parser.add_argument("--grid-power", type=float, default=1.0, help=help_)
         help_ = "LV loss: the training paths' noise is scaled by this factor (off-policy exploration)"
         parser.add_argument("--exploration", type=float, default=1.0, help=help_)
+        help_ = "LV loss: the exploration factor moves linearly to this value over the LV phase"
+        parser.add_argument("--exploration-end", type=float, default=None, help=help_)
         help_ = (
             "methods ending in +IAF (PIS-KL+IAF, DDS-KL+IAF, ...): 0 trains a fresh flow jointly with the drift; "
             "> 0 is the share of the budget that trains an AutoIAFNormal warm start, then kept fixed"
@@ -373,6 +400,9 @@ def main(argv=None):
         parser.add_argument("--search-in-place", action="store_true", help=help_)
         help_ = "LV methods: this share of the budget first trains the guide with the path ELBO (reverse KL)"
         parser.add_argument("--kl-fraction", type=float, default=0.0, help=help_)
+        help_ = "LV methods: this share of the budget finishes training with the path ELBO (reverse KL)"
+        parser.add_argument("--kl-end-fraction", type=float, default=0.0, help=help_)
+        parser.add_argument("--kl-end-lr", type=float, default=1e-3, help="learning rate of that finish")
         parser.add_argument(
             "--logistic-budget",
             type=float,
@@ -396,7 +426,8 @@ def main(argv=None):
            "buffer_capacity": args.buffer_capacity, "kl_fraction": args.kl_fraction,
            "rank_weight": args.rank_weight, "eviction": args.eviction,
            "search_in_place": args.search_in_place, "buffer_init": args.buffer_init,
-           "clip_norm": args.clip_norm}  # fmt: skip
+           "clip_norm": args.clip_norm, "kl_end_fraction": args.kl_end_fraction,
+           "kl_end_lr": args.kl_end_lr, "exploration_end": args.exploration_end}  # fmt: skip
     if args.lr:
         cfg["lr"] = dict.fromkeys(cfg["lr"], args.lr)
     if args.sigma:

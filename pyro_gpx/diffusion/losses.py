@@ -156,8 +156,11 @@ class LogVarianceLoss(_BatchedPathLoss):
     def _search(self, guide, args, kwargs) -> None:
         target, buffer = guide.target(*args, **kwargs), self.buffer
         index = buffer.sample_index(self.num_paths).unique()
-        z, log_target, accept = langevin_search(target.log_density, buffer.z[index], self.search_steps,
-                                                self.search_step_size)  # fmt: skip
+
+        def log_density(z):  # a proposal where the density is not finite is rejected, not an error
+            return target.log_density(z, strict=False)
+
+        z, log_target, accept = langevin_search(log_density, buffer.z[index], self.search_steps, self.search_step_size)
         self.search_step_size *= 1.1 if accept > 0.574 else 0.9
         if self.search_in_place:
             buffer.update(index, z, log_target)

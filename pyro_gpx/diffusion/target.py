@@ -8,6 +8,7 @@ above it blocked), or once per row if it is not shape-safe.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -99,13 +100,13 @@ class UnconstrainedTarget:
             with pyro.plate("_pyro_gpx_particles", batch, dim=dim) if batch is not None else nullcontext():
                 return poutine.trace(poutine.condition(self.model, data=data)).get_trace(*self.args, **self.kwargs)
 
-    def _trace_log_prob(self, trace, batch: int | None, dim: int | None = None) -> torch.Tensor:
+    def _trace_log_prob(self, trace, batch: int | None, dim: int | None = None, strict: bool = True) -> torch.Tensor:
         total = 0.0
         for site in trace.nodes.values():
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
             lp = site["fn"].log_prob(site["value"])
-            if not torch.isfinite(lp).all():
+            if strict and not torch.isfinite(lp).all():
                 raise FloatingPointError(f"log density of site {site['name']!r} is not finite at a sampled point")
             if site["mask"] is not None:
                 lp = lp * torch.as_tensor(site["mask"], dtype=lp.dtype)
@@ -119,26 +120,31 @@ class UnconstrainedTarget:
                 total = total + lp.sum()
         return total
 
-    def _batched(self, z: torch.Tensor, subsample: dict | None = None) -> tuple[torch.Tensor, dict]:
+    def _batched(
+        self, z: torch.Tensor, subsample: dict | None = None, strict: bool = True
+    ) -> tuple[torch.Tensor, dict]:
         """:math:`\\log\\rho` of the rows of ``z`` in one batched model run, and the subsample indices it used."""
         B, dim = z.shape[0], self._particle_dim()
         shaped = z.reshape((B,) + (1,) * (-dim - 1) + z.shape[-1:])
         values, log_jac = self._conditioned(shaped, B)
         trace = self._trace(values, subsample, B, dim)
-        out = self._trace_log_prob(trace, B, dim) + log_jac
+        out = self._trace_log_prob(trace, B, dim, strict) + log_jac
         if out.shape != (B,):
             raise RuntimeError(f"batched log density has shape {tuple(out.shape)}")
         return out, {name: site["value"] for name, site in trace.nodes.items() if site_is_subsample(site)}
 
-    def _looped(self, z: torch.Tensor, subsample: dict | None = None) -> torch.Tensor:
+    def _looped(self, z: torch.Tensor, subsample: dict | None = None, strict: bool = True) -> torch.Tensor:
         outs = []
         for row in z:
             values, log_jac = self._conditioned(row, None)
-            outs.append(self._trace_log_prob(self._trace(values, subsample), None) + log_jac)
+            outs.append(self._trace_log_prob(self._trace(values, subsample), None, strict=strict) + log_jac)
         return torch.stack(outs)
 
-    def log_density(self, z: torch.Tensor) -> torch.Tensor:
-        """:math:`\\log\\rho(z)` for ``z`` of shape ``(B, D)``; returns ``(B,)``."""
+    def log_density(self, z: torch.Tensor, strict: bool = True) -> torch.Tensor:
+        """:math:`\\log\\rho(z)` for ``z`` of shape ``(B, D)``; returns ``(B,)``.
+
+        :param strict: raise ``FloatingPointError`` (naming the site) where the density is not finite;
+            ``False`` returns :math:`-\\infty` there instead, for proposals a sampler should reject."""
         if z.dim() != 2:
             raise ValueError(f"z must be (B, D), got shape {tuple(z.shape)}")
         if self.vectorized is None:
@@ -159,7 +165,9 @@ class UnconstrainedTarget:
                     RuntimeWarning,
                     stacklevel=3,
                 )
-        out = self._batched(z)[0] if self.vectorized else self._looped(z)
+        out = self._batched(z, strict=strict)[0] if self.vectorized else self._looped(z, strict=strict)
+        if not strict:
+            return torch.where(torch.isfinite(out), out, torch.full_like(out, -math.inf))
         if not torch.isfinite(out).all():
             raise FloatingPointError("the target log density is not finite at some sampled points")
         return out

@@ -225,3 +225,32 @@ def test_buffered_log_variance_loss(float64):
                           ({"buffer": buffer, "search_every": 0}, "search_every")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             LogVarianceLoss(8, **kwargs)
+
+
+def walled_model():
+    # a standard normal whose density is NaN outside |x_i| < 2 (say, a simulator that fails there)
+    x = pyro.sample("x", dist.Normal(torch.zeros(3, dtype=torch.float64), 1.0).to_event(1))
+    pyro.factor("wall", torch.where(x.abs().amax(-1) < 2, 0.0, math.nan))
+
+
+def test_local_search_rejects_points_where_the_density_is_not_finite(float64):
+    guide = AutoDiffusion(walled_model, num_steps=4, hidden=8, init_loc_fn=init_to_mean)
+    guide()
+    target = guide.target()
+    z = torch.tensor([[0.5, -1.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, -1.5]])
+    with pytest.raises(FloatingPointError, match="'wall'"):
+        target.log_density(z)
+    lenient = target.log_density(z, strict=False)
+    assert lenient[1] == -math.inf
+    torch.testing.assert_close(lenient[[0, 2]], dist.Normal(0.0, 1.0).log_prob(z[[0, 2]]).sum(-1))
+    torch.manual_seed(0)
+    buffer = ReplayBuffer(capacity=100)
+    buffer.add(torch.rand(60, 3) * 2 - 1, torch.zeros(60))
+    loss = LogVarianceLoss(32, buffer=buffer, search_steps=5, search_in_place=True)
+    loss.search_step_size = 2.0  # proposals often cross the wall
+    loss._search(guide, (), {})
+    moved = buffer.log_target != 0
+    assert moved.any() and torch.isfinite(buffer.log_target).all() and buffer.z.abs().max() < 2
+    exact = dist.Normal(0.0, 1.0).log_prob(buffer.z[moved]).sum(-1)
+    torch.testing.assert_close(buffer.log_target[moved], exact)
+    assert loss.search_step_size < 2.0  # most proposals were rejected: the step shrinks
