@@ -292,6 +292,8 @@ def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fra
         extra["kl_end_steps"] = end_iterations
     seconds += warm_seconds
     iterations += kl_iterations
+    if cfg["save_guide"]:  # the param store (the guide's drift and frame), to re-evaluate without retraining
+        pyro.get_param_store().save(f"{cfg['save_guide']}.{target}.{process}-{loss_name}.pt")
     with torch.no_grad():
         est = guide.log_normalizer(cfg["eval_paths"], *args, batch_size=paths * 4)
         samples = guide.sample_paths(cfg["eval_paths"], *args, log_target=False).z
@@ -374,6 +376,8 @@ def main(argv=None):
         help_ = "decay every SVI learning rate by this factor over the second half of the budget (every target)"
         parser.add_argument("--lr-decay", type=float, default=None, help=help_)
         parser.add_argument("--hidden", type=int, default=64, help="width of the drift networks")
+        parser.add_argument("--eval-paths", type=int, default=None, help="paths of the log Z estimate (10 000)")
+        parser.add_argument("--save-guide", default=None, help="diffusion methods: save the param store to PREFIX.*.pt")
         parser.add_argument("--no-score", action="store_true", help="drift networks without the score input")
         help_ = "PIS time grid t_k = T (1 - (1 - k/K)^p): p > 1 shortens the final steps (AutoDiffusion(grid_power=p))"
         parser.add_argument("--grid-power", type=float, default=1.0, help=help_)
@@ -418,7 +422,8 @@ def main(argv=None):
     cfg = {"steps": args.steps or 32, "paths": args.paths or (64 if args.quick else 128),
            "hidden": args.hidden, "lr": {"funnel": 5e-3, "gmm": 5e-3, "manywell": 1e-2, "logistic": 5e-3,
                                          "twomode": 5e-3},
-           "eval_paths": 2000 if args.quick else 10000, "vi_particles": 16, "nuts_samples": 200 if args.quick else 1000,
+           "eval_paths": args.eval_paths or (2000 if args.quick else 10000),
+           "vi_particles": 16, "nuts_samples": 200 if args.quick else 1000,
            "reference_samples": 400 if args.quick else 8000,
            "sigma": {"funnel": 1.0, "gmm": 3.0, "manywell": 1.0, "logistic": 0.5, "twomode": 1.0},
            "exploration": args.exploration, "no_score": args.no_score, "lr_decay": dict(LR_DECAY),
@@ -427,7 +432,8 @@ def main(argv=None):
            "rank_weight": args.rank_weight, "eviction": args.eviction,
            "search_in_place": args.search_in_place, "buffer_init": args.buffer_init,
            "clip_norm": args.clip_norm, "kl_end_fraction": args.kl_end_fraction,
-           "kl_end_lr": args.kl_end_lr, "exploration_end": args.exploration_end}  # fmt: skip
+           "kl_end_lr": args.kl_end_lr, "exploration_end": args.exploration_end,
+           "save_guide": args.save_guide}  # fmt: skip
     if args.lr:
         cfg["lr"] = dict.fromkeys(cfg["lr"], args.lr)
     if args.sigma:
