@@ -239,6 +239,8 @@ def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fra
     special = DIFFUSION.get(target, {})
     steps, paths = special.get("steps", cfg["steps"]), special.get("paths", cfg["paths"])
     kwargs.setdefault("use_score", special.get("use_score", not cfg["no_score"]))
+    if cfg["drift_clip"] is not None:
+        kwargs.setdefault("drift_clip", cfg["drift_clip"])
     if process == "pis":
         kwargs["grid_power"] = cfg["grid_power"]
     guide = AutoDiffusion(model, process=process, num_steps=steps, sigma=cfg["sigma"][target], hidden=cfg["hidden"],
@@ -377,6 +379,8 @@ def main(argv=None):
         parser.add_argument("--lr-decay", type=float, default=None, help=help_)
         parser.add_argument("--hidden", type=int, default=64, help="width of the drift networks")
         parser.add_argument("--eval-paths", type=int, default=None, help="paths of the log Z estimate (10 000)")
+        help_ = "diffusion methods without a flow: softly bound each drift coordinate at this value (drift_clip)"
+        parser.add_argument("--drift-clip", type=float, default=None, help=help_)
         parser.add_argument("--save-guide", default=None, help="diffusion methods: save the param store to PREFIX.*.pt")
         parser.add_argument("--no-score", action="store_true", help="drift networks without the score input")
         help_ = "PIS time grid t_k = T (1 - (1 - k/K)^p): p > 1 shortens the final steps (AutoDiffusion(grid_power=p))"
@@ -433,7 +437,7 @@ def main(argv=None):
            "search_in_place": args.search_in_place, "buffer_init": args.buffer_init,
            "clip_norm": args.clip_norm, "kl_end_fraction": args.kl_end_fraction,
            "kl_end_lr": args.kl_end_lr, "exploration_end": args.exploration_end,
-           "save_guide": args.save_guide}  # fmt: skip
+           "save_guide": args.save_guide, "drift_clip": args.drift_clip}  # fmt: skip
     if args.lr:
         cfg["lr"] = dict.fromkeys(cfg["lr"], args.lr)
     if args.sigma:
