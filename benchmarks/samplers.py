@@ -251,7 +251,8 @@ def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fra
         buffer = ReplayBuffer(cfg["buffer_capacity"], cfg["rank_weight"], cfg["eviction"]) if buffered else None
         loss = LogVarianceLoss(paths, exploration=cfg["exploration"], buffer=buffer,
                                search_steps=cfg["search_steps"] if buffered else 0,
-                               search_in_place=cfg["search_in_place"])  # fmt: skip
+                               search_in_place=cfg["search_in_place"],
+                               backward_fraction=cfg["backward_fraction"])  # fmt: skip
         if buffered and cfg["buffer_init"]:  # seeded before training, from the untrained sampler's wide end points
             buffer.add(*_langevin_seed(guide, target_args=args, num=cfg["buffer_init"]))
     lr = cfg["lr"][target] if loss_name == "KL" else min(cfg["lr"][target], 5e-3)  # LV diverged at 1e-2 (many-well)
@@ -396,6 +397,8 @@ def main(argv=None):
         parser.add_argument("--flow-fraction", type=float, default=0.0, help=help_)
         help_ = "+buffer methods: Langevin local-search steps on the replayed points per training step"
         parser.add_argument("--search-steps", type=int, default=10, help=help_)
+        help_ = "+buffer methods: share of each batch that is backward paths from replayed points"
+        parser.add_argument("--backward-fraction", type=float, default=0.5, help=help_)
         parser.add_argument("--buffer-capacity", type=int, default=10_000, help="+buffer methods: replay buffer size")
         help_ = "+buffer methods: c in the replay priority 1 / (c N + rank); large c replays uniformly"
         parser.add_argument("--rank-weight", type=float, default=0.01, help=help_)
@@ -437,7 +440,8 @@ def main(argv=None):
            "search_in_place": args.search_in_place, "buffer_init": args.buffer_init,
            "clip_norm": args.clip_norm, "kl_end_fraction": args.kl_end_fraction,
            "kl_end_lr": args.kl_end_lr, "exploration_end": args.exploration_end,
-           "save_guide": args.save_guide, "drift_clip": args.drift_clip}  # fmt: skip
+           "save_guide": args.save_guide, "drift_clip": args.drift_clip,
+           "backward_fraction": args.backward_fraction}  # fmt: skip
     if args.lr:
         cfg["lr"] = dict.fromkeys(cfg["lr"], args.lr)
     if args.sigma:
