@@ -147,6 +147,11 @@ def mmd(a: torch.Tensor, b: torch.Tensor, max_points: int = 2000) -> float:
     return float((k(a, a) + k(b, b) - 2 * k(a, b)).clamp_min(0).sqrt())
 
 
+def lighter_well_share(samples: torch.Tensor) -> float:
+    """Share of the double-well coordinates (every other one) in the lighter, negative well."""
+    return float((samples[:, 0::2] < 0).double().mean())
+
+
 def modes_recovered(samples: torch.Tensor) -> int:
     nearest = torch.cdist(samples.float(), GRID).argmin(1)
     counts = torch.bincount(nearest, minlength=25).float() / len(samples)
@@ -266,11 +271,7 @@ def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fra
         kl_svi = SVI(model, guide, pyro.optim.Adam({"lr": cfg["lr"][target]}), PathELBO(paths))
         kl_iterations, kl_seconds = _train(kl_svi, args, cfg["kl_fraction"] * budget)
         warm_seconds += kl_seconds
-    if cfg["clip_norm"]:
-        optim = pyro.optim.ClippedAdam(lambda name: {**rate(name), "clip_norm": cfg["clip_norm"]})
-    else:
-        optim = pyro.optim.Adam(rate)
-    svi = SVI(model, guide, optim, loss)
+    svi = SVI(model, guide, _adam(rate, cfg["clip_norm"]), loss)
     end_budget = cfg["kl_end_fraction"] * budget if loss_name == "LV" else 0.0
     on_step = None
     if loss_name == "LV" and cfg["exploration_end"] is not None:  # linear, over the LV phase
@@ -282,14 +283,11 @@ def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fra
     iterations, seconds = _train(svi, args, lv_budget, cfg["lr_decay"].get(target), on_step)
     extra = {}
     if end_budget:  # a reverse-KL finish from the LV guide: sharpens each mode; does it keep their weights?
-        with torch.no_grad():
-            z = guide.sample_paths(2000, *args, log_target=False).z
         if target in ("manywell", "twomode"):
-            extra["lighter_well_share_before_kl_end"] = float((z[:, 0::2] < 0).double().mean())
-        end_lr = cfg["kl_end_lr"]
-        end_optim = (pyro.optim.ClippedAdam({"lr": end_lr, "clip_norm": cfg["clip_norm"]}) if cfg["clip_norm"]
-                     else pyro.optim.Adam({"lr": end_lr}))  # fmt: skip
-        end_svi = SVI(model, guide, end_optim, PathELBO(paths))
+            with torch.no_grad():
+                z = guide.sample_paths(2000, *args, log_target=False).z
+            extra["lighter_well_share_before_kl_end"] = lighter_well_share(z)
+        end_svi = SVI(model, guide, _adam(lambda name: {"lr": cfg["kl_end_lr"]}, cfg["clip_norm"]), PathELBO(paths))
         end_iterations, end_seconds = _train(end_svi, args, end_budget, cfg["lr_decay"].get(target))
         iterations, seconds = iterations + end_iterations, seconds + end_seconds
         extra["kl_end_steps"] = end_iterations
@@ -307,6 +305,13 @@ def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fra
     return {"elbo": est["elbo"], "logz": est["log_z"], "logz_stderr": est["stderr"], "ess": est["ess"],
             "train_seconds": seconds,
             "steps": iterations, "num_grads": grads, **extra}, guide, samples  # fmt: skip
+
+
+def _adam(rate, clip_norm: float | None):
+    """Adam with per-parameter options ``rate(name)``; ``ClippedAdam`` if ``clip_norm`` is given."""
+    if clip_norm:
+        return pyro.optim.ClippedAdam(lambda name: {**rate(name), "clip_norm": clip_norm})
+    return pyro.optim.Adam(rate)
 
 
 def _langevin_seed(guide, target_args, num, steps=SEED_LANGEVIN_STEPS, step_size=0.02):
@@ -493,7 +498,7 @@ def main(argv=None):
             if target == "gmm" and samples is not None:
                 out["modes_recovered"] = modes_recovered(samples)
             if target in ("manywell", "twomode") and samples is not None:  # exact share: 0.156 (each pair), 0.2
-                out["lighter_well_share"] = float((samples[:, 0::2] < 0).double().mean())
+                out["lighter_well_share"] = lighter_well_share(samples)
             if target == "logistic" and samples is not None:
                 m_ref, s_ref = reference.mean(0), reference.std(0)
                 out["mean_rel_error"] = float(((samples.mean(0) - m_ref).abs() / s_ref).max())
