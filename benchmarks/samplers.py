@@ -16,6 +16,7 @@ error against the reference in its standard deviations (logistic regression) and
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -279,9 +280,26 @@ def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fra
         def on_step(fraction):
             loss.exploration = cfg["exploration"] + fraction * (cfg["exploration_end"] - cfg["exploration"])
 
+    if cfg["trace_every"] and loss_name == "LV":
+        _trace_training(guide, loss, cfg["trace_every"])
     lv_budget = budget - warm_seconds - end_budget
+    guard = None
+    if loss_name == "LV" and cfg["guard_every"]:
+        guard = _CollapseGuard(guide, svi, args, cfg["guard_every"], cfg["guard_drop"])
+        explore = on_step
+
+        def on_step(fraction):
+            if explore is not None:
+                explore(fraction)
+            guard(fraction)
+
     iterations, seconds = _train(svi, args, lv_budget, cfg["lr_decay"].get(target), on_step)
     extra = {}
+    if guard is not None:  # a collapse in the last interval is rolled back too
+        start = time.perf_counter()
+        guard.check()
+        seconds += time.perf_counter() - start
+        extra["rollbacks"] = guard.rollbacks
     if end_budget:  # a reverse-KL finish from the LV guide: sharpens each mode; does it keep their weights?
         if target in ("manywell", "twomode"):
             with torch.no_grad():
@@ -305,6 +323,74 @@ def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fra
     return {"elbo": est["elbo"], "logz": est["log_z"], "logz_stderr": est["stderr"], "ess": est["ess"],
             "train_seconds": seconds,
             "steps": iterations, "num_grads": grads, **extra}, guide, samples  # fmt: skip
+
+
+def _trace_training(guide, loss, every: int) -> None:
+    """Prints, every ``every`` LV steps, the batch's log weights (forward and backward paths apart) and the
+    largest absolute drift-network output weight: a diagnosis of diverging runs."""
+    rescore, count = guide.rescore_paths, [0]
+
+    def traced(states, *args, **kwargs):
+        path = rescore(states, *args, **kwargs)
+        count[0] += 1
+        if count[0] % every == 0:
+            log_w = path.log_weight.detach()
+            buffer = loss.buffer
+            num_backward = 0
+            if buffer is not None and len(buffer) >= loss.num_paths:
+                num_backward = min(max(round(loss.backward_fraction * loss.num_paths), 1), loss.num_paths - 1)
+            fwd, bwd = log_w[: len(log_w) - num_backward], log_w[len(log_w) - num_backward :]
+            drift = guide.drift
+            gate = float(drift.score_gate[-1].weight.abs().max()) if drift.use_score else 0.0
+            line = (f"trace step={count[0]} var={float(log_w.var()):.4g} fwd_mean={float(fwd.mean()):.4g} "
+                    f"fwd_min={float(fwd.min()):.4g} fwd_max={float(fwd.max()):.4g}")  # fmt: skip
+            if len(bwd):
+                line += f" bwd_mean={float(bwd.mean()):.4g} bwd_min={float(bwd.min()):.4g}"
+            line += f" out_w={float(drift.out.weight.abs().max()):.3g} gate_w={gate:.3g}"
+            print(line, flush=True)
+        return path
+
+    guide.rescore_paths = traced
+
+
+class _CollapseGuard:
+    """A rollback for collapsing training runs, called before each SVI step (``on_step``).
+
+    Every ``every`` steps the ELBO of ``num_paths`` fresh paths is estimated (no target knowledge: the
+    quantity a user monitors). A new best ELBO saves the parameters and the optimiser's moments; an
+    ELBO more than ``drop`` nats below the best restores them and halves every learning rate. The
+    seconds spent here count against the budget."""
+
+    def __init__(self, guide, svi, args, every: int, drop: float, num_paths: int = 1024):
+        self.guide, self.svi, self.args, self.every, self.drop = guide, svi, args, every, drop
+        self.num_paths, self.calls, self.best, self.saved, self.rollbacks = num_paths, 0, -math.inf, None, 0
+
+    def __call__(self, fraction: float | None = None) -> None:
+        self.calls += 1
+        if self.calls % self.every == 0:
+            self.check()
+
+    def check(self) -> None:
+        with torch.no_grad():
+            elbo = self.guide.log_normalizer(self.num_paths, *self.args, batch_size=self.num_paths)["elbo"]
+        store, optimizers = pyro.get_param_store(), self.svi.optim.optim_objs
+        if math.isfinite(elbo) and elbo > self.best:
+            self.best = elbo
+            self.saved = ({name: p.detach().clone() for name, p in store.named_parameters()},
+                          {p: copy.deepcopy(opt.state_dict()) for p, opt in optimizers.items()})  # fmt: skip
+        elif self.saved is not None and not elbo > self.best - self.drop:
+            values, states = self.saved
+            with torch.no_grad():
+                for name, p in store.named_parameters():
+                    p.copy_(values[name])
+            for p, optimizer in optimizers.items():
+                optimizer.load_state_dict(states[p])
+                for group in optimizer.param_groups:
+                    group["lr"] *= 0.5
+                    if "base_lr" in group:
+                        group["base_lr"] *= 0.5
+            self.rollbacks += 1
+            print(f"guard: ELBO {elbo:.4g} < best {self.best:.4g} - {self.drop}: rolled back, rates halved", flush=True)
 
 
 def _adam(rate, clip_norm: float | None):
@@ -418,6 +504,11 @@ def main(argv=None):
         parser.add_argument("--kl-fraction", type=float, default=0.0, help=help_)
         help_ = "LV methods: this share of the budget finishes training with the path ELBO (reverse KL)"
         parser.add_argument("--kl-end-fraction", type=float, default=0.0, help=help_)
+        help_ = "LV methods: print the batch's log weights every N steps"
+        parser.add_argument("--trace-every", type=int, default=0, help=help_)
+        help_ = "LV methods: every N steps the ELBO of 1024 paths is estimated; a collapse restores the best state"
+        parser.add_argument("--guard-every", type=int, default=0, help=help_)
+        parser.add_argument("--guard-drop", type=float, default=10.0, help="nats below the best ELBO that roll back")
         parser.add_argument("--kl-end-lr", type=float, default=1e-3, help="learning rate of that finish")
         parser.add_argument(
             "--logistic-budget",
@@ -446,7 +537,8 @@ def main(argv=None):
            "clip_norm": args.clip_norm, "kl_end_fraction": args.kl_end_fraction,
            "kl_end_lr": args.kl_end_lr, "exploration_end": args.exploration_end,
            "save_guide": args.save_guide, "drift_clip": args.drift_clip,
-           "backward_fraction": args.backward_fraction}  # fmt: skip
+           "backward_fraction": args.backward_fraction, "trace_every": args.trace_every,
+           "guard_every": args.guard_every, "guard_drop": args.guard_drop}  # fmt: skip
     if args.lr:
         cfg["lr"] = dict.fromkeys(cfg["lr"], args.lr)
     if args.sigma:
