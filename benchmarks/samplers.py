@@ -16,7 +16,6 @@ error against the reference in its standard deviations (logistic regression) and
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import time
@@ -43,6 +42,7 @@ from pyro_gpx.diffusion import (  # noqa: E402
     importance_estimate,
     langevin_search,
 )
+from pyro_gpx.svi import CollapseGuard  # noqa: E402
 
 MANYWELL_LOG_Z = 164.696
 SEED_LANGEVIN_STEPS = 100  # Langevin steps that move the replay buffer's seed points (--buffer-init)
@@ -165,8 +165,9 @@ def modes_recovered(samples: torch.Tensor) -> int:
 LR_DECAY = {"logistic": 0.1}
 
 
-def _train(svi, args, budget: float, decay: float | None = None, on_step=None) -> tuple[int, float]:
-    """SVI steps for ``budget`` seconds; ``on_step(fraction of the budget spent)`` runs before each."""
+def _train(svi, args, budget: float, decay: float | None = None, on_step=None, guard=None) -> tuple[int, float]:
+    """SVI steps for ``budget`` seconds; ``on_step(fraction of the budget spent)`` runs before each. With a
+    ``CollapseGuard``, a non-finite loss rolls back to its best state instead of ending the run."""
     start, steps = time.perf_counter(), 0
     while (elapsed := time.perf_counter() - start) < budget:
         if on_step is not None:
@@ -175,9 +176,15 @@ def _train(svi, args, budget: float, decay: float | None = None, on_step=None) -
             factor = decay ** max(0.0, 2 * elapsed / budget - 1)
             for optimizer in svi.optim.optim_objs.values():
                 for group in optimizer.param_groups:  # relative to each group's own rate (a frozen flow's is 0)
-                    group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
-        value = svi.step(*args)
+                    group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
+        try:
+            value = svi.step(*args)
+        except FloatingPointError:
+            value = math.nan
         if not math.isfinite(value):
+            if guard is not None and guard.rollback():
+                print("guard: the loss was not finite: rolled back, rates halved", flush=True)
+                continue
             raise FloatingPointError(f"loss became {value}")
         steps += 1
     return steps, time.perf_counter() - start
@@ -284,16 +291,23 @@ def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fra
         _trace_training(guide, loss, cfg["trace_every"])
     lv_budget = budget - warm_seconds - end_budget
     guard = None
-    if loss_name == "LV" and cfg["guard_every"]:
-        guard = _CollapseGuard(guide, svi, args, cfg["guard_every"], cfg["guard_drop"])
+    if loss_name == "LV" and cfg["guard_every"]:  # the ELBO of 1024 fresh paths; its seconds count in the budget
+
+        def elbo():
+            return guide.log_normalizer(1024, *args, batch_size=1024)["elbo"]
+
+        guard = CollapseGuard(svi, elbo, every=cfg["guard_every"], drop=cfg["guard_drop"])
         explore = on_step
 
         def on_step(fraction):
             if explore is not None:
                 explore(fraction)
-            guard(fraction)
+            rollbacks = guard.rollbacks
+            guard()
+            if guard.rollbacks > rollbacks:
+                print(f"guard: ELBO below {guard.best:.4g} - {guard.drop}: rolled back, rates halved", flush=True)
 
-    iterations, seconds = _train(svi, args, lv_budget, cfg["lr_decay"].get(target), on_step)
+    iterations, seconds = _train(svi, args, lv_budget, cfg["lr_decay"].get(target), on_step, guard)
     extra = {}
     if guard is not None:  # a collapse in the last interval is rolled back too
         start = time.perf_counter()
@@ -351,46 +365,6 @@ def _trace_training(guide, loss, every: int) -> None:
         return path
 
     guide.rescore_paths = traced
-
-
-class _CollapseGuard:
-    """A rollback for collapsing training runs, called before each SVI step (``on_step``).
-
-    Every ``every`` steps the ELBO of ``num_paths`` fresh paths is estimated (no target knowledge: the
-    quantity a user monitors). A new best ELBO saves the parameters and the optimiser's moments; an
-    ELBO more than ``drop`` nats below the best restores them and halves every learning rate. The
-    seconds spent here count against the budget."""
-
-    def __init__(self, guide, svi, args, every: int, drop: float, num_paths: int = 1024):
-        self.guide, self.svi, self.args, self.every, self.drop = guide, svi, args, every, drop
-        self.num_paths, self.calls, self.best, self.saved, self.rollbacks = num_paths, 0, -math.inf, None, 0
-
-    def __call__(self, fraction: float | None = None) -> None:
-        self.calls += 1
-        if self.calls % self.every == 0:
-            self.check()
-
-    def check(self) -> None:
-        with torch.no_grad():
-            elbo = self.guide.log_normalizer(self.num_paths, *self.args, batch_size=self.num_paths)["elbo"]
-        store, optimizers = pyro.get_param_store(), self.svi.optim.optim_objs
-        if math.isfinite(elbo) and elbo > self.best:
-            self.best = elbo
-            self.saved = ({name: p.detach().clone() for name, p in store.named_parameters()},
-                          {p: copy.deepcopy(opt.state_dict()) for p, opt in optimizers.items()})  # fmt: skip
-        elif self.saved is not None and not elbo > self.best - self.drop:
-            values, states = self.saved
-            with torch.no_grad():
-                for name, p in store.named_parameters():
-                    p.copy_(values[name])
-            for p, optimizer in optimizers.items():
-                optimizer.load_state_dict(states[p])
-                for group in optimizer.param_groups:
-                    group["lr"] *= 0.5
-                    if "base_lr" in group:
-                        group["base_lr"] *= 0.5
-            self.rollbacks += 1
-            print(f"guard: ELBO {elbo:.4g} < best {self.best:.4g} - {self.drop}: rolled back, rates halved", flush=True)
 
 
 def _adam(rate, clip_norm: float | None):

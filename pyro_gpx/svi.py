@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
@@ -12,7 +13,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.elbo import ELBO
 from tqdm.auto import tqdm
 
-__all__ = ["fit_svi", "fit_lbfgs"]
+__all__ = ["CollapseGuard", "fit_svi", "fit_lbfgs"]
 
 _BAD_LOSS = 1e10  # not larger: L-BFGS's line search squares it, in the parameters' (maybe float32) dtype
 
@@ -28,6 +29,81 @@ def _numerical_failure(error: BaseException) -> bool:
     return False
 
 
+class CollapseGuard:
+    """Rolls an SVI run back to its best state when a monitored score collapses.
+
+    Called before each SVI step (``fit_svi(..., guard=...)``, or by hand). Every ``every`` calls it
+    evaluates ``score()``, a quantity to maximise that needs no knowledge of the answer (say the ELBO
+    of fresh paths, ``lambda: guide.log_normalizer(1024)["elbo"]``). A new best saves every parameter
+    in Pyro's param store and the state of each of ``svi``'s optimisers (Adam's moments included); a
+    score more than ``drop`` below the best, or not finite, restores them and multiplies every
+    learning rate (``lr``, and ``initial_lr`` where a schedule keeps one) by ``lr_factor``. A step
+    whose loss is not finite can be rolled back the same way (:meth:`rollback`; ``fit_svi`` does
+    this when it has a guard).
+
+    Log-variance training of a diffusion guide on a multimodal target can collapse within a few
+    hundred steps after converging (``benchmarks/samplers.py``, many-well: the ELBO fell from 159.9
+    to 108.6); rolling back keeps the converged state instead of ending with a broken guide.
+
+    :param svi: the :class:`pyro.infer.SVI` being run (its optimiser states are saved once it has
+        taken a step).
+    :param score: a zero-argument callable returning a float, higher is better.
+    :param every: calls between evaluations (>= 1).
+    :param drop: how far below the best score counts as a collapse (> 0).
+    :param lr_factor: learning-rate multiplier at each rollback, in (0, 1].
+    """
+
+    def __init__(self, svi: SVI, score: Callable[[], float], every: int = 500, drop: float = 10.0,
+                 lr_factor: float = 0.5):  # fmt: skip
+        if not (isinstance(every, int) and every >= 1):
+            raise ValueError(f"every must be an integer >= 1, got {every!r}")
+        if not drop > 0:
+            raise ValueError(f"drop must be positive, got {drop!r}")
+        if not 0 < lr_factor <= 1:
+            raise ValueError(f"lr_factor must be in (0, 1], got {lr_factor!r}")
+        self.svi, self.score, self.every, self.drop, self.lr_factor = svi, score, every, float(drop), lr_factor
+        self.calls, self.best, self.rollbacks = 0, -math.inf, 0
+        self._saved: tuple[dict, dict] | None = None
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.calls % self.every == 0:
+            self.check()
+
+    def check(self) -> float:
+        """Evaluate the score now: save a new best, or roll back a collapse. Returns the score."""
+        with torch.no_grad():
+            value = float(self.score())
+        store, optimizers = pyro.get_param_store(), self.svi.optim.optim_objs
+        if math.isfinite(value) and value > self.best:
+            self.best = value
+            self._saved = ({name: p.detach().clone() for name, p in store.named_parameters()},
+                           {p: copy.deepcopy(opt.state_dict()) for p, opt in optimizers.items()})  # fmt: skip
+        elif self._saved is not None and not value > self.best - self.drop:
+            self.rollback()
+        return value
+
+    def rollback(self) -> bool:
+        """Restore the best saved state at a lower learning rate; ``False`` if nothing is saved yet."""
+        if self._saved is None:
+            return False
+        store, optimizers = pyro.get_param_store(), self.svi.optim.optim_objs
+        values, states = self._saved
+        with torch.no_grad():
+            for name, p in store.named_parameters():
+                if name in values:
+                    p.copy_(values[name])
+        for p, optimizer in optimizers.items():
+            if p in states:
+                optimizer.load_state_dict(states[p])
+            for group in optimizer.param_groups:
+                for key in ("lr", "initial_lr"):
+                    if key in group:
+                        group[key] *= self.lr_factor
+        self.rollbacks += 1
+        return True
+
+
 def fit_svi(
     model: Callable,
     guide: Callable,
@@ -36,6 +112,7 @@ def fit_svi(
     optim: pyro.optim.PyroOptim | None = None,
     loss: ELBO | None = None,
     progress: bool = True,
+    guard: Callable[[SVI], CollapseGuard] | None = None,
     **kwargs,
 ) -> list[float]:
     """Run ``num_steps`` of :class:`pyro.infer.SVI` and return the losses.
@@ -46,6 +123,10 @@ def fit_svi(
 
     :param optim: a Pyro optimiser; ``Adam(lr=0.01)`` by default.
     :param loss: an ELBO; ``Trace_ELBO()`` by default.
+    :param guard: ``guard(svi)`` builds a :class:`CollapseGuard` for the run, called before each
+        step, e.g. ``lambda svi: CollapseGuard(svi, lambda: guide.log_normalizer(1024)["elbo"])``;
+        a non-finite loss is then rolled back (and left out of the returned losses) once the guard
+        has saved a state, and is an error before that.
 
     Example::
 
@@ -62,11 +143,21 @@ def fit_svi(
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     svi = SVI(model, guide, optim or pyro.optim.Adam({"lr": 0.01}), loss or Trace_ELBO())
+    watch = guard(svi) if guard is not None else None
     losses: list[float] = []
     bar = tqdm(range(num_steps), disable=not progress, desc="SVI", mininterval=0.5)
     for step in bar:
-        value = svi.step(*args, **kwargs)
+        if watch is not None:
+            watch()
+        try:
+            value = svi.step(*args, **kwargs)
+        except FloatingPointError:  # a loss that checks itself (e.g. LogVarianceLoss) raises this
+            if watch is not None and watch.rollback():
+                continue
+            raise
         if not math.isfinite(value):
+            if watch is not None and watch.rollback():
+                continue
             raise FloatingPointError(f"SVI loss became {value} at step {step}")
         losses.append(value)
         if step % 50 == 0:

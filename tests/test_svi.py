@@ -1,12 +1,16 @@
 """The optional training loops."""
 
+import copy
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoNormal
 
-from pyro_gpx.svi import fit_lbfgs, fit_svi
+from pyro_gpx.svi import CollapseGuard, fit_lbfgs, fit_svi
 
 
 def model(y):
@@ -63,3 +67,80 @@ def test_fit_lbfgs_restart_clears_the_memory():
     assert not torch.equal(restarted, _lbfgs_point([4]))  # the memory mattered
     with pytest.raises(ValueError, match="restart_after"):
         fit_lbfgs(_banana, lambda: None, restart_after=-1, progress=False)
+
+
+def _quadratic():  # a deterministic loss (x - 3)^2 with an empty guide: SVI is plain Adam on x
+    x = pyro.param("x", torch.tensor(0.0, dtype=torch.float64))
+    pyro.factor("quadratic", -((x - 3.0) ** 2))
+
+
+def test_collapse_guard_restores_the_best_state_and_lowers_the_rate():
+    pyro.clear_param_store()
+    svi = SVI(_quadratic, lambda: None, pyro.optim.Adam({"lr": 0.1}), Trace_ELBO())
+    scores = iter([-1.0, -0.5, -100.0, -0.7])  # the third evaluation is a collapse (drop 10), the fourth is not
+
+    guard = CollapseGuard(svi, lambda: next(scores), every=2, drop=10.0)
+    saved = None
+    for step in range(8):
+        guard()
+        if step == 3:  # the second evaluation (a new best) just saved this state
+            saved = (pyro.param("x").detach().clone(), copy.deepcopy(next(iter(svi.optim.optim_objs.values())).state))
+        if step == 5:  # the collapse was just rolled back: the parameter and Adam's moments are those saved
+            optimizer = next(iter(svi.optim.optim_objs.values()))
+            assert torch.equal(pyro.param("x").detach(), saved[0])
+            (state,) = optimizer.state.values()
+            (saved_state,) = saved[1].values()
+            assert torch.equal(state["exp_avg"], saved_state["exp_avg"])
+            assert torch.equal(state["exp_avg_sq"], saved_state["exp_avg_sq"])
+            assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+        svi.step()
+    assert guard.rollbacks == 1 and guard.best == -0.5
+
+
+def test_collapse_guard_in_fit_svi_and_its_arguments():
+    pyro.clear_param_store()
+    values = []
+
+    def score():  # evaluated every 10 steps on the moving parameter; no collapse, so no rollback
+        values.append(float(pyro.param("x")))
+        return -((values[-1] - 3.0) ** 2)
+
+    guards = []
+
+    def make(svi):
+        guards.append(CollapseGuard(svi, score, every=10))
+        return guards[-1]
+
+    fit_svi(_quadratic, lambda: None, num_steps=50, optim=pyro.optim.Adam({"lr": 0.1}), guard=make, progress=False)
+    assert len(values) == 5 and len(set(values)) == 5 and guards[0].rollbacks == 0
+    svi = SVI(_quadratic, lambda: None, pyro.optim.Adam({"lr": 0.1}), Trace_ELBO())
+    for kwargs, name in (({"every": 0}, "every"), ({"drop": 0.0}, "drop"), ({"lr_factor": 1.5}, "lr_factor")):
+        with pytest.raises(ValueError, match=name):
+            CollapseGuard(svi, score, **kwargs)
+
+
+def test_fit_svi_with_a_guard_rolls_back_a_non_finite_step():
+    pyro.clear_param_store()
+    calls = [0]
+
+    def flaky():  # the quadratic, but its 16th evaluation is infinite
+        calls[0] += 1
+        x = pyro.param("x", torch.tensor(0.0, dtype=torch.float64))
+        pyro.factor("quadratic", -((x - 3.0) ** 2) - (float("inf") if calls[0] == 16 else 0.0))
+
+    guards = []
+
+    def make(svi):
+        guards.append(CollapseGuard(svi, lambda: -((float(pyro.param("x")) - 3.0) ** 2), every=5))
+        return guards[-1]
+
+    with pyro.validation_enabled(False):
+        losses = fit_svi(flaky, lambda: None, num_steps=30, optim=pyro.optim.Adam({"lr": 0.1}), guard=make,
+                         progress=False)  # fmt: skip
+        assert len(losses) == 29 and all(map(math.isfinite, losses)) and guards[0].rollbacks == 1
+        optimizer = next(iter(guards[0].svi.optim.optim_objs.values()))
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+        calls[0] = 0  # before the guard's first save, a non-finite loss is still an error
+        with pytest.raises(FloatingPointError, match="step 15"):
+            fit_svi(flaky, lambda: None, num_steps=30, guard=lambda svi: CollapseGuard(svi, lambda: 0.0, every=100),
+                    progress=False)  # fmt: skip
