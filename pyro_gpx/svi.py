@@ -36,8 +36,10 @@ class CollapseGuard:
     evaluates ``score()``, a quantity to maximise that needs no knowledge of the answer (say the ELBO
     of fresh paths, ``lambda: guide.log_normalizer(1024)["elbo"]``). A new best saves every parameter
     in Pyro's param store and the state of each of ``svi``'s optimisers (Adam's moments included); a
-    score more than ``drop`` below the best, or not finite, restores them and multiplies every
-    learning rate (``lr``, and ``initial_lr`` where a schedule keeps one) by ``lr_factor``. A step
+    score more than ``drop`` below the best, or not finite, restores them, learning rates included,
+    and multiplies every restored rate (``lr``, and ``initial_lr`` where a schedule keeps one) by
+    ``lr_factor``: each rollback resumes from the best state at ``lr_factor`` times its rate (a
+    repeated collapse does not lower the rate further, unless a new best was saved since). A step
     whose loss is not finite can be rolled back the same way (:meth:`rollback`; ``fit_svi`` does
     this when it has a guard).
 
