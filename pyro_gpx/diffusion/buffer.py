@@ -3,7 +3,7 @@ r"""A replay buffer of end points and a Langevin local search, for off-policy lo
 Reverse-KL training of a diffusion sampler only sees where the sampler already goes, and once it has
 let a mode go it gets no signal to bring it back (on the 32-d many-well every sampler trained that way
 loses the lighter well of every pair; on-policy log-variance training with half of each batch
-replayed from a reservoir buffer keeps them, log Z error within 0.15 on 5 seeds). The log-variance
+replayed from a reservoir buffer keeps them, log Z error within 0.3 on 7 seeds). The log-variance
 loss is zero for a perfect sampler *on any paths*, so it may also be evaluated on paths that end
 where the sampler puts too little mass: the reference process run backwards from end points kept
 in a buffer [1]. The buffer keeps what forward (exploring) paths found, refined by a few
