@@ -179,13 +179,13 @@ def _train(svi, args, budget: float, decay: float | None = None, on_step=None, g
                     group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
         try:
             value = svi.step(*args)
-        except FloatingPointError:
-            value = math.nan
-        if not math.isfinite(value):
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss became {value}")
+        except FloatingPointError:  # the LV loss raises this itself, naming itself
             if guard is not None and guard.rollback():
                 print("guard: the loss was not finite: rolled back, rates halved", flush=True)
                 continue
-            raise FloatingPointError(f"loss became {value}")
+            raise
         steps += 1
     return steps, time.perf_counter() - start
 
@@ -348,19 +348,15 @@ def _trace_training(guide, loss, every: int) -> None:
         path = rescore(states, *args, **kwargs)
         count[0] += 1
         if count[0] % every == 0:
-            log_w = path.log_weight.detach()
-            buffer = loss.buffer
-            num_backward = 0
-            if buffer is not None and len(buffer) >= loss.num_paths:
-                num_backward = min(max(round(loss.backward_fraction * loss.num_paths), 1), loss.num_paths - 1)
+            log_w, num_backward = path.log_weight.detach(), loss.num_backward()
             fwd, bwd = log_w[: len(log_w) - num_backward], log_w[len(log_w) - num_backward :]
             drift = guide.drift
-            gate = float(drift.score_gate[-1].weight.abs().max()) if drift.use_score else 0.0
+            gate = float(drift.score_gate[-1].weight.detach().abs().max()) if drift.use_score else 0.0
             line = (f"trace step={count[0]} var={float(log_w.var()):.4g} fwd_mean={float(fwd.mean()):.4g} "
                     f"fwd_min={float(fwd.min()):.4g} fwd_max={float(fwd.max()):.4g}")  # fmt: skip
             if len(bwd):
                 line += f" bwd_mean={float(bwd.mean()):.4g} bwd_min={float(bwd.min()):.4g}"
-            line += f" out_w={float(drift.out.weight.abs().max()):.3g} gate_w={gate:.3g}"
+            line += f" out_w={float(drift.out.weight.detach().abs().max()):.3g} gate_w={gate:.3g}"
             print(line, flush=True)
         return path
 

@@ -136,10 +136,7 @@ class LogVarianceLoss(_BatchedPathLoss):
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         guide = _check(guide, model)
-        buffer = self.buffer
-        num_backward = 0
-        if buffer is not None and len(buffer) >= self.num_paths:
-            num_backward = min(max(round(self.backward_fraction * self.num_paths), 1), self.num_paths - 1)
+        buffer, num_backward = self.buffer, self.num_backward()
         num_forward = self.num_paths - num_backward
         states = guide.explore_paths(num_forward, *args, noise_scale=self.exploration, **kwargs)
         if num_backward:
@@ -152,6 +149,12 @@ class LogVarianceLoss(_BatchedPathLoss):
             if self.search_steps and self.calls % self.search_every == 0:
                 self._search(guide, args, kwargs)
         return _finite(path.log_weight.var(), "the log-variance loss")
+
+    def num_backward(self) -> int:
+        """Paths of the next batch replayed backwards: none until the buffer holds ``num_paths`` points."""
+        if self.buffer is None or len(self.buffer) < self.num_paths:
+            return 0
+        return min(max(round(self.backward_fraction * self.num_paths), 1), self.num_paths - 1)
 
     def _search(self, guide, args, kwargs) -> None:
         target, buffer = guide.target(*args, **kwargs), self.buffer
