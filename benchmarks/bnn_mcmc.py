@@ -156,7 +156,9 @@ def run_config(split, dataset, depth, width, method, args) -> dict:
     kernel = KERNEL_OF[method.removeprefix("repriorised ").removeprefix("collapsed ")]
     bnn = BayesianMLP(split.dim, [width] * depth, noise=None, parameterization="ntk")
     collapsed = method.startswith("collapsed")
-    model = bnn.repriorised() if method.startswith("repriorised") else bnn.collapsed() if collapsed else bnn
+    integrate_noise = collapsed and args.integrate_noise
+    repriorised = method.startswith("repriorised")
+    model = bnn.collapsed(integrate_noise) if collapsed else bnn.repriorised() if repriorised else bnn
     nuts = kernel == "nuts"
     kernel_kwargs = {"max_tree_depth": args.max_tree_depth} if nuts else {"trajectory_length": args.hmc_length}
     if kernel in ("jittered_hmc", "split_hmc"):  # the length drawn from U(1 - j, 1 + j) x hmc_length per trajectory
@@ -179,6 +181,8 @@ def run_config(split, dataset, depth, width, method, args) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     if collapsed:  # the library's exact readout draws (one randn call of shape (chain, draw, D, out))
         model.set_training_data(X, y)
+        if integrate_noise:  # the noise of each kept draw from p(noise | hidden weights, y), then the readout
+            samples["noise"] = model.noise_draws(samples, gen)
         weights = {**samples, "readout": model.readout_draws(samples, gen)}
     else:
         if refreshed:
@@ -223,6 +227,7 @@ def run_config(split, dataset, depth, width, method, args) -> dict:
         "ess_proj_iid_min": _iid_min_ess(projections["proj"].shape[-1], 4, args.num_samples, seed=1),
         "hmc_jitter": kernel_kwargs.get("jitter"), "hmc_length": kernel_kwargs.get("trajectory_length"),
         "target_accept": kernel_kwargs.get("target_accept_prob", 0.8), "refresh_whitened": refreshed,
+        "integrate_noise": integrate_noise, "ess_min_by_site": w_mins,
     }  # fmt: skip
 
 
@@ -241,6 +246,8 @@ def main(argv=None):
         parser.add_argument("--target-accept", type=float, default=None, help="step-size target (default 0.8)")
         help_ = "repriorised: draw the whitened readout afresh from N(0, I) at each kept draw"
         parser.add_argument("--refresh-whitened", action="store_true", help=help_)
+        help_ = "collapsed methods: integrate the noise variance out too (quadrature), draw it after each kept draw"
+        parser.add_argument("--integrate-noise", action="store_true", help=help_)
         parser.add_argument("--methods", default=None, help="comma-separated subset, e.g. 'repriorised HMC'")
         parser.add_argument("--max-hidden-weights", type=int, default=300_000,
                             help="skip configurations with more hidden weights (2 x 1024: a million)")  # fmt: skip
@@ -275,7 +282,8 @@ def main(argv=None):
                     for method in methods:
                         pyro.set_rng_seed(args.seed)
                         out = run_config(split, dataset, depth, width, method, args)
-                        name = f"{method} ({depth}x{width})"
+                        noise_integrated = args.integrate_noise and method.startswith("collapsed")
+                        name = f"{method}{' (noise integrated)' if noise_integrated else ''} ({depth}x{width})"
                         role = "peer" if method in KERNEL_OF else "ours"
                         records.append(harness.record("bnn_mcmc", dataset, split_id, name, role,
                                                       n_train=split.n_train, **out))  # fmt: skip

@@ -5,6 +5,7 @@ from .collapsed import CollapsedModel
 from .jittered_hmc import JitteredHMC
 from .marginal import GaussianLinearMarginal
 from .mlp import BayesianMLP, RepriorisedModel
+from .noise_quadrature import NoiseGrid, NoiseIntegratedMarginal
 from .predictions import predictions_to_inference_data
 from .repriorise import RepriorisedReadout, readout_map
 from .split_hmc import SplitHMC
@@ -15,6 +16,8 @@ __all__ = [
     "CollapsedModel",
     "GaussianLinearMarginal",
     "JitteredHMC",
+    "NoiseGrid",
+    "NoiseIntegratedMarginal",
     "RepriorisedModel",
     "RepriorisedReadout",
     "SplitHMC",

@@ -19,6 +19,12 @@ chain targets. The readout is then drawn exactly, independently at every kept dr
 and (c) gives predictions whose readout part carries no autocorrelation: in a wide network most of
 the posterior predictive variance is that part.
 
+``integrate_noise=True`` integrates a latent noise variance out as well, by quadrature in
+:math:`\log\lambda` (:class:`~pyro_gpx.bnn.noise_quadrature.NoiseIntegratedMarginal`): the sampler
+then sees the hidden weights only, and :meth:`CollapsedModel.noise_draws` draws each kept draw's
+noise from :math:`p(\lambda \mid W, y)` afterwards (add it to the samples before
+:meth:`~CollapsedModel.readout_draws` or ``Predictive``).
+
 Prediction: called without targets, the model is the repriorised model, whose :math:`\phi` site
 ``Predictive`` draws from its :math:`N(0, I)` prior, which *is* its posterior; so
 ``Predictive(collapsed, samples)(X_new)`` returns exact posterior predictive draws, and
@@ -37,12 +43,35 @@ from __future__ import annotations
 
 import pyro
 import torch
+from pyro.poutine.messenger import Messenger
 
 from .._validation import check_finite
 from .marginal import GaussianLinearMarginal
 from .mlp import BayesianMLP, RepriorisedModel
+from .noise_quadrature import NoiseGrid, NoiseIntegratedMarginal
 
 __all__ = ["CollapsedModel"]
+
+
+class _NoiseMustBeGiven(Messenger):
+    """Raise when a prediction conditions the hidden weights (``Predictive`` with posterior draws) but
+    not the noise: with ``integrate_noise=True`` the draws lack it, and the model would silently draw it
+    from its prior."""
+
+    def __init__(self):
+        super().__init__()
+        self.noise_given: bool | None = None
+
+    def _postprocess_message(self, msg):
+        if msg["type"] != "sample":
+            return
+        if msg["name"] == "noise":
+            self.noise_given = bool(msg["is_observed"])
+        elif msg["name"].startswith("layers.") and msg["is_observed"] and self.noise_given is False:
+            raise ValueError(
+                "the samples give the hidden weights but not 'noise', which integrate_noise=True leaves out of "
+                "the chains; add it first: samples['noise'] = model.noise_draws(samples)"
+            )
 
 
 class CollapsedModel:
@@ -54,6 +83,8 @@ class CollapsedModel:
     Picklable, so :func:`~pyro_gpx.bnn.chains.run_chains` can run it in other processes.
 
     :param model: a :class:`~pyro_gpx.bnn.mlp.BayesianMLP` with a Gaussian likelihood.
+    :param integrate_noise: integrate the latent noise variance out too (the model's noise must be
+        latent, ``noise=None``); the samples then lack ``"noise"``: add ``noise_draws(samples)``.
 
     Example::
 
@@ -70,14 +101,61 @@ class CollapsedModel:
         ((1, 17), (20, 20))
     """
 
-    def __init__(self, model: BayesianMLP):
+    def __init__(self, model: BayesianMLP, integrate_noise: bool = False):
         if model.likelihood != "gaussian":
             raise NotImplementedError(
                 "collapsing integrates the readout out exactly, which needs a Gaussian likelihood; sample "
                 "classification networks with plain NUTS"
             )
+        if integrate_noise and model.noise is not None:
+            raise ValueError(
+                f"integrate_noise=True needs a latent noise (BayesianMLP(..., noise=None)); this model's noise is "
+                f"fixed at {model.noise}"
+            )
+        if integrate_noise and not model.widths:
+            raise ValueError("integrate_noise=True leaves a model without hidden layers nothing to sample")
         self.model = model
         self.repriorised = RepriorisedModel(model)
+        self.integrate_noise = integrate_noise
+        self._grid: NoiseGrid | None = None
+
+    def noise_grid(self, num_obs: int) -> NoiseGrid:
+        """The quadrature grid of the noise prior for ``num_obs`` scalar targets (built once, then reused)."""
+        if self._grid is None or self._grid_obs != num_obs:
+            self._grid, self._grid_obs = NoiseGrid.from_prior(self.model.noise_prior, num_obs), num_obs
+        return self._grid
+
+    def _scaled_features(self, X: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        bnn = self.model
+        Phi = bnn.features(X, bnn.sample_hidden() if params is None else params)
+        if bnn.parameterization == "standard":  # NTK features already carry the prior scales
+            Phi = Phi * bnn.readout_prior_scale()
+        return Phi
+
+    def noise_draws(self, samples: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        r"""One draw of the noise variance :math:`\lambda \sim p(\lambda \mid W, y)` per posterior draw of
+        the hidden weights (``integrate_noise=True``), with the leading dimensions of ``samples``;
+        see :meth:`~pyro_gpx.bnn.noise_quadrature.NoiseGrid.sample`.
+
+        :param samples: the hidden weights, e.g. ``(chain, draw, ...)`` from
+            :func:`~pyro_gpx.bnn.chains.run_chains`.
+        """
+        if not self.integrate_noise:
+            raise ValueError("the noise is a coordinate of the chains (integrate_noise=False): it is in the samples")
+        bnn = self.model
+        hidden = {k: v for k, v in samples.items() if k.startswith("layers.")}
+        bnn.check_samples({**hidden, "noise": None})  # the hidden-weight sites only: the noise is what we draw
+        X, y = self.repriorised.reparam._training_data()
+        Y = y.reshape(y.shape[0], -1).to(bnn.dtype)
+        grid = self.noise_grid(Y.numel())
+        batch = hidden["layers.0.bias"].shape[:-1]
+        flat = {k: v.reshape((-1,) + v.shape[len(batch) :]) for k, v in hidden.items()}
+        out = torch.empty(flat["layers.0.bias"].shape[0], dtype=bnn.dtype)
+        with torch.no_grad():
+            for i in range(out.shape[0]):
+                Phi = self._scaled_features(X, {k: v[i] for k, v in flat.items()})
+                out[i] = grid.sample(Phi, Y, generator)
+        return out.reshape(batch)
 
     def set_training_data(self, X: torch.Tensor, y: torch.Tensor) -> None:
         """Fix (or replace) the data the readout is conditioned on; call it before sampling on new data."""
@@ -94,6 +172,11 @@ class CollapsedModel:
         """
         bnn = self.model
         X, y = self.repriorised.reparam._training_data()
+        if self.integrate_noise and "noise" not in samples:
+            raise ValueError(
+                "samples lack 'noise': it was integrated out of the chains; add one draw per sample first, "
+                "samples['noise'] = model.noise_draws(samples)"
+            )
         bnn.check_samples(samples)
         if bnn.widths:
             batch = samples["layers.0.bias"].shape[:-1]  # a bias is a vector per draw
@@ -106,6 +189,9 @@ class CollapsedModel:
 
     def __call__(self, X: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor | None:
         if y is None:
+            if self.integrate_noise:
+                with _NoiseMustBeGiven():
+                    return self.repriorised(X)
             return self.repriorised(X)
         bnn = self.model
         check_finite("X", X)
@@ -124,10 +210,11 @@ class CollapsedModel:
                 "pyro_gpx.bnn.predictions_to_inference_data); to score held-out targets, evaluate "
                 "model.repriorised on the draws plus fresh N(0, I) draws of 'readout_whitened'"
             )
-        noise = bnn.noise_variance()
-        Phi = bnn.features(X, bnn.sample_hidden())
-        if bnn.parameterization == "standard":  # NTK features already carry the prior scales
-            Phi = Phi * bnn.readout_prior_scale()
-        marginal = GaussianLinearMarginal(Phi, noise, None if bnn.out_dim == 1 else bnn.out_dim)
+        out_dim = None if bnn.out_dim == 1 else bnn.out_dim
+        if self.integrate_noise:
+            marginal = NoiseIntegratedMarginal(self._scaled_features(X), self.noise_grid(y.numel()), out_dim)
+        else:
+            noise = bnn.noise_variance()
+            marginal = GaussianLinearMarginal(self._scaled_features(X), noise, out_dim)
         pyro.sample("y", marginal, obs=y.to(bnn.dtype))
         return None

@@ -28,6 +28,23 @@ from ..gp.cholesky import safe_cholesky
 __all__ = ["GaussianLinearMarginal"]
 
 
+def readout_event_shape(features: torch.Tensor, out_dim: int | None) -> torch.Size:
+    """The targets' shape, ``(n,)`` or ``(n, out_dim)``, for readout inputs ``features`` ``(n, D)``."""
+    if features.dim() != 2:
+        raise NotImplementedError(f"features must be an (n, D) matrix (no batch), got shape {tuple(features.shape)}")
+    if out_dim is not None and out_dim < 1:
+        raise ValueError(f"out_dim must be None or positive, got {out_dim}")
+    n = features.shape[0]
+    return torch.Size((n,) if out_dim is None else (n, out_dim))
+
+
+def target_columns(value: torch.Tensor, event_shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """Targets of shape ``event_shape`` as an ``(n, d)`` matrix of ``dtype``."""
+    if value.shape != event_shape:
+        raise ValueError(f"value must have shape {tuple(event_shape)}, got {tuple(value.shape)}")
+    return value.reshape(value.shape[0], -1).to(dtype)
+
+
 class GaussianLinearMarginal(dist.TorchDistribution):
     r"""Targets of a Bayesian linear readout with the weights integrated out (see the module docstring).
 
@@ -51,26 +68,15 @@ class GaussianLinearMarginal(dist.TorchDistribution):
 
     def __init__(self, features: torch.Tensor, noise: torch.Tensor | float, out_dim: int | None = None,
                  validate_args=None):  # fmt: skip
-        if features.dim() != 2:
-            shape = tuple(features.shape)
-            raise NotImplementedError(f"features must be an (n, D) matrix (no batch), got shape {shape}")
+        event_shape = readout_event_shape(features, out_dim)
         noise = torch.as_tensor(noise, dtype=features.dtype)
         if noise.dim() != 0:
             raise NotImplementedError(f"noise must be a scalar, got shape {tuple(noise.shape)}")
-        if out_dim is not None and out_dim < 1:
-            raise ValueError(f"out_dim must be None or positive, got {out_dim}")
         self.features, self.noise, self.out_dim = features, noise, out_dim
-        n = features.shape[0]
-        event_shape = torch.Size((n,) if out_dim is None else (n, out_dim))
         super().__init__(torch.Size(), event_shape, validate_args=validate_args)
 
-    def _columns(self, value: torch.Tensor) -> torch.Tensor:
-        if value.shape != self.event_shape:
-            raise ValueError(f"value must have shape {tuple(self.event_shape)}, got {tuple(value.shape)}")
-        return value.reshape(value.shape[0], -1).to(self.features.dtype)
-
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        Y = self._columns(value)
+        Y = target_columns(value, self.event_shape, self.features.dtype)
         Phi, noise = self.features, self.noise
         n, D = Phi.shape
         d = Y.shape[-1]

@@ -179,12 +179,13 @@ class BayesianMLP(PyroModule):
             )
         return RepriorisedModel(self)
 
-    def collapsed(self):
+    def collapsed(self, integrate_noise: bool = False):
         """This model with its readout integrated out (:class:`~pyro_gpx.bnn.collapsed.CollapsedModel`):
-        the sampler sees only the hidden weights and noise; readouts are drawn exactly afterwards."""
+        the sampler sees only the hidden weights and noise (``integrate_noise``: the hidden weights
+        only); readouts are drawn exactly afterwards."""
         from .collapsed import CollapsedModel  # collapsed imports this module
 
-        return CollapsedModel(self)
+        return CollapsedModel(self, integrate_noise)
 
     def noise_variance(self) -> torch.Tensor:
         if self.noise is not None:
