@@ -181,7 +181,8 @@ def run_split(split, classes, cfg, args) -> list[tuple[str, str, dict]]:
     gaussian, implicit = _bll_models(features, classes, args.seed, args.generator)
     guide = LastLayerNormal(gaussian, init_scale=0.1)
     loss = Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=1) if classes else LastLayerELBO()
-    seconds = map_seconds + _svi(gaussian, guide, loss, X, y, cfg, args.seed)
+    gaussian_seconds = _svi(gaussian, guide, loss, X, y, cfg, args.seed)
+    seconds = map_seconds + gaussian_seconds
     pred = _summaries(gaussian, guide, split, classes, args.num_samples, None)
     results.append(("Gaussian BLL", "ours", dict(_metrics(pred, split, classes), train_seconds=seconds)))
 
@@ -190,15 +191,31 @@ def run_split(split, classes, cfg, args) -> list[tuple[str, str, dict]]:
 
     # the implicit model starts from its own copy of the MAP features: the two models share parameter
     # names, so the Gaussian BLL's trained values must leave the store first
+    trained = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
     pyro.clear_param_store()
+    if args.implicit_init == "gaussian":
+        _start_from(implicit, trained, X, y)
     guide = AutoDiffusion(implicit, process="pis", num_steps=cfg["steps"], hidden=64, init_scale=0.1, use_score=False,
                           affine=args.affine)  # fmt: skip
     seconds = map_seconds + _svi(implicit, guide, PathELBO(num_paths=cfg["paths"]), X, y, cfg, args.seed)
+    if args.implicit_init == "gaussian":  # it needed the Gaussian BLL's training first
+        seconds += gaussian_seconds
     pred = _summaries(implicit, guide, split, classes, args.num_samples, (X, y))
     results.append(("implicit BLL (diffusion)", "ours", dict(_metrics(pred, split, classes), train_seconds=seconds)))
     if args.implicit_nuts:
         results.append(_implicit_nuts(implicit, split, classes, args, seconds))
     return results
+
+
+def _start_from(implicit, trained: dict, X, y) -> None:
+    """Set the implicit model's features (and noise) to the Gaussian BLL's trained values: the two
+    models' parameters share names, and the generator and the guide keep their own start."""
+    with pyro.poutine.trace(), torch.no_grad():
+        implicit(X[:4], y[:4])  # registers the implicit model's parameters in the store
+    store = pyro.get_param_store()
+    for name in list(store.keys()):
+        if name in trained and (name.startswith("features") or name == "head.noise"):
+            store[name] = trained[name]
 
 
 def _implicit_nuts(implicit, split, classes, args, seconds) -> tuple[str, str, dict]:
@@ -279,6 +296,8 @@ def main(argv=None):
             action="store_true",
             help="diagnostic: NUTS over z under the implicit BLL's trained prior, features and noise",
         )
+        help_ = "the implicit BLL's start: the MAP features, or the Gaussian BLL's trained features and noise"
+        parser.add_argument("--implicit-init", default="map", choices=["map", "gaussian"], help=help_)
         parser.add_argument("--affine", default="diagonal", choices=["diagonal", "full"],
                             help="the implicit BLL's diffusion-guide frame")  # fmt: skip
 
