@@ -191,14 +191,15 @@ def run_split(split, classes, cfg, args) -> list[tuple[str, str, dict]]:
 
     # the implicit model starts from its own copy of the MAP features: the two models share parameter
     # names, so the Gaussian BLL's trained values must leave the store first
-    trained = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    warm = args.implicit_init == "gaussian"
+    trained = {k: v.detach().clone() for k, v in pyro.get_param_store().items()} if warm else None
     pyro.clear_param_store()
-    if args.implicit_init == "gaussian":
+    if warm:
         _start_from(implicit, trained, X, y)
     guide = AutoDiffusion(implicit, process="pis", num_steps=cfg["steps"], hidden=64, init_scale=0.1, use_score=False,
                           affine=args.affine)  # fmt: skip
     seconds = map_seconds + _svi(implicit, guide, PathELBO(num_paths=cfg["paths"]), X, y, cfg, args.seed)
-    if args.implicit_init == "gaussian":  # it needed the Gaussian BLL's training first
+    if warm:  # it needed the Gaussian BLL's training first
         seconds += gaussian_seconds
     pred = _summaries(implicit, guide, split, classes, args.num_samples, (X, y))
     results.append(("implicit BLL (diffusion)", "ours", dict(_metrics(pred, split, classes), train_seconds=seconds)))

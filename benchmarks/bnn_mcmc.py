@@ -282,8 +282,7 @@ def main(argv=None):
                     for method in methods:
                         pyro.set_rng_seed(args.seed)
                         out = run_config(split, dataset, depth, width, method, args)
-                        noise_integrated = args.integrate_noise and method.startswith("collapsed")
-                        name = f"{method}{' (noise integrated)' if noise_integrated else ''} ({depth}x{width})"
+                        name = f"{method}{' (noise integrated)' if out['integrate_noise'] else ''} ({depth}x{width})"
                         role = "peer" if method in KERNEL_OF else "ours"
                         records.append(harness.record("bnn_mcmc", dataset, split_id, name, role,
                                                       n_train=split.n_train, **out))  # fmt: skip
