@@ -154,7 +154,7 @@ ALL_METHODS = tuple(prefix + name for name in KERNEL_OF for prefix in PREFIXES)
 
 def run_config(split, dataset, depth, width, method, args) -> dict:
     kernel = KERNEL_OF[method.removeprefix("repriorised ").removeprefix("collapsed ")]
-    bnn = BayesianMLP(split.dim, [width] * depth, noise=None, parameterization="ntk")
+    bnn = BayesianMLP(split.dim, [width] * depth, noise=None, parameterization="ntk", activation=args.activation)
     collapsed = method.startswith("collapsed")
     integrate_noise = collapsed and args.integrate_noise
     repriorised = method.startswith("repriorised")
@@ -163,6 +163,8 @@ def run_config(split, dataset, depth, width, method, args) -> dict:
     kernel_kwargs = {"max_tree_depth": args.max_tree_depth} if nuts else {"trajectory_length": args.hmc_length}
     if kernel in ("jittered_hmc", "split_hmc"):  # the length drawn from U(1 - j, 1 + j) x hmc_length per trajectory
         kernel_kwargs["jitter"] = args.hmc_jitter
+    if kernel == "split_hmc":
+        kernel_kwargs.update(stages=args.split_stages, gradient_adaptation=args.gradient_adaptation)
     if args.target_accept is not None:  # step-size adaptation target (Pyro's default 0.8)
         kernel_kwargs["target_accept_prob"] = args.target_accept
     X, y = split.X_train, split.y_train
@@ -227,7 +229,8 @@ def run_config(split, dataset, depth, width, method, args) -> dict:
         "ess_proj_iid_min": _iid_min_ess(projections["proj"].shape[-1], 4, args.num_samples, seed=1),
         "hmc_jitter": kernel_kwargs.get("jitter"), "hmc_length": kernel_kwargs.get("trajectory_length"),
         "target_accept": kernel_kwargs.get("target_accept_prob", 0.8), "refresh_whitened": refreshed,
-        "integrate_noise": integrate_noise, "ess_min_by_site": w_mins,
+        "integrate_noise": integrate_noise, "ess_min_by_site": w_mins, "activation": args.activation,
+        "split_stages": kernel_kwargs.get("stages"), "gradient_adaptation": kernel_kwargs.get("gradient_adaptation"),
     }  # fmt: skip
 
 
@@ -248,6 +251,11 @@ def main(argv=None):
         parser.add_argument("--refresh-whitened", action="store_true", help=help_)
         help_ = "collapsed methods: integrate the noise variance out too (quadrature), draw it after each kept draw"
         parser.add_argument("--integrate-noise", action="store_true", help=help_)
+        parser.add_argument("--activation", default="relu", choices=["relu", "gelu", "tanh", "erf"])
+        help_ = "split HMC: 1 = Strang (kick, rotate, kick), 2 = two-stage splitting (kick weight 1/6)"
+        parser.add_argument("--split-stages", type=int, default=1, choices=[1, 2], help=help_)
+        help_ = "split HMC: adapt the reference's scale and centre from draws and gradients (GradientMassMatrix)"
+        parser.add_argument("--gradient-adaptation", action="store_true", help=help_)
         parser.add_argument("--methods", default=None, help="comma-separated subset, e.g. 'repriorised HMC'")
         parser.add_argument("--max-hidden-weights", type=int, default=300_000,
                             help="skip configurations with more hidden weights (2 x 1024: a million)")  # fmt: skip

@@ -2,6 +2,7 @@
 
 from .chains import ChainsResult, run_chains
 from .collapsed import CollapsedModel
+from .gradient_mass_matrix import GradientMassMatrix
 from .jittered_hmc import JitteredHMC
 from .marginal import GaussianLinearMarginal
 from .mlp import BayesianMLP, RepriorisedModel
@@ -15,6 +16,7 @@ __all__ = [
     "ChainsResult",
     "CollapsedModel",
     "GaussianLinearMarginal",
+    "GradientMassMatrix",
     "JitteredHMC",
     "NoiseGrid",
     "NoiseIntegratedMarginal",

@@ -34,7 +34,8 @@ from .repriorise import RepriorisedReadout, readout_map
 
 __all__ = ["BayesianMLP", "RepriorisedModel"]
 
-_ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "erf": torch.erf}
+# GELU is ReLU-like but smooth: its gradient in the weights is continuous, which integrators need
+_ACTIVATIONS = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh, "erf": torch.erf}
 
 
 class BayesianMLP(PyroModule):
@@ -45,7 +46,7 @@ class BayesianMLP(PyroModule):
     :param out_dim: outputs (regression) or classes (``likelihood="categorical"``).
     :param parameterization: ``"ntk"`` or ``"standard"``.
     :param weight_scale: :math:`\\sigma_w`; :param bias_scale: :math:`\\sigma_b`.
-    :param activation: ``"relu"``, ``"tanh"`` or ``"erf"``.
+    :param activation: ``"relu"``, ``"gelu"``, ``"tanh"`` or ``"erf"``.
     :param residual: add skip connections between equal-width hidden layers.
     :param likelihood: ``"gaussian"`` or ``"categorical"``.
     :param noise: Gaussian noise variance; ``None`` makes it a latent site with ``noise_prior``.

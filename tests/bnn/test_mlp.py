@@ -76,3 +76,19 @@ def test_residual_skip_connection_against_a_hand_computed_forward(float64, param
     readout = torch.randn(1, 6, generator=gen)
     f = poutine.condition(bnn, {**params, "readout": readout})(X)
     torch.testing.assert_close(f, expected @ readout.T)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "tanh", "erf"])
+def test_activations_against_a_hand_computed_forward(float64, activation):
+    # GELU(a) = a Phi(a); relu's weight gradient jumps where a pre-activation crosses zero, GELU's does not
+    elementwise = {"relu": torch.relu, "gelu": lambda a: a * torch.distributions.Normal(0.0, 1.0).cdf(a),
+                   "tanh": torch.tanh, "erf": torch.erf}[activation]  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(6, 2, generator=gen)
+    W0, b0 = torch.randn(4, 2, generator=gen), torch.randn(4, generator=gen)
+    bnn = BayesianMLP(2, [4], activation=activation)
+    h = elementwise(X @ W0.T / math.sqrt(2) + 0.1 * b0)
+    expected = torch.cat([h / 2.0, torch.full((6, 1), 0.1)], -1)
+    torch.testing.assert_close(bnn.features(X, {"layers.0.weight": W0, "layers.0.bias": b0}), expected)
+    with pytest.raises(ValueError, match="activation"):
+        BayesianMLP(2, [4], activation="softsign")
