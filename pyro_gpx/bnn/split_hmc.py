@@ -25,9 +25,9 @@ gradients. The error expansion needs a remainder with a continuous gradient. Wit
 the gradient jumps wherever a unit's pre-activation crosses zero: on yacht with two hidden layers
 of 256, trajectories of length 2 from a warm-up draw had typical energy errors of 0.05,
 0.12 and 0.35 at steps 0.006, 0.025 and 0.05 (falling like :math:`\epsilon`, not
-:math:`\epsilon^2`), with GELU or erf activations 0.003, 0.04 and 0.17 (like :math:`\epsilon^2`).
-There the two-stage splitting lets a GELU network take about 11 gradients per draw, where a ReLU
-network needs 36-42 with either splitting (README, issue 6).
+:math:`\epsilon^2`), with erf activations 0.003, 0.04 and 0.17 (like :math:`\epsilon^2`). With
+GELU activations (ReLU-like, smooth) the two-stage splitting took 9-12 gradients per draw there
+(14 with Strang's), where a ReLU network needs 36-42 with either splitting (README, issue 6).
 
 The reference is the diagonal Gaussian that Pyro's warm-up adapts anyway: :math:`s^2` is the
 adapted diagonal inverse mass matrix and :math:`m` the mean of the warm-up draws of the same
