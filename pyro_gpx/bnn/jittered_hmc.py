@@ -58,10 +58,13 @@ class JitteredHMC(HMC):
         super().__init__(model, potential_fn, **kwargs)
         self.jitter = float(jitter)
 
+    def _jittered_length(self) -> float:
+        """A fresh trajectory length, ``trajectory_length`` times a :math:`U(1 - j, 1 + j)` draw."""
+        if self.jitter == 0:
+            return self.trajectory_length
+        return self.trajectory_length * (1.0 + self.jitter * (2.0 * float(torch.rand(())) - 1.0))
+
     @property
     def num_steps(self) -> int:
         # HMC.sample reads this once per trajectory
-        length = self.trajectory_length
-        if self.jitter > 0:
-            length = length * (1.0 + self.jitter * (2.0 * float(torch.rand(())) - 1.0))
-        return max(1, int(length / self.step_size))
+        return max(1, int(self._jittered_length() / self.step_size))

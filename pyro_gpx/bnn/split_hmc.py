@@ -161,7 +161,7 @@ class SplitHMC(JitteredHMC):
         # the jittered length in ceil(length / step_size) equal steps: the adapted step size is an upper bound,
         # and the trajectory's time (the reference's rotation angle) is the drawn length even when the
         # reference is so close to the target that the adapted step outgrows it
-        length = self.trajectory_length * (1.0 + self.jitter * (2.0 * float(torch.rand(())) - 1.0))
+        length = self._jittered_length()
         num_steps = max(1, math.ceil(length / self.step_size))
         m, s, eps = self._ref_mean, self._ref_scale, length / num_steps
         x = {k: (z[k] - m[k]) / s[k] for k in z}
