@@ -82,14 +82,22 @@ def _predictions(bnn, weights, X_test):
     return out
 
 
-def _ess_stats(arrays: dict[str, np.ndarray]) -> dict:
+def _ess_stats(arrays: dict[str, np.ndarray], block: int = 4096) -> dict:
     """Minimum and median bulk ESS, maximum R-hat and the share of R-hat above 1.01 over every scalar of
     ``(chain, draw, ...)`` arrays, the same R-hat statistics of matched independent chains
-    (:func:`_chance_rhat`), and the minimum bulk ESS of each array (``mins``)."""
+    (:func:`_chance_rhat`), and the minimum bulk ESS of each array (``mins``). Scalars are taken
+    ``block`` at a time, so the memory on top of the draws stays bounded at long runs (ArviZ's rank
+    normalisation copies its input several times)."""
     flat = {k: a.reshape(a.shape[0], a.shape[1], -1) for k, a in arrays.items()}
-    ess_by_key = {k: az.ess(az.convert_to_dataset({"x": a}), method="bulk")["x"].values for k, a in flat.items()}
-    ess = np.concatenate(list(ess_by_key.values()))
-    rhat = az.rhat(az.convert_to_dataset({"x": np.concatenate(list(flat.values()), axis=-1)}))["x"].values
+    ess_by_key, rhats = {}, []
+    for key, a in flat.items():
+        parts = []
+        for start in range(0, a.shape[-1], block):
+            data = az.convert_to_dataset({"x": np.ascontiguousarray(a[..., start : start + block])})
+            parts.append(az.ess(data, method="bulk")["x"].values)
+            rhats.append(az.rhat(data)["x"].values)
+        ess_by_key[key] = np.concatenate(parts)
+    ess, rhat = np.concatenate(list(ess_by_key.values())), np.concatenate(rhats)
     chains, draws = next(iter(flat.values())).shape[:2]
     chance_max, chance_share = _chance_rhat(ess, chains, draws)
     return {"min": float(np.nanmin(ess)), "median": float(np.nanmedian(ess)), "rhat_max": float(np.nanmax(rhat)),
@@ -120,12 +128,16 @@ def _chance_rhat(ess: np.ndarray, chains: int, draws: int, seed: int = 0, block:
     return max(maxima), above / rho.size
 
 
-def _iid_min_ess(count: int, chains: int, draws: int, seed: int = 0) -> float:
+def _iid_min_ess(count: int, chains: int, draws: int, seed: int = 0, block: int = 16384) -> float:
     """Minimum bulk ESS over ``count`` scalars of *independent* N(0, 1) draws, ``(chains, draws)`` each:
     the minimum over thousands of weights sits well below ``chains * draws`` by estimation noise alone
-    (over 8 200 scalars and 4 x 500 draws, about 1 370)."""
-    x = np.random.default_rng(seed).normal(size=(chains, draws, count))
-    return float(az.ess(az.convert_to_dataset({"x": x}), method="bulk")["x"].values.min())
+    (over 8 200 scalars and 4 x 500 draws, about 1 370). Drawn ``block`` scalars at a time."""
+    gen = np.random.default_rng(seed)
+    minima = []
+    for start in range(0, count, block):
+        x = gen.normal(size=(chains, draws, min(block, count - start)))
+        minima.append(float(az.ess(az.convert_to_dataset({"x": x}), method="bulk")["x"].values.min()))
+    return min(minima)
 
 
 def _gradient_ms(model, X, y, repeats: int = 60) -> float:
