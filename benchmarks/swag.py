@@ -169,7 +169,7 @@ def run_split(dataset: str, split_id: int, args, records: list) -> None:
         if val is not None:  # the scale (SWAG) and a noise-variance multiplier (all methods) chosen on held-out rows
             if runs is not None:
                 scale = select_scale(runs, lambda m: torch.stack(m(val[0])), lambda out: _noise_multiplier(
-                    out[:, 0], out[:, 1], val[1])[1], scales=SCALES, num_samples=num_samples, diag_only=diag_only,
+                    out[:, 0], out[:, 1], val[1])[1], scales=args.scales, num_samples=num_samples, diag_only=diag_only,
                     seed=100 + i).scale  # fmt: skip
             multiplier, _ = _noise_multiplier(*predictions(method, val[0], scale, 100 + i), val[1])
         elif args.refit_noise:  # each method's noise variance refitted to its own predictive on the training rows
@@ -197,6 +197,12 @@ def main(argv=None):
                  "on the training rows")  # fmt: skip
         parser.add_argument("--refit-noise", action="store_true", help=help_)
         parser.add_argument("--swa-lr", type=float, default=None, help="constant SWA learning rate (default 2e-3)")
+        parser.add_argument(
+            "--scales",
+            type=lambda text: tuple(float(v) for v in text.split(",")),
+            default=SCALES,
+            help="--validation: comma-separated SWAG scales to choose from (default %(default)s)",
+        )
 
     args = harness.parse_args(__doc__.splitlines()[0], default_datasets=GAL + LARGE, default_splits=[0, 1, 2, 3, 4],
                               quick_datasets=["yacht", "concrete"], quick_splits=[0], argv=argv,
