@@ -7,6 +7,9 @@ the test set. What is left between the two is the computational uncertainty of t
 actions; what the exact GP itself misses (e.g. coverage) is the model's, not the computation's.
 
     python benchmarks/gp_exact_at_refit.py --dataset bike --split 0 --refit-mll subset-kernel --out a.json
+
+``--lower-noises 1e-8,1e-10`` conditions the exact GP at those noise variances as well (same kernel),
+and scores it also at the full-data likelihood's choice of a common multiplier of kernel and noise.
 """
 
 from __future__ import annotations
@@ -23,10 +26,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gp_uci  # noqa: E402
 
 
+def _exact_with_quadratic(kernel, X, residual, X_new, noise: float):
+    """:func:`gp_uci.exact_moments` and the quadratic form r^T (K + noise I)^-1 r, from one Cholesky factor."""
+    X, X_new, r = X.double(), X_new.double(), residual.double()[:, None]
+    K = kernel(X, X).double()
+    K.diagonal().add_(noise)
+    L = torch.linalg.cholesky(K)
+    del K
+    alpha = torch.cholesky_solve(r, L)
+    Kxs = kernel(X, X_new).double()
+    var = kernel.diag(X_new).double() - torch.linalg.solve_triangular(L, Kxs, upper=False).square().sum(0)
+    return (Kxs.T @ alpha)[:, 0], var, float((r * alpha).sum())
+
+
+def _scales(split, mean: torch.Tensor, var: torch.Tensor) -> dict:
+    """Standardised scales of the test errors against the latent predictive spread."""
+    error = (mean - split.y_test.double()).abs()
+    return {"mean_latent_variance": float(var.mean()), "median_latent_sd": float(var.sqrt().median()),
+            "median_abs_error": float(error.median()), "q95_abs_error": float(error.quantile(0.95))}  # fmt: skip
+
+
 def main(argv=None):
     parser = gp_uci.probe_parser(__doc__.splitlines()[0], "bike", "gp_exact_at_refit.json")
     parser.add_argument("--refit-mll", default="subset-kernel", choices=["subset", "subset-kernel"])
     parser.add_argument("--pivots", type=int, default=1000)
+    help_ = "comma-separated noise variances below the refit's at which to condition the exact GP as well"
+    parser.add_argument("--lower-noises", default="", help=help_)
     args = gp_uci.probe_args(parser, argv)
     refine = gp_uci._refine_policy(argparse.Namespace(refine_iters=100, refit_mll=args.refit_mll, pivots=args.pivots))
     split, res, gp = gp_uci.probe_fit(args, refine, refit_mll=args.refit_mll, refine_fraction=0.3)
@@ -42,7 +67,23 @@ def main(argv=None):
         mean = mean + gp._prior_mean(split.X_test).double()
         var = var.clamp_min(0)
     out["exact_at_refit"] = {**gp_uci._metrics(split, mean, var + fit.noise), "seconds": time.perf_counter() - start,
-                             "mean_latent_variance": float(var.mean()), "noise": fit.noise}  # fmt: skip
+                             **_scales(split, mean, var), "noise": fit.noise}  # fmt: skip
+    for noise in [float(v) for v in args.lower_noises.split(",") if v]:
+        start = time.perf_counter()
+        try:
+            with torch.no_grad():
+                mean, var, quad = _exact_with_quadratic(kernel, gp.X, residual, split.X_test, noise)
+        except torch.linalg.LinAlgError as err:  # the kernel matrix is too ill-conditioned at this noise
+            out[f"exact_noise_{noise:g}"] = {"noise": noise, "error": str(err).splitlines()[0]}
+            continue
+        mean = mean + gp._prior_mean(split.X_test).double()
+        var = var.clamp_min(0)
+        # the full-data likelihood's choice of a common multiplier c of kernel and noise: c = r^T (K + s I)^-1 r / n
+        c = quad / len(residual)
+        rescaled = gp_uci._metrics(split, mean, c * (var + noise))
+        out[f"exact_noise_{noise:g}"] = {**gp_uci._metrics(split, mean, var + noise), **_scales(split, mean, var),
+                                         "seconds": time.perf_counter() - start, "noise": noise,
+                                         "mll_multiplier": c, "at_mll_multiplier": rescaled}  # fmt: skip
     for key, value in out.items():
         print(key, value, flush=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
