@@ -7,9 +7,12 @@ Methods, one run, same split and feature architecture (one hidden layer of 50 ta
 * ``Gaussian BLL``: Gaussian prior (learned scale), full-covariance Gaussian guide, the
   deterministic VBLL-style ELBO (``LastLayerELBO``; classification: ``Trace_ELBO``), features
   trained jointly;
-* ``implicit BLL`` (ours): generator prior W = g(z), ``AutoDiffusion`` guide over z trained with
-  ``PathELBO``, features and generator trained jointly (``--generator fixed``: the generator stays
-  at a centred random initialisation and only a scale s in W = s g(z) is learned);
+* ``implicit BLL`` (ours): generator prior W = s g~(z), ``AutoDiffusion`` guide over z trained with
+  ``PathELBO``, features, generator and s trained jointly; g~ is the learned generator standardised
+  to zero mean and unit variance per weight over fixed probe latents (``StandardizedGenerator``), so
+  that only the prior's shape is learned and its first two moments are a learned-scale Gaussian
+  prior's (``--generator learned``: W = g(z), unconstrained; ``--generator fixed``: the generator
+  stays at a centred random initialisation and only s is learned);
 * ``last-layer NUTS``: NUTS over W with the Gaussian BLL's features and noise frozen.
 
 All SVI methods use minibatches (the ``data`` plate rescales the likelihood) and the same number
@@ -129,9 +132,10 @@ def _bll_models(features: nn.Module, classes: int | None, seed: int, generator: 
     gaussian = BayesianLastLayer(_pretrained(features), HIDDEN, head, GaussianWeightPrior(1.0, learn_scale=True))
     head = CategoricalHead(classes) if classes else GaussianHead(0.1)
     C = classes or 1
-    fixed = generator == "fixed"
+    fixed, standardized = generator == "fixed", generator == "standardized"
     prior = ImplicitWeightPrior.mlp(C * (HIDDEN + 1), latent_dim=16, hidden=64, learn_generator=not fixed,
-                                    learn_scale=fixed, center=fixed)  # fmt: skip
+                                    learn_scale=fixed or standardized, center=fixed,
+                                    standardize=standardized)  # fmt: skip
     implicit = BayesianLastLayer(_pretrained(features), HIDDEN, head, prior)
     return gaussian, implicit
 
@@ -290,8 +294,10 @@ def main(argv=None):
         parser.add_argument("--paths", type=int, default=16, help="diffusion paths per SVI step (implicit BLL)")
         parser.add_argument("--steps", type=int, default=8, help="diffusion steps of the implicit BLL's guide")
         parser.add_argument("--skip-nuts", action="store_true", help="leave out the last-layer NUTS reference")
-        parser.add_argument("--generator", default="learned", choices=["fixed", "learned"],
-                            help="implicit prior: learned generator, or fixed random one + learned scale")  # fmt: skip
+        help_ = ("implicit prior: learned generator standardised to zero mean and unit variance per weight + "
+                 "learned scale (default), learned generator, or fixed random one + learned scale")  # fmt: skip
+        parser.add_argument("--generator", default="standardized", choices=["fixed", "learned", "standardized"],
+                            help=help_)  # fmt: skip
         parser.add_argument(
             "--implicit-nuts",
             action="store_true",

@@ -5,7 +5,7 @@ from .guide import LastLayerNormal
 from .heads import CategoricalHead, GaussianHead
 from .model import BayesianLastLayer
 from .predict import predict, predictive_entropy
-from .priors import GaussianWeightPrior, ImplicitWeightPrior, generator_mlp
+from .priors import GaussianWeightPrior, ImplicitWeightPrior, StandardizedGenerator, generator_mlp
 
 __all__ = [
     "BayesianLastLayer",
@@ -15,6 +15,7 @@ __all__ = [
     "ImplicitWeightPrior",
     "LastLayerELBO",
     "LastLayerNormal",
+    "StandardizedGenerator",
     "generator_mlp",
     "predict",
     "predictive_entropy",

@@ -29,7 +29,7 @@ from .._validation import check_positive_int
 from ._modules import freeze_to_buffers_, to_pyro_params_
 from .positive import register_positive
 
-__all__ = ["GaussianWeightPrior", "ImplicitWeightPrior", "generator_mlp"]
+__all__ = ["GaussianWeightPrior", "ImplicitWeightPrior", "StandardizedGenerator", "generator_mlp"]
 
 
 class GaussianWeightPrior(PyroModule):
@@ -78,6 +78,42 @@ def generator_mlp(
     return net
 
 
+class StandardizedGenerator(nn.Module):
+    r""":math:`\tilde g(z) = (g(z) - m) / s`, with :math:`m, s` the per-output mean and standard deviation
+    of :math:`g` over a fixed set of probe latents :math:`z_1, \dots, z_P \sim N(0, I_k)`.
+
+    Under :math:`z \sim N(0, I_k)` every generated weight then has mean about 0 and variance about 1
+    whatever :math:`g`'s parameters are (exactly so over the probes), so that
+    :math:`W = s\,\tilde g(z)` has the first two marginal moments of a :class:`GaussianWeightPrior`
+    with scale :math:`s`; learning :math:`g` shapes only the dependence between the weights and their
+    non-Gaussianity. A learned, unconstrained generator can instead move the prior's mass onto the
+    weights that fit the training data (see :class:`ImplicitWeightPrior`).
+
+    :param generator: ``nn.Module`` mapping ``(n, k)`` to ``(n, C * D)`` row by row (an MLP; it is
+        called once on the probes and the latents stacked together).
+    :param latent_dim: :math:`k`.
+    :param num_probes: :math:`P`, the probe latents (a buffer, saved by ``state_dict``).
+    :param seed: the probes' seed.
+    """
+
+    def __init__(self, generator: nn.Module, latent_dim: int, num_probes: int = 256, seed: int = 0):
+        super().__init__()
+        latent_dim = check_positive_int("latent_dim", latent_dim)
+        if check_positive_int("num_probes", num_probes) < 2:
+            raise ValueError(f"num_probes must be at least 2, got {num_probes}")
+        self.generator = generator
+        probes = torch.randn(num_probes, latent_dim, generator=torch.Generator().manual_seed(seed))
+        self.register_buffer("probes", probes.to(torch.get_default_dtype()))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        # one generator call over the probes and z together (the generator acts row by row)
+        rows = z.reshape(-1, z.shape[-1])
+        out = self.generator(torch.cat([self.probes.to(z.dtype), rows]))
+        reference, generated = out[: len(self.probes)], out[len(self.probes) :]
+        mean, std = reference.mean(0), reference.std(0).clamp_min(1e-6)
+        return ((generated - mean) / std).reshape(z.shape[:-1] + out.shape[-1:])
+
+
 class ImplicitWeightPrior(PyroModule):
     """:math:`W = g_\\theta(z)`, :math:`z \\sim N(0, I_k)`.
 
@@ -100,6 +136,11 @@ class ImplicitWeightPrior(PyroModule):
     5 splits): the result depends on the random generator drawn (Boston outliers split 0: 2.96 with
     one draw, 3.12 with another), and a fixed 16-dimensional random manifold of 51 weights cannot
     fit the low-noise sets (yacht NLL 2.56 against 1.04 for the learned generator).
+    A :class:`StandardizedGenerator` (``ImplicitWeightPrior.mlp(..., standardize=True,
+    learn_scale=True)``) keeps every weight's prior mean at 0 and variance at :math:`s^2` and learns
+    only the prior's shape: on the same benchmark it is no worse than the Gaussian prior on 4 of 7
+    clean sets (energy, naval, power, yacht; the unconstrained generator on 3), still not on the
+    outlier-rich ones.
     """
 
     def __init__(
@@ -129,11 +170,17 @@ class ImplicitWeightPrior(PyroModule):
         hidden: int = 64,
         depth: int = 2,
         center: bool = False,
+        standardize: bool = False,
         **kwargs,
     ):
-        """An implicit prior with a :func:`generator_mlp` (default :math:`k = CD`)."""
+        """An implicit prior with a :func:`generator_mlp` (default :math:`k = CD`), wrapped in a
+        :class:`StandardizedGenerator` if ``standardize`` (then learn the scale, ``learn_scale=True``,
+        as :class:`GaussianWeightPrior` does)."""
         latent_dim = latent_dim or num_weights
-        return cls(generator_mlp(latent_dim, num_weights, hidden, depth, center), latent_dim, **kwargs)
+        generator = generator_mlp(latent_dim, num_weights, hidden, depth, center)
+        if standardize:
+            generator = StandardizedGenerator(generator, latent_dim)
+        return cls(generator, latent_dim, **kwargs)
 
     def sample(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
         """Sample :math:`z` at ``"<name>_latent"`` and record :math:`W = g(z)` at ``name``."""
