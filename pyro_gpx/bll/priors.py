@@ -94,6 +94,15 @@ class StandardizedGenerator(nn.Module):
     :param latent_dim: :math:`k`.
     :param num_probes: :math:`P`, the probe latents (a buffer, saved by ``state_dict``).
     :param seed: the probes' seed.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> g = StandardizedGenerator(nn.Linear(2, 3), latent_dim=2)
+    >>> w = g(g.probes)  # over the probes: zero mean and unit standard deviation per weight
+    >>> bool(torch.allclose(w.mean(0), torch.zeros(3), atol=1e-5) and torch.allclose(w.std(0), torch.ones(3)))
+    True
+    >>> g(torch.randn(4, 5, 2)).shape  # any leading dimensions
+    torch.Size([4, 5, 3])
     """
 
     def __init__(self, generator: nn.Module, latent_dim: int, num_probes: int = 256, seed: int = 0):
