@@ -26,26 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gp_uci  # noqa: E402
 
 
-def _exact_with_quadratic(kernel, X, residual, X_new, noise: float):
-    """:func:`gp_uci.exact_moments` and the quadratic form r^T (K + noise I)^-1 r, from one Cholesky factor."""
-    X, X_new, r = X.double(), X_new.double(), residual.double()[:, None]
-    K = kernel(X, X).double()
-    K.diagonal().add_(noise)
-    L = torch.linalg.cholesky(K)
-    del K
-    alpha = torch.cholesky_solve(r, L)
-    Kxs = kernel(X, X_new).double()
-    var = kernel.diag(X_new).double() - torch.linalg.solve_triangular(L, Kxs, upper=False).square().sum(0)
-    return (Kxs.T @ alpha)[:, 0], var, float((r * alpha).sum())
-
-
-def _scales(split, mean: torch.Tensor, var: torch.Tensor) -> dict:
-    """Standardised scales of the test errors against the latent predictive spread."""
-    error = (mean - split.y_test.double()).abs()
-    return {"mean_latent_variance": float(var.mean()), "median_latent_sd": float(var.sqrt().median()),
-            "median_abs_error": float(error.median()), "q95_abs_error": float(error.quantile(0.95))}  # fmt: skip
-
-
 def main(argv=None):
     parser = gp_uci.probe_parser(__doc__.splitlines()[0], "bike", "gp_exact_at_refit.json")
     parser.add_argument("--refit-mll", default="subset-kernel", choices=["subset", "subset-kernel"])
@@ -67,12 +47,12 @@ def main(argv=None):
         mean = mean + gp._prior_mean(split.X_test).double()
         var = var.clamp_min(0)
     out["exact_at_refit"] = {**gp_uci._metrics(split, mean, var + fit.noise), "seconds": time.perf_counter() - start,
-                             **_scales(split, mean, var), "noise": fit.noise}  # fmt: skip
+                             **gp_uci.interval_scales(split, mean, var), "noise": fit.noise}  # fmt: skip
     for noise in [float(v) for v in args.lower_noises.split(",") if v]:
         start = time.perf_counter()
         try:
             with torch.no_grad():
-                mean, var, quad = _exact_with_quadratic(kernel, gp.X, residual, split.X_test, noise)
+                mean, var, quad = gp_uci.exact_moments_and_quadratic(kernel, gp.X, residual, split.X_test, noise)
         except torch.linalg.LinAlgError as err:  # the kernel matrix is too ill-conditioned at this noise
             out[f"exact_noise_{noise:g}"] = {"noise": noise, "error": str(err).splitlines()[0]}
             continue
@@ -81,7 +61,8 @@ def main(argv=None):
         # the full-data likelihood's choice of a common multiplier c of kernel and noise: c = r^T (K + s I)^-1 r / n
         c = quad / len(residual)
         rescaled = gp_uci._metrics(split, mean, c * (var + noise))
-        out[f"exact_noise_{noise:g}"] = {**gp_uci._metrics(split, mean, var + noise), **_scales(split, mean, var),
+        scales = gp_uci.interval_scales(split, mean, var)
+        out[f"exact_noise_{noise:g}"] = {**gp_uci._metrics(split, mean, var + noise), **scales,
                                          "seconds": time.perf_counter() - start, "noise": noise,
                                          "mll_multiplier": c, "at_mll_multiplier": rescaled}  # fmt: skip
     for key, value in out.items():

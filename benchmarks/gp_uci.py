@@ -55,10 +55,20 @@ PROJECTION_EVALS = 1.0  # the refined projection, noise refit and test predictio
 RESTART_AFTER = 5
 
 
-def make_kernel(dim: int) -> gpytorch.kernels.Kernel:
-    """Matérn-3/2 ARD kernel, the same initialisation for every method (lengthscales sqrt(d) on
-    standardised inputs, so initial correlations are neither all ~0 nor all ~1)."""
-    kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.MaternKernel(nu=1.5, ard_num_dims=dim)).to(DTYPE)
+KERNEL_FAMILIES = ("matern0.5", "matern1.5", "matern2.5", "rbf")
+
+
+def make_kernel(dim: int, family: str = "matern1.5", dtype: torch.dtype = DTYPE) -> gpytorch.kernels.Kernel:
+    """Matérn-3/2 ARD kernel (or another of ``KERNEL_FAMILIES``), the same initialisation for every
+    method (lengthscales sqrt(d) on standardised inputs, so initial correlations are neither all ~0
+    nor all ~1)."""
+    if family not in KERNEL_FAMILIES:
+        raise ValueError(f"unknown kernel family {family!r}; one of {', '.join(KERNEL_FAMILIES)}")
+    if family == "rbf":
+        base = gpytorch.kernels.RBFKernel(ard_num_dims=dim)
+    else:
+        base = gpytorch.kernels.MaternKernel(nu=float(family[len("matern") :]), ard_num_dims=dim)
+    kernel = gpytorch.kernels.ScaleKernel(base).to(dtype)
     kernel.base_kernel.lengthscale = torch.full((1, dim), math.sqrt(dim))
     kernel.outputscale = 1.0
     return kernel
@@ -472,15 +482,28 @@ def _converge_lbfgs(params, loss_fn, max_evals: int, label: str) -> tuple[int, f
 def exact_moments(kernel: KernelFn, X: torch.Tensor, residual: torch.Tensor, X_new: torch.Tensor, noise: float):
     """The exact GP's posterior mean (of the residual) and latent variance at ``X_new``, by a dense
     float64 Cholesky factor of K(X, X) + noise I."""
-    X, X_new = X.double(), X_new.double()
+    mean, var, _ = exact_moments_and_quadratic(kernel, X, residual, X_new, noise)
+    return mean, var
+
+
+def exact_moments_and_quadratic(kernel: KernelFn, X, residual, X_new, noise: float):
+    """:func:`exact_moments` and the quadratic form r^T (K + noise I)^-1 r, from the same factor."""
+    X, X_new, r = X.double(), X_new.double(), residual.double()[:, None]
     K = kernel(X, X).double()
     K.diagonal().add_(noise)
     L = torch.linalg.cholesky(K)
     del K
+    alpha = torch.cholesky_solve(r, L)
     Kxs = kernel(X, X_new).double()
-    mean = Kxs.T @ torch.cholesky_solve(residual.double()[:, None], L)[:, 0]
     var = kernel.diag(X_new).double() - torch.linalg.solve_triangular(L, Kxs, upper=False).square().sum(0)
-    return mean, var
+    return Kxs.T @ alpha[:, 0], var, float((r * alpha).sum())
+
+
+def interval_scales(split, mean: torch.Tensor, var: torch.Tensor) -> dict:
+    """Standardised scales of the test errors against the latent predictive spread (probes)."""
+    error = (mean - split.y_test.double()).abs()
+    return {"mean_latent_variance": float(var.mean()), "median_latent_sd": float(var.sqrt().median()),
+            "median_abs_error": float(error.median()), "q95_abs_error": float(error.quantile(0.95))}  # fmt: skip
 
 
 def run_exact_reference(split, max_n: int, seed: int, warm_start_n: int = 2500, max_evals: int = 200) -> dict:

@@ -111,8 +111,9 @@ class StandardizedGenerator(nn.Module):
         if check_positive_int("num_probes", num_probes) < 2:
             raise ValueError(f"num_probes must be at least 2, got {num_probes}")
         self.generator = generator
-        probes = torch.randn(num_probes, latent_dim, generator=torch.Generator().manual_seed(seed))
-        self.register_buffer("probes", probes.to(torch.get_default_dtype()))
+        self.register_buffer(
+            "probes", torch.randn(num_probes, latent_dim, generator=torch.Generator().manual_seed(seed))
+        )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         # one generator call over the probes and z together (the generator acts row by row)
