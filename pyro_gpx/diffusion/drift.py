@@ -27,6 +27,13 @@ from torch import nn
 __all__ = ["DriftNet"]
 
 
+def _affine(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """:math:`x W^\\top + b` with the transposed weight given (one ``addmm`` for a matrix ``x``)."""
+    if x.dim() == 2:
+        return torch.addmm(bias, x, weight_t)
+    return torch.matmul(x, weight_t) + bias
+
+
 class DriftNet(nn.Module):
     """:param dim: latent dimension; :param hidden: MLP width; :param depth: hidden layers;
     :param use_score: add the score term; :param time_features: number of Fourier time features;
@@ -71,32 +78,54 @@ class DriftNet(nn.Module):
         angles = t[..., None] * self.frequencies.to(t.dtype)
         return torch.cat([torch.sin(angles), torch.cos(angles)], -1)
 
-    def functional(self) -> Callable[..., torch.Tensor]:
+    def functional(self, times: torch.Tensor | None = None) -> Callable[..., torch.Tensor]:
         """The forward pass with every parameter read once, as ``f(z, t, score=None)``.
 
         A path simulation calls the drift at each of its :math:`K` steps. Inside a Pyro guide the
         network is a ``PyroModule``, which looks each parameter up in Pyro's parameter store on every
         access; reading them once per path batch cut an SVI step by a third (16 steps, a 2 x 64
         network, 16 paths: 23 to 15 ms). Gradients reach the parameters through the returned function.
+
+        :param times: the step times the function will be called at (``(K,)``): everything that depends
+            on :math:`t` alone (the time features' part of the first layer, the score gate) is then
+            computed for all of them at once, and each call runs only the layers that see :math:`z`.
         """
-        body = [(m.weight, m.bias) for m in self.body if isinstance(m, nn.Linear)]
-        out = (self.out.weight, self.out.bias)
+        first, *rest = [m for m in self.body if isinstance(m, nn.Linear)]
+        dim = self.dim
+        weight_z, weight_t = first.weight[:, :dim], first.weight[:, dim:]
+        # transposed once per path batch: F.linear on a matrix transposes its weight at every call
+        weight_z_t = weight_z.T
+        rest = [(m.weight.T, m.bias) for m in rest]
+        out = (self.out.weight.T, self.out.bias)
         gate = [(m.weight, m.bias) for m in self.score_gate if isinstance(m, nn.Linear)] if self.use_score else []
         frequencies, use_score = self.frequencies, self.use_score
         score_clip, drift_clip = self.score_clip, self.drift_clip
 
-        def forward(z: torch.Tensor, t: float, score: torch.Tensor | None = None) -> torch.Tensor:
-            angles = torch.full(z.shape[:-1] + (1,), float(t), dtype=z.dtype) * frequencies.to(z.dtype)
+        def time_terms(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            angles = t[:, None] * frequencies.to(t.dtype)
             emb = torch.cat([torch.sin(angles), torch.cos(angles)], -1)
-            h = torch.cat([z, emb], -1)
-            for weight, bias in body:
-                h = F.silu(F.linear(h, weight, bias))
-            drift = F.linear(h, *out)
+            hidden = F.linear(emb, weight_t, first.bias)
+            return hidden, F.linear(F.silu(F.linear(emb, *gate[0])), *gate[1]) if use_score else None
+
+        cached = {}
+        if times is not None:
+            keys = [float(t) for t in times]  # the callers' values, before any cast
+            hidden, gates = time_terms(torch.as_tensor(times, dtype=weight_z.dtype))
+            cached = {t: (hidden[i], None if gates is None else gates[i]) for i, t in enumerate(keys)}
+
+        def forward(z: torch.Tensor, t: float, score: torch.Tensor | None = None) -> torch.Tensor:
+            if float(t) in cached:
+                hidden_t, gate_t = cached[float(t)]
+            else:
+                hidden_t, gate_t = time_terms(torch.tensor([float(t)], dtype=z.dtype))
+            h = F.silu(_affine(z, weight_z_t, hidden_t))
+            for layer in rest:
+                h = F.silu(_affine(h, *layer))
+            drift = _affine(h, *out)
             if use_score:
                 if score is None:
                     raise ValueError("this drift uses the target's score; pass score=")
-                g = F.linear(F.silu(F.linear(emb, *gate[0])), *gate[1])
-                drift = drift + g * score.clamp(-score_clip, score_clip)
+                drift = drift + gate_t * score.clamp(-score_clip, score_clip)
             if drift_clip is not None:
                 drift = drift_clip * torch.tanh(drift / drift_clip)
             return drift

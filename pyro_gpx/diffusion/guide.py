@@ -350,20 +350,19 @@ class AutoDiffusion(AutoContinuous):
         times = process.times()
         y, log_path = process.initial(eps[:, 0])
         log_path = log_path + gaussian_log_density(eps[:, 0], torch.zeros_like(eps[:, 0]), 1.0)
-        states = [y] if keep_path else None
-        drift_fn = self.drift.functional()
+        states = [y]
+        drift_fn = self.drift.functional(times)
         for k in range(process.num_steps):
             score = self.state_score(target, y) if target is not None else None
-            drift = drift_fn(y, float(times[k]), score)
-            y_next, log_f, log_b = process.step(k, y, drift, eps[:, k + 1])
-            log_path = log_path + log_f + gaussian_log_density(eps[:, k + 1], torch.zeros_like(y), 1.0) - log_b
-            y = y_next
-            if keep_path:
-                states.append(y)
+            y = process.advance(k, y, drift_fn(y, float(times[k]), score), eps[:, k + 1])
+            states.append(y)
+        # the path's transition densities in one vectorised evaluation (K small ones cost more than the drift)
+        path_states = torch.stack(states, 1)
+        log_path = log_path + process.path_log_ratio(path_states, eps[:, 1:])
         z, log_det = self.frame(y)
         out = PathSample(z=z, log_path=log_path - log_det)
         if keep_path:
-            out["states"] = torch.stack(states, 1)
+            out["states"] = path_states
             out["eps"] = eps
         return out
 
@@ -485,7 +484,7 @@ class AutoDiffusion(AutoContinuous):
         times = process.times()
         z_end, log_det = self.frame(states[:, -1])  # gradients reach m, S (and a flow)
         log_path = process.initial_log_density(states[:, 0]) - log_det
-        drift_fn = self.drift.functional()
+        drift_fn = self.drift.functional(times)
         for k in range(process.num_steps):
             y, y_next = states[:, k], states[:, k + 1]
             score = self.state_score(target, y) if self.drift.use_score else None

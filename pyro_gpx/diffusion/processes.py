@@ -65,6 +65,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -137,24 +138,58 @@ class ReferenceProcess:
         d = eps0.shape[-1]
         return self.sigma * eps0, torch.full(eps0.shape[:-1], -d * math.log(self.sigma), dtype=eps0.dtype)
 
+    def forward_std(self, k: int) -> float:
+        """The standard deviation of the forward kernel :math:`p_F(z_{k+1}\\mid z_k)`."""
+        if self.kind == "pis":
+            return self.sigma * math.sqrt(self.step_size(k))
+        if self.kind == "dis":
+            return self.sigma * math.sqrt(float(self.betas[k]) * self.dt)
+        return self.sigma * math.sqrt(float(self.alphas[k]))
+
+    def advance(self, k: int, z: torch.Tensor, drift: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """:math:`z_{k+1}` from :math:`z_k`, the drift and the standard-normal increment ``eps``."""
+        std = self.forward_std(k)
+        if self.kind == "pis":
+            return torch.add(z, drift, alpha=self.step_size(k)) + std * eps
+        if self.kind == "dis":
+            return self._dis_forward(k, z, drift)[0] + std * eps
+        keep = math.sqrt(1.0 - float(self.alphas[k]))
+        return torch.add(keep * z, drift, alpha=2 * self.sigma**2 * (1 - keep)) + std * eps
+
     def step(self, k: int, z: torch.Tensor, drift: torch.Tensor, eps: torch.Tensor):
         """One forward step from :math:`z_k`: returns :math:`z_{k+1}`,
         :math:`\\log p_F(z_{k+1}\\mid z_k) - \\log N(\\epsilon; 0, I)` and :math:`\\log p_B(z_k\\mid z_{k+1})`."""
-        d = z.shape[-1]
-        if self.kind == "pis":
-            dt = self.step_size(k)
-            std = self.sigma * math.sqrt(dt)
-            z_next = z + drift * dt + std * eps
-        elif self.kind == "dis":
-            mean, std = self._dis_forward(k, z, drift)
-            z_next = mean + std * eps
-        else:
-            alpha = float(self.alphas[k])
-            keep = math.sqrt(1.0 - alpha)
-            std = self.sigma * math.sqrt(alpha)
-            z_next = keep * z + 2 * self.sigma**2 * (1 - keep) * drift + std * eps
-        log_f_minus_noise = torch.full(z.shape[:-1], -d * math.log(std), dtype=z.dtype)
+        z_next = self.advance(k, z, drift, eps)
+        log_f_minus_noise = torch.full(z.shape[:-1], -z.shape[-1] * math.log(self.forward_std(k)), dtype=z.dtype)
         return z_next, log_f_minus_noise, self.backward_log_density(k, z, z_next)
+
+    @functools.cached_property
+    def _path_coefficients(self) -> tuple[int, float, list[float], list[float]]:
+        """The first backward step that counts (PIS's step to the point 0 cancels), the sum of the forward
+        kernels' log standard deviations, and the backward kernels' mean factors and variances."""
+        first = 1 if self.kind == "pis" else 0
+        moments = [self._backward_moments(k, torch.ones((), dtype=torch.float64)) for k in range(first, self.num_steps)]
+        log_stds = sum(math.log(self.forward_std(k)) for k in range(self.num_steps))
+        return first, log_stds, [float(m) for m, _ in moments], [float(v) for _, v in moments]
+
+    def path_log_ratio(self, states: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """:math:`\\sum_k [\\log p_F(z_{k+1}\\mid z_k) - \\log p_B(z_k\\mid z_{k+1})]` of whole paths
+        ``states`` ``(B, K+1, D)`` taken by :meth:`advance` with the increments ``eps`` ``(B, K, D)``.
+
+        The same sum as :meth:`step`'s terms, in one vectorised evaluation instead of :math:`K`: each
+        forward density is :math:`N(\\epsilon_k; 0, I)` rescaled by its step's standard deviation, and the
+        backward kernels' means are fixed multiples of the next state."""
+        K, d = self.num_steps, states.shape[-1]
+        first, log_stds, coefs, variances = self._path_coefficients
+        log_f = -0.5 * eps.square().sum((-2, -1)) - K * d * (0.5 * math.log(2 * math.pi)) - d * log_stds
+        if first == K:
+            return log_f
+        coef = torch.tensor(coefs, dtype=states.dtype)[:, None]
+        var = torch.tensor(variances, dtype=states.dtype)
+        residual = states[..., first:K, :] - coef * states[..., first + 1 :, :]
+        log_norm = 0.5 * d * sum(math.log(2 * math.pi * v) for v in variances)
+        log_b = -0.5 * (residual.square().sum(-1) / var).sum(-1) - log_norm
+        return log_f - log_b
 
     def _backward_moments(self, k: int, z_next: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Mean and variance of :math:`p_B(z_k\\mid z_{k+1})` (PIS's ``k = 0``: the point 0, variance 0)."""

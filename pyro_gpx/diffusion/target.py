@@ -101,13 +101,12 @@ class UnconstrainedTarget:
                 return poutine.trace(poutine.condition(self.model, data=data)).get_trace(*self.args, **self.kwargs)
 
     def _trace_log_prob(self, trace, batch: int | None, dim: int | None = None, strict: bool = True) -> torch.Tensor:
-        total = 0.0
+        total, terms = 0.0, []
         for site in trace.nodes.values():
-            if site["type"] != "sample" or site_is_subsample(site):
-                continue
+            if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("_deterministic"):
+                continue  # a deterministic site's density is masked out: zero
             lp = site["fn"].log_prob(site["value"])
-            if strict and not torch.isfinite(lp).all():
-                raise FloatingPointError(f"log density of site {site['name']!r} is not finite at a sampled point")
+            terms.append((site["name"], lp))
             if site["mask"] is not None:
                 lp = lp * torch.as_tensor(site["mask"], dtype=lp.dtype)
             lp = lp * site["scale"]
@@ -118,6 +117,11 @@ class UnconstrainedTarget:
                 total = total + lp.movedim(dim, 0).reshape(batch, -1).sum(-1)
             else:  # the same for every row
                 total = total + lp.sum()
+        # one check of the total; a site's own density is looked at only to name it
+        if strict and not torch.isfinite(torch.as_tensor(total)).all():
+            for name, lp in terms:
+                if not torch.isfinite(lp).all():
+                    raise FloatingPointError(f"log density of site {name!r} is not finite at a sampled point")
         return total
 
     def _batched(

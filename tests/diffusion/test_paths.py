@@ -328,6 +328,44 @@ def test_drift_functional_matches_its_modules_and_passes_gradients(float64):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
 
 
+def test_drift_functional_with_precomputed_times_matches_per_call(float64):
+    """Given the step times, the time terms are computed once; calls at those times (and at others, and
+    on batched latents) give the same drift and gradients as the per-call forward pass."""
+    from pyro_gpx.diffusion.drift import DriftNet
+
+    torch.manual_seed(1)
+    net = DriftNet(3, hidden=8, depth=3, use_score=True, drift_clip=2.0).double()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    times = torch.arange(4, dtype=torch.float64) / 4
+    z, score = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    fast, slow = net.functional(times), net.functional()
+    for t in [*times.tolist(), 0.6]:
+        torch.testing.assert_close(fast(z, t, score), slow(z, t, score))
+        torch.testing.assert_close(fast(z[0], t, score[0]), slow(z[0], t, score[0]))
+    grads = [torch.autograd.grad(f(z[0], 0.25, score[0]).sum(), list(net.parameters())) for f in (fast, slow)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "kind, options", [("pis", {}), ("pis", {"grid_power": 2.0}), ("dds", {}), ("dis", {"beta_max": 8.0})]
+)
+def test_vectorised_path_ratio_equals_the_sum_of_steps(float64, kind, options):
+    process = make_process(kind, 6, sigma=1.3, **options)
+    torch.manual_seed(2)
+    eps = torch.randn(4, 7, 3)
+    y, _ = process.initial(eps[:, 0])
+    states, expected = [y], torch.zeros(4)
+    for k in range(6):
+        drift = torch.sin(3 * y) + k  # any drift
+        y_next, log_f, log_b = process.step(k, y, drift, eps[:, k + 1])
+        expected += log_f + Normal(0.0, 1.0).log_prob(eps[:, k + 1]).sum(-1) - log_b
+        torch.testing.assert_close(process.advance(k, y, drift, eps[:, k + 1]), y_next)
+        states.append(y := y_next)
+    torch.testing.assert_close(process.path_log_ratio(torch.stack(states, 1), eps[:, 1:]), expected)
+
+
 def _iaf(dim, seed=0):
     """A float64 affine-autoregressive flow with non-trivial (random) weights."""
     from pyro.distributions.transforms import affine_autoregressive
