@@ -12,7 +12,8 @@ Methods, one run, same split and feature architecture (one hidden layer of 50 ta
   to zero mean and unit variance per weight over fixed probe latents (``StandardizedGenerator``), so
   that only the prior's shape is learned and its first two moments are a learned-scale Gaussian
   prior's (``--generator learned``: W = g(z), unconstrained; ``--generator fixed``: the generator
-  stays at a centred random initialisation and only s is learned);
+  stays at a centred random initialisation and only s is learned; ``--generator-hidden 16``: a
+  smaller generator, which overfits the noisy and outlier-rich sets less);
 * ``last-layer NUTS``: NUTS over W with the Gaussian BLL's features and noise frozen.
 
 All SVI methods use minibatches (the ``data`` plate rescales the likelihood) and the same number
@@ -121,7 +122,8 @@ def _pretrained(features: nn.Module) -> nn.Module:
     return copy.deepcopy(features)
 
 
-def _bll_models(features: nn.Module, classes: int | None, seed: int, generator: str = "learned"):
+def _bll_models(features: nn.Module, classes: int | None, seed: int, generator: str = "learned", latent_dim: int = 16,
+                generator_hidden: int = 64):  # fmt: skip
     """Both last-layer models start from the MAP network's features (then train them jointly).
 
     ``generator="learned"``: every generator parameter is learned (empirical Bayes over the whole
@@ -133,8 +135,8 @@ def _bll_models(features: nn.Module, classes: int | None, seed: int, generator: 
     head = CategoricalHead(classes) if classes else GaussianHead(0.1)
     C = classes or 1
     fixed, standardized = generator == "fixed", generator == "standardized"
-    prior = ImplicitWeightPrior.mlp(C * (HIDDEN + 1), latent_dim=16, hidden=64, learn_generator=not fixed,
-                                    learn_scale=fixed or standardized, center=fixed,
+    prior = ImplicitWeightPrior.mlp(C * (HIDDEN + 1), latent_dim=latent_dim, hidden=generator_hidden,
+                                    learn_generator=not fixed, learn_scale=fixed or standardized, center=fixed,
                                     standardize=standardized)  # fmt: skip
     implicit = BayesianLastLayer(_pretrained(features), HIDDEN, head, prior)
     return gaussian, implicit
@@ -182,7 +184,9 @@ def run_split(split, classes, cfg, args) -> list[tuple[str, str, dict]]:
     results.append(("MAP", "peer", dict(_metrics(pred, split, classes), train_seconds=map_seconds)))
 
     pyro.clear_param_store()
-    gaussian, implicit = _bll_models(features, classes, args.seed, args.generator)
+    gaussian, implicit = _bll_models(
+        features, classes, args.seed, args.generator, args.latent_dim, args.generator_hidden
+    )
     guide = LastLayerNormal(gaussian, init_scale=0.1)
     loss = Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=1) if classes else LastLayerELBO()
     gaussian_seconds = _svi(gaussian, guide, loss, X, y, cfg, args.seed)
@@ -305,6 +309,8 @@ def main(argv=None):
         )
         help_ = "the implicit BLL's start: the MAP features, or the Gaussian BLL's trained features and noise"
         parser.add_argument("--implicit-init", default="map", choices=["map", "gaussian"], help=help_)
+        parser.add_argument("--latent-dim", type=int, default=16, help="the implicit prior's latent dimension")
+        parser.add_argument("--generator-hidden", type=int, default=64, help="the generator's hidden width")
         parser.add_argument("--affine", default="diagonal", choices=["diagonal", "full"],
                             help="the implicit BLL's diffusion-guide frame")  # fmt: skip
 
