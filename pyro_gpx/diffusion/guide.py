@@ -489,8 +489,8 @@ class AutoDiffusion(AutoContinuous):
             y, y_next = states[:, k], states[:, k + 1]
             score = self.state_score(target, y) if self.drift.use_score else None
             drift = drift_fn(y, float(times[k]), score)
-            log_f = process.forward_log_density(k, y, drift, y_next)
-            log_path = log_path + log_f - process.backward_log_density(k, y, y_next)
+            log_path = log_path + process.forward_log_density(k, y, drift, y_next)
+        log_path = log_path - process.path_backward_log_density(states)
         log_target = self._log_density(target, z_end)
         return PathSample(z=z_end, log_path=log_path, log_target=log_target, log_weight=log_target - log_path)
 

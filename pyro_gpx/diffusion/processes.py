@@ -164,32 +164,40 @@ class ReferenceProcess:
         return z_next, log_f_minus_noise, self.backward_log_density(k, z, z_next)
 
     @functools.cached_property
-    def _path_coefficients(self) -> tuple[int, float, list[float], list[float]]:
+    def _path_coefficients(self) -> tuple[int, float, list[float], list[float], float]:
         """The first backward step that counts (PIS's step to the point 0 cancels), the sum of the forward
-        kernels' log standard deviations, and the backward kernels' mean factors and variances."""
+        kernels' log standard deviations, the backward kernels' mean factors and variances, and the sum
+        of their log normalisers :math:`\\tfrac12\\log(2\\pi v_k)` per dimension."""
         first = 1 if self.kind == "pis" else 0
         moments = [self._backward_moments(k, torch.ones((), dtype=torch.float64)) for k in range(first, self.num_steps)]
         log_stds = sum(math.log(self.forward_std(k)) for k in range(self.num_steps))
-        return first, log_stds, [float(m) for m, _ in moments], [float(v) for _, v in moments]
+        variances = [float(v) for _, v in moments]
+        log_norm = 0.5 * sum(math.log(2 * math.pi * v) for v in variances)
+        return first, log_stds, [float(m) for m, _ in moments], variances, log_norm
+
+    def path_backward_log_density(self, states: torch.Tensor) -> torch.Tensor:
+        """:math:`\\sum_k \\log p_B(z_k\\mid z_{k+1})` of whole paths ``states`` ``(B, K+1, D)``: the sum of
+        :meth:`backward_log_density` over the steps, in one vectorised evaluation (the backward kernels'
+        means are fixed multiples of the next state)."""
+        K, d = self.num_steps, states.shape[-1]
+        first, _, coefs, variances, log_norm = self._path_coefficients
+        if first == K:
+            return torch.zeros(states.shape[:-2], dtype=states.dtype)
+        coef = torch.tensor(coefs, dtype=states.dtype)[:, None]
+        var = torch.tensor(variances, dtype=states.dtype)
+        residual = states[..., first:K, :] - coef * states[..., first + 1 :, :]
+        return -0.5 * (residual.square().sum(-1) / var).sum(-1) - d * log_norm
 
     def path_log_ratio(self, states: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """:math:`\\sum_k [\\log p_F(z_{k+1}\\mid z_k) - \\log p_B(z_k\\mid z_{k+1})]` of whole paths
         ``states`` ``(B, K+1, D)`` taken by :meth:`advance` with the increments ``eps`` ``(B, K, D)``.
 
         The same sum as :meth:`step`'s terms, in one vectorised evaluation instead of :math:`K`: each
-        forward density is :math:`N(\\epsilon_k; 0, I)` rescaled by its step's standard deviation, and the
-        backward kernels' means are fixed multiples of the next state."""
+        forward density is :math:`N(\\epsilon_k; 0, I)` rescaled by its step's standard deviation."""
         K, d = self.num_steps, states.shape[-1]
-        first, log_stds, coefs, variances = self._path_coefficients
+        log_stds = self._path_coefficients[1]
         log_f = -0.5 * eps.square().sum((-2, -1)) - K * d * (0.5 * math.log(2 * math.pi)) - d * log_stds
-        if first == K:
-            return log_f
-        coef = torch.tensor(coefs, dtype=states.dtype)[:, None]
-        var = torch.tensor(variances, dtype=states.dtype)
-        residual = states[..., first:K, :] - coef * states[..., first + 1 :, :]
-        log_norm = 0.5 * d * sum(math.log(2 * math.pi * v) for v in variances)
-        log_b = -0.5 * (residual.square().sum(-1) / var).sum(-1) - log_norm
-        return log_f - log_b
+        return log_f - self.path_backward_log_density(states)
 
     def _backward_moments(self, k: int, z_next: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Mean and variance of :math:`p_B(z_k\\mid z_{k+1})` (PIS's ``k = 0``: the point 0, variance 0)."""

@@ -356,14 +356,17 @@ def test_vectorised_path_ratio_equals_the_sum_of_steps(float64, kind, options):
     torch.manual_seed(2)
     eps = torch.randn(4, 7, 3)
     y, _ = process.initial(eps[:, 0])
-    states, expected = [y], torch.zeros(4)
+    states, expected, expected_backward = [y], torch.zeros(4), torch.zeros(4)
     for k in range(6):
         drift = torch.sin(3 * y) + k  # any drift
         y_next, log_f, log_b = process.step(k, y, drift, eps[:, k + 1])
         expected += log_f + Normal(0.0, 1.0).log_prob(eps[:, k + 1]).sum(-1) - log_b
+        expected_backward += log_b
         torch.testing.assert_close(process.advance(k, y, drift, eps[:, k + 1]), y_next)
         states.append(y := y_next)
-    torch.testing.assert_close(process.path_log_ratio(torch.stack(states, 1), eps[:, 1:]), expected)
+    states = torch.stack(states, 1)
+    torch.testing.assert_close(process.path_log_ratio(states, eps[:, 1:]), expected)
+    torch.testing.assert_close(process.path_backward_log_density(states), expected_backward)
 
 
 def _iaf(dim, seed=0):
