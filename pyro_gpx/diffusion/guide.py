@@ -349,7 +349,6 @@ class AutoDiffusion(AutoContinuous):
         target = self.target(*args, **kwargs) if self.drift.use_score else None
         times = process.times()
         y, log_path = process.initial(eps[:, 0])
-        log_path = log_path + gaussian_log_density(eps[:, 0], torch.zeros_like(eps[:, 0]), 1.0)
         states = [y]
         drift_fn = self.drift.functional(times)
         for k in range(process.num_steps):

@@ -127,16 +127,11 @@ class ReferenceProcess:
         return float(self.grid[k] / self.grid[k + 1])
 
     def initial(self, eps0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:math:`z_0` from standard-normal ``eps0`` and :math:`\\log p_{F,0}(z_0) - \\log N(\\epsilon_0; 0, I)`.
-
-        PIS starts at the point 0 in both directions (its term cancels), so ``eps0`` is unused and
-        only its own density is removed.
-        """
-        if self.kind == "pis":
-            zeros = torch.zeros_like(eps0)
-            return zeros, -gaussian_log_density(eps0, zeros, 1.0)
-        d = eps0.shape[-1]
-        return self.sigma * eps0, torch.full(eps0.shape[:-1], -d * math.log(self.sigma), dtype=eps0.dtype)
+        """:math:`z_0` from standard-normal ``eps0`` and its log density under the guide's start,
+        :meth:`initial_log_density` (PIS starts at the point 0 in both directions, so ``eps0`` is unused
+        and the term is 0)."""
+        z0 = torch.zeros_like(eps0) if self.kind == "pis" else self.sigma * eps0
+        return z0, self.initial_log_density(z0)
 
     def forward_std(self, k: int) -> float:
         """The standard deviation of the forward kernel :math:`p_F(z_{k+1}\\mid z_k)`."""

@@ -152,7 +152,6 @@ def _dis_log_weights(process, mean, std, log_z, num_paths):
     sigma, K = process.sigma, process.num_steps
     eps = torch.randn(num_paths, K + 1, mean.shape[-1])
     y, log_path = process.initial(eps[:, 0])
-    log_path = log_path + Normal(0.0, 1.0).log_prob(eps[:, 0]).sum(-1)
     for k in range(K):
         s = 1.0 - k / K
         a = math.exp(-0.5 * (0.1 * s + 9.95 * s**2))
