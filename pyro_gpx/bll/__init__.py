@@ -1,6 +1,7 @@
 """Bayesian last layers with Gaussian and implicit (generator) priors."""
 
 from .elbo import LastLayerELBO
+from .exact import exact_posterior, log_evidence
 from .guide import LastLayerNormal
 from .heads import CategoricalHead, GaussianHead
 from .model import BayesianLastLayer
@@ -16,7 +17,9 @@ __all__ = [
     "LastLayerELBO",
     "LastLayerNormal",
     "StandardizedGenerator",
+    "exact_posterior",
     "generator_mlp",
+    "log_evidence",
     "predict",
     "predictive_entropy",
 ]

@@ -1,0 +1,115 @@
+"""The exact last-layer posterior and evidence against dense Bayesian linear regression."""
+
+import math
+
+import pyro
+import pytest
+import torch
+from torch import nn
+
+from pyro_gpx.bll import (
+    BayesianLastLayer,
+    CategoricalHead,
+    GaussianHead,
+    GaussianWeightPrior,
+    ImplicitWeightPrior,
+    LastLayerELBO,
+    LastLayerNormal,
+    exact_posterior,
+    log_evidence,
+)
+
+
+def _dense(Phi, y, noise, scale):
+    """Posterior mean, covariance and log evidence from the n x n and D x D dense formulas."""
+    precision = Phi.T @ Phi / noise + torch.eye(Phi.shape[1]) / scale**2
+    cov = torch.linalg.inv(precision)
+    K = scale**2 * Phi @ Phi.T + noise * torch.eye(len(y))
+    log_z = torch.distributions.MultivariateNormal(torch.zeros(len(y)), K).log_prob(y)
+    return cov @ Phi.T @ y / noise, cov, float(log_z)
+
+
+@pytest.fixture
+def network_model(float64):
+    """A tanh feature network with learned noise and prior scale, set away from their starts in the store."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh())
+    model = BayesianLastLayer(net, 6, GaussianHead(0.1), GaussianWeightPrior(1.0, learn_scale=True), name="reg")
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(57, 3, generator=gen)
+    y = torch.sin(X[:, 0]) + 0.3 * X[:, 1] + 0.2 * torch.randn(57, generator=gen)
+    model(X[:2], y[:2])  # registers the parameters
+    pyro.get_param_store()["reg.head.noise"] = torch.tensor(0.07)
+    pyro.get_param_store()["reg.prior.scale"] = torch.tensor(1.7)
+    return model, X, y
+
+
+def test_posterior_and_evidence_match_the_dense_formulas(network_model):
+    model, X, y = network_model
+    with torch.no_grad():
+        Phi = model.design(X)
+    mean, cov, log_z = _dense(Phi, y, 0.07, 1.7)
+    q = exact_posterior(model, X, y)
+    assert q.batch_shape == (1,) and q.event_shape == (7,)
+    torch.testing.assert_close(q.loc[0], mean, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(q.covariance_matrix[0], cov, rtol=1e-10, atol=1e-12)
+    assert log_evidence(model, X, y) == pytest.approx(log_z, rel=1e-12)
+
+
+def test_chunks_do_not_change_the_answer(network_model):
+    model, X, y = network_model
+    whole, chunked = exact_posterior(model, X, y), exact_posterior(model, X, y, chunk_size=5)
+    torch.testing.assert_close(chunked.loc, whole.loc, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(chunked.scale_tril, whole.scale_tril, rtol=1e-12, atol=1e-12)
+    assert log_evidence(model, X, y, chunk_size=5) == pytest.approx(log_evidence(model, X, y), rel=1e-13)
+
+
+def test_the_guide_set_to_the_posterior_attains_the_evidence(network_model):
+    model, X, y = network_model
+    guide = LastLayerNormal(model, init_scale=0.3)
+    loss = LastLayerELBO()
+    before = -loss.loss(model, guide, X, y)
+    guide.set_posterior(exact_posterior(model, X, y))
+    after = -loss.loss(model, guide, X, y)
+    evidence = log_evidence(model, X, y)
+    assert before < evidence - 1.0  # a lower bound, and this start is far below it
+    assert after == pytest.approx(evidence, rel=1e-10)
+    with guide._pyro_context:  # written to the store under the model's name
+        torch.testing.assert_close(guide.loc, pyro.param("reg.loc").detach())
+
+
+def test_the_gaussian_fixture_of_the_closed_form_tests(float64):
+    # no features: the design is [X, 1], as in the deterministic-ELBO tests
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 2, generator=gen)
+    y = 0.7 * X[:, 0] - 0.3 * X[:, 1] + 0.2 + 0.3 * torch.randn(40, generator=gen)
+    model = BayesianLastLayer(None, 2, GaussianHead(0.09, learn_noise=False), GaussianWeightPrior(0.8))
+    mean, cov, log_z = _dense(torch.cat([X, torch.ones(40, 1)], -1), y, 0.09, 0.8)
+    q = exact_posterior(model, X, y)
+    torch.testing.assert_close(q.loc[0], mean, rtol=1e-10, atol=1e-12)
+    assert log_evidence(model, X, y) == pytest.approx(log_z, rel=1e-12)
+    assert math.isfinite(log_z)
+
+
+def test_bad_input_is_named(network_model, float64):
+    model, X, y = network_model
+    with pytest.raises(ValueError, match="y must be a vector"):
+        exact_posterior(model, X, y[:-1])
+    with pytest.raises(ValueError, match="chunk_size"):
+        log_evidence(model, X, y, chunk_size=0)
+    with pytest.raises(ValueError, match="X must be"):
+        exact_posterior(model, X[:, 0], y)
+    classifier = BayesianLastLayer(None, 3, CategoricalHead(3))
+    with pytest.raises(ValueError, match="GaussianHead"):
+        exact_posterior(classifier, X, torch.zeros(57, dtype=torch.long))
+    implicit = BayesianLastLayer(None, 3, GaussianHead(0.1), ImplicitWeightPrior.mlp(4, latent_dim=2))
+    with pytest.raises(ValueError, match="GaussianWeightPrior"):
+        log_evidence(implicit, X, y)
+    with pytest.raises(TypeError, match="model must be"):
+        exact_posterior(nn.Linear(3, 1), X, y)
+    guide = LastLayerNormal(model)
+    q = exact_posterior(model, X, y)
+    with pytest.raises(ValueError, match="loc shape"):
+        guide.set_posterior(torch.distributions.MultivariateNormal(q.loc[0, :3], scale_tril=q.scale_tril[0, :3, :3]))
+    with pytest.raises(TypeError, match="MultivariateNormal"):
+        guide.set_posterior(q.loc)
