@@ -48,7 +48,7 @@ class Regressor(torch.nn.Module):
         return 0.5 * (torch.log(2 * math.pi * var) + (y - mean) ** 2 / var).mean()
 
 
-def _config(dataset: str, n: int, quick: bool, swa_lr: float | None = None) -> dict:
+def _config(dataset: str, n: int, quick: bool, swa_lr: float | None = None, swa_start: float = 0.5) -> dict:
     big = n > 5000
     # uci-large sets: half the learning rate and a clipped gradient norm (at lr 1e-2 without clipping,
     # SGD diverged on elevators split 1, and some runs blew up at 5e-3)
@@ -60,7 +60,7 @@ def _config(dataset: str, n: int, quick: bool, swa_lr: float | None = None) -> d
         cfg["swa_lr"] = swa_lr
     if quick:
         cfg["epochs"] = 20 if big else 60
-    cfg["swa_start"] = cfg["epochs"] // 2
+    cfg["swa_start"] = int(cfg["epochs"] * swa_start)
     return cfg
 
 
@@ -142,7 +142,7 @@ def run_split(dataset: str, split_id: int, args, records: list) -> None:
     val = None
     if args.validation > 0:
         split, val = _holdout(split, args.validation, seed=1000 + split_id)
-    cfg = _config(dataset, split.n_train, args.quick, args.swa_lr)
+    cfg = _config(dataset, split.n_train, args.quick, args.swa_lr, args.swa_start)
     num_samples, ensemble = (10, 3) if args.quick else (30, 5)
     net, swag, timing = train_swag(split, cfg, seed=args.seed)
     overhead = timing["collect_seconds"] / (timing["train_seconds"] - timing["collect_seconds"])
@@ -178,7 +178,7 @@ def run_split(dataset: str, split_id: int, args, records: list) -> None:
         metrics = _evaluate(split, m, multiplier * v)
         seconds = multi_seconds if method == "MultiSWAG" else timing["train_seconds"]
         records.append(harness.record("swag", dataset, split_id, method, "ours" if "SWAG" in method else "peer",
-                                      n_train=split.n_train, train_seconds=seconds,
+                                      n_train=split.n_train, train_seconds=seconds, swa_start_fraction=args.swa_start,
                                       collect_overhead=overhead if "SWAG" in method else None, epochs=cfg["epochs"],
                                       scale=scale if runs is not None else None, noise_multiplier=multiplier,
                                       **metrics))  # fmt: skip
@@ -197,6 +197,8 @@ def main(argv=None):
                  "on the training rows")  # fmt: skip
         parser.add_argument("--refit-noise", action="store_true", help=help_)
         parser.add_argument("--swa-lr", type=float, default=None, help="constant SWA learning rate (default 2e-3)")
+        help_ = "the share of the epochs before the SWA phase (collection once per epoch after it)"
+        parser.add_argument("--swa-start", type=float, default=0.5, help=help_)
         parser.add_argument(
             "--scales",
             type=lambda text: tuple(float(v) for v in text.split(",")),
