@@ -357,7 +357,8 @@ def main(argv=None):
             name = dataset if not args.outliers or classes else f"{dataset} (outliers {args.outliers:g})"
             for method, role, metrics in run_split(split, classes, cfg, args):
                 records.append(harness.record("bll", name, split_id, method, role, n_train=split.n_train,
-                                              epochs=cfg["epochs"], **metrics))  # fmt: skip
+                                              epochs=cfg["epochs"], latent_dim=args.latent_dim,
+                                              generator_hidden=args.generator_hidden, **metrics))  # fmt: skip
                 shown = " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
                 print(f"{name:>32} {split_id} {method:>26}: {shown}", flush=True)
             harness.write_json(records, args.out)
