@@ -26,6 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gp_uci  # noqa: E402
 
 
+def _condition(gp, kernel, residual, split, noise: float):
+    """The exact GP's test mean (prior mean added), latent variance (clipped at 0) and
+    :math:`r^\\top (K + \\sigma^2 I)^{-1} r` at noise variance ``noise``."""
+    with torch.no_grad():
+        mean, var, quad = gp_uci.exact_moments_and_quadratic(kernel, gp.X, residual, split.X_test, noise)
+    return mean + gp._prior_mean(split.X_test).double(), var.clamp_min(0), quad
+
+
 def main(argv=None):
     parser = gp_uci.probe_parser(__doc__.splitlines()[0], "bike", "gp_exact_at_refit.json")
     parser.add_argument("--refit-mll", default="subset-kernel", choices=["subset", "subset-kernel"])
@@ -39,32 +47,22 @@ def main(argv=None):
     kept = ("rmse", "nll", "coverage95", "train_seconds", "mll_noise", "mll_outputscale", "mll_lengthscale")
     out = {"dataset": args.dataset, "split": args.split, "refit_mll": args.refit_mll, "pivots": args.pivots,
            "cagp": {k: res[k] for k in kept if k in res}}  # fmt: skip
-    start = time.perf_counter()
-    with torch.no_grad():
-        kernel = (gp.marginal().kernel if fit.kernel is None else fit.kernel).scaled(fit.multiplier)
-        residual = gp.y - gp._prior_mean(gp.X)
-        mean, var = gp_uci.exact_moments(kernel, gp.X, residual, split.X_test, fit.noise)
-        mean = mean + gp._prior_mean(split.X_test).double()
-        var = var.clamp_min(0)
-    out["exact_at_refit"] = {**gp_uci._metrics(split, mean, var + fit.noise), "seconds": time.perf_counter() - start,
-                             **gp_uci.interval_scales(split, mean, var), "noise": fit.noise}  # fmt: skip
-    for noise in [float(v) for v in args.lower_noises.split(",") if v]:
+    kernel = (gp.marginal().kernel if fit.kernel is None else fit.kernel).scaled(fit.multiplier)
+    residual = gp.y - gp._prior_mean(gp.X)
+    for noise in [fit.noise] + [float(v) for v in args.lower_noises.split(",") if v]:
+        key = "exact_at_refit" if noise == fit.noise and "exact_at_refit" not in out else f"exact_noise_{noise:g}"
         start = time.perf_counter()
         try:
-            with torch.no_grad():
-                mean, var, quad = gp_uci.exact_moments_and_quadratic(kernel, gp.X, residual, split.X_test, noise)
+            mean, var, quad = _condition(gp, kernel, residual, split, noise)
         except torch.linalg.LinAlgError as err:  # the kernel matrix is too ill-conditioned at this noise
-            out[f"exact_noise_{noise:g}"] = {"noise": noise, "error": str(err).splitlines()[0]}
+            out[key] = {"noise": noise, "error": str(err).splitlines()[0]}
             continue
-        mean = mean + gp._prior_mean(split.X_test).double()
-        var = var.clamp_min(0)
-        # the full-data likelihood's choice of a common multiplier c of kernel and noise: c = r^T (K + s I)^-1 r / n
-        c = quad / len(residual)
-        rescaled = gp_uci._metrics(split, mean, c * (var + noise))
-        scales = gp_uci.interval_scales(split, mean, var)
-        out[f"exact_noise_{noise:g}"] = {**gp_uci._metrics(split, mean, var + noise), **scales,
-                                         "seconds": time.perf_counter() - start, "noise": noise,
-                                         "mll_multiplier": c, "at_mll_multiplier": rescaled}  # fmt: skip
+        out[key] = {**gp_uci._metrics(split, mean, var + noise), "seconds": time.perf_counter() - start,
+                    **gp_uci.interval_scales(split, mean, var), "noise": noise}  # fmt: skip
+        if key != "exact_at_refit":
+            # the full-data likelihood's choice of a common multiplier c of kernel and noise: c = r^T (K + s I)^-1 r / n
+            c = quad / len(residual)
+            out[key].update(mll_multiplier=c, at_mll_multiplier=gp_uci._metrics(split, mean, c * (var + noise)))
     for key, value in out.items():
         print(key, value, flush=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
