@@ -58,16 +58,17 @@ def _statistics(model: BayesianLastLayer, X: torch.Tensor, y: torch.Tensor, chun
         raise ValueError(f"X must be an (n, inputs) tensor, got shape {tuple(getattr(X, 'shape', ()))}")
     y = model.head.check_targets(y, X.shape[0])
     D = model.weight_shape[1]
+    f64 = torch.float64  # accumulated in float64 whatever the model's dtype: P can be ill-conditioned
     with torch.no_grad(), model._pyro_context:  # the store's current values, no graph
-        noise, scale = model.head.noise.to(X.dtype), model.prior.scale.to(X.dtype)
-        A = torch.zeros(D, D, dtype=X.dtype)
-        b = torch.zeros(D, dtype=X.dtype)
+        noise, scale = model.head.noise.to(f64), model.prior.scale.to(f64)
+        A = torch.zeros(D, D, dtype=f64)
+        b = torch.zeros(D, dtype=f64)
         for start in range(0, X.shape[0], chunk_size):
-            Phi = model.design(X[start : start + chunk_size])
+            Phi = model.design(X[start : start + chunk_size]).to(f64)
             A += Phi.T @ Phi
-            b += Phi.T @ y[start : start + chunk_size].to(X.dtype)
-    P = A / noise + torch.eye(D, dtype=X.dtype) / scale**2
-    return 0.5 * (P + P.T), b, y.square().sum(), noise, scale, X.shape[0]
+            b += Phi.T @ y[start : start + chunk_size].to(f64)
+    P = A / noise + torch.eye(D, dtype=f64) / scale**2
+    return 0.5 * (P + P.T), b, y.to(f64).square().sum(), noise, scale, X.shape[0]
 
 
 def exact_posterior(
@@ -75,7 +76,7 @@ def exact_posterior(
 ) -> dist.MultivariateNormal:
     """The exact posterior of the last-layer weights given the model's current features, noise and
     prior scale, as :class:`~pyro_gpx.bll.guide.LastLayerNormal`'s base distribution is: batch shape
-    ``(1,)`` (the one output row), event shape ``(D,)``.
+    ``(1,)`` (the one output row), event shape ``(D,)``, in ``X``'s dtype (computed in float64).
 
     :param model: a :class:`~pyro_gpx.bll.model.BayesianLastLayer` with a
         :class:`~pyro_gpx.bll.heads.GaussianHead` and a :class:`~pyro_gpx.bll.priors.GaussianWeightPrior`.
@@ -94,7 +95,8 @@ def exact_posterior(
     L = torch.linalg.cholesky(P)
     cov = torch.cholesky_inverse(L)
     mean = torch.cholesky_solve((b / noise)[:, None], L)[:, 0]
-    return dist.MultivariateNormal(mean[None], covariance_matrix=(0.5 * (cov + cov.T))[None])
+    cov = 0.5 * (cov + cov.T)
+    return dist.MultivariateNormal(mean[None].to(X.dtype), scale_tril=torch.linalg.cholesky(cov)[None].to(X.dtype))
 
 
 def log_evidence(model: BayesianLastLayer, X: torch.Tensor, y: torch.Tensor, *, chunk_size: int = 4096) -> float:

@@ -78,6 +78,18 @@ def test_the_guide_set_to_the_posterior_attains_the_evidence(network_model):
         torch.testing.assert_close(guide.loc, pyro.param("reg.loc").detach())
 
 
+def test_a_float32_model_is_accumulated_in_float64(network_model):
+    model, X, y = network_model
+    q64 = exact_posterior(model, X, y)
+    model.features.float()
+    for name in ("reg.features.0.weight", "reg.features.0.bias"):
+        pyro.get_param_store()[name] = pyro.param(name).detach().float()
+    q32 = exact_posterior(model, X.float(), y.float())
+    assert q32.loc.dtype == torch.float32 and q32.scale_tril.dtype == torch.float32
+    torch.testing.assert_close(q32.loc.double(), q64.loc, rtol=0, atol=1e-4)
+    torch.testing.assert_close(q32.covariance_matrix.double(), q64.covariance_matrix, rtol=0, atol=1e-5)
+
+
 def test_the_gaussian_fixture_of_the_closed_form_tests(float64):
     # no features: the design is [X, 1], as in the deterministic-ELBO tests
     gen = torch.Generator().manual_seed(0)
