@@ -227,8 +227,8 @@ def run_split(split, classes, cfg, args) -> list[tuple[str, str, dict]]:
     pyro.clear_param_store()
     if warm:
         _start_from(implicit, trained, X, y)
-    guide = AutoDiffusion(implicit, process="pis", num_steps=cfg["steps"], hidden=64, init_scale=0.1, use_score=False,
-                          affine=args.affine)  # fmt: skip
+    guide = AutoDiffusion(implicit, process="pis", num_steps=cfg["steps"], hidden=64, init_scale=args.guide_init_scale,
+                          use_score=False, affine=args.affine)  # fmt: skip
     seconds = map_seconds + _svi(implicit, guide, PathELBO(num_paths=cfg["paths"]), X, y, cfg, args.seed)
     if warm:  # it needed the Gaussian BLL's training first
         seconds += gaussian_seconds
@@ -334,6 +334,8 @@ def main(argv=None):
         parser.add_argument("--implicit-init", default="map", choices=["map", "gaussian"], help=help_)
         parser.add_argument("--latent-dim", type=int, default=16, help="the implicit prior's latent dimension")
         parser.add_argument("--generator-hidden", type=int, default=64, help="the generator's hidden width")
+        help_ = "the implicit BLL's diffusion guide starts as N(m, s^2 I) over z with this s (1: the prior)"
+        parser.add_argument("--guide-init-scale", type=float, default=0.1, help=help_)
         parser.add_argument("--affine", default="diagonal", choices=["diagonal", "full"],
                             help="the implicit BLL's diffusion-guide frame")  # fmt: skip
 
