@@ -49,17 +49,20 @@ def main(argv=None):
            "cagp": {k: res[k] for k in kept if k in res}}  # fmt: skip
     kernel = (gp.marginal().kernel if fit.kernel is None else fit.kernel).scaled(fit.multiplier)
     residual = gp.y - gp._prior_mean(gp.X)
-    for noise in [fit.noise] + [float(v) for v in args.lower_noises.split(",") if v]:
-        key = "exact_at_refit" if noise == fit.noise and "exact_at_refit" not in out else f"exact_noise_{noise:g}"
+    # the refit's own noise first, then the lower ones
+    for i, noise in enumerate([fit.noise] + [float(v) for v in args.lower_noises.split(",") if v]):
+        key = "exact_at_refit" if i == 0 else f"exact_noise_{noise:g}"
         start = time.perf_counter()
         try:
             mean, var, quad = _condition(gp, kernel, residual, split, noise)
-        except torch.linalg.LinAlgError as err:  # the kernel matrix is too ill-conditioned at this noise
+        except torch.linalg.LinAlgError as err:  # the kernel matrix is too ill-conditioned at a lower noise
+            if i == 0:
+                raise
             out[key] = {"noise": noise, "error": str(err).splitlines()[0]}
             continue
         out[key] = {**gp_uci._metrics(split, mean, var + noise), "seconds": time.perf_counter() - start,
                     **gp_uci.interval_scales(split, mean, var), "noise": noise}  # fmt: skip
-        if key != "exact_at_refit":
+        if i > 0:
             # the full-data likelihood's choice of a common multiplier c of kernel and noise: c = r^T (K + s I)^-1 r / n
             c = quad / len(residual)
             out[key].update(mll_multiplier=c, at_mll_multiplier=gp_uci._metrics(split, mean, c * (var + noise)))
