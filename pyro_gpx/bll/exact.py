@@ -37,7 +37,7 @@ import torch
 
 from .._validation import check_positive_int
 from .heads import GaussianHead
-from .model import BayesianLastLayer
+from .model import BayesianLastLayer, _check_batch
 from .priors import GaussianWeightPrior
 
 __all__ = ["exact_posterior", "log_evidence"]
@@ -54,8 +54,7 @@ def _statistics(model: BayesianLastLayer, X: torch.Tensor, y: torch.Tensor, chun
             f"the exact posterior needs a GaussianWeightPrior; this model's prior is {type(model.prior).__name__}"
         )
     chunk_size = check_positive_int("chunk_size", chunk_size)
-    if not isinstance(X, torch.Tensor) or X.dim() != 2:
-        raise ValueError(f"X must be an (n, inputs) tensor, got shape {tuple(getattr(X, 'shape', ()))}")
+    _check_batch("X", X)
     y = model.head.check_targets(y, X.shape[0])
     D = model.weight_shape[1]
     f64 = torch.float64  # accumulated in float64 whatever the model's dtype: P can be ill-conditioned
