@@ -340,8 +340,9 @@ def run_diffusion(model, args, target, process, loss_name, budget, cfg, flow_fra
 
 
 def _trace_training(guide, loss, every: int) -> None:
-    """Prints, every ``every`` LV steps, the batch's log weights (forward and backward paths apart) and the
-    largest absolute drift-network output weight: a diagnosis of diverging runs."""
+    """Prints, every ``every`` LV steps, the batch's log weights (forward and backward paths apart), the
+    largest absolute drift-network output weight and the largest absolute process state on the batch's
+    paths: a diagnosis of diverging runs."""
     rescore, count = guide.rescore_paths, [0]
 
     def traced(states, *args, **kwargs):
@@ -357,6 +358,7 @@ def _trace_training(guide, loss, every: int) -> None:
             if len(bwd):
                 line += f" bwd_mean={float(bwd.mean()):.4g} bwd_min={float(bwd.min()):.4g}"
             line += f" out_w={float(drift.out.weight.detach().abs().max()):.3g} gate_w={gate:.3g}"
+            line += f" state_max={float(states.detach().abs().max()):.3g}"
             print(line, flush=True)
         return path
 
