@@ -55,24 +55,24 @@ def network_jacobian(net: torch.nn.Module, X: torch.Tensor, chunk: int = 2048) -
     return torch.cat(rows)
 
 
-def laplace_variance(J_train: torch.Tensor, J_test: torch.Tensor, noise: float, prior_precision: float) -> torch.Tensor:
-    """Diagonal of :math:`J_* (J^T J / \\sigma^2 + \\lambda I)^{-1} J_*^T` by one Cholesky factor."""
-    ggn = J_train.T @ J_train / noise
-    ggn.diagonal().add_(prior_precision)
-    L = torch.linalg.cholesky(ggn)
+def laplace_variance(ggn: torch.Tensor, J_test: torch.Tensor, prior_precision: float) -> torch.Tensor:
+    """Diagonal of :math:`J_* (G + \\lambda I)^{-1} J_*^T`, with the GGN :math:`G = J^T J / \\sigma^2`, by one
+    Cholesky factor."""
+    L = torch.linalg.cholesky(ggn + prior_precision * torch.eye(ggn.shape[0], dtype=ggn.dtype))
     A = torch.linalg.solve_triangular(L, J_test.T, upper=False)
     return (A**2).sum(0)
 
 
-def evidence_prior_precision(J_train: torch.Tensor, theta: torch.Tensor, noise: float) -> float:
-    """The prior precision that maximises the Laplace evidence at ``theta`` on a log grid (10^-4 .. 10^4).
+def evidence_prior_precision(ggn: torch.Tensor, theta: torch.Tensor) -> float:
+    """The prior precision that maximises the Laplace evidence at ``theta`` on a log grid (10^-4 .. 10^4), given
+    the GGN :math:`G = J^\\top J / \\sigma^2`.
 
     .. math:: \\log Z(\\alpha) = \\log p(y \\mid \\theta) - \\tfrac{\\alpha}{2}\\lVert\\theta\\rVert^2
         + \\tfrac{P}{2}\\log\\alpha - \\tfrac12 \\log\\det(J^\\top J / \\sigma^2 + \\alpha I),
 
     the usual post-hoc choice for a linearised Laplace (the likelihood term does not depend on alpha).
     """
-    eigenvalues = torch.linalg.eigvalsh(J_train.T @ J_train / noise).clamp(min=0.0)
+    eigenvalues = torch.linalg.eigvalsh(ggn).clamp(min=0.0)
     grid = torch.logspace(-4, 4, 161, dtype=torch.float64)
     sq_norm = float((theta.double() ** 2).sum())
     log_z = [-0.5 * a * sq_norm + 0.5 * len(eigenvalues) * torch.log(a) - 0.5 * torch.log(eigenvalues + a).sum()
@@ -92,11 +92,12 @@ def run_split(dataset: str, split_id: int, args, records: list) -> None:
     swag_var = means.double().var(0)
     J_train = network_jacobian(swa_net.net, split.X_train)
     J_test = network_jacobian(swa_net.net, split.X_test)
-    lap_var = laplace_variance(J_train, J_test, noise, split.n_train * cfg["weight_decay"])
+    ggn = J_train.T @ J_train / noise  # once: both prior precisions and the evidence use it
+    lap_var = laplace_variance(ggn, J_test, split.n_train * cfg["weight_decay"])
     ratio = (swag_var / lap_var).median().item()
     theta = torch.cat([p.detach().reshape(-1) for p in swa_net.net.parameters()])
-    alpha = evidence_prior_precision(J_train, theta, noise)
-    ev_var = laplace_variance(J_train, J_test, noise, alpha)
+    alpha = evidence_prior_precision(ggn, theta)
+    ev_var = laplace_variance(ggn, J_test, alpha)
     out = {
         "n_train": split.n_train,
         "num_params": J_train.shape[1],
