@@ -58,8 +58,9 @@ class LastLayerELBO(ELBO):
                 if not isinstance(q, dist.MultivariateNormal) or q.loc.shape[0] != 1:
                     raise ValueError("LastLayerELBO needs a one-output Gaussian head and a LastLayerNormal guide")
                 Phi, noise = info["design"], info["noise"]
-                mean = Phi @ q.loc[0]
-                var_f = (Phi @ q.scale_tril[0]).square().sum(-1)
+                loc, scale_tril = (t[0].to(Phi.dtype) for t in (q.loc, q.scale_tril))  # a guide of another dtype
+                mean = Phi @ loc
+                var_f = (Phi @ scale_tril).square().sum(-1)
                 ell = dist.Normal(mean, noise.sqrt()).log_prob(site["value"]) - 0.5 * var_f / noise
                 elbo = elbo + (ell * site["scale"]).sum()
             elif site["is_observed"]:

@@ -37,7 +37,7 @@ import torch
 
 from .._validation import check_positive_int
 from .heads import GaussianHead
-from .model import BayesianLastLayer, _check_batch
+from .model import BayesianLastLayer, _check_batch, evaluation_mode
 from .priors import GaussianWeightPrior
 
 __all__ = ["exact_posterior", "log_evidence"]
@@ -57,17 +57,18 @@ def _statistics(model: BayesianLastLayer, X: torch.Tensor, y: torch.Tensor, chun
     _check_batch("X", X)
     y = model.head.check_targets(y, X.shape[0])
     D = model.weight_shape[1]
-    f64 = torch.float64  # accumulated in float64 whatever the model's dtype: P can be ill-conditioned
-    with torch.no_grad(), model._pyro_context:  # the store's current values, no graph
-        noise, scale = model.head.noise.to(f64), model.prior.scale.to(f64)
-        A = torch.zeros(D, D, dtype=f64)
-        b = torch.zeros(D, dtype=f64)
+    f64 = dict(dtype=torch.float64, device=X.device)  # float64 whatever the model's dtype: P can be ill-conditioned
+    # the store's current values, no graph; eval mode: BatchNorm uses (and keeps) its running statistics
+    with torch.no_grad(), model._pyro_context, evaluation_mode(model):
+        noise, scale = model.head.noise.to(**f64), model.prior.scale.to(**f64)
+        A = torch.zeros(D, D, **f64)
+        b = torch.zeros(D, **f64)
         for start in range(0, X.shape[0], chunk_size):
-            Phi = model.design(X[start : start + chunk_size]).to(f64)
+            Phi = model.design(X[start : start + chunk_size]).to(**f64)
             A += Phi.T @ Phi
-            b += Phi.T @ y[start : start + chunk_size].to(f64)
-    P = A / noise + torch.eye(D, dtype=f64) / scale**2
-    return 0.5 * (P + P.T), b, y.to(f64).square().sum(), noise, scale, X.shape[0]
+            b += Phi.T @ y[start : start + chunk_size].to(**f64)
+    P = A / noise + torch.eye(D, **f64) / scale**2
+    return 0.5 * (P + P.T), b, y.to(**f64).square().sum(), noise, scale, X.shape[0]
 
 
 def exact_posterior(
@@ -80,7 +81,8 @@ def exact_posterior(
     :param model: a :class:`~pyro_gpx.bll.model.BayesianLastLayer` with a
         :class:`~pyro_gpx.bll.heads.GaussianHead` and a :class:`~pyro_gpx.bll.priors.GaussianWeightPrior`.
     :param X: all training inputs ``(n, inputs)``; :param y: their targets ``(n,)``.
-    :param chunk_size: rows per feature-network call.
+    :param chunk_size: rows per feature-network call (memory only: the feature network runs in eval
+        mode, so BatchNorm uses its running statistics, which stay as they were).
 
     >>> import torch
     >>> from pyro_gpx.bll import BayesianLastLayer, GaussianHead, GaussianWeightPrior, exact_posterior

@@ -21,6 +21,8 @@ class LastLayerNormal(PyroModule):
 
     :param model: the last-layer model; :param init_scale: initial posterior standard deviation.
         Its parameters are ``"loc"`` and ``"scale_tril"``, prefixed by the model's ``name`` if it has one.
+    :param dtype: the parameters' dtype; default: the feature network's (float64 without one). They
+        sit on the feature network's device.
 
     Decay the learning rate towards the end of training (e.g. ``pyro.optim.ClippedAdam`` with
     ``lrd < 1``). At a constant Adam rate the Cholesky factor keeps jittering by about the step size,
@@ -38,7 +40,7 @@ class LastLayerNormal(PyroModule):
     act as early stopping; say which posterior you report.
     """
 
-    def __init__(self, model: BayesianLastLayer, init_scale: float = 0.1, dtype: torch.dtype = torch.float64):
+    def __init__(self, model: BayesianLastLayer, init_scale: float = 0.1, dtype: torch.dtype | None = None):
         super().__init__(name=getattr(model, "name", None) or "")
         if not isinstance(model.prior, GaussianWeightPrior):
             raise ValueError(
@@ -46,12 +48,16 @@ class LastLayerNormal(PyroModule):
             )
         if not init_scale > 0:
             raise ValueError(f"init_scale must be positive, got {init_scale}")
+        ref = model.feature_tensor()
+        dtype = dtype if dtype is not None else (ref.dtype if ref is not None else torch.float64)
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        device = ref.device if ref is not None else None
         C, D = model.weight_shape
         self.site = model.weight_site
-        self.loc = PyroParam(torch.zeros(C, D, dtype=dtype))
-        self.scale_tril = PyroParam(
-            init_scale * torch.eye(D, dtype=dtype).expand(C, D, D).clone(), constraint=constraints.lower_cholesky
-        )
+        self.loc = PyroParam(torch.zeros(C, D, dtype=dtype, device=device))
+        eye = torch.eye(D, dtype=dtype, device=device)
+        self.scale_tril = PyroParam(init_scale * eye.expand(C, D, D).clone(), constraint=constraints.lower_cholesky)
 
     def distribution(self) -> dist.Distribution:
         """:math:`q(W)`, from the parameter store's current values (also outside a model run, e.g.
@@ -62,15 +68,16 @@ class LastLayerNormal(PyroModule):
 
     def set_posterior(self, posterior: torch.distributions.MultivariateNormal) -> None:
         """Set :math:`q` to ``posterior`` (batch shape ``(C,)``, event shape ``(D,)``), e.g. the exact
-        :func:`~pyro_gpx.bll.exact.exact_posterior` at the current features; written to the parameter store."""
+        :func:`~pyro_gpx.bll.exact.exact_posterior` at the current features; written to the parameter store
+        in the guide's dtype and on its device."""
         if not isinstance(posterior, torch.distributions.MultivariateNormal):
             raise TypeError(f"posterior must be a MultivariateNormal, got {type(posterior).__name__}")
         with self._pyro_context:
-            shape = tuple(self.loc.shape)
+            shape, dtype, device = tuple(self.loc.shape), self.loc.dtype, self.loc.device
         if tuple(posterior.loc.shape) != shape:
             raise ValueError(f"posterior has loc shape {tuple(posterior.loc.shape)}; this guide's is {shape}")
-        self.loc = posterior.loc.detach().clone()
-        self.scale_tril = posterior.scale_tril.detach().clone()
+        self.loc = posterior.loc.detach().to(dtype=dtype, device=device).clone()
+        self.scale_tril = posterior.scale_tril.detach().to(dtype=dtype, device=device).clone()
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         return {self.site: pyro.sample(self.site, self.distribution())}

@@ -25,11 +25,13 @@ Pyro's parameter store, so either route restores the same model in a fresh proce
 * ``torch.save({"model": model.state_dict(), "guide": guide.state_dict()}, path)``; later
   ``pyro.clear_param_store()``, rebuild both objects with the same arguments and call
   ``load_state_dict`` on each. This also restores fixed module state: a fixed generator
-  (``learn_generator=False``, whose random weights are buffers) and frozen feature parameters.
+  (``learn_generator=False``, whose random weights are buffers), frozen feature parameters and
+  buffers such as BatchNorm running statistics.
   An autoguide creates its parameters on its first call: call it once on data before loading.
 * ``pyro.get_param_store().save(path)``; later ``pyro.clear_param_store()``, rebuild,
-  ``pyro.get_param_store().load(path)``. Fixed state is not in the store: rebuild a fixed generator
-  from the same seed or use ``state_dict``.
+  ``pyro.get_param_store().load(path)``. Fixed state is not in the store: module buffers (BatchNorm
+  running statistics, a fixed generator's weights) need ``state_dict``, or rebuild a fixed generator
+  from the same seed.
 
 The store is keyed by name: two unnamed models (or guides) built in one store share
 ``"features.0.weight"`` (``"loc"``) and the like, and the second then starts from, and trains, the
@@ -38,6 +40,7 @@ first one's values. Clear the store between models, or give them different ``nam
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pyro
@@ -64,6 +67,19 @@ def _check_batch(name: str, t: torch.Tensor, width: int | None = None) -> None:
     if not t.is_floating_point():
         raise ValueError(f"{name} must be floating point, got {t.dtype}")
     check_finite(name, t)
+
+
+@contextlib.contextmanager
+def evaluation_mode(module: nn.Module):
+    """``module`` in eval mode inside the block (BatchNorm uses its running statistics and leaves them
+    unchanged, dropout is off), then back to the mode it had."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 class BayesianLastLayer(PyroModule):
@@ -132,24 +148,30 @@ class BayesianLastLayer(PyroModule):
         """``(C, D)``: outputs by features (plus the bias)."""
         return self.head.num_outputs, self.feature_dim + int(self.bias)
 
+    def feature_tensor(self) -> torch.Tensor | None:
+        """The feature network's first floating-point parameter or buffer (its dtype and device), or
+        ``None`` without features or parameters."""
+        if self.features is None:
+            return None
+        tensors = itertools.chain(self.features.parameters(), self.features.buffers())
+        return next((t for t in tensors if t.is_floating_point()), None)
+
     def design(self, X: torch.Tensor) -> torch.Tensor:
         r""":math:`\Phi = [\phi_\psi(X), 1]`, ``(n, D)``."""
         _check_batch("X", X)
-        if self.features is not None:
-            tensors = itertools.chain(self.features.parameters(), self.features.buffers())
-            ref = next((t for t in tensors if t.is_floating_point()), None)
-            if ref is not None and ref.dtype != X.dtype:
-                raise ValueError(
-                    f"X has dtype {X.dtype} but the feature network's parameters are {ref.dtype}; "
-                    f"convert X (X.to({ref.dtype})) or the network"
-                )
+        ref = self.feature_tensor()
+        if ref is not None and ref.dtype != X.dtype:
+            raise ValueError(
+                f"X has dtype {X.dtype} but the feature network's parameters are {ref.dtype}; "
+                f"convert X (X.to({ref.dtype})) or the network"
+            )
         Phi = X if self.features is None else self.features(X)
         if Phi.dim() != 2 or Phi.shape[-1] != self.feature_dim:
             raise ValueError(f"the features have shape {tuple(Phi.shape)}; expected (n, {self.feature_dim})")
         if not torch.isfinite(Phi).all():
             raise ValueError("the feature network returned NaN or inf")
         if self.bias:
-            Phi = torch.cat([Phi, torch.ones(Phi.shape[0], 1, dtype=Phi.dtype)], -1)
+            Phi = torch.cat([Phi, torch.ones(Phi.shape[0], 1, dtype=Phi.dtype, device=Phi.device)], -1)
         return Phi
 
     def forward(
@@ -176,13 +198,13 @@ class BayesianLastLayer(PyroModule):
         size = n if num_data is None else check_positive_int("num_data", num_data)
         if size < n:
             raise ValueError(f"num_data ({size}) is smaller than the batch ({n})")
-        W = self.prior.sample(self.weight_site, self.weight_shape, Phi.dtype)
+        W = self.prior.sample(self.weight_site, self.weight_shape, Phi.dtype, Phi.device)
         if W.dim() > 2 and W.shape[-3] != 1:
             # draws batched left of the data plate should arrive as (..., 1, C, D), as under Trace_ELBO's particle
             # plate; Predictive(parallel=True) sizes its plate from the guide alone and hands over (S, C, D)
             W = W.unsqueeze(-3)
         f = (Phi.unsqueeze(-2) * W).sum(-1)  # (..., n, C): W's batch dims sit left of the data plate
-        with pyro.plate(self.plate_name, size, subsample=torch.arange(n)):
+        with pyro.plate(self.plate_name, size, subsample=torch.arange(n, device=Phi.device)):
             pyro.deterministic(self.f_site, f, event_dim=1)
             infer = {"last_layer": {"design": Phi, "weights": self.weight_site}}
             self.head.observe(self.y_site, f, y, infer=infer)

@@ -9,10 +9,11 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
+from .._validation import check_positive_int
 from ..diagnostics import sample_guide
 from .guide import LastLayerNormal
 from .heads import GaussianHead
-from .model import BayesianLastLayer
+from .model import BayesianLastLayer, evaluation_mode
 
 __all__ = ["predict", "predictive_entropy"]
 
@@ -63,18 +64,32 @@ def predict(
     :param posterior: a trained guide or a dict of posterior samples (e.g. ``mcmc.get_samples()``).
     :param train: ``(X_train, y_train)`` for guides whose draws depend on the data (``AutoDiffusion``
         simulates paths towards the posterior of the data it was trained on).
+    :param num_samples: posterior draws from a guide (at least 2 for regression, whose variance needs
+        a spread); ignored for a dict of samples.
     :param draw_batch: draws evaluated per batched model run (bounds memory).
     :returns: ``"f"`` draws ``(S, n, C)``; regression: ``"mean"``, ``"var"`` (latent plus noise) and
         ``"noise"``; classification: ``"probs"`` (averaged over draws), ``"entropy"``, ``"max_prob"``.
+
+    The model runs in eval mode (BatchNorm uses its running statistics and keeps them; dropout is
+    off) and is returned to its mode afterwards.
     """
+    if not isinstance(model, BayesianLastLayer):
+        raise TypeError(f"model must be a BayesianLastLayer, got {type(model).__name__}")
+    num_samples = check_positive_int("num_samples", num_samples)
+    draw_batch = check_positive_int("draw_batch", draw_batch)
+    regression = isinstance(model.head, GaussianHead)
+    if regression and num_samples < 2 and not isinstance(posterior, dict):
+        raise ValueError(f"num_samples must be at least 2 for a regression head (a variance), got {num_samples}")
     X_ref, y_ref = train if train is not None else (X, None)
-    with torch.no_grad():
+    with torch.no_grad(), evaluation_mode(model):
         draws = _latent_draws(model, posterior, num_samples, X_ref, y_ref)
         site, latent = model.weight_site, f"{model.weight_site}_latent"
         draws = {k: v.detach() for k, v in draws.items() if k != site or latent not in draws}
+        if not draws or next(iter(draws.values())).shape[0] < (2 if regression else 1):
+            raise ValueError("posterior must hold at least 2 draws for a regression head (1 for classification)")
         f = torch.cat([_f_at(model, chunk, X) for chunk in _chunks(draws, draw_batch)])
     out = {"f": f}
-    if isinstance(model.head, GaussianHead):
+    if regression:
         with model._pyro_context:  # the store's value (e.g. after pyro.get_param_store().load)
             noise = model.head.noise.detach().to(f.dtype)
         out.update(mean=f[..., 0].mean(0), var=f[..., 0].var(0) + noise, noise=noise)

@@ -19,6 +19,8 @@ References:
 
 from __future__ import annotations
 
+import itertools
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -43,12 +45,17 @@ class GaussianWeightPrior(PyroModule):
         super().__init__()
         register_positive(self, "scale", scale, learn_scale)
 
-    def distribution(self, shape: tuple[int, int], dtype: torch.dtype) -> dist.Distribution:
-        return dist.Normal(torch.zeros(shape, dtype=dtype), self.scale.to(dtype)).to_event(2)
+    def distribution(
+        self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device | None = None
+    ) -> dist.Distribution:
+        zeros = torch.zeros(shape, dtype=dtype, device=device)
+        return dist.Normal(zeros, self.scale.to(dtype=dtype, device=zeros.device)).to_event(2)
 
-    def sample(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-        """Sample ``W`` of shape ``shape`` at site ``name``."""
-        return pyro.sample(name, self.distribution(shape, dtype))
+    def sample(
+        self, name: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device | None = None
+    ) -> torch.Tensor:
+        """Sample ``W`` of shape ``shape`` at site ``name`` (in ``dtype``, on ``device``)."""
+        return pyro.sample(name, self.distribution(shape, dtype, device))
 
 
 def generator_mlp(
@@ -194,10 +201,21 @@ class ImplicitWeightPrior(PyroModule):
             generator = StandardizedGenerator(generator, latent_dim)
         return cls(generator, latent_dim, **kwargs)
 
-    def sample(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-        """Sample :math:`z` at ``"<name>_latent"`` and record :math:`W = g(z)` at ``name``."""
-        z = pyro.sample(f"{name}_latent", dist.Normal(torch.zeros(self.latent_dim, dtype=dtype), 1.0).to_event(1))
-        flat = self.generator(z) * self.scale.to(z.dtype)
+    def sample(
+        self, name: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device | None = None
+    ) -> torch.Tensor:
+        """Sample :math:`z` at ``"<name>_latent"`` (in ``dtype``, on ``device``) and record
+        :math:`W = g(z)` at ``name``."""
+        tensors = itertools.chain(self.generator.parameters(), self.generator.buffers())
+        ref = next((t for t in tensors if t.is_floating_point()), None)
+        if ref is not None and ref.dtype != dtype:
+            raise ValueError(
+                f"the generator's parameters are {ref.dtype} but the features are {dtype}; "
+                f"convert the generator (e.g. .to({dtype})) before building the prior"
+            )
+        zeros = torch.zeros(self.latent_dim, dtype=dtype, device=device)
+        z = pyro.sample(f"{name}_latent", dist.Normal(zeros, 1.0).to_event(1))
+        flat = self.generator(z) * self.scale.to(dtype=z.dtype, device=z.device)
         if flat.shape[-1] != shape[0] * shape[1]:
             raise ValueError(
                 f"the generator returns {flat.shape[-1]} weights; the last layer needs {shape[0] * shape[1]}"

@@ -41,6 +41,16 @@ from .moments import (
 __all__ = ["SWAGCollector"]
 
 
+def _update_bn(bn_loader, module: torch.nn.Module) -> None:
+    """``update_bn``, after checking that ``bn_loader`` can be read again (it is read once per sample)."""
+    if iter(bn_loader) is bn_loader:
+        raise TypeError(
+            "bn_loader must be re-iterable (a list of batches or a DataLoader), not a one-shot iterator or "
+            "generator: it is read once per sample, and an exhausted one would leave BatchNorm statistics at zero"
+        )
+    update_bn(bn_loader, module)
+
+
 class SWAGCollector:
     """Running SWAG statistics of a module's trainable parameters.
 
@@ -156,7 +166,7 @@ class SWAGCollector:
             raise ValueError("no iterates collected yet")
         module = self._load(module if module is not None else self.module, self.moments.mean)
         if bn_loader is not None:
-            update_bn(bn_loader, module)
+            _update_bn(bn_loader, module)
         return module
 
     def sample_into(
@@ -171,7 +181,7 @@ class SWAGCollector:
         recompute the BatchNorm running statistics for the sampled weights, as [1] prescribes."""
         module = self._load(module if module is not None else self.module, self.sample(scale, diag_only, generator))
         if bn_loader is not None:
-            update_bn(bn_loader, module)
+            _update_bn(bn_loader, module)
         return module
 
     def state_dict(self) -> dict:

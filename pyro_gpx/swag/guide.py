@@ -21,7 +21,8 @@ transforms and log-Jacobians, and ``median``, ``quantiles``, ``Predictive`` and
 ``pyro_gpx.diagnostics.to_inference_data`` work as for any autoguide.
 
 Saving: ``torch.save(swag.state_dict(), path)``, then ``AutoSWAG(model).load_state_dict(torch.load(path))``
-(the statistics are the module's extra state; :meth:`AutoSWAG.swag_state_dict` is the same dict).
+(the statistics, ``max_rank``, ``scale`` and ``diag_only`` are the module's extra state;
+:meth:`AutoSWAG.swag_state_dict` is the same dict, and loading it sets those three settings).
 A guide loaded before its model ran sets its prototype at the first call without drawing from the
 RNG, so it draws what the saved guide did under the same seed.
 """
@@ -36,6 +37,7 @@ from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 
+from .._validation import check_positive_int, is_finite_at_least
 from .moments import (
     SWAGMoments,
     diagonal_variance,
@@ -65,12 +67,18 @@ class AutoSWAG(AutoContinuous):
     The statistics accumulate in float64 on the device of the collected values; samples,
     ``median`` and ``quantiles`` come in the dtype and on the device of the model's latents. The
     statistics are part of the module's ``state_dict()`` (as its extra state), so
-    ``torch.save(guide.state_dict())`` and ``load_state_dict`` into a fresh guide round-trip them.
+    ``torch.save(guide.state_dict())`` and ``load_state_dict`` into a fresh guide round-trip them,
+    with the sampling settings: the loaded guide has the saved ``max_rank``, ``scale`` and
+    ``diag_only`` (change ``guide.scale`` afterwards to sample at another scale).
     """
 
     def __init__(self, model, max_rank: int = 20, scale: float = 0.5, diag_only: bool = False,
                  init_loc_fn=init_to_median):  # fmt: skip
-        self.max_rank, self.scale, self.diag_only = max_rank, scale, diag_only
+        if not is_finite_at_least(scale, 0.0, strict=True):
+            raise ValueError(f"scale must be a finite positive number, got {scale}")
+        if not isinstance(diag_only, bool):
+            raise TypeError(f"diag_only must be a bool, got {diag_only!r}")
+        self.max_rank, self.scale, self.diag_only = check_positive_int("max_rank", max_rank), float(scale), diag_only
         self._moments: SWAGMoments | None = None
         self._swag_shapes: dict[str, tuple[int, ...]] | None = None  # latent shapes the moments track
         super().__init__(model, init_loc_fn=init_loc_fn)
@@ -153,14 +161,17 @@ class AutoSWAG(AutoContinuous):
 
     # -- saving ---------------------------------------------------------------------------------
     def swag_state_dict(self) -> dict:
-        """The statistics and the unconstrained latent shapes they track (ints, tuples, tensors)."""
+        """The statistics, the unconstrained latent shapes they track, ``scale`` and ``diag_only``
+        (ints, floats, bools, tuples, tensors)."""
         state = moments_state_dict(self.moments)
+        state["scale"], state["diag_only"] = self.scale, self.diag_only
         if self._swag_shapes is not None:  # unknown only for a state saved without them, not yet run
             state["shapes"] = dict(self._swag_shapes)
         return state
 
     def load_swag_state_dict(self, state: dict, *args, **kwargs) -> None:
-        """Restore :meth:`swag_state_dict`'s output; the saved ``max_rank`` replaces this guide's.
+        """Restore :meth:`swag_state_dict`'s output; the saved ``max_rank``, ``scale`` and ``diag_only``
+        replace this guide's (a state saved without the last two keeps this guide's).
 
         ``*args, **kwargs`` are the model's, needed to check the latent shapes before the first call
         of the guide (without them the check happens at that call).
@@ -168,6 +179,11 @@ class AutoSWAG(AutoContinuous):
         :raises ValueError: if entries are missing or inconsistent, or the state tracks other latents.
         """
         moments = moments_from_state(state, name="state")
+        scale, diag_only = state.get("scale", self.scale), state.get("diag_only", self.diag_only)
+        if not is_finite_at_least(scale, 0.0, strict=True):
+            raise ValueError(f"state['scale'] must be a finite positive number, got {scale!r}")
+        if not isinstance(diag_only, bool):
+            raise ValueError(f"state['diag_only'] must be a bool, got {diag_only!r}")
         shapes = state.get("shapes")
         if shapes is not None:
             if not isinstance(shapes, Mapping):
@@ -189,7 +205,7 @@ class AutoSWAG(AutoContinuous):
             raise
         if self.prototype_trace is not None and self._swag_shapes is None:  # state saved without shapes
             self._swag_shapes = self._latent_shapes()
-        self.max_rank = moments.max_rank
+        self.max_rank, self.scale, self.diag_only = moments.max_rank, float(scale), diag_only
 
     def get_extra_state(self) -> dict:
         """The SWAG statistics in the ``nn.Module`` ``state_dict()`` (empty before any collect)."""

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import pyro.distributions as dist
 import torch
 
-from .._validation import check_finite
+from .._validation import check_finite, is_finite_at_least
 
 __all__ = [
     "MIN_VARIANCE",
@@ -134,12 +134,12 @@ def swag_distribution(
     :param dtype: dtype of the distribution's parameters (default: the moments'); they are computed in
         the moments' dtype and then cast, so float32 models keep the float64 variance.
     :param device: device of the distribution's parameters (default: the moments').
-    :raises ValueError: with fewer than 2 iterates (no spread to estimate), or a non-positive scale.
+    :raises ValueError: with fewer than 2 iterates (no spread to estimate), or a scale that is not finite and positive.
     """
     if moments.num_snapshots < 2:
         raise ValueError(f"SWAG needs at least 2 collected iterates to sample; have {moments.num_snapshots}")
-    if scale <= 0:
-        raise ValueError(f"scale must be positive, got {scale}")
+    if not is_finite_at_least(scale, 0.0, strict=True):
+        raise ValueError(f"scale must be a finite positive number, got {scale}")
     variance = scale * diagonal_variance(moments)
 
     def cast(x: torch.Tensor) -> torch.Tensor:

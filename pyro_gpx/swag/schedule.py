@@ -44,8 +44,12 @@ def swag_learning_rate(epoch: float, lr_init: float, swa_lr: float, swa_start: f
 def swag_scheduler(
     optimizer: torch.optim.Optimizer, swa_lr: float, swa_start: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-epoch ``LambdaLR`` implementing :func:`swag_learning_rate` from the optimiser's initial rate."""
-    lr_init = optimizer.param_groups[0]["lr"]
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda epoch: swag_learning_rate(epoch, lr_init, swa_lr, swa_start) / lr_init
-    )
+    """A per-epoch ``LambdaLR`` implementing :func:`swag_learning_rate` from each parameter group's
+    initial rate: every group decays from its own rate to ``swa_lr``, as ``SWALR(swa_lr=...)`` sets
+    every group to ``swa_lr``."""
+
+    def factor(lr_init: float):
+        return lambda epoch: swag_learning_rate(epoch, lr_init, swa_lr, swa_start) / lr_init
+
+    lambdas = [factor(group.get("initial_lr", group["lr"])) for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

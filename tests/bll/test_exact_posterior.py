@@ -17,6 +17,7 @@ from pyro_gpx.bll import (
     LastLayerNormal,
     exact_posterior,
     log_evidence,
+    predict,
 )
 
 
@@ -62,6 +63,43 @@ def test_chunks_do_not_change_the_answer(network_model):
     torch.testing.assert_close(chunked.loc, whole.loc, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(chunked.scale_tril, whole.scale_tril, rtol=1e-12, atol=1e-12)
     assert log_evidence(model, X, y, chunk_size=5) == pytest.approx(log_evidence(model, X, y), rel=1e-13)
+
+
+def test_batchnorm_features_are_read_in_eval_mode_and_left_as_they_were(float64):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh())
+    model = BayesianLastLayer(net, 6, GaussianHead(0.1, learn_noise=False))
+    X, y = torch.randn(40, 3), torch.randn(40)
+    model(X, y)  # a training-mode run: the running statistics move away from their start
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    assert model.training
+    whole = log_evidence(model, X, y)
+    assert log_evidence(model, X, y, chunk_size=7) == pytest.approx(whole, rel=1e-12)  # memory only
+    q = exact_posterior(model, X, y, chunk_size=3)
+    guide = LastLayerNormal(model)
+    guide.set_posterior(q)
+    predict(model, guide, X, num_samples=4)
+    assert model.training and net[1].training  # the mode is given back
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+    net.eval()  # the same as evaluating the features in eval mode by hand
+    Phi = torch.cat([net(X), torch.ones(40, 1)], -1)
+    assert whole == pytest.approx(_dense(Phi.detach(), y, 0.1, 1.0)[2], rel=1e-10)
+
+
+def test_a_float32_guide_trains_with_the_deterministic_elbo():
+    # torch's default dtype: the guide takes the feature network's dtype
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh())
+    model = BayesianLastLayer(net, 6, GaussianHead(0.1, learn_noise=False))
+    X, y = torch.randn(30, 3), torch.randn(30)
+    guide = LastLayerNormal(model)
+    assert guide.distribution().mean.dtype == torch.float32
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), LastLayerELBO())
+    assert math.isfinite(svi.step(X, y))
+    guide.set_posterior(exact_posterior(model, X, y))
+    assert guide.distribution().mean.dtype == torch.float32
+    assert -LastLayerELBO().loss(model, guide, X, y) == pytest.approx(log_evidence(model, X, y), abs=1e-3)
 
 
 def test_the_guide_set_to_the_posterior_attains_the_evidence(network_model):

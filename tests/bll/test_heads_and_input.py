@@ -90,6 +90,18 @@ def test_bad_input(digits_like):
         LastLayerNormal(implicit)
     with pytest.raises(ValueError, match="train="):
         predict(model, AutoNormal(model), X)
+    guide = LastLayerNormal(regression)
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        predict(regression, guide, X, num_samples=0)
+    with pytest.raises(ValueError, match="draw_batch must be a positive integer"):
+        predict(regression, guide, X, draw_batch=0)
+    with pytest.raises(ValueError, match="at least 2 for a regression head"):  # one draw has no variance
+        predict(regression, guide, X, num_samples=1)
+    with pytest.raises(ValueError, match="at least 2 draws"):
+        predict(regression, {"weights": torch.zeros(1, 1, 6)}, X)
+    float32_generator = ImplicitWeightPrior(nn.Linear(2, 6).float(), latent_dim=2)
+    with pytest.raises(ValueError, match="generator's parameters are torch.float32"):
+        BayesianLastLayer(None, 5, GaussianHead(), float32_generator)(X, X[:, 0])
 
 
 def test_bad_batch_size_dtype_and_design(digits_like):

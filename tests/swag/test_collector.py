@@ -64,6 +64,9 @@ def test_batchnorm_statistics_are_recomputed_like_update_bn():
     torch.testing.assert_close(bn.running_mean, ref_bn.running_mean)
     torch.testing.assert_close(bn.running_var, ref_bn.running_var)
     assert not torch.allclose(bn.running_mean, net[1].running_mean)  # the statistics changed with the weights
+    # a one-shot iterator would be exhausted after the first sample and leave zero statistics
+    with pytest.raises(TypeError, match="bn_loader must be re-iterable"):
+        swag_predict(swag, lambda m: m(X), 2, module=copy.deepcopy(net), bn_loader=iter(loader))
 
 
 def test_state_dict_round_trip_gives_identical_samples():
@@ -231,3 +234,17 @@ def test_learning_rate_schedule_and_swalr_interop():
     optimizer.step()
     swalr.step()
     assert ours == pytest.approx(0.01) and optimizer.param_groups[0]["lr"] == pytest.approx(ours)
+
+
+def test_schedule_decays_every_parameter_group_to_the_swa_rate_as_swalr_does():
+    net = _net()
+    groups = [{"params": [net[0].weight], "lr": 0.5}, {"params": [net[0].bias], "lr": 0.05}]
+    optimizer = torch.optim.SGD(groups, lr=0.1)
+    scheduler = swag_scheduler(optimizer, swa_lr=0.01, swa_start=10)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.5, 0.05]
+    for epoch in range(12):
+        optimizer.step()
+        scheduler.step()
+        expected = [swag_learning_rate(epoch + 1, lr, 0.01, 10) for lr in (0.5, 0.05)]
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(expected)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01, 0.01])

@@ -122,6 +122,36 @@ def test_module_state_dict_carries_the_statistics(trained, float64):
         _ = fresh.moments
 
 
+def test_saved_sampling_settings_are_restored_and_checked(trained, float64):
+    X, y, swag = trained
+    saved = AutoSWAG(regression, max_rank=10, scale=0.1, diag_only=True)
+    saved.load_swag_state_dict(swag.swag_state_dict(), X, y)
+    saved.scale, saved.diag_only = 0.1, True  # the trained guide's state carries 0.5 and False
+    buffer = io.BytesIO()
+    torch.save(saved.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = AutoSWAG(regression)  # default scale 0.5, full covariance: the saved settings replace them
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    assert (fresh.scale, fresh.diag_only) == (0.1, True)
+    _same_samples(saved, fresh, X, y)
+    torch.testing.assert_close(fresh.quantiles([0.9], X, y)["w"], saved.quantiles([0.9])["w"], rtol=0, atol=0)
+    old = {k: v for k, v in swag.swag_state_dict().items() if k not in ("scale", "diag_only")}
+    kept = AutoSWAG(regression, max_rank=10, scale=0.2)
+    kept.load_swag_state_dict(old, X, y)  # a state saved without the settings keeps the guide's
+    assert (kept.scale, kept.diag_only) == (0.2, False)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale must be a finite positive number"):
+            AutoSWAG(regression, scale=bad)
+        with pytest.raises(ValueError, match="scale must be a finite positive number"):
+            swag_distribution(swag.moments, bad)
+        with pytest.raises(ValueError, match=r"state\['scale'\]"):
+            kept.load_swag_state_dict(old | {"scale": bad})
+    with pytest.raises(ValueError, match="max_rank"):
+        AutoSWAG(regression, max_rank=0)
+    with pytest.raises(TypeError, match="diag_only"):
+        AutoSWAG(regression, diag_only=1)
+
+
 def other_model(X, y=None):  # as many unconstrained entries as `regression` (3), other sites
     a = pyro.sample("a", dist.Normal(torch.zeros(2, dtype=X.dtype), 1.0).to_event(1))
     b = pyro.sample("b", dist.Normal(torch.tensor(0.0, dtype=X.dtype), 1.0))
