@@ -92,7 +92,7 @@ def subset_refit_kernel_noise(
     if not (math.isfinite(min_noise) and min_noise >= 0):
         raise ValueError(f"min_noise must be non-negative and finite, got {min_noise}")
     subsets = random_subsets(X, residual, num_points, num_subsets, generator)  # repeated inputs dropped
-    data = [(X[i].detach().double(), residual[i].detach().double()) for i in subsets]
+    data = [(spec.columns(X[i]).detach().double(), residual[i].detach().double()) for i in subsets]
     params = [
         spec.lengthscale.detach().double().log().clone().requires_grad_(),
         spec.outputscale.detach().double().log().clone().requires_grad_(),

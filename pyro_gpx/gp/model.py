@@ -46,7 +46,7 @@ from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam, pyro_method
 from pyro.poutine.runtime import am_i_wrapped
 
-from .._validation import check_finite
+from .._validation import check_finite, is_finite_at_least
 from .cholesky import safe_cholesky
 from .kernel_fn import KernelFn
 from .kernel_ops import training_matmul
@@ -54,7 +54,7 @@ from .kernel_refit import subset_refit_kernel_noise
 from .marginal import OBJECTIVES, ComputationAwareMarginal, _check_dtype
 from .mll_refit import MLLRefit, refit_outputscale_noise, subset_refit_outputscale_noise
 from .noise_refit import refit_noise as refit_projection_noise
-from .policies import BlockSparsePolicy, Policy, PolicyContext
+from .policies import BlockSparsePolicy, Policy, PolicyContext, UnitVectorPolicy
 from .posterior import PosteriorMoments, exact_posterior_variance, posterior_moments
 from .preconditioners import partial_cholesky
 from .projection import ActionProjection, project_extended
@@ -111,7 +111,8 @@ class ComputationAwareGP(GPModel):
     :param kernel: a GPyTorch kernel, a ``pyro.contrib.gp`` kernel or a callable
         ``k(X1, X2) -> Tensor``.
     :param policy: chooses the actions; default ``BlockSparsePolicy(min(n, 256))`` (CaGP-Opt),
-        whose number of actions follows ``set_data``.
+        whose number of actions follows ``set_data``; with ``objective="exact"``,
+        ``UnitVectorPolicy()`` (all points), so that the posterior is the exact GP's too.
     :param mean_function: callable ``X -> (n,)``; zero by default (``nn.Module``\ s are trained).
     :param noise: initial observation noise variance (a positive ``PyroParam``).
     :param objective: ``"elbo"`` (CaGP), ``"projected"`` (IterGP) or ``"exact"`` (dense reference).
@@ -143,6 +144,8 @@ class ComputationAwareGP(GPModel):
         if policy is not None and not isinstance(policy, Policy):
             raise TypeError(f"policy must be a Policy, got {type(policy).__name__}")
         _check_dtype("X", X)
+        if not is_finite_at_least(jitter, 0.0):
+            raise ValueError(f"jitter must be a finite number >= 0, got {jitter}")
         super().__init__(X, y, kernel, mean_function, jitter)
         noise = torch.as_tensor(1.0 if noise is None else noise, dtype=X.dtype).detach().clone()
         if noise.numel() != 1:
@@ -156,7 +159,10 @@ class ComputationAwareGP(GPModel):
         self._default_policy = policy is None
         #: the outputscale multiplier and noise chosen by the last ``posterior(..., refit_mll=...)``
         self.last_mll_refit: MLLRefit | None = None
-        self.policy = policy if policy is not None else BlockSparsePolicy(min(X.shape[0], DEFAULT_NUM_ACTIONS))
+        if policy is None:  # the exact objective ignores the actions in training, but the posterior uses them
+            exact = objective == "exact"
+            policy = UnitVectorPolicy() if exact else BlockSparsePolicy(min(X.shape[0], DEFAULT_NUM_ACTIONS))
+        self.policy = policy
         self.policy.validate_inputs(X)
         self.objective = objective
 
@@ -178,7 +184,7 @@ class ComputationAwareGP(GPModel):
             _check_dtype("y", y)
             check_finite("y", y)
         if "policy" in self._modules:
-            if getattr(self, "_default_policy", False):
+            if getattr(self, "_default_policy", False) and isinstance(self.policy, BlockSparsePolicy):
                 self.policy.num_actions = min(X.shape[0], DEFAULT_NUM_ACTIONS)
             self.policy.validate_inputs(X)
         super().set_data(X, y)
@@ -283,6 +289,7 @@ class ComputationAwareGP(GPModel):
             raise ValueError("the model has no targets y; call set_data(X, y) first")
         self._check_Xnew_shape(Xnew)
         check_finite("Xnew", Xnew)
+        Xnew = Xnew.to(self.X.dtype)  # forward() returns the moments in the caller's dtype
         marginal = self.marginal(sample_priors=am_i_wrapped())
         if refit_mll is not None:
             if refit_noise:
@@ -456,4 +463,5 @@ class ComputationAwareGP(GPModel):
         if full_cov:
             scale_tril = safe_cholesky(cov.double(), "the predictive covariance").to(mean.dtype)
             return dist.MultivariateNormal(mean, scale_tril=scale_tril)
-        return dist.Normal(mean, cov.clamp_min(0).sqrt())
+        # a variance rounded to 0 (float32, tiny noise, at a training input) is not a valid scale
+        return dist.Normal(mean, cov.clamp_min(torch.finfo(cov.dtype).tiny).sqrt())

@@ -31,7 +31,7 @@ import pyro
 import torch
 from pyro.nn import PyroModule, PyroParam
 
-from .._validation import check_finite, check_positive_int, check_positive_or_none
+from .._validation import check_finite, check_positive_int, check_positive_or_none, is_integer
 from . import settings
 from .actions import Actions, BlockSparseActions, DenseActions, IndexActions, StackedActions
 from .cg import CGResult, conjugate_gradients
@@ -69,8 +69,8 @@ def _resolution(dtype: torch.dtype) -> float:
 def _check_num_actions(num_actions: int | None, n: int) -> int:
     if num_actions is None:
         return n
-    if int(num_actions) < 1:
-        raise ValueError(f"num_actions must be >= 1, got {num_actions}")
+    if not is_integer(num_actions) or int(num_actions) < 1:
+        raise ValueError(f"num_actions must be an integer >= 1, got {num_actions!r}")
     if int(num_actions) > n:
         raise ValueError(f"num_actions ({num_actions}) exceeds the number of data points ({n})")
     return int(num_actions)
@@ -219,7 +219,7 @@ class BlockSparsePolicy(Policy):
         Z = context.X.detach().double()
         spec = context.kernel.spec
         if spec is not None:
-            Z = Z / spec.lengthscale.detach().double()
+            Z = spec.columns(Z) / spec.lengthscale.detach().double()
         return kd_partition(Z.reshape(n, -1), i)
 
     def _initial_blocks(self, context: PolicyContext, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -231,8 +231,12 @@ class BlockSparsePolicy(Policy):
             gen = torch.Generator().manual_seed(self.seed + 1)
             values = torch.randn(index.shape, generator=gen, dtype=torch.float64)
         values = values * mask
-        norms = values.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return (values / norms).to(context.X.dtype)
+        norms = values.norm(dim=-1, keepdim=True)
+        flat = norms[:, 0] <= 1e-12 * norms.max().clamp_min(1e-300)  # e.g. targets all zero on a block
+        if flat.any():  # a zero block is no action: start it constant instead
+            values[flat] = mask[flat].to(values.dtype)
+            norms[flat] = values[flat].norm(dim=-1, keepdim=True)
+        return (values / norms.clamp_min(1e-300)).to(context.X.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a policy that has not seen data yet takes its partition (and entries) from the saved state
@@ -282,6 +286,18 @@ class BlockSparsePolicy(Policy):
         if blocks.shape != self.index.shape:
             raise self._stored_blocks_error(blocks.shape, self.index.shape)
         return BlockSparseActions(self.index, blocks, self.mask, n)
+
+
+def _outside_pivots(directions: torch.Tensor, pivots: torch.Tensor) -> DenseActions:
+    """An orthonormal basis of the part of span(``directions``) that the unit vectors at ``pivots`` do
+    not span (their rows zeroed; rank by singular values), so that stacked with those unit vectors
+    the actions are independent and span the same space."""
+    D = directions.detach().double().clone()
+    D[pivots] = 0.0
+    U, sv, _ = torch.linalg.svd(D, full_matrices=False)
+    rank = int((sv > sv.max().clamp_min(1e-300) * 1e-8).sum()) if sv.numel() else 0
+    rank = min(rank, D.shape[0] - len(pivots))
+    return DenseActions(U[:, :rank].to(directions.dtype))
 
 
 class CGPolicy(Policy):
@@ -392,5 +408,8 @@ class CGPolicy(Policy):
         dense = DenseActions(directions.to(context.X.dtype))
         if not self.pivot_actions or self.last_pivots is None or len(self.last_pivots) == 0:
             return dense
-        pivots = IndexActions(self.last_pivots, context.X.shape[0], context.X.dtype)
+        n = context.X.shape[0]
+        pivots = IndexActions(self.last_pivots, n, context.X.dtype)
+        if dense.num_actions + len(self.last_pivots) > n:  # the columns cannot be independent
+            dense = _outside_pivots(directions, self.last_pivots)
         return StackedActions([dense, pivots]) if dense.num_actions else pivots

@@ -23,9 +23,10 @@ and :math:`\partial L/\partial V = K^\top G` (dense) or
 respect to the lengthscales follow from :math:`z = x/\ell` by ordinary autograd. Each pass costs
 a few elementwise operations and two skinny matrix products per kernel entry.
 
-Supported: RBF and Matérn (:math:`\nu = 1/2, 3/2, 5/2`) from GPyTorch (optionally inside a
-``ScaleKernel``) and ``pyro.contrib.gp`` (``RBF``, ``Exponential``, ``Matern32``, ``Matern52``),
-without ``active_dims`` or batch shapes; other kernels use the generic path.
+Supported: RBF and Matérn (:math:`\nu = 1/2, 3/2, 5/2`) from GPyTorch (those exact classes, not
+subclasses, optionally inside a ``ScaleKernel``, without ``active_dims`` or batch shapes) and
+``pyro.contrib.gp`` (``RBF``, ``Exponential``, ``Matern32``, ``Matern52``, on their ``active_dims``);
+other kernels use the generic path.
 """
 
 from __future__ import annotations
@@ -88,9 +89,17 @@ class StationarySpec:
     family: str
     lengthscale: torch.Tensor  # () or (d,)
     outputscale: torch.Tensor  # ()
+    active_dims: tuple[int, ...] | None = None  # the input columns the kernel reads (None: all)
+
+    def columns(self, X: torch.Tensor) -> torch.Tensor:
+        """The input columns the kernel acts on (``pyro.contrib.gp``'s ``active_dims``)."""
+        active = self.active_dims
+        if active is None or (X.shape[-1] == len(active) and active == tuple(range(len(active)))):
+            return X
+        return X[..., list(active)]
 
     def scale(self, X: torch.Tensor) -> torch.Tensor:
-        return X / self.lengthscale.to(X.dtype)
+        return self.columns(X) / self.lengthscale.to(X.dtype)
 
     def dense(self, X1: torch.Tensor, X2: torch.Tensor) -> torch.Tensor:
         return self.outputscale.to(X1.dtype) * _profile(self.family, _sqdist(self.scale(X1), self.scale(X2)))
@@ -100,9 +109,10 @@ class StationarySpec:
 
 
 def _gpytorch_family(kernel) -> str | None:
-    if isinstance(kernel, gpytorch.kernels.RBFKernel):
+    # exact types: a subclass (RBFKernelGrad, a user's warped RBF) computes something else
+    if type(kernel) is gpytorch.kernels.RBFKernel:
         return "rbf"
-    if isinstance(kernel, gpytorch.kernels.MaternKernel):
+    if type(kernel) is gpytorch.kernels.MaternKernel:
         return {0.5: "matern12", 1.5: "matern32", 2.5: "matern52"}.get(float(kernel.nu))
     return None
 
@@ -122,7 +132,7 @@ def stationary_spec(kernel) -> StationarySpec | None:
             return None
         outputscale = None
         base = kernel
-        if isinstance(kernel, gpytorch.kernels.ScaleKernel):
+        if type(kernel) is gpytorch.kernels.ScaleKernel:
             outputscale, base = kernel.outputscale, kernel.base_kernel
             if base.batch_shape != torch.Size() or base.active_dims is not None:
                 return None
@@ -136,10 +146,9 @@ def stationary_spec(kernel) -> StationarySpec | None:
     family = _CONTRIB.get(type(kernel))
     if family is None:
         return None
-    active = getattr(kernel, "active_dims", None)
-    if active is not None and list(active) != list(range(kernel.input_dim)):
-        return None
-    return StationarySpec(family, kernel.lengthscale.reshape(-1), kernel.variance.reshape(()))
+    active = getattr(kernel, "active_dims", None)  # Pyro's default: the first input_dim columns
+    active = tuple(int(i) for i in (active if active is not None else range(kernel.input_dim)))
+    return StationarySpec(family, kernel.lengthscale.reshape(-1), kernel.variance.reshape(()), active)
 
 
 def _exp_(t: torch.Tensor) -> torch.Tensor:

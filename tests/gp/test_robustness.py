@@ -239,6 +239,11 @@ def test_bad_policy_and_noise_arguments_raise(float64):
         ComputationAwareGP(X, y, k, noise=torch.tensor([0.1, 0.2]))
     with pytest.raises(TypeError, match="policy must be a Policy"):
         ComputationAwareGP(X, y, k, policy="cg")
+    for jitter in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match="jitter must be a finite number >= 0"):
+            ComputationAwareGP(X, y, k, jitter=jitter)
+    with pytest.raises(ValueError, match="num_actions must be an integer"):
+        ComputationAwareGP(X, y, k, policy=UnitVectorPolicy(2.5)).marginal()
 
 
 def test_cg_with_zero_residual_gives_the_prior(float64):
@@ -278,3 +283,55 @@ def test_block_entries_of_another_model_in_the_param_store(float64):
     gp.marginal()
     gp.set_data(second.X, second.y)  # the model's own blocks are re-initialised for the new partition
     assert gp.marginal().actions.blocks.shape == (10, 7)
+
+
+def test_exact_objective_predicts_with_the_exact_posterior_by_default(float64):
+    problem = make_problem(n=300)
+    gp = ComputationAwareGP(problem.X, problem.y, problem.kernel, noise=problem.noise, objective="exact", jitter=0.0)
+    assert isinstance(gp.policy, UnitVectorPolicy)  # not the untrained default blocks
+    mean, var = gp(problem.X_new)
+    ref_mean, ref_cov = problem.dense_posterior()
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(var, ref_cov.diagonal(), rtol=1e-8, atol=1e-10)
+
+
+def test_pivot_actions_that_span_every_point_are_made_independent(float64):
+    problem = make_problem(n=50)  # the preconditioner's rank (100) exceeds n: every point is a pivot
+    policy = CGPolicy(10, preconditioner="pivoted", pivot_actions=True)
+    gp = ComputationAwareGP(problem.X, problem.y, problem.kernel, policy=policy, noise=problem.noise, jitter=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NumericalWarning)  # no jitter: the actions are independent
+        elbo = float(gp.marginal().log_prob(problem.y))
+        mean, var = gp(problem.X_new)
+    assert elbo == pytest.approx(float(problem.gpytorch_log_marginal()), rel=1e-9)
+    ref_mean, ref_cov = problem.dense_posterior()
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(var, ref_cov.diagonal(), rtol=1e-6, atol=1e-8)
+
+
+def test_target_initialised_blocks_on_zero_targets_start_constant(float64):
+    X = torch.linspace(0, 1, 40)[:, None]
+    y = torch.where(X[:, 0] < 0.5, 0.0, torch.sin(6 * X[:, 0]))  # exactly zero on the blocks left of 0.5
+    gp = ComputationAwareGP(X, y, _sine_1d()[2].double(), policy=BlockSparsePolicy(8, init="targets"), noise=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NumericalWarning)
+        assert math.isfinite(float(gp.marginal().log_prob(y)))
+
+
+def test_new_inputs_of_another_dtype_and_float32_noiseless_predictive(float64):
+    problem = make_problem(n=40)
+    gp = ComputationAwareGP(problem.X, problem.y, problem.kernel, policy=CGPolicy(10), noise=problem.noise)
+    mean64, _ = gp(problem.X_new)
+    mean32, _ = gp(problem.X_new.float())  # cast to the model's dtype, returned in the caller's
+    assert mean32.dtype == torch.float32
+    torch.testing.assert_close(mean32, mean64.float())
+    pyro.clear_param_store()  # the store holds the first model's noise
+    X = torch.rand(400, 1, generator=torch.Generator().manual_seed(0)).float()
+    kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+    kernel.base_kernel.lengthscale = 0.3
+    gp32 = ComputationAwareGP(X, torch.sin(6 * X[:, 0]), kernel, policy=UnitVectorPolicy(), noise=1e-6, jitter=0.0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", NumericalWarning)
+        assert bool((gp32(X[:50])[1] <= 0).any())  # float32 variances at training inputs round to 0
+        predictive = gp32.predictive_distribution(X[:50], noiseless=True)
+    assert bool((predictive.scale > 0).all())

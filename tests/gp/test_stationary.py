@@ -3,11 +3,12 @@
 import copy
 
 import gpytorch
+import pyro
 import pyro.contrib.gp as contrib_gp
 import pytest
 import torch
 
-from pyro_gpx.gp import KernelFn, kd_partition, settings
+from pyro_gpx.gp import ComputationAwareGP, KernelFn, UnitVectorPolicy, kd_partition, settings
 from pyro_gpx.gp.actions import BlockSparseActions
 from pyro_gpx.gp.kernel_ops import kernel_matmul, kernel_matmul_accumulate
 from pyro_gpx.gp.stationary import stationary_block_matmul, stationary_matmul, stationary_spec
@@ -64,6 +65,42 @@ def test_specs_of_supported_and_unsupported_kernels(float64):
     assert stationary_spec(gpytorch.kernels.PeriodicKernel()) is None
     assert stationary_spec(gpytorch.kernels.RBFKernel(active_dims=[0])) is None
     assert stationary_spec(gpytorch.kernels.RBFKernel() + gpytorch.kernels.LinearKernel()) is None
+    assert stationary_spec(gpytorch.kernels.RBFKernelGrad()) is None  # a subclass computes something else
+
+
+class WarpedRBF(gpytorch.kernels.RBFKernel):
+    """A user's subclass of a supported kernel: its own ``forward`` must be used, not the fused RBF."""
+
+    def forward(self, x1, x2, **params):
+        return super().forward(x1.square(), x2.square(), **params)
+
+
+def test_subclasses_and_contrib_active_dims_are_computed_as_the_kernel_does(float64):
+    X = torch.rand(50, 2, dtype=torch.float64) * 2 - 1
+    y = torch.sin(3 * X[:, 0]) + 0.1 * torch.randn(50, dtype=torch.float64)
+    noise = torch.tensor(0.05, dtype=torch.float64)
+
+    def dense_lml(K):
+        return torch.distributions.MultivariateNormal(torch.zeros(50), K + noise * torch.eye(50)).log_prob(y)
+
+    warped = gpytorch.kernels.ScaleKernel(WarpedRBF()).double()
+    assert stationary_spec(warped) is None
+    gp = ComputationAwareGP(X, y, warped, policy=UnitVectorPolicy(), noise=noise, jitter=0.0)
+    K = warped(X, X).to_dense().detach()
+    assert float(gp.marginal().log_prob(y)) == pytest.approx(float(dense_lml(K)), rel=1e-9)
+    # pyro.contrib.gp kernels act on their active_dims (by default the first input_dim columns)
+    first = contrib_gp.kernels.RBF(input_dim=1, lengthscale=torch.tensor(0.4))
+    second = contrib_gp.kernels.Matern32(input_dim=1, active_dims=[1], lengthscale=torch.tensor(0.4))
+    for kernel in (first, second):
+        pyro.clear_param_store()
+        spec = stationary_spec(kernel)
+        torch.testing.assert_close(spec.dense(X, X), kernel(X).detach(), rtol=1e-12, atol=1e-12)
+        gp = ComputationAwareGP(X, y, kernel, noise=noise, objective="exact", jitter=0.0)
+        K = kernel(X).detach()
+        assert float(gp.marginal().log_prob(y)) == pytest.approx(float(dense_lml(K)), rel=1e-9)
+        reference = contrib_gp.models.GPRegression(X, y, kernel, noise=noise, jitter=0.0)
+        X_new = torch.rand(5, 2, dtype=torch.float64)
+        torch.testing.assert_close(gp(X_new)[0], reference(X_new)[0].detach(), rtol=1e-8, atol=1e-10)
     # unsupported kernels still work, through the generic path
     kernel = (gpytorch.kernels.RBFKernel() + gpytorch.kernels.LinearKernel()).double()
     kfn = KernelFn(kernel)
