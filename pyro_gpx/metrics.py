@@ -1,7 +1,8 @@
 """Predictive metrics for regression (in whatever units the caller passes: use original units) and
 classification (accuracy, NLL, calibration, out-of-distribution AUROC).
 
-All functions validate shapes and raise on non-positive variances instead of returning NaN.
+All functions validate their inputs (shapes, finite values, positive variances, labels in range,
+probabilities that sum to one) and raise ``ValueError`` naming the argument instead of returning NaN.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import math
 
 import torch
 
-from ._validation import check_finite
+from ._validation import check_finite, check_positive_int
 
 __all__ = [
     "rmse",
@@ -25,9 +26,19 @@ __all__ = [
 
 
 def _check(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
-    if x.shape[-1:] != y.shape[-1:] or y.dim() != 1:
-        raise ValueError(f"{name} has shape {tuple(x.shape)}; expected (..., {y.shape[0]}) matching y of shape (n,)")
+    if not isinstance(y, torch.Tensor) or y.dim() != 1:
+        raise ValueError(f"y must be a vector (n,), got shape {tuple(getattr(y, 'shape', ()))}")
+    if not isinstance(x, torch.Tensor) or x.shape[-1:] != y.shape[-1:]:
+        shape = tuple(getattr(x, "shape", ()))
+        raise ValueError(f"{name} has shape {shape}; expected (..., {y.shape[0]}) matching y of shape (n,)")
+    check_finite("y", y)
     check_finite(name, x)
+
+
+def _check_variance(name: str, var: torch.Tensor, y: torch.Tensor) -> None:
+    _check(name, var, y)
+    if (var <= 0).any():
+        raise ValueError(f"{name} must be positive")
 
 
 def rmse(mean: torch.Tensor, y: torch.Tensor) -> float:
@@ -39,9 +50,7 @@ def rmse(mean: torch.Tensor, y: torch.Tensor) -> float:
 def gaussian_nll(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor) -> float:
     r"""Average negative log density of ``y`` under :math:`N(\mu_i, \sigma_i^2)`."""
     _check("mean", mean, y)
-    _check("var", var, y)
-    if (var <= 0).any():
-        raise ValueError("var must be positive")
+    _check_variance("var", var, y)
     return float((0.5 * torch.log(2 * math.pi * var) + 0.5 * (y - mean) ** 2 / var).mean())
 
 
@@ -56,6 +65,7 @@ def mixture_gaussian_nll(means: torch.Tensor, vars: torch.Tensor, y: torch.Tenso
         raise ValueError(f"means must be (S, n), got shape {tuple(means.shape)}")
     _check("means", means, y)
     vars = torch.as_tensor(vars, dtype=means.dtype).expand_as(means)
+    check_finite("vars", vars)
     if (vars <= 0).any():
         raise ValueError("vars must be positive")
     log_p = -0.5 * torch.log(2 * math.pi * vars) - 0.5 * (y - means) ** 2 / vars
@@ -65,6 +75,7 @@ def mixture_gaussian_nll(means: torch.Tensor, vars: torch.Tensor, y: torch.Tenso
 def gaussian_coverage(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor, level: float = 0.95) -> float:
     r"""Fraction of ``y`` inside the central ``level`` interval of :math:`N(\mu_i, \sigma_i^2)`."""
     _check("mean", mean, y)
+    _check_variance("var", var, y)
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
     z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + level / 2)).item()
@@ -73,6 +84,8 @@ def gaussian_coverage(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor, le
 
 def sample_coverage(samples: torch.Tensor, y: torch.Tensor, level: float = 0.95) -> float:
     """Fraction of ``y`` inside the central ``level`` interval of predictive ``samples`` ``(S, n)``."""
+    if samples.dim() != 2:
+        raise ValueError(f"samples must be (S, n) draws, got shape {tuple(samples.shape)}")
     _check("samples", samples, y)
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
@@ -86,11 +99,18 @@ def _check_probs(probs: torch.Tensor, labels: torch.Tensor) -> None:
         raise ValueError(f"probs must be (n, C) and labels (n,), got {tuple(probs.shape)} and {tuple(labels.shape)}")
     if not torch.isfinite(probs).all() or (probs < 0).any():
         raise ValueError("probs must be finite and non-negative")
+    if (probs.sum(-1) - 1).abs().max() > 1e-3:
+        raise ValueError("probs must sum to 1 over the classes (each row)")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dtype.is_complex:
+        raise ValueError(f"labels must be integer class indices, got {labels.dtype}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= probs.shape[-1]):
+        raise ValueError(f"labels must lie in [0, {probs.shape[-1]}), got values in [{labels.min()}, {labels.max()}]")
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> float:
     r"""ECE with equal-width confidence bins: :math:`\sum_b \frac{n_b}{n}|\mathrm{acc}_b - \mathrm{conf}_b|`."""
     _check_probs(probs, labels)
+    num_bins = check_positive_int("num_bins", num_bins)
     conf, pred = probs.max(-1)
     correct = (pred == labels).to(probs.dtype)
     bins = torch.clamp((conf * num_bins).long(), max=num_bins - 1)
@@ -118,5 +138,12 @@ def auroc(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
     ones: the probability that a random out-point outscores a random in-point (ties count half)."""
     if scores_in.dim() != 1 or scores_out.dim() != 1 or not len(scores_in) or not len(scores_out):
         raise ValueError("scores_in and scores_out must be non-empty vectors")
-    diff = scores_out[:, None] - scores_in[None, :]
-    return float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean())
+    check_finite("scores_in", scores_in)
+    check_finite("scores_out", scores_out)
+    # for each out-point, the in-points below it and those tied with it (sorted search, no n_in x n_out matrix)
+    ordered = torch.sort(scores_in.double()).values
+    out = scores_out.double()
+    below = torch.searchsorted(ordered, out, right=False)
+    not_above = torch.searchsorted(ordered, out, right=True)
+    wins = below.double().sum() + 0.5 * (not_above - below).double().sum()
+    return float(wins / (len(scores_in) * len(scores_out)))

@@ -29,6 +29,13 @@ def _numerical_failure(error: BaseException) -> bool:
     return False
 
 
+def _optimizer_state(obj) -> tuple[dict, dict | None]:
+    """Copies of a torch optimiser's state and, for a learning-rate scheduler, the scheduler's too."""
+    optimizer = getattr(obj, "optimizer", obj)
+    scheduler = copy.deepcopy(obj.state_dict()) if obj is not optimizer else None
+    return copy.deepcopy(optimizer.state_dict()), scheduler
+
+
 class CollapseGuard:
     """Rolls an SVI run back to its best state when a monitored score collapses.
 
@@ -66,6 +73,7 @@ class CollapseGuard:
         self.svi, self.score, self.every, self.drop, self.lr_factor = svi, score, every, float(drop), lr_factor
         self.calls, self.best, self.rollbacks = 0, -math.inf, 0
         self._saved: tuple[dict, dict] | None = None
+        self._fresh_lrs: dict = {}  # rates of optimisers created after the best save, at their first rollback
 
     def __call__(self) -> None:
         self.calls += 1
@@ -73,14 +81,21 @@ class CollapseGuard:
             self.check()
 
     def check(self) -> float:
-        """Evaluate the score now: save a new best, or roll back a collapse. Returns the score."""
-        with torch.no_grad():
-            value = float(self.score())
+        """Evaluate the score now: save a new best, or roll back a collapse. Returns the score (NaN
+        where evaluating it failed numerically, e.g. a collapsed guide's non-finite density)."""
+        try:
+            with torch.no_grad():
+                value = float(self.score())
+        except Exception as error:  # a collapsed guide can make the score itself fail
+            if not _numerical_failure(error):
+                raise
+            value = math.nan
         store, optimizers = pyro.get_param_store(), self.svi.optim.optim_objs
         if math.isfinite(value) and value > self.best:
             self.best = value
             self._saved = ({name: p.detach().clone() for name, p in store.named_parameters()},
-                           {p: copy.deepcopy(opt.state_dict()) for p, opt in optimizers.items()})  # fmt: skip
+                           {p: _optimizer_state(opt) for p, opt in optimizers.items()})  # fmt: skip
+            self._fresh_lrs = {}
         elif self._saved is not None and not value > self.best - self.drop:
             self.rollback()
         return value
@@ -95,13 +110,29 @@ class CollapseGuard:
             for name, p in store.named_parameters():
                 if name in values:
                     p.copy_(values[name])
-        for p, optimizer in optimizers.items():
+        for p, obj in optimizers.items():
+            optimizer = getattr(obj, "optimizer", obj)  # a Pyro scheduler wraps a torch optimiser
             if p in states:
-                optimizer.load_state_dict(states[p])
+                optimizer.load_state_dict(states[p][0])
+                if states[p][1] is not None:
+                    obj.load_state_dict(states[p][1])
+            else:  # created after the best save: back to a fresh state, at its first rate times lr_factor
+                optimizer.state.clear()
+                groups, base_lrs = self._fresh_lrs.setdefault(
+                    p, ([dict(group) for group in optimizer.param_groups], list(getattr(obj, "base_lrs", [])))
+                )
+                for group, old in zip(optimizer.param_groups, groups):
+                    for key in ("lr", "initial_lr"):
+                        if key in old:
+                            group[key] = old[key]
+                if obj is not optimizer and hasattr(obj, "base_lrs"):
+                    obj.base_lrs = list(base_lrs)
             for group in optimizer.param_groups:
                 for key in ("lr", "initial_lr"):
                     if key in group:
                         group[key] *= self.lr_factor
+            if obj is not optimizer and hasattr(obj, "base_lrs"):
+                obj.base_lrs = [lr * self.lr_factor for lr in obj.base_lrs]
         self.rollbacks += 1
         return True
 

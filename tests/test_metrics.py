@@ -10,6 +10,7 @@ from scipy import stats
 from pyro_gpx.metrics import (
     auroc,
     classification_metrics,
+    expected_calibration_error,
     gaussian_coverage,
     gaussian_nll,
     mixture_gaussian_nll,
@@ -62,6 +63,18 @@ def test_bad_input_raises(xy):
         rmse(mean * math.nan, y)
     with pytest.raises(ValueError, match="level"):
         gaussian_coverage(mean, var, y, level=1.5)
+    bad_y = y.clone()
+    bad_y[3] = math.nan
+    with pytest.raises(ValueError, match="y contains NaN"):
+        gaussian_nll(mean, var, bad_y)
+    with pytest.raises(ValueError, match="var must be positive"):
+        gaussian_coverage(mean, -var, y)  # was a coverage of 0
+    with pytest.raises(ValueError, match="var has shape"):
+        gaussian_coverage(mean, var[:1], y)
+    with pytest.raises(ValueError, match="vars contains NaN"):
+        mixture_gaussian_nll(mean[None], var[None] * math.nan, y)
+    with pytest.raises(ValueError, match=r"samples must be \(S, n\)"):
+        sample_coverage(mean, y)
 
 
 def test_classification_metrics_against_hand_computed_values():
@@ -75,3 +88,23 @@ def test_classification_metrics_against_hand_computed_values():
     assert auroc(torch.tensor([0.1, 0.2]), torch.tensor([0.3, 0.2])) == pytest.approx((1 + 1 + 1 + 0.5) / 4)
     with pytest.raises(ValueError, match="probs must be"):
         classification_metrics(probs[:, 0], labels)
+    with pytest.raises(ValueError, match="sum to 1"):
+        classification_metrics(2 * probs, labels)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+        classification_metrics(probs, torch.tensor([0, 1, 2, 1]))
+    with pytest.raises(ValueError, match="integer class indices"):
+        classification_metrics(probs, labels.double())
+    with pytest.raises(ValueError, match="num_bins"):
+        expected_calibration_error(probs, labels, num_bins=0)
+    with pytest.raises(ValueError, match="scores_out contains NaN"):
+        auroc(torch.tensor([0.1, 0.2]), torch.tensor([math.nan, 0.2]))
+
+
+def test_auroc_equals_the_pairwise_definition_with_ties():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        scores_in = torch.randint(0, 20, (300,), generator=gen).double()  # many ties
+        scores_out = torch.randint(0, 25, (200,), generator=gen).double()
+        diff = scores_out[:, None] - scores_in[None, :]
+        pairwise = float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean())
+        assert auroc(scores_in, scores_out) == pytest.approx(pairwise, rel=1e-12)

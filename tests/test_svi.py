@@ -144,3 +144,53 @@ def test_fit_svi_with_a_guard_rolls_back_a_non_finite_step():
         with pytest.raises(FloatingPointError, match="step 15"):
             fit_svi(flaky, lambda: None, num_steps=30, guard=lambda svi: CollapseGuard(svi, lambda: 0.0, every=100),
                     progress=False)  # fmt: skip
+
+
+def test_collapse_guard_rolls_back_when_the_score_itself_fails():
+    pyro.clear_param_store()
+    svi = SVI(_quadratic, lambda: None, pyro.optim.Adam({"lr": 0.1}), Trace_ELBO())
+    outcomes = iter([-1.0, FloatingPointError("log density of site 'x' is not finite"), RuntimeError("a bug")])
+
+    def score():
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    guard = CollapseGuard(svi, score, every=1)
+    svi.step()
+    guard()  # saves
+    saved = pyro.param("x").detach().clone()
+    svi.step()
+    assert math.isnan(guard.check()) and guard.rollbacks == 1  # a collapsed guide's failing score: rolled back
+    assert torch.equal(pyro.param("x").detach(), saved)
+    with pytest.raises(RuntimeError, match="a bug"):  # other errors are not hidden
+        guard.check()
+
+
+def test_collapse_guard_with_a_pyro_scheduler_and_an_optimiser_made_after_the_save():
+    pyro.clear_param_store()
+    scheduler = pyro.optim.ExponentialLR({"optimizer": torch.optim.Adam, "optim_args": {"lr": 0.1}, "gamma": 0.9})
+    svi = SVI(_quadratic, lambda: None, scheduler, Trace_ELBO())
+    scores = iter([-1.0] + [-100.0] * 3)
+    guard = CollapseGuard(svi, lambda: next(scores), every=1)
+    svi.step()
+    guard()  # saves the scheduler's and the optimiser's states
+    for _ in range(3):
+        svi.step()
+        scheduler.step()
+        guard()  # each collapse restores the saved state, at half its rate: no compounding
+        (sched,) = scheduler.optim_objs.values()
+        assert sched.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+        assert sched.base_lrs == pytest.approx([0.05])
+    assert guard.rollbacks == 3
+    pyro.clear_param_store()
+    svi = SVI(_quadratic, lambda: None, pyro.optim.Adam({"lr": 0.1}), Trace_ELBO())
+    scores = iter([0.0] + [-100.0] * 3)
+    guard = CollapseGuard(svi, lambda: next(scores), every=1)
+    guard()  # the best is saved before the first step created the optimiser
+    for _ in range(3):
+        svi.step()
+        guard()  # the optimiser goes back to a fresh state at half its first rate, every time
+        (optimizer,) = svi.optim.optim_objs.values()
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05) and not optimizer.state

@@ -45,6 +45,10 @@ from .._validation import is_finite_at_least, is_integer
 __all__ = ["ReplayBuffer", "langevin_search"]
 
 
+def _copy(t):
+    return None if t is None else t.detach().clone()
+
+
 class ReplayBuffer:
     """End points ``z`` with their :math:`\\log\\rho(z)`, kept up to ``capacity`` and replayed with a
     rank-based priority.
@@ -130,13 +134,15 @@ class ReplayBuffer:
         return torch.multinomial(priority, num, replacement=True, generator=generator)
 
     def state_dict(self) -> dict:
+        """The buffer's settings and points (copies: later updates do not reach a saved state)."""
         return {"capacity": self.capacity, "rank_weight": self.rank_weight, "eviction": self.eviction,
-                "seen": self.seen, "z": self.z, "log_target": self.log_target}  # fmt: skip
+                "seen": self.seen, "z": _copy(self.z), "log_target": _copy(self.log_target)}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output (copied)."""
         self.capacity, self.rank_weight = int(state["capacity"]), float(state["rank_weight"])
         self.eviction, self.seen = state["eviction"], int(state["seen"])
-        self.z, self.log_target = state["z"], state["log_target"]
+        self.z, self.log_target = _copy(state["z"]), _copy(state["log_target"])
 
 
 def langevin_search(

@@ -40,7 +40,9 @@ included, from the store at its next call); or ``torch.save(guide.state_dict(), 
 state is kept and loaded once the guide has set itself up), into a guide whose parameters are not in the
 param store (a new process, or after ``pyro.clear_param_store()``): as for every ``PyroModule``, values
 in the param store take precedence. Setting a guide up draws random numbers (``init_to_median``, the
-network's initial weights), so seed after its first call to compare samples.
+network's initial weights), so seed after its first call to compare samples. With ``affine="fixed"``
+the frame is a pair of buffers, not parameters, so only the ``state_dict`` route restores it (the
+param store route would rebuild it from a new random ``init_to_median``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import warnings
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import torch
 from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoContinuous
@@ -58,6 +61,7 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam, pyro_method
 from pyro.nn.module import to_pyro_module_
 from pyro.poutine.block_messenger import BlockMessenger
+from pyro.poutine.util import site_is_subsample
 
 from .._validation import is_finite_at_least, is_integer
 from .drift import DriftNet
@@ -95,6 +99,10 @@ def importance_estimate(log_weights: torch.Tensor) -> dict:
     n = log_weights.numel()
     log_z = torch.logsumexp(log_weights, 0) - math.log(n)
     normalised = torch.exp(log_weights - log_z)
+    if n < 2 or not torch.isfinite(log_z):  # one weight, or none with mass: no error to estimate
+        ess = 0.0 if not torch.isfinite(log_z) else 1.0
+        return {"log_z": float(log_z), "stderr": math.inf, "elbo": float(log_weights.mean()), "ess": ess,
+                "num_paths": n}  # fmt: skip
     return {"log_z": float(log_z), "stderr": float(normalised.std() / math.sqrt(n)), "elbo": float(log_weights.mean()),
             "ess": float(normalised.sum() ** 2 / (normalised**2).sum()), "num_paths": n}  # fmt: skip
 
@@ -105,7 +113,11 @@ class PathSample(dict):
     ``(B,)``, and ``states`` ``(B, K+1, D)`` (process states :math:`y_k`, with
     :math:`z = m + s\\odot y_K`) / ``eps`` ``(B, K+1, D)`` when kept."""
 
-    __getattr__ = dict.__getitem__
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:  # hasattr, getattr with a default and copy need AttributeError
+            raise AttributeError(name) from None
 
 
 class AutoDiffusion(AutoContinuous):
@@ -190,6 +202,11 @@ class AutoDiffusion(AutoContinuous):
     ):
         if not is_finite_at_least(init_scale, 0.0, strict=True):
             raise ValueError(f"init_scale must be a positive finite number, got {init_scale}")
+        for arg, value in (("hidden", hidden), ("depth", depth)):
+            if not is_integer(value) or value < 1:
+                raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
+        if drift_clip is not None and not is_finite_at_least(drift_clip, 0.0, strict=True):
+            raise ValueError(f"drift_clip must be a positive finite number or None, got {drift_clip!r}")
         if affine not in ("fixed", "diagonal", "full"):
             raise ValueError(f"affine must be 'fixed', 'diagonal' or 'full', got {affine!r}")
         if flow is not None and not callable(flow):
@@ -352,8 +369,17 @@ class AutoDiffusion(AutoContinuous):
         states = [y]
         drift_fn = self.drift.functional(times)
         for k in range(process.num_steps):
-            score = self.state_score(target, y) if target is not None else None
+            try:
+                score = self.state_score(target, y) if target is not None else None
+            except FloatingPointError as error:
+                largest = float(y.abs().max())
+                raise FloatingPointError(
+                    f"{error}, at step {k} of the sampler's SDE, where the largest |state| is {largest:.3g} "
+                    "(if that is huge, the drift overflowed; a smaller learning rate or drift_clip bounds it)"
+                ) from error
             y = process.advance(k, y, drift_fn(y, float(times[k]), score), eps[:, k + 1])
+            if not bool(torch.isfinite(y).all()):  # before the score blames the model for it
+                self._check_finite(y, torch.zeros((), dtype=y.dtype))
             states.append(y)
         # the path's transition densities in one vectorised evaluation (K small ones cost more than the drift)
         path_states = torch.stack(states, 1)
@@ -417,8 +443,8 @@ class AutoDiffusion(AutoContinuous):
 
     def _path_noise(self, num_paths: int, args, kwargs) -> torch.Tensor:
         """Standard-normal increments ``(num_paths, K+1, D)`` (the prototype is set up if needed)."""
-        if num_paths < 1:
-            raise ValueError(f"num_paths must be >= 1, got {num_paths}")
+        if not is_integer(num_paths) or num_paths < 1:
+            raise ValueError(f"num_paths must be an integer >= 1, got {num_paths!r}")
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         dtype = next(self.prototype_trace.iter_stochastic_nodes())[1]["value"].dtype
@@ -505,10 +531,23 @@ class AutoDiffusion(AutoContinuous):
 
         :param num_paths: number of paths (>= 1); :param batch_size: paths simulated at once (>= 1).
         :returns: ``{"log_z", "stderr", "elbo", "ess", "num_paths"}``.
+        :raises ValueError: if the model subsamples a plate with these arguments: a scaled minibatch
+            likelihood inside a mean of weights does not estimate :math:`Z` (and paths sharing one
+            minibatch make the standard error look small). Pass arguments that use all the data.
         """
         for arg, value in (("num_paths", num_paths), ("batch_size", batch_size)):
             if not is_integer(value) or value < 1:
                 raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
+        with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices=[]):  # the check draws no numbers
+            trace = poutine.trace(self.model).get_trace(*args, **kwargs)
+        subsampled = [(name, len(site["value"]), site["fn"].size) for name, site in trace.nodes.items()
+                      if site["type"] == "sample" and site_is_subsample(site)]  # fmt: skip
+        partial = [f"{name!r} ({used} of {size})" for name, used, size in subsampled if used < size]
+        if partial:
+            raise ValueError(
+                f"log_normalizer needs the full-data likelihood, but the model subsamples {', '.join(partial)} "
+                "with these arguments; pass model arguments that use all the data"
+            )
         weights = []
         for start in range(0, num_paths, batch_size):
             weights.append(self.sample_paths(min(batch_size, num_paths - start), *args, **kwargs).log_weight)

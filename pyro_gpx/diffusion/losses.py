@@ -28,6 +28,7 @@ References:
 
 from __future__ import annotations
 
+import pyro.poutine as poutine
 import torch
 from pyro.infer.elbo import ELBO
 
@@ -49,6 +50,25 @@ def _check(guide, model) -> AutoDiffusion:
             "(e.g. AutoDiffusion(model) with SVI(model, guide, ...), including any poutine wrapper)"
         )
     return guide
+
+
+def _refuse_model_parameters(guide: AutoDiffusion, trace) -> None:
+    """``ValueError`` if the loss reached trainable Pyro parameters that are not the guide's."""
+    own = {id(p) for p in guide.parameters()}
+    names = []
+    for name, site in trace.nodes.items():
+        if site["type"] != "param":
+            continue
+        value = site["value"]
+        raw = value.unconstrained() if hasattr(value, "unconstrained") else value
+        if raw.requires_grad and id(raw) not in own:
+            names.append(name)
+    if names:
+        raise ValueError(
+            f"LogVarianceLoss trains the guide only, but the model has trainable Pyro parameters {sorted(set(names))}: "
+            "the variance of the log weights is not an evidence bound, so it must not fit them. Train them with "
+            "PathELBO (or fix them, e.g. as constants)"
+        )
 
 
 def _finite(value: torch.Tensor, what: str) -> torch.Tensor:
@@ -142,7 +162,9 @@ class LogVarianceLoss(_BatchedPathLoss):
         if num_backward:
             states = torch.cat([states, guide.backward_paths(buffer.sample(num_backward)[0])])
         # re-scored inside the guide's Pyro context, so that SVI sees (and steps) its parameters
-        path = guide.rescore_paths(states, *args, **kwargs)
+        with poutine.trace(param_only=True) as capture:
+            path = guide.rescore_paths(states, *args, **kwargs)
+        _refuse_model_parameters(guide, capture.trace)
         if buffer is not None:
             buffer.add(path.z[:num_forward].detach(), path.log_target[:num_forward].detach())
             self.calls += 1

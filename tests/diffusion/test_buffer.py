@@ -141,9 +141,13 @@ def test_replay_buffer_priority_capacity_and_state(float64):
     assert (counts - expected).abs().max() < 4 * math.sqrt(0.25 / 200_000)
     torch.testing.assert_close(lt, log_target[torch.searchsorted(buffer.z[:, 0], z[:, 0])])
     copy = ReplayBuffer()
-    copy.load_state_dict(buffer.state_dict())
+    state = buffer.state_dict()
+    copy.load_state_dict(state)
     torch.testing.assert_close(copy.sample(7, torch.Generator().manual_seed(3))[0],
                                buffer.sample(7, torch.Generator().manual_seed(3))[0])  # fmt: skip
+    before = buffer.z.clone()
+    buffer.update(torch.tensor([0]), torch.tensor([[7.0]]), torch.tensor([9.0]))  # in place, as a local search
+    assert torch.equal(state["z"], before) and torch.equal(copy.z, before)  # the saved state is a copy
     with pytest.raises(ValueError, match="capacity"):
         ReplayBuffer(capacity=0)
     with pytest.raises(ValueError, match="rank_weight"):

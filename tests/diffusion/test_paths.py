@@ -1,5 +1,6 @@
 """Path densities of the PIS, DDS and DIS samplers against independent per-step computations."""
 
+import copy
 import math
 import warnings
 
@@ -271,6 +272,13 @@ def test_bad_input():
     torch.testing.assert_close(grid, torch.tensor([0.0, 0.875, 1.5, 1.875, 2.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="num_paths must be an integer >= 1"):
         AutoDiffusion(gaussian_model(), num_steps=2, hidden=4).log_normalizer(0)
+    with pytest.raises(ValueError, match="num_paths must be an integer >= 1"):
+        AutoDiffusion(gaussian_model(), num_steps=2, hidden=4).sample_paths(2.0)
+    for name, value in (("hidden", 16.0), ("depth", 0)):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+            AutoDiffusion(gaussian_model(), **{name: value})  # failed only at the first call, cryptically
+    with pytest.raises(ValueError, match="drift_clip must be a positive finite number"):
+        AutoDiffusion(gaussian_model(), drift_clip=float("inf"))  # inf * tanh(0) is NaN
 
     def discrete():
         pyro.sample("k", dist.Bernoulli(0.3))
@@ -475,6 +483,13 @@ def test_trace_elbo_names_the_sites_of_a_non_finite_path(float64):
         guide.scale = torch.tensor([float("nan"), 1.0, 1.0])  # as after a step on a non-finite loss
     with pytest.raises(FloatingPointError, match="'a' is not finite .*parameters scale_unconstrained"):
         svi.step()
+    pyro.clear_param_store()  # the store holds the first guide's overflowing drift
+    scored = AutoDiffusion(model, num_steps=3, horizon=2.0, hidden=4)  # the score at a huge state: not the model
+    scored()
+    with torch.no_grad():
+        scored.drift.out.bias[1:] = 1e308
+    with pytest.raises(FloatingPointError, match=r"at step 1 of the sampler's SDE.*the drift overflowed"):
+        PathELBO(4).loss(model, scored)
 
 
 def test_score_of_a_blocked_model_warns(float64):
@@ -563,6 +578,34 @@ def test_log_variance_loss_trains_under_svi(float64):
     changed = {name for name, value in before.items() if (after[name] - value).abs().sum() > 0}
     # the hidden layers get gradients once the zero-initialised output layer has moved
     assert {"AutoDiffusion.loc", "AutoDiffusion.scale", "AutoDiffusion.drift.out.weight"} <= changed
+
+
+def test_log_variance_loss_refuses_model_parameters_and_log_z_needs_all_the_data(float64):
+    def empirical_bayes(y, subsample_size=None):
+        s = pyro.param("prior_scale", torch.tensor(1.0), constraint=dist.constraints.positive)
+        mu = pyro.sample("mu", dist.Normal(0.0, s))
+        with pyro.plate("data", len(y), subsample_size=subsample_size) as idx:
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y[idx])
+
+    y = torch.linspace(-1, 3, 40)
+    guide = AutoDiffusion(empirical_bayes, num_steps=3, hidden=8)
+    with pytest.raises(ValueError, match=r"trainable Pyro parameters \['prior_scale'\].*PathELBO"):
+        SVI(empirical_bayes, guide, pyro.optim.Adam({"lr": 1e-2}), LogVarianceLoss(8)).step(y)
+    SVI(empirical_bayes, guide, pyro.optim.Adam({"lr": 1e-2}), PathELBO(8)).step(y, 10)  # minibatches train
+    assert math.isfinite(guide.log_normalizer(16, y)["log_z"])
+    # a scaled minibatch likelihood inside a mean of weights is no estimate of Z (it was tens of nats off)
+    with pytest.raises(ValueError, match=r"full-data likelihood.*'data' \(10 of 40\)"):
+        guide.log_normalizer(16, y, 10)
+
+
+def test_path_sample_attributes_and_one_weight():
+    from pyro_gpx.diffusion import importance_estimate
+    from pyro_gpx.diffusion.guide import PathSample
+
+    path = PathSample(z=torch.zeros(2, 1))
+    assert not hasattr(path, "log_weight") and getattr(path, "log_weight", None) is None
+    assert copy.deepcopy(path).z.shape == (2, 1)
+    assert importance_estimate(torch.tensor([0.3]))["stderr"] == math.inf  # no spread to estimate, not NaN
 
 
 def test_importance_estimate_matches_numpy():
