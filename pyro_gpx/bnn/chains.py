@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -160,8 +161,17 @@ def run_chains(
          "position": chain if processes > 1 else None}
         for chain in range(num_chains)
     ]  # fmt: skip
-    if processes == 1:
-        outputs = [_run_one(job) for job in jobs]
+    if processes == 1:  # in this process: the caller's threads, default dtype and RNG are given back
+        threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+        python_rng, numpy_rng = random.getstate(), np.random.get_state()  # pyro.set_rng_seed seeds all three
+        try:
+            with torch.random.fork_rng(devices=[]):
+                outputs = [_run_one(job) for job in jobs]
+        finally:
+            torch.set_num_threads(threads)
+            torch.set_default_dtype(dtype)
+            random.setstate(python_rng)
+            np.random.set_state(numpy_rng)
     else:
         with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
             outputs = list(pool.map(_run_one, jobs))

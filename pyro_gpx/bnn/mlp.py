@@ -29,7 +29,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.nn import PyroModule
 
-from .._validation import check_finite
+from .._validation import check_finite, is_finite_at_least
 from .repriorise import RepriorisedReadout, readout_map
 
 __all__ = ["BayesianMLP", "RepriorisedModel"]
@@ -78,8 +78,11 @@ class BayesianMLP(PyroModule):
             raise ValueError(f"likelihood must be 'gaussian' or 'categorical', got {likelihood!r}")
         if in_dim < 1 or out_dim < 1 or any(int(w) < 1 for w in widths):
             raise ValueError(f"layer sizes must be positive: in_dim={in_dim}, widths={list(widths)}, out_dim={out_dim}")
-        if noise is not None and noise <= 0:
-            raise ValueError(f"noise must be positive, got {noise}")
+        if noise is not None and not is_finite_at_least(noise, 0.0, strict=True):
+            raise ValueError(f"noise must be a finite positive number or None, got {noise}")
+        for name, value in (("weight_scale", weight_scale), ("bias_scale", bias_scale)):
+            if not is_finite_at_least(value, 0.0, strict=True):
+                raise ValueError(f"{name} must be a finite positive number, got {value}")
         self.in_dim, self.widths, self.out_dim = in_dim, [int(w) for w in widths], out_dim
         self.parameterization, self.weight_scale, self.bias_scale = parameterization, weight_scale, bias_scale
         self.activation, self.residual, self.likelihood = activation, residual, likelihood
@@ -270,6 +273,14 @@ class BayesianMLP(PyroModule):
         noise = self.noise_variance() if self.likelihood == "gaussian" else None
         # kept for this run: the repriorisation reparam reads the hidden weights and noise from here
         self._current = self.sample_hidden()
+        # size-1 batch dims broadcast (as in Predictive's prior draws); a batch of draws does not
+        batched = [k for k, v in self._current.items() if v.shape[: -2 if k.endswith("weight") else -1].numel() > 1]
+        if batched:
+            raise NotImplementedError(
+                f"BayesianMLP runs one draw of its weights at a time, but {batched[0]!r} has shape "
+                f"{tuple(self._current[batched[0]].shape)}: batched draws (Predictive(parallel=True), vectorised "
+                "ELBO particles) are not supported; use Predictive(..., parallel=False)"
+            )
         self._current_noise = noise
         Phi = self.features(X)
         self._current_features = (X, Phi)

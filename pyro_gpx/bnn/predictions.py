@@ -95,6 +95,7 @@ def predictions_to_inference_data(
     elif isinstance(model, RepriorisedModel):
         readout = model.readout_draws(samples)
     elif "readout" in samples:
+        bnn.check_samples(samples)  # the hidden weights (and a latent noise) must be there too
         readout = samples["readout"]
     else:
         raise ValueError("samples lack the site 'readout'")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._validation import is_integer
 from .standardize import Standardizer
 
 __all__ = ["LAYOUTS", "RegressionSplit", "list_uci", "load_uci", "num_splits", "resolve_dataset"]
@@ -157,6 +158,10 @@ def load_uci(
     """
     if data_dir is None:
         raise ValueError("data_dir is required: the directory holding the UCI data (e.g. ../shared/data)")
+    if max_train is not None and (not is_integer(max_train) or max_train < 2):
+        raise ValueError(
+            f"max_train must be an integer >= 2 (standardising needs two points) or None, got {max_train!r}"
+        )
     layout, path = resolve_dataset(name, data_dir)
     if layout == "uci-gal":
         X, y, n_splits = _read_gal(path)

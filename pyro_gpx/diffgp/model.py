@@ -81,7 +81,8 @@ class DifferentialGP(PyroModule):
     """Differential GP (flow GP on the inputs + sparse GP output layer) for Pyro's SVI.
 
     :param init_inputs: ``(n, D)`` training inputs (dimension, and k-means initial inducing inputs).
-    :param num_inducing: :math:`M` for the flow; :param output_inducing: :math:`M_g` (default :math:`M`).
+    :param num_inducing: :math:`M` for the flow; :param output_inducing: :math:`M_g` (default :math:`M`);
+        each at most ``n`` (larger values are capped at the number of training inputs).
     :param flow: a :class:`~pyro_gpx.diffgp.flow_kernel.FlowKernel` (give it priors for the fully
         Bayesian model), a GPyTorch kernel, or ``None`` (ARD RBF per dimension).
     :param output_kernel: GPyTorch kernel of the output GP (batch shape ``(C,)`` for ``C > 1``).
@@ -149,6 +150,12 @@ class DifferentialGP(PyroModule):
             raise TypeError(f"flow must be a FlowKernel, a gpytorch Kernel or None, got {type(flow).__name__}")
         if flow.dim != self.dim:
             raise ValueError(f"the flow kernel has dimension {flow.dim} but the inputs have {self.dim}")
+        flow_dtype = next((t.dtype for t in flow.parameters() if t.is_floating_point()), self.dtype)
+        if flow_dtype != self.dtype:
+            raise ValueError(
+                f"flow has dtype {flow_dtype} but init_inputs are {self.dtype}; build the FlowKernel with "
+                f"dtype={self.dtype} (or convert the inputs)"
+            )
         self.flow = flow
         self.output_kernel = output_kernel if output_kernel is not None else _default_output_kernel(
             self.dim, self.num_outputs, self.dtype)  # fmt: skip
@@ -231,5 +238,7 @@ class DifferentialGP(PyroModule):
             pyro.plate("data", size, subsample=torch.arange(n), dim=-1),
             poutine.scale(scale=1.0 / S),
         ):
+            if y is not None and self.likelihood == "bernoulli":
+                y = y.to(loc.dtype)  # integer 0/1 labels are accepted; Bernoulli scores floats
             pyro.sample("y", observation(self.likelihood, loc, var, self.noise), obs=y)
         return FlowOutput(loc=loc, var=var, x_T=x_T, path=path if keep_path else None)

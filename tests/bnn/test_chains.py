@@ -1,6 +1,7 @@
 """Chains in separate processes, merged and exported to ArviZ."""
 
 import arviz as az
+import pyro
 import pytest
 import torch
 from pyro.infer import Predictive
@@ -39,7 +40,14 @@ def test_run_chains_sets_the_training_data_and_labels_progress(float64, kind, ca
     bnn = BayesianMLP(2, [], noise=None)
     model = bnn.repriorised() if kind == "repriorised" else bnn.collapsed()
     model.set_training_data(X[:5], y[:5])  # left over from an earlier run on other data
+    threads = torch.get_num_threads()
+    pyro.set_rng_seed(11)
     result = run_chains(model, (X, y), num_chains=2, num_samples=5, warmup_steps=5, processes=1, progress=True)
+    # in-process chains leave the caller's threads and random state alone
+    assert torch.get_num_threads() == threads and torch.get_default_dtype() == torch.float64
+    after = torch.rand(3)
+    pyro.set_rng_seed(11)
+    torch.testing.assert_close(after, torch.rand(3), rtol=0, atol=0)
     reparam = model.reparam if kind == "repriorised" else model.repriorised.reparam
     assert reparam.training_data[0] is X and reparam.training_data[1] is y
     assert Predictive(model, result.get_samples())(X[:3])["y"].shape == (10, 3)

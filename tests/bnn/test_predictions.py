@@ -97,5 +97,10 @@ def test_bad_input(data):
         predictions_to_inference_data(bnn, samples, torch.full((2, 3), float("nan")))
     with pytest.raises(ValueError, match="samples lack the site 'readout'"):
         predictions_to_inference_data(bnn, {k: v for k, v in samples.items() if k != "readout"}, X)
+    latent_noise = BayesianMLP(3, [4], noise=None)
+    noisy = _prior_draws(latent_noise, X, y, 2)
+    for site in ("noise", "layers.0.weight"):  # a bare KeyError before
+        with pytest.raises(ValueError, match=rf"samples lack the sites \['{site}'\]"):
+            predictions_to_inference_data(latent_noise, {k: v for k, v in noisy.items() if k != site}, X)
     with pytest.raises(ValueError, match="training targets"):  # never ran, no set_training_data
         predictions_to_inference_data(bnn.repriorised(), {"readout_whitened": torch.zeros(2, 5, 1), **samples}, X)

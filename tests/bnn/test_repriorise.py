@@ -142,6 +142,16 @@ def test_bad_input(data):
         poutine.trace(BayesianMLP(3, [4], out_dim=3, likelihood="categorical")).get_trace(X, torch.full((40,), 5))
     with pytest.raises(ValueError, match="layer sizes must be positive"):
         BayesianMLP(3, [0])
+    for name, value in (("noise", float("inf")), ("noise", float("nan")), ("weight_scale", 0.0),
+                        ("bias_scale", float("nan"))):  # fmt: skip
+        with pytest.raises(ValueError, match=f"{name} must be a finite positive number"):
+            BayesianMLP(3, [4], **{name: value})
+    bnn = BayesianMLP(3, [5], noise=0.1)
+    draws = Predictive(bnn, num_samples=3)(X)  # prior draws carry a size-1 dim for the data plate
+    draws.pop("y")
+    assert Predictive(bnn, draws)(X)["y"].shape == (3, 40)
+    with pytest.raises(NotImplementedError, match="parallel=False"):  # was a cryptic reshape error
+        Predictive(bnn, draws, parallel=True)(X)
 
 
 def _prior_draws(model, X, y, num: int) -> dict[str, torch.Tensor]:

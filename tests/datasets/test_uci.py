@@ -92,6 +92,9 @@ def test_errors(tmp_path):
         load_uci("toy", 2, tmp_path)
     with pytest.raises(ValueError, match="data_dir is required"):
         load_uci("toy", 0)
+    for bad in (1, 2.5):
+        with pytest.raises(ValueError, match="max_train must be an integer >= 2"):
+            load_uci("toy", 0, tmp_path, max_train=bad)
 
 
 def test_standardizer_round_trip():

@@ -185,8 +185,9 @@ def test_classification_likelihoods(float64):
     torch.testing.assert_close(probs.sum(-1), torch.ones(20, dtype=torch.float64))
     pyro.clear_param_store()
     binary = DifferentialGP(X, num_inducing=4, num_paths=2, num_steps=3, likelihood="bernoulli")
-    assert math.isfinite(SVI(binary, InducingNormal(binary), pyro.optim.Adam({"lr": 0.01}), Trace_ELBO()).step(
-        X, labels.double()))  # fmt: skip
+    binary_svi = SVI(binary, InducingNormal(binary), pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    assert math.isfinite(binary_svi.step(X, labels.double()))
+    assert math.isfinite(binary_svi.step(X, labels))  # integer 0/1 labels too (they failed inside Bernoulli)
     with pytest.raises(ValueError, match="labels"):
         model(X, torch.full((20,), 3))
     with pytest.raises(ValueError, match="0/1"):
@@ -203,6 +204,8 @@ def test_bad_input(float64):
         DifferentialGP(torch.full((5, 2), float("nan")))
     with pytest.raises(ValueError, match="dimension"):
         DifferentialGP(X, flow=FlowKernel(3))
+    with pytest.raises(ValueError, match="flow has dtype torch.float64 but init_inputs are torch.float32"):
+        DifferentialGP(X.float(), flow=FlowKernel(2))
     model = DifferentialGP(X, num_inducing=4, num_paths=1, num_steps=2)
     with pytest.raises(ValueError, match=r"\(n, 2\)"):
         model(torch.randn(5, 3, dtype=torch.float64))
