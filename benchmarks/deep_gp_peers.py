@@ -304,8 +304,10 @@ def run_dgp(
 
 
 if __name__ == "__main__":
+    from harness import DEFAULT_DATA_DIR
+
     from pyro_gpx.datasets import load_uci
 
-    yacht = load_uci("yacht", 0, data_dir="../shared/data")
+    yacht = load_uci("yacht", 0, data_dir=DEFAULT_DATA_DIR)
     print("svgp", run_svgp(yacht, epochs=5, batch=256, lr=0.01, num_inducing=50, seed=0))
     print("dgp", run_dgp(yacht, epochs=5, batch=256, lr=0.01, num_inducing=50, num_samples=5, seed=0))

@@ -84,12 +84,15 @@ def parse_args(
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
-    if args.data_dir is None:
-        parser.error("--data-dir is required (no ../shared/data next to the repository)")
+    # without ../shared/data, --data-dir stays None: runs on synthetic targets need none, and
+    # load_uci names the missing directory when a UCI set is asked for
     datasets = quick_datasets if args.quick and quick_datasets is not None else default_datasets
     splits = quick_splits if args.quick and quick_splits is not None else default_splits
     args.datasets = [d for d in args.datasets.split(",") if d] if args.datasets else list(datasets)
-    args.splits = [int(s) for s in args.splits.split(",") if s] if args.splits else list(splits)
+    try:
+        args.splits = [int(s) for s in args.splits.split(",") if s] if args.splits else list(splits)
+    except ValueError:
+        parser.error(f"--splits must be comma-separated integers, got {args.splits!r}")
     return args
 
 
@@ -169,10 +172,30 @@ def record(benchmark: str, dataset: str, split: int, method: str, role: str, **m
     return out
 
 
+def _shown(metric: str, time_metric: str, rows: list[dict]) -> float:
+    """The statistic a table cell shows: the median for times and peak memory, else the mean."""
+    if metric in (time_metric, "peak_rss_mb"):
+        values = _finite(r.get(metric) for r in rows)
+        return statistics.median(values) if values else math.nan
+    return mean_se(r.get(metric) for r in rows)[0]
+
+
+def _json_safe(value):
+    """Non-finite floats as ``null`` (``NaN`` is not JSON), recursively; other values unchanged."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_json(records: list[dict], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(records, indent=1, default=float) + "\n")
+    text = json.dumps(_json_safe(json.loads(json.dumps(records, default=float))), indent=1, allow_nan=False)
+    path.write_text(text + "\n")
 
 
 def _finite(values: Iterable) -> list[float]:
@@ -189,9 +212,10 @@ def mean_se(values: Iterable) -> tuple[float, float]:
 
 
 def markdown_table(records: Sequence[dict], metrics: Sequence[str], time_metric: str = "train_seconds") -> str:
-    """Mean ± standard error over splits per (dataset, method); the time column shows the median.
+    """Mean ± standard error over splits per (dataset, method); the time and peak-memory columns show
+    the median.
 
-    Best mean per data set (for metrics with a direction) is bold.
+    The best value shown per data set (for metrics with a direction, time excepted) is bold.
     """
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     order: list[str] = []
@@ -206,7 +230,7 @@ def markdown_table(records: Sequence[dict], metrics: Sequence[str], time_metric:
         best = {}
         for metric in metrics:
             lower = METRICS.get(metric, (None, None))[1]
-            means = {m: mean_se(r.get(metric) for r in groups[(dataset, m)])[0] for m in methods}
+            means = {m: _shown(metric, time_metric, groups[(dataset, m)]) for m in methods}
             means = {m: v for m, v in means.items() if math.isfinite(v)}
             if lower is not None and len(means) > 1 and metric != time_metric:
                 best[metric] = (min if lower else max)(means, key=means.get)

@@ -49,14 +49,26 @@ def _bands(model, samples, x):
     return f.mean(0), lo, hi
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict:
+    """Run the demo; returns the NUTS and SVI ``InferenceData`` and the divergence count."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_output", help="directory for plots and the netCDF file")
-    parser.add_argument("--num-samples", type=int, default=300, help="NUTS draws (and warm-up steps) per chain")
-    parser.add_argument("--svi-steps", type=int, default=2000)
+    parser.add_argument(
+        "--num-samples", type=_positive_int, default=300, help="NUTS draws (and warm-up steps) per chain"
+    )
+    parser.add_argument("--svi-steps", type=_positive_int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} exists and is not a directory")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -123,5 +135,10 @@ def main(argv: list[str] | None = None) -> dict:
     return {"nuts": idata_nuts, "svi": idata_svi, "divergences": divergences}
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``pyro-gpx-demo`` command (exit status 0; ``main`` returns results for Python callers)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

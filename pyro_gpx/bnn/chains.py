@@ -149,7 +149,7 @@ def run_chains(
         raise ValueError("num_chains and num_samples must be >= 1 and warmup_steps >= 0")
     processes = min(num_chains, processes or os.cpu_count() or 1)
     set_training_data = getattr(model, "set_training_data", None)
-    if callable(set_training_data) and model_args:
+    if callable(set_training_data) and (model_args or "X" in (model_kwargs or {})):
         X, y = _default_data(tuple(model_args), dict(model_kwargs or {}))
         if y is not None:
             set_training_data(X, y)

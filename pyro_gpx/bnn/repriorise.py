@@ -254,7 +254,8 @@ def _check_real_targets(y: torch.Tensor) -> None:
 
 
 def _default_data(args: tuple, kwargs: dict):
-    if not args:
-        raise ValueError("repriorisation expects the inputs X as the model's first argument")
+    X = args[0] if args else kwargs.get("X")
+    if X is None:
+        raise ValueError("repriorisation expects the inputs X as the model's first argument (or X=)")
     y = args[1] if len(args) > 1 else kwargs.get("y")
-    return args[0], y
+    return X, y

@@ -104,8 +104,14 @@ class ReplayBuffer:
         z, log_target = z[free:], log_target[free:]
         count = self.seen + torch.arange(1, len(z) + 1, dtype=torch.float64)
         slot = (torch.rand(len(z), dtype=torch.float64) * count).long()
-        chosen = slot < self.capacity
-        self.z[slot[chosen]], self.log_target[slot[chosen]] = z[chosen], log_target[chosen]
+        chosen = torch.nonzero(slot < self.capacity)[:, 0]
+        # where several points of this batch take one slot, the latest wins (as one at a time would); writing
+        # them all with duplicate indices is undefined, and multi-threaded writes mixed the points' columns
+        order = torch.arange(len(chosen))
+        latest = torch.full((self.capacity,), -1, dtype=torch.long).scatter_reduce(0, slot[chosen], order, "amax")
+        slots = torch.nonzero(latest >= 0)[:, 0]
+        winners = chosen[latest[slots]]
+        self.z[slots], self.log_target[slots] = z[winners], log_target[winners]
         self.seen += len(z)
 
     def _append(self, z: torch.Tensor, log_target: torch.Tensor) -> None:

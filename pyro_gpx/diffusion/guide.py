@@ -120,6 +120,19 @@ class PathSample(dict):
             raise AttributeError(name) from None
 
 
+def _observed_sites(model, args: tuple, kwargs: dict) -> set[str]:
+    """The observed sample sites of one run of ``model`` (hidden from other handlers; no random numbers
+    drawn from the caller's stream)."""
+    with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
+        trace = poutine.trace(model).get_trace(*args, **kwargs)  # at prior draws: no density checks
+    return {name for name, site in trace.nodes.items() if site["type"] == "sample" and site["is_observed"]}
+
+
+def _none_pattern(args: tuple, kwargs: dict) -> tuple:
+    """Which arguments are ``None`` (e.g. targets left out to predict): a hashable summary."""
+    return tuple(a is None for a in args), tuple(sorted((k, v is None) for k, v in kwargs.items()))
+
+
 class AutoDiffusion(AutoContinuous):
     """Diffusion-sampler posterior over all continuous latent sites of ``model``.
 
@@ -223,6 +236,11 @@ class AutoDiffusion(AutoContinuous):
         # plate nesting, and per enclosing-plate context whether the model runs batched
         self._target_info: dict = {"vectorized": {}}
         self._pending_state = None  # a state dict given before set-up
+        # the arguments of the latest call with the training data's structure: the posterior the drift
+        # learned is that data's, so a prediction call (targets None) takes its score from them
+        self._train_call: tuple | None = None
+        self._observed_sites: frozenset = frozenset()
+        self._missing_by_pattern: dict = {}
 
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
@@ -254,6 +272,12 @@ class AutoDiffusion(AutoContinuous):
             self.loc = PyroParam(loc)
             self.scale_tril = PyroParam(torch.diag(scale), constraint=constraints.softplus_lower_cholesky)
         self._target_info = {"vectorized": {}}
+        try:  # the prototype trace hides the observed sites
+            self._observed_sites = frozenset(_observed_sites(self._raw_model[0], args, kwargs))
+        except Exception:  # a model that fails at some prior draw: prediction calls keep their own arguments
+            self._observed_sites = frozenset()
+        self._train_call = (_none_pattern(args, kwargs), args, kwargs)
+        self._missing_by_pattern = {}
         flow = self._flow_spec[0]
         if flow is not None and not isinstance(flow, torch.distributions.Transform):
             flow = flow(self.latent_dim)
@@ -338,12 +362,35 @@ class AutoDiffusion(AutoContinuous):
     def target(self, *args, **kwargs) -> UnconstrainedTarget:
         """The model's batched unconstrained log density for these arguments (plate nesting is found
         once; whether the model runs batched is found once per context of enclosing plates, e.g. inside
-        and outside ``Trace_ELBO``'s vectorised particles, and cached)."""
+        and outside ``Trace_ELBO``'s vectorised particles, and cached).
+
+        A call that leaves unobserved a site the guide was trained with observed (a prediction,
+        ``Predictive(model, guide)(X_new)`` with ``y=None``) gets the density of the latest call with
+        the training data's structure instead: the drift learned that data's posterior, and the model
+        with ``y`` unobserved is the prior. Pass the training data to score the full data set when
+        training used minibatches."""
+        args, kwargs = self._target_arguments(args, kwargs)
         info, context = self._target_info, plate_context()
         vectorized = self._vectorized if self._vectorized is not None else info["vectorized"].get(context)
         target = UnconstrainedTarget(self, self._raw_model[0], args, kwargs, info.get("nesting"), vectorized)
         info["nesting"] = target.max_plate_nesting
         return target
+
+    def _target_arguments(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self._train_call is None:  # not set up yet
+            return args, kwargs
+        pattern = _none_pattern(args, kwargs)
+        if pattern == self._train_call[0]:  # the training data's structure (any minibatch): remember
+            self._train_call = (pattern, args, kwargs)
+            return args, kwargs
+        missing = self._missing_by_pattern.get(pattern)
+        if missing is None:  # once per argument structure: which trained observations are missing
+            try:
+                observed = _observed_sites(self._raw_model[0], args, kwargs)
+            except Exception:  # the model itself will report it when the target runs
+                return args, kwargs
+            missing = self._missing_by_pattern[pattern] = sorted(self._observed_sites - observed)
+        return (self._train_call[1], self._train_call[2]) if missing else (args, kwargs)
 
     def _remember(self, target: UnconstrainedTarget) -> None:
         if target.vectorized is not None:

@@ -193,6 +193,10 @@ class LogVarianceLoss(_BatchedPathLoss):
             buffer.add(z, log_target)
 
     def loss(self, model, guide, *args, **kwargs) -> float:
+        """The on-policy variance of the log weights of ``num_paths`` fresh paths (what
+        ``SVI.evaluate_loss`` reports): the quantity to monitor, zero for a perfect sampler. It
+        leaves the buffer alone and ignores ``exploration`` and the replayed paths, so it is not
+        the value ``SVI.step`` returns, which is measured on the training paths."""
         with torch.no_grad():
             path = _check(guide, model).sample_paths(self.num_paths, *args, **kwargs)
         return float(path.log_weight.var())

@@ -328,7 +328,10 @@ def subset_refit_outputscale_noise(
     estimate of the full-data one. It needs no product with the full kernel matrix:
     :math:`O(m^3)` per subset (about a second at :math:`m = 2000` on two cores), against a few
     hundred full-data products for the matrix-free estimate on a hard problem. Where the data
-    hold all the points (``num_points >= n``), this is the exact maximiser.
+    hold all the points (``num_points >= n``), this is the exact maximiser for the distinct inputs:
+    repeated inputs are dropped (each keeps its first target), so with replicated inputs, which
+    carry information about the noise, it is not the full-data maximiser (on 30 inputs each
+    repeated three times it was 0.56 nats short of it).
 
     :param kernel: the kernel at its trained hyperparameters.
     :param X: training inputs ``(n, d)``; ``residual``: :math:`y - \mu(X)`, ``(n,)``.

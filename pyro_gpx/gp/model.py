@@ -70,8 +70,9 @@ def _has_priors(module: torch.nn.Module) -> bool:
     return isinstance(module, gpytorch.Module) and any(True for _ in module.named_priors())
 
 
-def _sample_gpytorch_priors(kernel: gpytorch.Module) -> gpytorch.Module:
-    """A copy of ``kernel`` whose prior-carrying hyperparameters are Pyro sample sites.
+def _sample_gpytorch_priors(kernel: gpytorch.Module, fullname: Callable[[str], str] = str) -> gpytorch.Module:
+    """A copy of ``kernel`` whose prior-carrying hyperparameters are Pyro sample sites, named
+    ``fullname(prior name)`` (the model's prefix: two GPs in one Pyro model keep apart).
 
     Like GPyTorch's ``pyro_sample_from_prior``, but non-scalar hyperparameters (ARD lengthscales)
     are one site with event dimensions, and parameters without a prior stay the original
@@ -89,7 +90,7 @@ def _sample_gpytorch_priors(kernel: gpytorch.Module) -> gpytorch.Module:
             continue
         seen.add(key)
         shape = closure(module).shape
-        value = pyro.sample(name, prior.expand(shape).to_event(len(shape)))
+        value = pyro.sample(fullname(name), prior.expand(shape).to_event(len(shape)))
         setting_closure(module, value)  # the raw parameter becomes a tensor that depends on ``value``
     # parameters without a prior are still (copied) nn.Parameters: relink them to the originals,
     # which pyro.module registered
@@ -195,7 +196,7 @@ class ComputationAwareGP(GPModel):
         if isinstance(kernel, torch.nn.Module) and not isinstance(kernel, PyroModule):
             pyro.module(self._pyro_get_fullname("kernel"), kernel)
             if sample_priors and _has_priors(kernel):
-                kernel = _sample_gpytorch_priors(kernel)
+                kernel = _sample_gpytorch_priors(kernel, self._pyro_get_fullname)
         return KernelFn(kernel, probe=self.X)
 
     def _prior_mean(self, X: torch.Tensor) -> torch.Tensor:

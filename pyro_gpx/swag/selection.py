@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._validation import is_finite_at_least, is_integer
 from .collector import SWAGCollector
 from .multiswag import MultiSWAG
 
@@ -51,8 +52,8 @@ def select_scale(
     """The scale in ``scales`` with the lowest ``loss`` of the SWAG (or, for a list of collectors,
     MultiSWAG) predictions on held-out data.
 
-    :param collectors: one :class:`SWAGCollector`, or several (MultiSWAG: ``num_samples`` is split
-        evenly among them).
+    :param collectors: one :class:`SWAGCollector`, or several (MultiSWAG: ``num_samples``, a multiple
+        of their number, is split evenly among them).
     :param predict: ``module -> tensor``, the held-out predictions of the module's current weights.
     :param loss: ``(num_samples, ...) -> float``, lower is better (e.g. a mixture NLL).
     :param bn_loaders: one BatchNorm loader per collector (or ``None``).
@@ -74,11 +75,17 @@ def select_scale(
     group = [collectors] if isinstance(collectors, SWAGCollector) else list(collectors)
     if not group or not all(isinstance(c, SWAGCollector) for c in group):
         raise TypeError("collectors must be a SWAGCollector or a non-empty sequence of them")
-    if not scales or not all(isinstance(s, int | float) and math.isfinite(s) and s > 0 for s in scales):
+    if not scales or not all(not isinstance(s, bool) and is_finite_at_least(s, 0.0, strict=True) for s in scales):
         raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales}")
-    per_model = num_samples // len(group)
-    if per_model < 1:
-        raise ValueError(f"num_samples ({num_samples}) must be at least the number of collectors ({len(group)})")
+    scales = [float(s) for s in scales]  # NumPy and 0-d tensor scales too
+    if not is_integer(num_samples) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    per_model, left_over = divmod(int(num_samples), len(group))
+    if per_model < 1 or left_over:
+        raise ValueError(
+            f"num_samples ({num_samples}) must be a multiple of the number of collectors ({len(group)}): "
+            "MultiSWAG weighs its members equally"
+        )
     ensemble = MultiSWAG(group)
     losses: dict[float, float] = {}
     for scale in scales:

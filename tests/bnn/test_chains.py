@@ -40,6 +40,10 @@ def test_run_chains_sets_the_training_data_and_labels_progress(float64, kind, ca
     bnn = BayesianMLP(2, [], noise=None)
     model = bnn.repriorised() if kind == "repriorised" else bnn.collapsed()
     model.set_training_data(X[:5], y[:5])  # left over from an earlier run on other data
+    run_chains(model, (), {"X": X, "y": y}, num_chains=1, num_samples=2, warmup_steps=2, processes=1, progress=False)
+    reparam = model.reparam if kind == "repriorised" else model.repriorised.reparam
+    assert reparam.training_data[0] is X  # keyword data too (they were skipped)
+    model.set_training_data(X[:5], y[:5])
     threads = torch.get_num_threads()
     pyro.set_rng_seed(11)
     result = run_chains(model, (X, y), num_chains=2, num_samples=5, warmup_steps=5, processes=1, progress=True)

@@ -158,6 +158,25 @@ def test_replay_buffer_priority_capacity_and_state(float64):
         ReplayBuffer().sample(1)
 
 
+def test_reservoir_slots_taken_twice_in_one_batch_keep_the_latest_point_whole():
+    capacity, batch, dim = 8, 256, 512  # large enough that torch writes with several threads
+    for seed in range(20):
+        buffer = ReplayBuffer(capacity, eviction="reservoir")
+        buffer.add(torch.full((capacity, dim), -1.0), torch.full((capacity,), -1.0))
+        ids = torch.arange(batch, dtype=torch.float32)
+        torch.manual_seed(seed)
+        buffer.add(ids[:, None].expand(batch, dim).clone(), ids)
+        torch.manual_seed(seed)  # the same slots, assigned one point at a time (Algorithm R: later wins)
+        count = capacity + torch.arange(1, batch + 1, dtype=torch.float64)
+        slot = (torch.rand(batch, dtype=torch.float64) * count).long()
+        reference = torch.full((capacity,), -1.0)
+        for i in range(batch):
+            if slot[i] < capacity:
+                reference[slot[i]] = float(i)
+        assert torch.equal(buffer.log_target, reference)
+        assert torch.equal(buffer.z, reference[:, None].expand(capacity, dim))  # no row mixes two points
+
+
 def test_reservoir_buffer_keeps_a_uniform_sample_of_its_history(float64):
     torch.manual_seed(0)
     fifo, reservoir = ReplayBuffer(capacity=1000), ReplayBuffer(capacity=1000, eviction="reservoir")

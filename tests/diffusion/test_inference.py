@@ -81,6 +81,18 @@ def test_constrained_latents_plates_and_predictive(float64):
     with torch.no_grad():
         path = guide.sample_paths(10, x, y)
     assert path.z.shape == (10, guide.latent_dim) == (10, 4) and torch.isfinite(path.log_weight).all()
+    # a prediction call (y left out) samples the posterior of the training data, not the prior: the drift's
+    # score comes from the latest training call's arguments (it was the prior's score, w 0.16 against 3.08)
+    with torch.no_grad():
+        pyro.set_rng_seed(4)
+        trained = guide(x, y)
+        pyro.set_rng_seed(4)
+        predicting = guide(x)
+        pyro.set_rng_seed(4)
+        other_inputs = guide(torch.tensor([2, 1]))  # new inputs, no targets: still the training posterior
+    for name in ("scale", "effect"):
+        torch.testing.assert_close(predicting[name], trained[name], rtol=0, atol=0)
+        torch.testing.assert_close(other_inputs[name], trained[name], rtol=0, atol=0)
 
 
 def test_autoguidelist_diffusion_and_delta(float64):

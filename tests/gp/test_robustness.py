@@ -198,6 +198,25 @@ def test_a_prior_shared_by_two_hyperparameters_gives_two_sites(float64):
     assert abs(log_lik(0.1, 0.3) - log_lik(1.0, 0.3)) > 1.0
 
 
+def test_two_models_with_gpytorch_priors_in_one_pyro_model_keep_their_sites_apart(float64):
+    problem = make_problem(n=30)
+
+    class Two(pyro.nn.PyroModule):
+        def __init__(self):
+            super().__init__()
+            for name in ("first", "second"):
+                kernel = gpytorch.kernels.RBFKernel(lengthscale_prior=LogNormalPrior(-1.0, 0.5)).double()
+                setattr(self, name, ComputationAwareGP(problem.X, problem.y, kernel, policy=UnitVectorPolicy()))
+
+        def forward(self):
+            self.first.model()
+            self.second.model()
+
+    trace = pyro.poutine.trace(Two()).get_trace()  # was: "Multiple sample sites named 'lengthscale_prior'"
+    sites = [name for name, site in trace.nodes.items() if site["type"] == "sample"]
+    assert sites == ["first.lengthscale_prior", "first.y", "second.lengthscale_prior", "second.y"]
+
+
 def test_predictions_with_gpytorch_priors_use_the_stored_values(float64):
     problem = make_problem(n=40)
     kernel = gpytorch.kernels.RBFKernel(ard_num_dims=2, lengthscale_prior=LogNormalPrior(-1.0, 1.0)).double()

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,8 +56,10 @@ def test_multiswag_splits_the_samples_between_runs():
         shapes.append(tuple(out.shape))
         return float(out.mean())
 
-    select_scale(runs, lambda m: m(X)[:, 0], loss, scales=(0.5,), num_samples=6)
+    select_scale(runs, lambda m: m(X)[:, 0], loss, scales=(np.float32(0.5),), num_samples=6)  # NumPy scales too
     assert shapes == [(6, 4)]
+    with pytest.raises(ValueError, match="multiple of the number of collectors"):  # 1 of 7 was dropped silently
+        select_scale(runs, lambda m: m(X)[:, 0], loss, scales=(0.5,), num_samples=7)
 
 
 @pytest.mark.parametrize(
@@ -66,6 +69,8 @@ def test_multiswag_splits_the_samples_between_runs():
         ({"scales": (0.0, 0.5)}, "scales"),
         ({"scales": (math.inf,)}, "scales"),
         ({"num_samples": 0}, "num_samples"),
+        ({"num_samples": 4.0}, "num_samples must be a positive integer"),
+        ({"scales": (True,)}, "scales"),
         ({"loss": lambda out: float("nan")}, "held-out loss at scale"),
         ({"bn_loaders": [None, None]}, "bn_loaders"),
     ],
