@@ -26,8 +26,8 @@ __all__ = [
 
 
 def _check(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
-    if not isinstance(y, torch.Tensor) or y.dim() != 1:
-        raise ValueError(f"y must be a vector (n,), got shape {tuple(getattr(y, 'shape', ()))}")
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.numel() == 0:
+        raise ValueError(f"y must be a non-empty vector (n,), got shape {tuple(getattr(y, 'shape', ()))}")
     if not isinstance(x, torch.Tensor) or x.shape[-1:] != y.shape[-1:]:
         shape = tuple(getattr(x, "shape", ()))
         raise ValueError(f"{name} has shape {shape}; expected (..., {y.shape[0]}) matching y of shape (n,)")
@@ -61,10 +61,14 @@ def mixture_gaussian_nll(means: torch.Tensor, vars: torch.Tensor, y: torch.Tenso
     :param means: ``(S, n)`` predictive means per posterior draw.
     :param vars: ``(S, n)`` (or broadcastable) predictive variances per draw, noise included.
     """
-    if means.dim() != 2:
-        raise ValueError(f"means must be (S, n), got shape {tuple(means.shape)}")
+    if means.dim() != 2 or means.shape[0] == 0:
+        raise ValueError(f"means must be (S, n) with S >= 1, got shape {tuple(means.shape)}")
     _check("means", means, y)
-    vars = torch.as_tensor(vars, dtype=means.dtype).expand_as(means)
+    vars = torch.as_tensor(vars, dtype=means.dtype)
+    try:
+        vars = vars.expand_as(means)
+    except RuntimeError:
+        raise ValueError(f"vars of shape {tuple(vars.shape)} do not broadcast to means' {tuple(means.shape)}") from None
     check_finite("vars", vars)
     if (vars <= 0).any():
         raise ValueError("vars must be positive")
@@ -84,8 +88,8 @@ def gaussian_coverage(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor, le
 
 def sample_coverage(samples: torch.Tensor, y: torch.Tensor, level: float = 0.95) -> float:
     """Fraction of ``y`` inside the central ``level`` interval of predictive ``samples`` ``(S, n)``."""
-    if samples.dim() != 2:
-        raise ValueError(f"samples must be (S, n) draws, got shape {tuple(samples.shape)}")
+    if samples.dim() != 2 or samples.shape[0] == 0:
+        raise ValueError(f"samples must be (S, n) draws with S >= 1, got shape {tuple(samples.shape)}")
     _check("samples", samples, y)
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
@@ -95,8 +99,10 @@ def sample_coverage(samples: torch.Tensor, y: torch.Tensor, level: float = 0.95)
 
 
 def _check_probs(probs: torch.Tensor, labels: torch.Tensor) -> None:
-    if probs.dim() != 2 or labels.shape != probs.shape[:1]:
-        raise ValueError(f"probs must be (n, C) and labels (n,), got {tuple(probs.shape)} and {tuple(labels.shape)}")
+    if probs.dim() != 2 or labels.shape != probs.shape[:1] or len(labels) == 0:
+        raise ValueError(
+            f"probs must be (n, C) and labels (n,) with n >= 1, got {tuple(probs.shape)} and {tuple(labels.shape)}"
+        )
     if not torch.isfinite(probs).all() or (probs < 0).any():
         raise ValueError("probs must be finite and non-negative")
     if (probs.sum(-1) - 1).abs().max() > 1e-3:

@@ -225,7 +225,8 @@ def fit_lbfgs(
         crawling at a constant tiny decrease; one restart from where it stands then resumes
         normal progress (``benchmarks/gp_uci.py``, CaGP-Opt on a bike subset: 2171 -> 2110 in 37
         iterations of 5 evaluations without a restart, -6520 in 30 with one after 5).
-    :returns: the loss after each iteration.
+    :returns: the loss at the start of each iteration (``LBFGS.step``'s value: the first entry is the
+        initial loss, and the loss after the last iteration is not included).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")

@@ -75,6 +75,10 @@ def test_bad_input_raises(xy):
         mixture_gaussian_nll(mean[None], var[None] * math.nan, y)
     with pytest.raises(ValueError, match=r"samples must be \(S, n\)"):
         sample_coverage(mean, y)
+    with pytest.raises(ValueError, match="non-empty vector"):
+        rmse(mean[:0], y[:0])  # was NaN
+    with pytest.raises(ValueError, match="do not broadcast"):
+        mixture_gaussian_nll(mean[None], var[:3], y)
 
 
 def test_classification_metrics_against_hand_computed_values():

@@ -50,7 +50,7 @@ def readout_map(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r""":math:`\tilde\theta(\phi)` (``(D, d_out)``) and :math:`\log|\det \partial\tilde\theta/\partial\phi|`.
 
-    With at least as many data as features (:math:`n \ge D`) the square root of
+    With at least half as many data as features (:math:`2n \ge D`) the square root of
     :math:`\lambda G^{-1}` is :math:`\sqrt\lambda L^{-\top}` (:math:`O(D^3)`). With fewer
     (:math:`2n < D`, wide networks) it is the symmetric root in its dual form,
     :math:`\sqrt\lambda G^{-1/2} = I + \tilde\Phi^\top h(K/\lambda)\tilde\Phi/\lambda` with

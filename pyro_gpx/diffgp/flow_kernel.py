@@ -101,8 +101,9 @@ class FlowKernel(PyroModule):
     :param dim: state dimension :math:`D`.
     :param kernel: a GPyTorch kernel with batch shape ``(D,)`` (one per dimension) or ``()``
         (shared); default :func:`default_flow_kernel`.
-    :param lengthscale_prior, outputscale_prior: Pyro distributions (scalar, positive support) that
-        make the lengthscales / output scales latent sites (fully Bayesian flow). Requires an RBF or
+    :param lengthscale_prior: a Pyro distribution (scalar, positive support) that makes the
+        lengthscales latent sites (fully Bayesian flow).
+    :param outputscale_prior: the same for the output scales. Requires an RBF or
         Matérn kernel inside a ``ScaleKernel``; the kernel's values are then only the initial point.
     """
 

@@ -138,8 +138,9 @@ class AutoDiffusion(AutoContinuous):
 
     :param process: ``"pis"`` (Brownian reference), ``"dds"`` (variance-preserving reference,
         exponential-integrator steps) or ``"dis"`` (the time reversal of the same reference with
-        Euler-Maruyama forward and backward kernels, Berner, Richter and Ullrich; it needs
-        ``num_steps > max(beta_min, beta_max) / 2``). See :mod:`~pyro_gpx.diffusion.processes`.
+        Euler-Maruyama forward and backward kernels, Berner, Richter and Ullrich; every step must
+        contract, :math:`\\bar\\beta_k \\Delta t / 2 < 1` for the step-mean :math:`\\bar\\beta_k`, so
+        ``num_steps >= 10`` with the default schedule). See :mod:`~pyro_gpx.diffusion.processes`.
     :param num_steps: time steps :math:`K` (an integer >= 1).
     :param sigma: diffusion scale :math:`\\sigma` (PIS) / reference stationary scale (DDS, DIS).
     :param horizon: :math:`T` (PIS only, default 1; the time scale of DDS and DIS is set by
@@ -148,17 +149,19 @@ class AutoDiffusion(AutoContinuous):
         shorter final steps, so less final noise; see :func:`~pyro_gpx.diffusion.processes.make_process`).
         On Neal's funnel ``p = 2`` took PIS-KL's log Z error from −0.43 / −0.36 to −0.34 / −0.30 (two seeds,
         ``benchmarks/samplers.py --grid-power 2``).
-    :param hidden, depth: size of the drift network.
+    :param hidden: width of the drift network's hidden layers.
+    :param depth: number of its hidden layers.
     :param use_score: feed :math:`\\nabla\\log\\rho` to the drift (one model gradient per step). Turn
         it off inside an ``AutoGuideList``: there the guide sees a blocked model, whose score misses
         the other guides' sites (they are redrawn from their priors; hidden observations are dropped).
         A guide that is part of another autoguide, or built on a ``poutine.block(model, expose=...)``,
         warns at set-up if it is left on.
-    :param beta_min, beta_max: DDS / DIS noise schedule.
+    :param beta_min: DDS / DIS noise schedule, its smallest rate.
+    :param beta_max: its largest rate.
     :param affine: the learned frame :math:`z = m + S y`: ``"diagonal"`` (:math:`D` scales),
         ``"full"`` (lower-triangular :math:`S`, :math:`D(D+1)/2` parameters, for correlated
-        posteriors) or ``"fixed"`` (:math:`m, S` keep their initial values);
-        :param init_scale: initial :math:`S = \\text{init\\_scale}\\cdot I`.
+        posteriors) or ``"fixed"`` (:math:`m, S` keep their initial values).
+    :param init_scale: initial :math:`S = \\text{init\\_scale}\\cdot I`.
     :param vectorized: whether the model runs batched under a plate over paths; ``None`` probes it
         (batched against row-by-row evaluation), which a model with internal randomness (e.g. the
         simulated flow of :class:`~pyro_gpx.diffgp.DifferentialGP`) cannot pass: say ``True`` for it.

@@ -265,7 +265,8 @@ def make_process(
     :param sigma: a positive finite number.
     :param horizon: :math:`T` of PIS (default 1); DDS and DIS have none (their time scale is the
         :math:`\\beta` schedule), so a horizon other than 1 is an error there rather than silently ignored.
-    :param beta_min, beta_max: the schedule of DDS and DIS, finite and >= 0, not both 0.
+    :param beta_min: the schedule of DDS and DIS, its rate at one end (finite and >= 0);
+    :param beta_max: its rate at the other (finite and >= 0, not both 0).
     :param grid_power: PIS's time grid :math:`t_k = T\\,(1 - (1 - k/K)^p)`, a number >= 1: ``1`` is
         uniform; ``p > 1`` takes shorter steps towards the end (the last is :math:`T/K^p`, the first about
         :math:`pT/K`), so the final step's noise :math:`\\sigma\\sqrt{\\Delta t_{K-1}}` no longer limits how
@@ -309,8 +310,8 @@ def make_process(
         if float(betas.max()) >= 2 * num_steps:
             raise ValueError(
                 f"DIS's Euler-Maruyama steps overshoot (1 - beta dt / 2 <= 0) with num_steps={num_steps} and "
-                f"beta_max={beta_max}, beta_min={beta_min}: take num_steps > max(beta_min, beta_max) / 2 "
-                f"or a smaller beta_max"
+                f"beta_max={beta_max}, beta_min={beta_min}: every step must contract (the step's mean beta "
+                f"times dt / 2 < 1); take more steps (>= 10 with the default schedule) or a smaller beta_max"
             )
         return ReferenceProcess("dis", int(num_steps), float(sigma), 1.0, betas=betas)
     alphas = 1.0 - torch.exp(-step_integrals)

@@ -43,8 +43,9 @@ class UnconstrainedTarget:
     """Batched :math:`\\log\\rho` and :math:`\\nabla\\log\\rho` for an ``AutoContinuous`` guide's latent space.
 
     :param guide: an ``AutoContinuous`` whose prototype trace is set up.
-    :param model: the model (not wrapped in the guide's ``InitMessenger``); :param args, kwargs: its
-        arguments.
+    :param model: the model (not wrapped in the guide's ``InitMessenger``).
+    :param args: its positional arguments.
+    :param kwargs: its keyword arguments.
     :param max_plate_nesting: the model's plate nesting (found by tracing it once if not given).
     :param vectorized: whether the model runs batched (found on the first call if not given; see
         :attr:`vectorized` to cache the finding, which holds for the enclosing plates in :attr:`context`).

@@ -457,7 +457,9 @@ class ComputationAwareGP(GPModel):
             ``Normal``\\ s, batch shape ``(m,)``).
         :param noiseless: of the latent function :math:`f` (else of new observations :math:`y`, the
             noise variance added; the default).
-        :param refine, refit_noise, refit_mll: as in :meth:`posterior`.
+        :param refine: as in :meth:`posterior`.
+        :param refit_noise: as in :meth:`posterior`.
+        :param refit_mll: as in :meth:`posterior`.
         """
         mean, cov = self.forward(Xnew, full_cov=full_cov, noiseless=noiseless, refine=refine, refit_noise=refit_noise,
                                  refit_mll=refit_mll)  # fmt: skip
