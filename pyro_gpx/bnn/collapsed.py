@@ -122,7 +122,8 @@ class CollapsedModel:
     def noise_grid(self, num_obs: int) -> NoiseGrid:
         """The quadrature grid of the noise prior for ``num_obs`` scalar targets (built once, then reused)."""
         if self._grid is None or self._grid_obs != num_obs:
-            self._grid, self._grid_obs = NoiseGrid.from_prior(self.model.noise_prior, num_obs), num_obs
+            grid = NoiseGrid.from_prior(self.model.noise_prior, num_obs, dtype=self.model.dtype)
+            self._grid, self._grid_obs = grid, num_obs
         return self._grid
 
     def _scaled_features(self, X: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:

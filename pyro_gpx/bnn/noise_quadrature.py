@@ -226,8 +226,8 @@ class NoiseIntegratedMarginal(dist.TorchDistribution):
         Y = target_columns(value, self.event_shape, Phi.dtype)
         if not torch.isfinite(Phi.sum()):  # an overflowing trajectory: zero density, which HMC rejects
             return torch.tensor(-math.inf, dtype=Phi.dtype)
-        grid = self.grid
-        return _IntegratedLogLikelihood.apply(gram(Phi.T), Y, grid.nodes.exp(), grid.log_weights)
+        nodes, log_weights = self.grid.nodes.to(Phi.dtype), self.grid.log_weights.to(Phi.dtype)  # a grid of any dtype
+        return _IntegratedLogLikelihood.apply(gram(Phi.T), Y, nodes.exp(), log_weights)
 
     def expand(self, batch_shape, _instance=None):
         if torch.Size(batch_shape) != torch.Size():

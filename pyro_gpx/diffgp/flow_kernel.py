@@ -153,7 +153,7 @@ class FlowKernel(PyroModule):
     @pyro_method
     def state(self) -> KernelState:
         """Call inside the model run: registers the point parameters and samples the latent ones."""
-        pyro.module(self._pyro_get_fullname("kernel"), self.kernel)
+        pyro.module(self._pyro_get_fullname("kernel"), self.kernel, update_module_params=True)  # see DifferentialGP
         if not self.bayesian:
             if self.family is None:
                 return KernelState(kernel=self.kernel)

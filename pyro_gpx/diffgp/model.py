@@ -23,6 +23,12 @@ Sites: ``flow.lengthscale`` / ``flow.outputscale`` (fully Bayesian only), ``flow
 ``(D, M)``, ``output_inducing`` ``(C, M_g)``, and in the plates ``paths`` (dim -2) × ``data``
 (dim -1) the observations ``y``. Point parameters: inducing inputs, kernels, noise.
 
+Saving: the point parameters, the GPyTorch kernels' included, live in Pyro's parameter store, so
+``pyro.get_param_store().save`` / ``load`` into a rebuilt model restores it, and ``state_dict``
+does too. Call the (rebuilt) guide once with the training data before predicting, so that it sets
+itself up with ``y`` observed. Two models in one store share parameters of the same name: clear the
+store between them.
+
 [1] P. Hegde, M. Heinonen, H. Lähdesmäki, S. Kaski. Deep learning with differential Gaussian
     process flows. AISTATS 2019.
 [2] J. Xu, D. Zhang, ..., fully Bayesian differential Gaussian processes through stochastic
@@ -193,7 +199,8 @@ class DifferentialGP(PyroModule):
 
     def _output_moments(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Output GP at ``x`` ``(B, n, D)`` given ``u`` ``(B, C, M_g)``: loc, var ``(B, n, C)``."""
-        pyro.module(self._pyro_get_fullname("output_kernel"), self.output_kernel)
+        # update_module_params: after pyro.get_param_store().load the kernel uses (and trains) the stored values
+        pyro.module(self._pyro_get_fullname("output_kernel"), self.output_kernel, update_module_params=True)
         kernel, Z = KernelState(kernel=self.output_kernel), self.output_Z
         L = jittered_cholesky(kernel.gram(Z), self.jitter)  # (1, C?, M, M)
         Kxz, kxx = kernel.cross(x, Z), kernel.diag(x)  # (B, C?, n, M), (B, C?, n)

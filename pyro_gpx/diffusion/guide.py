@@ -42,7 +42,11 @@ param store (a new process, or after ``pyro.clear_param_store()``): as for every
 in the param store take precedence. Setting a guide up draws random numbers (``init_to_median``, the
 network's initial weights), so seed after its first call to compare samples. With ``affine="fixed"``
 the frame is a pair of buffers, not parameters, so only the ``state_dict`` route restores it (the
-param store route would rebuild it from a new random ``init_to_median``).
+param store route would rebuild it from a new random ``init_to_median``); so are a flow's random
+buffers (e.g. ``affine_autoregressive``'s permutation and masks), which the param store route restores
+only if the fresh guide is set up under the same seed. A reloaded guide sets itself up at its first
+call, so make that call with the training data's arguments (``guide(X, y)``): a first call without
+targets would make them latent sites.
 """
 
 from __future__ import annotations
@@ -290,6 +294,13 @@ class AutoDiffusion(AutoContinuous):
         if self._pending_state is not None:
             state, strict, assign = self._pending_state
             self._pending_state = None
+            saved = state.get("loc", state.get("loc_unconstrained"))
+            if saved is not None and saved.numel() != self.latent_dim:
+                raise ValueError(
+                    f"the loaded state is for {saved.numel()} latent dimensions, but this first call makes "
+                    f"{self.latent_dim}: call the guide first with the training data's arguments (a call "
+                    "without targets makes them latent sites)"
+                )
             self.load_state_dict(state, strict=strict, assign=assign)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):

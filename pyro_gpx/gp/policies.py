@@ -315,6 +315,10 @@ class CGPolicy(Policy):
         :func:`~pyro_gpx.gp.cg.conjugate_gradients`. A zero residual (targets equal to the prior
         mean) gives no directions, and the posterior is the prior.
     :param preconditioner: ``None``, ``"pivoted"`` (greedy pivoted Cholesky) or ``"rpcholesky"``.
+        Preconditioned directions span what the preconditioner leaves unresolved, not the kernel's
+        dominant directions, so on their own they make a poor ELBO (80 points, rank 5: -237 with 3
+        directions, -231 with 10, against -9.3 for 10 plain CG directions): add the pivots
+        (``pivot_actions=True``) when the actions are to be trained or scored by the ELBO.
     :param preconditioner_rank: rank of the preconditioner.
     :param preconditioner_block_size: RPCholesky pivots per step (block RPCholesky,
         :func:`~pyro_gpx.gp.preconditioners.partial_cholesky`); worth it for ranks in the hundreds.

@@ -96,9 +96,16 @@ class AutoSWAG(AutoContinuous):
         """The loaded statistics must track this model's latents (same names, order and shapes)."""
         ours = self._latent_shapes()
         if self._swag_shapes is not None and list(self._swag_shapes.items()) != list(ours.items()):
+            extra = sorted(set(ours) - set(self._swag_shapes))
+            hint = (
+                f" ({extra} are latent in this call: make a reloaded guide's first call with the training data, "
+                "so that observed sites stay observed)"
+                if extra
+                else ""
+            )
             raise ValueError(
                 f"the saved SWAG state tracks latent sites {self._swag_shapes} (unconstrained shapes); "
-                f"the model has {ours}"
+                f"the model has {ours}{hint}"
             )
         if self._moments is not None and self._moments.mean.numel() != self.latent_dim:
             raise ValueError(

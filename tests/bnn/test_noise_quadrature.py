@@ -114,6 +114,20 @@ def test_collapsed_model_without_noise_coordinate_is_the_integral_of_the_one_wit
     assert float(trace.log_prob_sum()) == pytest.approx(peak + math.log(area), abs=1e-8)
 
 
+def test_a_float32_collapsed_model_integrates_the_noise_in_float32(data):
+    X, y = (t.float() for t in data)
+    bnn = BayesianMLP(3, [6], noise=None, noise_prior=dist.LogNormal(math.log(0.1), 1.0), dtype=torch.float32)
+    model = bnn.collapsed(integrate_noise=True)
+    with torch.random.fork_rng():
+        trace = poutine.trace(model).get_trace(X, y)
+    trace.compute_log_prob()
+    assert trace.nodes["y"]["log_prob_sum"].dtype == torch.float32  # it was float64, then NUTS failed
+    hidden = {k: s["value"].detach().requires_grad_(True) for k, s in trace.nodes.items() if k.startswith("layers")}
+    log_prob = poutine.trace(poutine.condition(model, data=hidden)).get_trace(X, y).log_prob_sum()
+    grads = torch.autograd.grad(log_prob, list(hidden.values()))  # the backward pass mixed float32 and float64
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
 def test_split_hmc_run_then_noise_and_readout_draws(data):
     X, y = data
     bnn = BayesianMLP(3, [8], noise=None)

@@ -105,6 +105,7 @@ def test_sampled_hyperparameters_enter_the_flow(float64):
         pyro.set_rng_seed(7)
         lls.append(_log_lik(model, X, y, {**u, "flow.lengthscale": scale * ls0, "flow.outputscale": os0})[0])
     assert abs(float(lls[0] - lls[1])) > 1e-3
+    pyro.clear_param_store()  # the point model's kernel would take the first model's stored tensors
     point = DifferentialGP(X, num_inducing=5, flow=default_flow_kernel(2), num_paths=2, num_steps=6)
     point.flow.kernel.base_kernel.lengthscale = ls0.unsqueeze(-2)
     point.flow.kernel.outputscale = os0
@@ -215,3 +216,31 @@ def test_bad_input(float64):
         model(X, y[:-1])
     with pytest.raises(ValueError, match="num_data"):
         model(X, y, num_data=3)
+
+
+def test_param_store_round_trip_restores_and_keeps_training_the_kernels(float64, tmp_path):
+    X, y = _data(n=20, d=2)
+
+    def build():
+        model = DifferentialGP(X, num_inducing=5, num_paths=2, num_steps=3, noise=0.1)
+        return model, InducingNormal(model)
+
+    model, guide = build()
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), TraceMeanField_ELBO())
+    for _ in range(5):
+        svi.step(X, y)
+    pyro.set_rng_seed(3)
+    before = predict(model, guide, X, num_samples=2).loc
+    pyro.get_param_store().save(tmp_path / "store.pt")
+    pyro.clear_param_store()
+    model, guide = build()
+    pyro.get_param_store().load(tmp_path / "store.pt")
+    guide(X, y)  # a reloaded guide sets itself up at its first call: with the training data
+    pyro.set_rng_seed(3)
+    torch.testing.assert_close(predict(model, guide, X, num_samples=2).loc, before, rtol=0, atol=0)
+    # the GPyTorch kernels use the stored tensors, so training goes on moving them (it had stopped)
+    stored = {k: v.detach().clone() for k, v in pyro.get_param_store().items() if "kernel" in k}
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), TraceMeanField_ELBO())
+    svi.step(X, y)
+    moved = [k for k, v in pyro.get_param_store().items() if k in stored and not torch.equal(v.detach(), stored[k])]
+    assert len(moved) == len(stored) > 0

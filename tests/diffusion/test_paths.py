@@ -566,6 +566,23 @@ def test_save_and_reload_into_a_fresh_guide_gives_the_same_paths(float64, tmp_pa
     assert fresh.drift.out.weight is pyro.get_param_store().get_param("AutoDiffusion.drift.out.weight").unconstrained()
 
 
+def test_a_reloaded_guide_whose_first_call_has_no_targets_says_so(float64, tmp_path):
+    def regression(x, y=None):
+        w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("data", len(x)):
+            pyro.sample("y", dist.Normal(x @ w, 0.3), obs=y)
+
+    x, y = torch.randn(10, 2), torch.randn(10)
+    guide = AutoDiffusion(regression, num_steps=2, hidden=4)
+    guide(x, y)
+    torch.save(guide.state_dict(), tmp_path / "guide.pt")
+    pyro.clear_param_store()
+    fresh = AutoDiffusion(regression, num_steps=2, hidden=4)
+    fresh.load_state_dict(torch.load(tmp_path / "guide.pt"))
+    with pytest.raises(ValueError, match="call the guide first with the training data"):  # was a size mismatch
+        fresh(x)
+
+
 def test_log_variance_loss_trains_under_svi(float64):
     # its paths were re-scored outside the guide's Pyro context, so SVI saw no parameters and stepped none
     model = gaussian_model(scale=2.0)
