@@ -41,6 +41,12 @@ class ResampleObservations(Messenger):
 
     def _pyro_sample(self, msg) -> None:
         if msg["is_observed"] and not (site_is_subsample(msg) or is_factor(msg) or is_deterministic(msg)):
+            fn, value = msg["fn"], msg["value"]
+            if value is not None:  # an observation broadcast against its distribution (no plate): one draw per point
+                batch = value.shape[: value.dim() - len(fn.event_shape)]
+                shape = torch.broadcast_shapes(fn.batch_shape, batch)
+                if shape != fn.batch_shape:
+                    msg["fn"] = fn.expand(shape)
             msg["is_observed"] = False
             msg["value"] = None
             msg["done"] = False
@@ -158,11 +164,11 @@ def _evaluate_batch(req: _Request, samples, num_draws: int, cond, chunk_sizes, v
             spec = req.structure.sites[name]
             data[name] = value.reshape((num_draws,) + (1,) * (mpn - len(spec.batch_shape)) + spec.value_shape)
         data.update(cond)
-        try:
+        try:  # the densities too: a site outside every plate may trace but not score batched draws
             trace = _trace(req.model, data, req.args, req.kwargs, req.predictive, vectorize_plate(num_draws, mpn))
+            return _extract(trace, req.structure, req.value_names, req.lp_names, chunk_sizes, num_draws, mpn)
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
             raise _NotVectorizable(f"{type(e).__name__}: {e}") from e
-        return _extract(trace, req.structure, req.value_names, req.lp_names, chunk_sizes, num_draws, mpn)
     per_draw = []
     for i in range(num_draws):
         data = {k: v[i] for k, v in samples.items()}

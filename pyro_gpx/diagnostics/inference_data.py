@@ -158,6 +158,12 @@ def to_inference_data(
     :param draw_batch: draws per batched model call.
     :param seed: seed for the guide draws and the posterior predictive.
     :returns: ``arviz.InferenceData`` (ArviZ 0.x) or ``xarray.DataTree`` (ArviZ 1.x).
+    :raises ValueError: if a latent site has no samples (discrete sites marginalised by enumeration
+        included: they are not supported), a latent lies in a subsampled plate, or the samples hold
+        observed sites (e.g. ``Predictive``'s replicated data) or names that are not sites of the model.
+
+    Observed ``Delta`` sites are reported as values, not scored (reparameterizers leave them, with a
+    Jacobian as their density); write a custom likelihood as ``pyro.factor`` or a distribution.
 
     Example::
 

@@ -32,7 +32,10 @@ def _unwrapped(fn):
 
 
 def is_deterministic(site: dict) -> bool:
-    """``pyro.deterministic`` sites, and observed ``Delta`` sites (what reparameterizers leave behind)."""
+    """``pyro.deterministic`` sites, and observed ``Delta`` sites: what reparameterizers leave behind
+    (their ``log_density`` may carry a Jacobian or a prior, e.g. :class:`~pyro_gpx.bnn.RepriorisedReadout`),
+    reported as values, not scored as data. Write a custom likelihood as ``pyro.factor`` or a
+    distribution with a ``log_prob``, not as an observed ``Delta``."""
     if site["infer"].get("_deterministic"):
         return True
     return bool(site.get("is_observed")) and isinstance(_unwrapped(site["fn"]), dist.Delta)
@@ -129,6 +132,20 @@ def inspect_model(
     kwargs = dict(kwargs or {})
     with torch.no_grad(), poutine.block():
         trace = poutine.trace(poutine.condition(model, data=dict(draw))).get_trace(*args, **kwargs)
+    unknown = sorted(k for k in draw if trace.nodes.get(k, {}).get("type") != "sample")
+    if unknown:
+        raise ValueError(f"the samples hold {unknown}, which are not sample sites of the model")
+    # an observed site in the samples (e.g. Predictive's replicated data) would replace the data
+    with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
+        own = poutine.trace(model).get_trace(*args, **kwargs)
+    observed = sorted(
+        k for k in draw if k in own.nodes and own.nodes[k]["is_observed"] and not is_deterministic(own.nodes[k])
+    )
+    if observed:
+        raise ValueError(
+            f"the samples hold the observed site(s) {observed} (e.g. Predictive's posterior predictive draws), "
+            "which would replace the data; pass the latent sites only (posterior_predictive=True draws them)"
+        )
     plate_sizes = {}
     for site in trace.nodes.values():
         if site_is_subsample(site):

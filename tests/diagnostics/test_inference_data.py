@@ -140,6 +140,32 @@ def test_dict_with_chains(float64):
     assert get_group(idata, "posterior").sizes["chain"] == 3
 
 
+def test_an_observed_site_outside_any_plate(float64):
+    y = torch.randn(6)
+
+    def model(y):
+        mu = pyro.sample("mu", pyro.distributions.Normal(0.0, 10.0))
+        pyro.sample("y", pyro.distributions.Normal(mu, 1.0), obs=y)  # its batch shape comes from y
+
+    samples = {"mu": torch.randn(50)}
+    for vectorize in (None, False):  # batched draws failed to score it; the per-draw loop copied one value
+        idata = to_inference_data(samples, model=model, model_args=(y,), posterior_predictive=True, seed=1,
+                                  vectorize=vectorize)  # fmt: skip
+        expected = pyro.distributions.Normal(samples["mu"][:, None], 1.0).log_prob(y)
+        np.testing.assert_allclose(get_group(idata, "log_likelihood")["y"].values[0], expected.numpy(), rtol=1e-12)
+        replicated = get_group(idata, "posterior_predictive")["y"].values[0]
+        assert replicated.shape == (50, 6) and replicated.std(axis=1).mean() > 0.5  # one draw per point
+
+
+def test_samples_holding_observed_or_unknown_sites_are_refused(float64):
+    y = torch.linspace(-1, 1, 7)
+    samples = {"mu": torch.randn(10), "sigma": torch.rand(10) + 0.5}
+    with pytest.raises(ValueError, match=r"observed site\(s\) \['y'\]"):  # e.g. Predictive's output
+        to_inference_data({**samples, "y": torch.randn(10, 7)}, model=models.subsampled, model_args=(y, 7))
+    with pytest.raises(ValueError, match=r"not sample sites of the model"):
+        to_inference_data({**samples, "_aux": torch.randn(10)}, model=models.subsampled, model_args=(y, 7))
+
+
 def test_posterior_only_without_model():
     idata = to_inference_data({"a": torch.randn(10)}, log_likelihood=False, observed_data=False)
     assert group_names(idata) == ["posterior"]
