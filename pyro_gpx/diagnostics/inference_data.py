@@ -260,7 +260,19 @@ def _keep_known_latents(structure: ModelStructure, samples: Mapping[str, torch.T
 
 
 def _without(group_dims, user_dims):
-    """User-given dims take precedence over the plate-derived ones."""
+    """User-given dims take precedence over the plate-derived ones, except in ``log_likelihood``: a
+    masked site keeps its ``<name>_observed_id`` (the kept points' indices), and a site with event
+    dimensions takes only the user's leading (batch) dims there."""
     if not user_dims:
         return group_dims
-    return {g: {k: v for k, v in d.items() if k not in user_dims} for g, d in group_dims.items()}
+    out = {}
+    for group, dims in group_dims.items():
+        kept = {}
+        for name, value in dims.items():
+            if name not in user_dims:
+                kept[name] = value
+            elif group == "log_likelihood":
+                masked = list(value) == [f"{name}_observed_id"]
+                kept[name] = value if masked else list(user_dims[name])[: len(value)]
+        out[group] = kept
+    return out

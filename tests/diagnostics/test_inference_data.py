@@ -166,6 +166,36 @@ def test_samples_holding_observed_or_unknown_sites_are_refused(float64):
         to_inference_data({**samples, "_aux": torch.randn(10)}, model=models.subsampled, model_args=(y, 7))
 
 
+def test_user_dims_on_masked_and_event_sites(float64):
+    y = torch.tensor([0.3, -0.2, 1.0, 2.0])
+    mask = torch.tensor([True, False, True, True])
+
+    def masked(y):
+        mu = pyro.sample("mu", pyro.distributions.Normal(0.0, 10.0))
+        with pyro.plate("data", 4):
+            pyro.sample("y", pyro.distributions.Normal(mu, 1.0).mask(mask), obs=y)
+
+    samples = {"mu": torch.randn(6)}
+    idata = to_inference_data(samples, model=masked, model_args=(y,), dims={"y": ["obs_id"]},
+                              coords={"obs_id": ["a", "b", "c", "d"]})  # fmt: skip
+    ll = get_group(idata, "log_likelihood")["y"]
+    assert ll.dims == ("chain", "draw", "y_observed_id")  # the kept points, not relabelled 0, 1, 2
+    assert ll["y_observed_id"].values.tolist() == [0, 2, 3]
+    expected = pyro.distributions.Normal(samples["mu"][:, None], 1.0).log_prob(y)[:, [0, 2, 3]]
+    np.testing.assert_allclose(ll.values[0], expected.numpy(), rtol=1e-12)
+    assert get_group(idata, "observed_data")["y"].dims == ("obs_id",)
+
+    def events(y):
+        mu = pyro.sample("mu", pyro.distributions.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("data", 5):
+            pyro.sample("y", pyro.distributions.MultivariateNormal(mu, torch.eye(2)), obs=y)
+
+    idata = to_inference_data({"mu": torch.randn(6, 2)}, model=events, model_args=(torch.randn(5, 2),),
+                              dims={"y": ["obs", "coord"]})  # fmt: skip
+    assert get_group(idata, "log_likelihood")["y"].dims == ("chain", "draw", "obs")  # batch dims only
+    assert get_group(idata, "observed_data")["y"].dims == ("obs", "coord")
+
+
 def test_posterior_only_without_model():
     idata = to_inference_data({"a": torch.randn(10)}, log_likelihood=False, observed_data=False)
     assert group_names(idata) == ["posterior"]
