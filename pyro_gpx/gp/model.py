@@ -261,7 +261,10 @@ class ComputationAwareGP(GPModel):
             projection and the moments are float64 sums (with float32 sums and a small noise, late
             CG directions fall below float32's resolution of :math:`K` and the projected Gram
             matrix would turn indefinite). A float32 model keeps float32 kernel entries where their
-            rounding is far below the noise (and autograd is off), else they are float64. New
+            rounding is far below the noise (and autograd is off), else they are float64; that keeps
+            the projected Gram matrix positive definite, not the solve exact (n = 300, noise 0.01,
+            37 actions: the mean 7.5e-3 off the float64 projection), so refine a float64 model where
+            that matters. New
             actions that add nothing to the span of the others are dropped
             (:func:`~pyro_gpx.gp.projection.project_extended`). It costs one product with
             :math:`K(X, X)` per CG iteration and one for all actions, each from the upper triangle

@@ -79,6 +79,8 @@ def partial_cholesky(
         return _block_rpcholesky(kernel, X, rank, tol, generator, block_size)
     diag = kernel.diag(X).double().clone()
     initial = float(diag.sum())
+    # a pivot below this is rounding (the numerical rank is used up): it would repeat a point, or a copy of one
+    floor = n * torch.finfo(torch.float64).eps * float(diag.max())
     L = torch.zeros(n, rank, dtype=torch.float64)
     pivots = []
     for k in range(rank):
@@ -91,11 +93,12 @@ def partial_cholesky(
         column = kernel(X, X[p : p + 1])[:, 0].double()
         column -= L[:, :k] @ L[p, :k]
         pivot_value = column[p]
-        if pivot_value <= 0:
+        if pivot_value <= floor:
             break
         L[:, k] = column / pivot_value.sqrt()
         diag -= L[:, k] ** 2
         diag.clamp_min_(0)
+        diag[p] = 0.0  # exactly what is left there; rounding must not let it be picked again
         pivots.append(p)
     return L[:, : len(pivots)], torch.tensor(pivots, dtype=torch.long)
 

@@ -253,9 +253,16 @@ def project_extended(
 ) -> ActionProjection:
     """The projection onto :math:`[S_{\text{base}}, S_{\text{extra}}]`, keeping only the extra
     actions that widen the span (:func:`independent_columns`, chosen before :math:`G` is factorised,
-    from the same kernel pass). The kept extra actions are stored densely."""
-    noise = torch.as_tensor(noise).double()
+    from the same kernel pass). The kept extra actions are stored densely. Dense base actions go
+    through :func:`project` with the extra ones as one dense matrix (orthonormalised where needed)."""
     extras = extra.parts if isinstance(extra, StackedActions) else [extra]
+    if isinstance(base, DenseActions):
+        # dense base actions (pseudo-inputs, sketches, CG) can be nearly dependent on the new ones in ways a
+        # pivot test misses (cond(G) ~ 1e18 with pseudo-inputs: a mean 20 off); project() orthonormalises
+        # the stacked columns and drops the unresolved ones instead
+        stacked = torch.cat([base.S, *(part.dense().to(base.S.dtype) for part in extras)], 1)
+        return project(DenseActions(stacked), kernel, X, residual, noise)
+    noise = torch.as_tensor(noise).double()
     actions = StackedActions([base, *extras])
     KS, StKS, StS, Str = _products(actions, kernel, X, residual)
     keep = independent_columns(StKS + noise * StS, start=base.num_actions, rtol=rtol)

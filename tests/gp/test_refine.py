@@ -11,10 +11,14 @@ from pyro_gpx.gp import (
     ComputationAwareGP,
     DenseActions,
     IndexActions,
+    KernelFn,
     PolicyContext,
+    PseudoInputPolicy,
     StackedActions,
     UnitVectorPolicy,
     independent_columns,
+    partial_cholesky,
+    project,
 )
 
 from .problems import make_problem
@@ -204,3 +208,43 @@ def test_pivot_actions_bring_the_variance_down_with_a_small_noise(float64):
     torch.testing.assert_close(KS, dense)
     with pytest.raises(ValueError, match="pivot_actions"):
         CGPolicy(5, pivot_actions=True)
+
+
+@pytest.mark.parametrize("noise", [1e-3, 1e-4])
+def test_refining_pseudo_input_actions_reaches_the_exact_gp(float64, noise):
+    # near-dependent pseudo-input and CG columns passed a pivot test (cond(G) ~ 1e18): the refined mean was 20 off
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(300, 1, generator=gen) * 4
+    y = torch.sin(2 * X[:, 0]) + 0.1 * torch.randn(300, generator=gen)
+    X_new = torch.linspace(-0.5, 4.5, 30)[:, None]
+    kernel = gpytorch.kernels.RBFKernel().double()
+    kernel.lengthscale = 0.5
+    policy = PseudoInputPolicy(torch.linspace(0, 4, 9)[:, None])
+    gp = ComputationAwareGP(X, y, kernel, policy=policy, noise=noise, jitter=0.0)
+    with torch.no_grad():
+        refined = gp.posterior(X_new, refine=CGPolicy(300, tol=1e-8))
+        K = kernel(X, X).to_dense() + noise * torch.eye(300)
+        Kx = kernel(X_new, X).to_dense()
+        mean = Kx @ torch.linalg.solve(K, y)
+        var = 1.0 - (Kx * torch.linalg.solve(K, Kx.T).T).sum(-1)
+    torch.testing.assert_close(refined.mean, mean, rtol=0, atol=1e-5)
+    assert float((refined.covariance - var).min()) > -1e-8  # never below the exact posterior's variance
+
+
+def test_pivots_on_repeated_inputs_are_distinct_and_the_elbo_is_the_dense_one(float64):
+    gen = torch.Generator().manual_seed(0)
+    X = torch.cat([torch.rand(50, 2, generator=gen) * 4] * 4)  # every input four times
+    y = torch.sin(3 * X[:, 0]) + 0.1 * torch.randn(200, generator=gen)
+    kernel = gpytorch.kernels.RBFKernel().double()
+    for pivoting in ("rpcholesky", "greedy"):
+        _, pivots = partial_cholesky(KernelFn(kernel), X, 100, pivoting=pivoting, generator=gen)
+        assert len(torch.unique(pivots)) == len(pivots) <= 50  # the numerical rank: 50 distinct inputs
+    policy = CGPolicy(5, preconditioner="rpcholesky", preconditioner_rank=100, pivot_actions=True)
+    gp = ComputationAwareGP(X, y, kernel, policy=policy, noise=1e-2, jitter=0.0)
+    with torch.no_grad():
+        marginal = gp.marginal(sample_priors=False)
+        elbo = float(marginal.log_prob(y))
+        S = marginal.actions.dense().double()
+        U, s, _ = torch.linalg.svd(S, full_matrices=False)
+        dense = project(DenseActions(U[:, s > 1e-10 * s[0]]), KernelFn(kernel), X, y, torch.tensor(1e-2))
+    assert elbo == pytest.approx(float(dense.elbo(KernelFn(kernel).diag(X))), abs=1e-6)  # was 33.99 against 34.80
