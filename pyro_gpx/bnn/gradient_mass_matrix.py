@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 from pyro.infer.mcmc.adaptation import BlockMassMatrix
 
+from .._validation import is_finite_at_least
+
 __all__ = ["GradientMassMatrix"]
 
 
@@ -79,6 +81,9 @@ class GradientMassMatrix(BlockMassMatrix):
     """
 
     def __init__(self, init_scale: float = 1.0, min_variance: float = 1e-20):
+        for name, value in (("init_scale", init_scale), ("min_variance", min_variance)):
+            if not is_finite_at_least(value, 0.0, strict=True):
+                raise ValueError(f"{name} must be a finite positive number, got {value}")
         super().__init__(init_scale)
         self.min_variance = float(min_variance)
         self._moments: dict[tuple, _DrawGradientMoments] = {}

@@ -27,6 +27,8 @@ from collections.abc import Callable
 import torch
 from pyro.infer.mcmc import HMC
 
+from .._validation import is_finite_at_least
+
 __all__ = ["JitteredHMC"]
 
 
@@ -55,6 +57,10 @@ class JitteredHMC(HMC):
                  **kwargs):  # fmt: skip
         if not 0.0 <= jitter < 1.0:
             raise ValueError(f"jitter must be in [0, 1), got {jitter}")
+        # Pyro lifts a step size <= 0 to 1e-10 (about 1e10 leapfrog steps per trajectory): refuse it here
+        for name in ("step_size", "trajectory_length"):
+            if name in kwargs and kwargs[name] is not None and not is_finite_at_least(kwargs[name], 0.0, strict=True):
+                raise ValueError(f"{name} must be a finite positive number, got {kwargs[name]}")
         super().__init__(model, potential_fn, **kwargs)
         self.jitter = float(jitter)
 

@@ -67,6 +67,7 @@ import torch
 from pyro.ops.integrator import potential_grad
 from pyro.util import optional
 
+from .._validation import is_finite_at_least
 from .gradient_mass_matrix import GradientMassMatrix
 from .jittered_hmc import JitteredHMC
 
@@ -104,14 +105,14 @@ class SplitHMC(JitteredHMC):
     def __init__(self, model: Callable | None = None, potential_fn: Callable | None = None, *,
                  trajectory_length: float = math.pi / 2, jitter: float = 0.5, stages: int = 1,
                  gradient_adaptation: bool = False, **kwargs):  # fmt: skip
-        if trajectory_length <= 0:
-            raise ValueError(f"trajectory_length must be positive, got {trajectory_length}")
+        if not is_finite_at_least(trajectory_length, 0.0, strict=True):
+            raise ValueError(f"trajectory_length must be a finite positive number, got {trajectory_length}")
         if kwargs.get("full_mass"):
             raise NotImplementedError("SplitHMC uses a diagonal Gaussian reference; full_mass is not supported")
         if "num_steps" in kwargs:
             raise ValueError("num_steps is not an option: SplitHMC sets it from trajectory_length and the step size")
         super().__init__(model, potential_fn, trajectory_length=trajectory_length, jitter=jitter, **kwargs)
-        if stages not in (1, 2):
+        if isinstance(stages, bool) or stages not in (1, 2):
             raise ValueError(f"stages must be 1 (Strang) or 2 (two-stage), got {stages!r}")
         self.stages = int(stages)
         self.gradient_adaptation = bool(gradient_adaptation)

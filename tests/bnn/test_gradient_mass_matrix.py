@@ -67,6 +67,9 @@ def test_nuts_with_the_adapter_learns_a_badly_scaled_diagonal_gaussian_exactly(f
 
 
 def test_errors(float64):
+    for name, bad in (("init_scale", 0.0), ("init_scale", -1.0), ("min_variance", -1.0)):  # init_scale 0 hung NUTS
+        with pytest.raises(ValueError, match=f"{name} must be a finite positive number"):
+            GradientMassMatrix(**{name: bad})
     adapter = GradientMassMatrix()
     with pytest.raises(NotImplementedError, match="full_mass"):
         adapter.configure({("a",): (3, 3)})

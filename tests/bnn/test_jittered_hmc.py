@@ -57,6 +57,10 @@ def test_lengths_stay_in_range():
 def test_bad_jitter():
     with pytest.raises(ValueError, match="jitter"):
         JitteredHMC(potential_fn=_potential, jitter=1.0)
+    for name in ("step_size", "trajectory_length"):
+        for bad in (0.0, -1.0, float("nan")):
+            with pytest.raises(ValueError, match=f"{name} must be a finite positive number"):
+                JitteredHMC(potential_fn=_potential, **{name: bad})
 
 
 def test_run_chains_kernel_name():

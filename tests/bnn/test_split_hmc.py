@@ -97,3 +97,9 @@ def test_bad_arguments():
         SplitHMC(model, num_steps=5)
     with pytest.raises(ValueError, match="stages"):
         SplitHMC(model, stages=3)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="trajectory_length must be a finite positive number"):
+            SplitHMC(model, trajectory_length=bad)
+    for bad in (0.0, -1.0, float("nan")):  # Pyro lifted 0 to 1e-10: about 1e10 steps per trajectory, a hang
+        with pytest.raises(ValueError, match="step_size must be a finite positive number"):
+            SplitHMC(model, step_size=bad)
