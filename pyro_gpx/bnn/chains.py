@@ -88,6 +88,15 @@ class _ChainProgress:
 
 
 def _run_one(job: dict) -> dict:
+    try:
+        return _run_chain(job)
+    except Exception as error:  # name the chain (the type is kept; the note travels back from a worker)
+        if hasattr(error, "add_note"):
+            error.add_note(f"in chain {job['chain']} of {job['num_chains']} (seed {job['seed']})")
+        raise
+
+
+def _run_chain(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     torch.set_default_dtype(job["dtype"])
     pyro.set_rng_seed(job["seed"])

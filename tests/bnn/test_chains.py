@@ -1,5 +1,7 @@
 """Chains in separate processes, merged and exported to ArviZ."""
 
+import sys
+
 import arviz as az
 import pyro
 import pytest
@@ -57,3 +59,14 @@ def test_run_chains_sets_the_training_data_and_labels_progress(float64, kind, ca
     assert Predictive(model, result.get_samples())(X[:3])["y"].shape == (10, 3)
     err = capsys.readouterr().err
     assert "chain 1/2 sample" in err and "chain 2/2 sample" in err and "acc. prob" in err
+
+
+def test_a_failing_chain_is_named():
+    def broken():
+        pyro.sample("x", pyro.distributions.Normal(0.0, 1.0))
+        raise ValueError("model broke")
+
+    with pytest.raises(ValueError, match="model broke") as info:  # the type and message are kept
+        run_chains(broken, num_chains=2, num_samples=2, warmup_steps=2, processes=1, progress=False, seed=5)
+    if sys.version_info >= (3, 11):  # exception notes
+        assert info.value.__notes__ == ["in chain 0 of 2 (seed 5)"]
