@@ -125,6 +125,14 @@ class SplitHMC(JitteredHMC):
         self._ref_scale: dict[str, torch.Tensor] | None = None
         self._window_sum: dict[str, torch.Tensor] = {}
         self._window_count = 0
+        self.step_size_used: float | None = None
+
+    def logging(self):
+        """Pyro's progress-bar fields, with the step the last trajectory took."""
+        out = super().logging()
+        if self.step_size_used is not None:
+            out["step size"] = f"{self.step_size_used:.2e}"
+        return out
 
     def _reference_scale(self, z: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # the diagonal inverse mass matrix, read through the adapter's own product M^{-1} r at r = 1
@@ -165,6 +173,7 @@ class SplitHMC(JitteredHMC):
         length = self._jittered_length()
         num_steps = max(1, math.ceil(length / self.step_size))
         m, s, eps = self._ref_mean, self._ref_scale, length / num_steps
+        self.step_size_used = eps  # what the diagnostics report: the adapted step_size can outgrow the length
         x = {k: (z[k] - m[k]) / s[k] for k in z}
         p = {k: torch.randn_like(v) for k, v in z.items()}
         energy_current = potential_energy + 0.5 * sum(v.square().sum() for v in p.values())

@@ -32,7 +32,9 @@ class SampleStatsRecorder:
 
     Recorded per chain and draw (ArviZ names):
 
-    * ``step_size``: the adapted step size;
+    * ``step_size``: the adapted step size (or, for a kernel whose trajectories take another step,
+      such as :class:`~pyro_gpx.bnn.SplitHMC` capping it at the trajectory length, its
+      ``step_size_used``);
     * ``acceptance_rate``: the draw's acceptance probability (NUTS: its mean over the tree);
     * ``lp``: minus the potential energy, the log joint density in unconstrained space
       including the transforms' log-Jacobians;
@@ -83,7 +85,8 @@ class SampleStatsRecorder:
             # Pyro keeps a running mean of the acceptance probability over post-warmup draws
             rec["acceptance_rate"].append(n * mean - (n - 1) * self._prev_mean.get(chain, 0.0) if n > 1 else mean)
             self._prev_mean[chain] = mean
-            rec["step_size"].append(float(getattr(kernel, "step_size", float("nan"))))
+            step = getattr(kernel, "step_size_used", None)  # the step taken, where it differs from the adapted one
+            rec["step_size"].append(float(step if step is not None else getattr(kernel, "step_size", float("nan"))))
             energy = getattr(kernel, "_potential_energy_last", None)
             rec["lp"].append(float("nan") if energy is None else -float(energy))
             rec["n_steps"].append(self._calls)

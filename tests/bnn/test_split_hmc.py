@@ -12,6 +12,7 @@ from pyro.infer.autoguide.initialization import init_to_value
 from scipy import stats
 
 from pyro_gpx.bnn import SplitHMC
+from pyro_gpx.diagnostics import SampleStatsRecorder
 
 
 @pytest.mark.parametrize("stages", [1, 2])
@@ -23,9 +24,13 @@ def test_a_target_equal_to_the_reference_accepts_every_step(float64, stages):
 
     kernel = SplitHMC(model, step_size=0.7, adapt_step_size=False, adapt_mass_matrix=False, stages=stages,
                       init_strategy=init_to_value(values={"x": torch.zeros(40)}))  # fmt: skip
-    mcmc = MCMC(kernel, num_samples=300, warmup_steps=0, disable_progbar=True)
+    recorder = SampleStatsRecorder()
+    mcmc = MCMC(kernel, num_samples=300, warmup_steps=0, disable_progbar=True, hook_fn=recorder)
     mcmc.run()
     assert mcmc.diagnostics()["acceptance rate"]["chain 0"] == 1.0
+    # the step taken: pi/2 in ceil(length / 0.7) equal steps of a jittered length, never above 0.7
+    steps = recorder.as_arrays(1, 300)["step_size"]
+    assert (steps <= 0.7).all() and (steps > 0.7 / 2).all() and len(set(steps.ravel().tolist())) > 1
     x = mcmc.get_samples()["x"].reshape(-1).numpy()
     assert stats.kstest(x, "norm").pvalue > 1e-3
 
