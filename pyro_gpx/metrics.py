@@ -109,7 +109,7 @@ def _check_probs(probs: torch.Tensor, labels: torch.Tensor) -> None:
         raise ValueError("probs must sum to 1 over the classes (each row)")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dtype.is_complex:
         raise ValueError(f"labels must be integer class indices, got {labels.dtype}")
-    if len(labels) and (labels.min() < 0 or labels.max() >= probs.shape[-1]):
+    if labels.min() < 0 or labels.max() >= probs.shape[-1]:
         raise ValueError(f"labels must lie in [0, {probs.shape[-1]}), got values in [{labels.min()}, {labels.max()}]")
 
 

@@ -73,7 +73,6 @@ class CollapseGuard:
         self.svi, self.score, self.every, self.drop, self.lr_factor = svi, score, every, float(drop), lr_factor
         self.calls, self.best, self.rollbacks = 0, -math.inf, 0
         self._saved: tuple[dict, dict] | None = None
-        self._fresh_lrs: dict = {}  # rates of optimisers created after the best save, at their first rollback
 
     def __call__(self) -> None:
         self.calls += 1
@@ -95,7 +94,6 @@ class CollapseGuard:
             self.best = value
             self._saved = ({name: p.detach().clone() for name, p in store.named_parameters()},
                            {p: _optimizer_state(opt) for p, opt in optimizers.items()})  # fmt: skip
-            self._fresh_lrs = {}
         elif self._saved is not None and not value > self.best - self.drop:
             self.rollback()
         return value
@@ -112,21 +110,12 @@ class CollapseGuard:
                     p.copy_(values[name])
         for p, obj in optimizers.items():
             optimizer = getattr(obj, "optimizer", obj)  # a Pyro scheduler wraps a torch optimiser
-            if p in states:
-                optimizer.load_state_dict(states[p][0])
-                if states[p][1] is not None:
-                    obj.load_state_dict(states[p][1])
-            else:  # created after the best save: back to a fresh state, at its first rate times lr_factor
+            if p not in states:  # created after the best save: its fresh state at this first rollback is saved
                 optimizer.state.clear()
-                groups, base_lrs = self._fresh_lrs.setdefault(
-                    p, ([dict(group) for group in optimizer.param_groups], list(getattr(obj, "base_lrs", [])))
-                )
-                for group, old in zip(optimizer.param_groups, groups):
-                    for key in ("lr", "initial_lr"):
-                        if key in old:
-                            group[key] = old[key]
-                if obj is not optimizer and hasattr(obj, "base_lrs"):
-                    obj.base_lrs = list(base_lrs)
+                states[p] = _optimizer_state(obj)
+            optimizer.load_state_dict(states[p][0])
+            if states[p][1] is not None:
+                obj.load_state_dict(states[p][1])
             for group in optimizer.param_groups:
                 for key in ("lr", "initial_lr"):
                     if key in group:

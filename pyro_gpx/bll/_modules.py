@@ -8,12 +8,21 @@ from the store inside every model run, as the heads' and guides' parameters are.
 
 from __future__ import annotations
 
+import itertools
+
+import torch
 from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam
 from pyro.nn.module import to_pyro_module_
 from torch import nn
 
-__all__ = ["freeze_to_buffers_", "to_pyro_params_"]
+__all__ = ["first_float_tensor", "freeze_to_buffers_", "to_pyro_params_"]
+
+
+def first_float_tensor(module: nn.Module) -> torch.Tensor | None:
+    """``module``'s first floating-point parameter or buffer (its dtype and device), or ``None``."""
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return next((t for t in tensors if t.is_floating_point()), None)
 
 
 def to_pyro_params_(module: nn.Module) -> nn.Module:

@@ -41,7 +41,6 @@ first one's values. Clear the store between models, or give them different ``nam
 from __future__ import annotations
 
 import contextlib
-import itertools
 
 import pyro
 import torch
@@ -49,7 +48,7 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from .._validation import check_finite, check_positive_int
-from ._modules import to_pyro_params_
+from ._modules import first_float_tensor, to_pyro_params_
 from .heads import CategoricalHead, GaussianHead
 from .priors import GaussianWeightPrior, ImplicitWeightPrior
 
@@ -151,10 +150,7 @@ class BayesianLastLayer(PyroModule):
     def feature_tensor(self) -> torch.Tensor | None:
         """The feature network's first floating-point parameter or buffer (its dtype and device), or
         ``None`` without features or parameters."""
-        if self.features is None:
-            return None
-        tensors = itertools.chain(self.features.parameters(), self.features.buffers())
-        return next((t for t in tensors if t.is_floating_point()), None)
+        return None if self.features is None else first_float_tensor(self.features)
 
     def design(self, X: torch.Tensor) -> torch.Tensor:
         r""":math:`\Phi = [\phi_\psi(X), 1]`, ``(n, D)``."""

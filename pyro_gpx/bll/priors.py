@@ -19,8 +19,6 @@ References:
 
 from __future__ import annotations
 
-import itertools
-
 import pyro
 import pyro.distributions as dist
 import torch
@@ -28,7 +26,7 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from .._validation import check_positive_int
-from ._modules import freeze_to_buffers_, to_pyro_params_
+from ._modules import first_float_tensor, freeze_to_buffers_, to_pyro_params_
 from .positive import register_positive
 
 __all__ = ["GaussianWeightPrior", "ImplicitWeightPrior", "StandardizedGenerator", "generator_mlp"]
@@ -206,8 +204,7 @@ class ImplicitWeightPrior(PyroModule):
     ) -> torch.Tensor:
         """Sample :math:`z` at ``"<name>_latent"`` (in ``dtype``, on ``device``) and record
         :math:`W = g(z)` at ``name``."""
-        tensors = itertools.chain(self.generator.parameters(), self.generator.buffers())
-        ref = next((t for t in tensors if t.is_floating_point()), None)
+        ref = first_float_tensor(self.generator)
         if ref is not None and ref.dtype != dtype:
             raise ValueError(
                 f"the generator's parameters are {ref.dtype} but the features are {dtype}; "

@@ -17,7 +17,22 @@ import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.poutine.util import site_is_subsample
 
-__all__ = ["SiteSpec", "ModelStructure", "inspect_model", "is_factor", "is_deterministic", "is_observation"]
+__all__ = [
+    "SiteSpec",
+    "ModelStructure",
+    "inspect_model",
+    "is_factor",
+    "is_deterministic",
+    "is_observation",
+    "quiet_trace",
+]
+
+
+def quiet_trace(model: Callable, args: tuple = (), kwargs: Mapping | None = None):
+    """One run of ``model`` at prior draws, to read its structure: hidden from enclosing handlers, no
+    graph, no density validation, and the caller's random stream left as it was."""
+    with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
+        return poutine.trace(model).get_trace(*args, **dict(kwargs or {}))
 
 
 def is_factor(site: dict) -> bool:
@@ -135,9 +150,7 @@ def inspect_model(
     unknown = sorted(k for k in draw if trace.nodes.get(k, {}).get("type") != "sample")
     if unknown:
         raise ValueError(f"the samples hold {unknown}, which are not sample sites of the model")
-    # an observed site in the samples (e.g. Predictive's replicated data) would replace the data
-    with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
-        own = poutine.trace(model).get_trace(*args, **kwargs)
+    own = quiet_trace(model, args, kwargs)  # an observed site in the samples would replace the data
     observed = sorted(
         k for k in draw if k in own.nodes and own.nodes[k]["is_observed"] and not is_deterministic(own.nodes[k])
     )

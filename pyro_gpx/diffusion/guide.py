@@ -57,7 +57,6 @@ import warnings
 
 import pyro
 import pyro.distributions as dist
-import pyro.poutine as poutine
 import torch
 from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoContinuous
@@ -68,6 +67,7 @@ from pyro.poutine.block_messenger import BlockMessenger
 from pyro.poutine.util import site_is_subsample
 
 from .._validation import is_finite_at_least, is_integer
+from ..diagnostics.model_structure import quiet_trace
 from .drift import DriftNet
 from .processes import gaussian_log_density, make_process
 from .target import UnconstrainedTarget, plate_context
@@ -125,10 +125,8 @@ class PathSample(dict):
 
 
 def _observed_sites(model, args: tuple, kwargs: dict) -> set[str]:
-    """The observed sample sites of one run of ``model`` (hidden from other handlers; no random numbers
-    drawn from the caller's stream)."""
-    with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
-        trace = poutine.trace(model).get_trace(*args, **kwargs)  # at prior draws: no density checks
+    """The observed sample sites of one quiet run of ``model``."""
+    trace = quiet_trace(model, args, kwargs)
     return {name for name, site in trace.nodes.items() if site["type"] == "sample" and site["is_observed"]}
 
 
@@ -599,8 +597,7 @@ class AutoDiffusion(AutoContinuous):
         for arg, value in (("num_paths", num_paths), ("batch_size", batch_size)):
             if not is_integer(value) or value < 1:
                 raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
-        with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices=[]):  # the check draws no numbers
-            trace = poutine.trace(self.model).get_trace(*args, **kwargs)
+        trace = quiet_trace(self.model, args, kwargs)
         subsampled = [(name, len(site["value"]), site["fn"].size) for name, site in trace.nodes.items()
                       if site["type"] == "sample" and site_is_subsample(site)]  # fmt: skip
         partial = [f"{name!r} ({used} of {size})" for name, used, size in subsampled if used < size]

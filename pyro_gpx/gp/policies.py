@@ -412,10 +412,7 @@ class CGPolicy(Policy):
         dense = DenseActions(directions.to(context.X.dtype))
         if not self.pivot_actions or self.last_pivots is None or len(self.last_pivots) == 0:
             return dense
-        n = context.X.shape[0]
-        first_seen = list(dict.fromkeys(self.last_pivots.tolist()))
-        if len(first_seen) < len(self.last_pivots):  # a repeated pivot would observe its point twice
-            self.last_pivots = torch.tensor(first_seen, dtype=torch.long)
+        n = context.X.shape[0]  # partial_cholesky never repeats a pivot (it would observe its point twice)
         pivots = IndexActions(self.last_pivots, n, context.X.dtype)
         if dense.num_actions + len(self.last_pivots) > n:  # the columns cannot be independent
             dense = _outside_pivots(directions, self.last_pivots)
