@@ -250,7 +250,7 @@ def fit_lbfgs(
     for step in bar:
         if restart_after and step == restart_after:
             optimizer.state.clear()
-        value = float(optimizer.step(closure))
+        value = float(optimizer.step(closure).detach())  # the closure's loss still holds its graph
         if not math.isfinite(value) or value >= _BAD_LOSS:
             raise FloatingPointError(f"L-BFGS started from a point where the loss is not finite (step {len(losses)})")
         losses.append(value)

@@ -23,6 +23,7 @@ __all__ = [
     "build_inference_data",
     "from_netcdf",
     "group_names",
+    "plot_posterior",
     "plot_trace",
     "to_netcdf",
     "get_group",
@@ -143,6 +144,14 @@ def plot_trace(idata, var_names=None, **kwargs):
     if ARVIZ_MAJOR >= 1:
         return az.plot_trace_dist(idata, var_names=var_names, **kwargs)
     return az.plot_trace(idata, var_names=var_names, **kwargs)
+
+
+def plot_posterior(idata, var_names=None, **kwargs):
+    """Marginal posterior densities with the installed ArviZ (``plot_posterior`` in 0.x,
+    ``plot_dist`` in 1.x); ``coords`` and the other keywords go to that function."""
+    if ARVIZ_MAJOR >= 1:
+        return az.plot_dist(idata, var_names=var_names, **kwargs)
+    return az.plot_posterior(idata, var_names=var_names, **kwargs)
 
 
 def from_netcdf(path: str):
