@@ -1,6 +1,15 @@
 """ArviZ bridge: Pyro posteriors (MCMC, guides, sample dicts) to ArviZ with a correct log-likelihood."""
 
-from .arviz_compat import ARVIZ_MAJOR, from_netcdf, get_group, group_names, plot_posterior, plot_trace, to_netcdf
+from .arviz_compat import (
+    ARVIZ_MAJOR,
+    from_netcdf,
+    get_group,
+    group_names,
+    loo_elpd,
+    plot_posterior,
+    plot_trace,
+    to_netcdf,
+)
 from .conditioned import DrawEvaluation, ResampleObservations, evaluate_draws
 from .guide_samples import sample_guide
 from .inference_data import to_inference_data
@@ -19,6 +28,7 @@ __all__ = [
     "get_group",
     "group_names",
     "inspect_model",
+    "loo_elpd",
     "mcmc_sample_stats",
     "plot_posterior",
     "plot_trace",

@@ -23,6 +23,7 @@ __all__ = [
     "build_inference_data",
     "from_netcdf",
     "group_names",
+    "loo_elpd",
     "plot_posterior",
     "plot_trace",
     "to_netcdf",
@@ -144,6 +145,14 @@ def plot_trace(idata, var_names=None, **kwargs):
     if ARVIZ_MAJOR >= 1:
         return az.plot_trace_dist(idata, var_names=var_names, **kwargs)
     return az.plot_trace(idata, var_names=var_names, **kwargs)
+
+
+def loo_elpd(idata, **kwargs) -> tuple[float, float]:
+    """PSIS-LOO's expected log pointwise predictive density and its standard error, computed by the
+    installed ArviZ (``az.loo``; keywords go to it): 0.x names the estimate ``elpd_loo``, 1.x ``elpd``."""
+    result = az.loo(idata, **kwargs)
+    elpd = result.elpd if ARVIZ_MAJOR >= 1 else result.elpd_loo
+    return float(elpd), float(result.se)
 
 
 def plot_posterior(idata, var_names=None, **kwargs):

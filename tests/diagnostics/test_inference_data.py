@@ -13,6 +13,7 @@ from pyro_gpx.diagnostics import (
     from_netcdf,
     get_group,
     group_names,
+    loo_elpd,
     plot_posterior,
     plot_trace,
     to_inference_data,
@@ -72,7 +73,8 @@ def test_mcmc_summary_loo_and_plot(nuts_run):
     summary = az.summary(idata, var_names=["w", "b", "sigma"])
     assert summary.shape[0] == 4
     assert summary["r_hat"].max() < 1.1
-    assert np.isfinite(arviz_api.loo(idata)[0])
+    elpd, se = loo_elpd(idata)
+    assert np.isfinite(elpd) and se > 0 and elpd == arviz_api.loo(idata)[0]
     plot_trace(idata, var_names=["b", "sigma"])
     plot_posterior(idata, var_names=["w"], coords={"w_dim_0": [1]})
 

@@ -1,0 +1,19 @@
+"""The main job (``make demo``) end to end at a small size, on the installed ArviZ."""
+
+import numpy as np
+
+from pyro_gpx.demo import main
+from pyro_gpx.diagnostics import from_netcdf, get_group, group_names
+
+
+def test_demo_runs_and_saves(tmp_path, capsys):
+    out = tmp_path / "demo"
+    result = main(["--out", str(out), "--num-samples", "30", "--svi-steps", "50", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert "PSIS-LOO elpd: NUTS" in printed and "reloaded identical: True" in printed
+    assert {p.name for p in out.iterdir()} == {"demo_nuts.nc", "demo_predictive.png", "demo_trace.png"}
+    assert get_group(result["nuts"], "posterior").sizes["draw"] == 30
+    back = from_netcdf(out / "demo_nuts.nc")
+    assert group_names(back) == group_names(result["nuts"])
+    np.testing.assert_array_equal(get_group(back, "posterior")["sigma"].values,
+                                  get_group(result["nuts"], "posterior")["sigma"].values)  # fmt: skip
