@@ -142,6 +142,8 @@ def run_chains(
         :class:`~pyro_gpx.bnn.mlp.RepriorisedModel`).
     :param kernel: ``"nuts"``, ``"hmc"``, ``"jittered_hmc"`` or ``"split_hmc"``.
     :param kernel_kwargs: passed to the kernel (``max_tree_depth``, ``trajectory_length``, ``jitter``, ...).
+    :param seed: chain ``c`` is seeded with ``seed + c``, as Pyro's multi-chain ``MCMC`` does, so runs
+        meant to be independent need seeds at least ``num_chains`` apart (seeds 0 and 1 share 3 of 4 chains).
     :param processes: concurrent chains (default: the CPU count, at most ``num_chains``); 1 runs
         them one after another in this process.
     :param progress: show a progress bar per chain (``chain i/n warmup`` / ``sample``, with the step
