@@ -27,6 +27,16 @@ def loo(idata) -> tuple[float, np.ndarray]:
     return float(result["elpd_loo"]), np.asarray(result["loo_i"])
 
 
+def loo_pit(idata, name: str) -> np.ndarray:
+    """The LOO probability integral transform of observed variable ``name``, per point."""
+    if ARVIZ_MAJOR >= 1:
+        result = az.loo_pit(idata, var_names=[name])
+        if isinstance(result, xr.DataTree):
+            result = result.to_dataset()
+        return np.asarray(result[name])
+    return np.asarray(az.loo_pit(idata, y=name))
+
+
 def from_dict(groups: dict[str, dict[str, np.ndarray]]):
     """ArviZ's own container built by ArviZ from ``{group: {name: array}}`` (an independent reference)."""
     if ARVIZ_MAJOR >= 1:

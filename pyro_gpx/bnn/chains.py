@@ -16,7 +16,6 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -120,6 +119,17 @@ def _run_chain(job: dict) -> dict:
     return {"samples": {k: v.detach() for k, v in mcmc.get_samples().items()}, "stats": stats, "seconds": seconds}
 
 
+def _gather(pending: list, poll_seconds: float = 0.05) -> list[dict]:
+    """The chains' outputs in order, raising the first failure as soon as it happens."""
+    while True:
+        for result in pending:
+            if result.ready() and not result.successful():
+                result.get()  # re-raises the chain's exception, with its note
+        if all(result.ready() for result in pending):
+            return [result.get() for result in pending]
+        time.sleep(poll_seconds)
+
+
 def run_chains(
     model: Callable,
     model_args: tuple = (),
@@ -145,7 +155,8 @@ def run_chains(
     :param seed: chain ``c`` is seeded with ``seed + c``, as Pyro's multi-chain ``MCMC`` does, so runs
         meant to be independent need seeds at least ``num_chains`` apart (seeds 0 and 1 share 3 of 4 chains).
     :param processes: concurrent chains (default: the CPU count, at most ``num_chains``); 1 runs
-        them one after another in this process.
+        them one after another in this process. A chain that fails stops the others at once, and its
+        exception (type and message kept) names the chain and its seed.
     :param progress: show a progress bar per chain (``chain i/n warmup`` / ``sample``, with the step
         size and acceptance probability).
 
@@ -183,9 +194,9 @@ def run_chains(
             torch.set_default_dtype(dtype)
             random.setstate(python_rng)
             np.random.set_state(numpy_rng)
-    else:
-        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-            outputs = list(pool.map(_run_one, jobs))
+    else:  # leaving the block terminates the workers: a failing chain (or Ctrl-C) stops the others at once
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            outputs = _gather([pool.apply_async(_run_one, (job,)) for job in jobs])
     samples = {k: torch.stack([o["samples"][k] for o in outputs]) for k in outputs[0]["samples"]}
     stats = {k: np.concatenate([o["stats"][k] for o in outputs]) for k in outputs[0]["stats"]}
     return ChainsResult(samples, stats, [o["seconds"] for o in outputs])

@@ -73,32 +73,72 @@ def _resolve_posterior(posterior, model, model_args, model_kwargs, num_samples, 
     return model, tuple(model_args or ()), dict(model_kwargs or {}), samples, stats, structure
 
 
-def _pointwise_log_likelihood(structure, evaluation, num_chains, num_draws):
+def _constant_masks(evaluation) -> dict[str, np.ndarray]:
+    """Observed site name to its flattened keep-mask, for sites masked the same way in every draw."""
+    out = {}
+    for name in evaluation.log_likelihood:
+        mask = evaluation.masks.get(name)
+        if mask is None or bool(mask.all()):
+            continue
+        mask = _numpy(mask)
+        if (mask == mask[:1]).all():
+            out[name] = mask[0].reshape(-1)
+    return out
+
+
+def _points_dims(spec: SiteSpec, part: str) -> list[str]:
+    """Dims of a masked site's values split into points: ``<name>_<part>_id`` then its event dims."""
+    return [f"{spec.name}_{part}_id"] + [f"{spec.name}_dim_{1 + i}" for i in range(len(spec.event_shape))]
+
+
+def _split_masked(values, specs, keep_masks, lead: int, unobserved: bool):
+    """Values (with ``lead`` sample axes) of masked sites split PyMC-style into the kept points, under
+    the site's name, and (``unobserved=True``) the masked-out ones, under ``<name>_unobserved``;
+    returns (values, dims)."""
+    out, dims = {}, {}
+    for name, value in values.items():
+        spec = specs[name]
+        if name not in keep_masks:
+            out[name], dims[name] = value, _site_dims(spec)
+            continue
+        keep = keep_masks[name]
+        flat = value.reshape(value.shape[:lead] + (-1,) + tuple(spec.event_shape))
+        out[name], dims[name] = flat[(slice(None),) * lead + (keep,)], _points_dims(spec, "observed")
+        if unobserved and not keep.all():
+            extra = f"{name}_unobserved"
+            out[extra], dims[extra] = flat[(slice(None),) * lead + (~keep,)], _points_dims(spec, "unobserved")
+    return out, dims
+
+
+def _points_coords(keep_masks) -> dict[str, np.ndarray]:
+    coords = {}
+    for name, keep in keep_masks.items():
+        coords[f"{name}_observed_id"] = np.flatnonzero(keep)
+        coords[f"{name}_unobserved_id"] = np.flatnonzero(~keep)
+    return coords
+
+
+def _pointwise_log_likelihood(structure, evaluation, keep_masks, num_chains, num_draws):
     """Log-likelihood arrays and their dims; masked-out points are dropped, not scored."""
-    data, dims, coords = {}, {}, {}
+    data, dims = {}, {}
     for name, lp in evaluation.log_likelihood.items():
         spec = structure.sites[name]
         mask = evaluation.masks.get(name)
         lp = _numpy(lp)
-        if mask is None or bool(mask.all()):
+        if name in keep_masks:
+            data[name] = lp.reshape(lp.shape[0], -1)[:, keep_masks[name]].reshape(num_chains, num_draws, -1)
+            dims[name] = [f"{name}_observed_id"]
+        elif mask is None or bool(mask.all()):
             data[name] = lp.reshape((num_chains, num_draws) + spec.batch_shape)
             dims[name] = _site_dims(spec, with_event=False)
-            continue
-        mask = _numpy(mask)
-        if (mask == mask[:1]).all():
-            keep = np.flatnonzero(mask[0].reshape(-1))
-            dim = f"{name}_observed_id"
-            data[name] = lp.reshape(lp.shape[0], -1)[:, keep].reshape(num_chains, num_draws, -1)
-            dims[name] = [dim]
-            coords[dim] = keep
         else:
             warnings.warn(
                 f"the mask of site {name!r} changes between draws; masked points get log-likelihood 0",
                 stacklevel=3,
             )
-            data[name] = np.where(mask, lp, 0.0).reshape((num_chains, num_draws) + spec.batch_shape)
+            data[name] = np.where(_numpy(mask), lp, 0.0).reshape((num_chains, num_draws) + spec.batch_shape)
             dims[name] = _site_dims(spec, with_event=False)
-    return data, dims, coords
+    return data, dims
 
 
 def to_inference_data(
@@ -139,7 +179,11 @@ def to_inference_data(
     where :math:`c_i` is the ``poutine.scale`` factor without the subsampling factor. Masked
     points are left out, ``pyro.factor`` and ``pyro.deterministic`` sites are not observations, and
     subsampled plates are walked through in chunks so every data point appears once, labelled by
-    its plate. Deterministic sites join the ``posterior`` group.
+    its plate. Deterministic sites join the ``posterior`` group. A site masked the same way in every
+    draw is split as PyMC splits missing data: its kept points, under ``<name>_observed_id``, in
+    ``log_likelihood``, ``observed_data`` and ``posterior_predictive`` alike (so ``az.loo_pit`` and
+    ``az.plot_ppc`` line up), and the predictive draws at its masked-out points as
+    ``<name>_unobserved`` in ``posterior_predictive``.
 
     :param model: the Pyro model; taken from the MCMC kernel when omitted.
     :param model_args: arguments of the model; taken from the MCMC run when omitted.
@@ -211,27 +255,32 @@ def to_inference_data(
         group_dims["posterior"] = {s.name: _site_dims(s) for s in structure.sites.values()}
         for name, value in evaluation.values.items():
             groups["posterior"][name] = _numpy(value).reshape((num_chains, num_draws) + tuple(value.shape[1:]))
+        keep_masks = _constant_masks(evaluation)
+        all_coords.update(_points_coords(keep_masks))
         if log_likelihood:
-            ll, ll_dims, ll_coords = _pointwise_log_likelihood(structure, evaluation, num_chains, num_draws)
+            ll, ll_dims = _pointwise_log_likelihood(structure, evaluation, keep_masks, num_chains, num_draws)
             groups["log_likelihood"] = ll
             group_dims["log_likelihood"] = ll_dims
-            all_coords.update(ll_coords)
         observed = [s.name for s in structure.of_kind("observed")]
         if observed_data and observed:
             once = evaluate_draws(
                 model, {k: v[:1] for k, v in flat.items()}, structure, args, kwargs, sites=observed, vectorize=False
             )
-            groups["observed_data"] = {k: _numpy(v[0]) for k, v in once.values.items()}
-            group_dims["observed_data"] = {k: _site_dims(structure.sites[k]) for k in observed}
+            values = {k: _numpy(v[0]) for k, v in once.values.items()}
+            groups["observed_data"], group_dims["observed_data"] = _split_masked(
+                values, structure.sites, keep_masks, lead=0, unobserved=False
+            )
         if posterior_predictive and observed:
             pred = evaluate_draws(
                 model, flat, structure, args, kwargs, predictive=True, sites=observed,
                 vectorize=evaluation.vectorized if vectorize is None else vectorize, draw_batch=draw_batch,
             )  # fmt: skip
-            groups["posterior_predictive"] = {
+            values = {
                 k: _numpy(v).reshape((num_chains, num_draws) + tuple(v.shape[1:])) for k, v in pred.values.items()
             }
-            group_dims["posterior_predictive"] = {k: _site_dims(structure.sites[k]) for k in observed}
+            groups["posterior_predictive"], group_dims["posterior_predictive"] = _split_masked(
+                values, structure.sites, keep_masks, lead=2, unobserved=True
+            )
 
     for name, value in samples.items():
         groups["posterior"][name] = _numpy(value)
@@ -260,19 +309,19 @@ def _keep_known_latents(structure: ModelStructure, samples: Mapping[str, torch.T
 
 
 def _without(group_dims, user_dims):
-    """User-given dims take precedence over the plate-derived ones, except in ``log_likelihood``: a
-    masked site keeps its ``<name>_observed_id`` (the kept points' indices), and a site with event
-    dimensions takes only the user's leading (batch) dims there."""
+    """User-given dims take precedence over the plate-derived ones, except that a masked site keeps
+    its ``<name>_observed_id`` (the kept points' indices) in every group, and a site with event
+    dimensions takes only the user's leading (batch) dims in ``log_likelihood``."""
     if not user_dims:
         return group_dims
     out = {}
     for group, dims in group_dims.items():
         kept = {}
         for name, value in dims.items():
-            if name not in user_dims:
+            masked = list(value[:1]) == [f"{name}_observed_id"]
+            if name not in user_dims or masked:
                 kept[name] = value
             elif group == "log_likelihood":
-                masked = list(value) == [f"{name}_observed_id"]
-                kept[name] = value if masked else list(user_dims[name])[: len(value)]
+                kept[name] = list(user_dims[name])[: len(value)]
         out[group] = kept
     return out

@@ -1,6 +1,7 @@
 """Chains in separate processes, merged and exported to ArviZ."""
 
 import sys
+import time
 
 import pyro
 import pytest
@@ -70,4 +71,22 @@ def test_a_failing_chain_is_named():
     with pytest.raises(ValueError, match="model broke") as info:  # the type and message are kept
         run_chains(broken, num_chains=2, num_samples=2, warmup_steps=2, processes=1, progress=False, seed=5)
     if sys.version_info >= (3, 11):  # exception notes
+        assert info.value.__notes__ == ["in chain 0 of 2 (seed 5)"]
+
+
+def _fails_in_chain_0():
+    """Chain 0 (seed 5) fails at once; chain 1 (seed 6) would take minutes."""
+    pyro.sample("x", pyro.distributions.Normal(0.0, 1.0))
+    if torch.initial_seed() == 5:  # run_chains seeds chain c with seed + c
+        raise ValueError("model broke")
+    time.sleep(0.05)
+
+
+def test_a_failing_chain_stops_the_others():
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="model broke") as info:
+        run_chains(_fails_in_chain_0, num_chains=2, num_samples=1000, warmup_steps=1000, processes=2,
+                   progress=False, seed=5)  # fmt: skip
+    assert time.perf_counter() - start < 60  # chain 1 alone: > 2000 model calls x 0.05 s
+    if sys.version_info >= (3, 11):
         assert info.value.__notes__ == ["in chain 0 of 2 (seed 5)"]

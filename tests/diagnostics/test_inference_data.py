@@ -187,7 +187,7 @@ def test_user_dims_on_masked_and_event_sites(float64):
     assert ll["y_observed_id"].values.tolist() == [0, 2, 3]
     expected = pyro.distributions.Normal(samples["mu"][:, None], 1.0).log_prob(y)[:, [0, 2, 3]]
     np.testing.assert_allclose(ll.values[0], expected.numpy(), rtol=1e-12)
-    assert get_group(idata, "observed_data")["y"].dims == ("obs_id",)
+    assert get_group(idata, "observed_data")["y"].dims == ("y_observed_id",)  # lined up with log_likelihood
 
     def events(y):
         mu = pyro.sample("mu", pyro.distributions.Normal(torch.zeros(2), 1.0).to_event(1))
@@ -198,6 +198,35 @@ def test_user_dims_on_masked_and_event_sites(float64):
                               dims={"y": ["obs", "coord"]})  # fmt: skip
     assert get_group(idata, "log_likelihood")["y"].dims == ("chain", "draw", "obs")  # batch dims only
     assert get_group(idata, "observed_data")["y"].dims == ("obs", "coord")
+
+
+@pytest.mark.parametrize("vectorize", [None, False])
+def test_masked_site_groups_line_up_for_loo_pit(float64, vectorize):
+    y = torch.linspace(-2, 2, 9)
+    mask = torch.tensor([True, False, True, True, False, True, True, True, False])
+    keep = mask.numpy()
+    samples = {"mu": 0.1 * torch.randn(40, generator=torch.Generator().manual_seed(1))}
+    idata = to_inference_data(samples, model=models.dist_masked, model_args=(y, mask), posterior_predictive=True,
+                              vectorize=vectorize, seed=3)  # fmt: skip
+    full = to_inference_data(samples, model=models.dist_masked, model_args=(y, torch.ones(9, dtype=torch.bool)),
+                             posterior_predictive=True, vectorize=vectorize, seed=3)  # fmt: skip
+    pp, full_pp = get_group(idata, "posterior_predictive"), get_group(full, "posterior_predictive")
+    for group in ("log_likelihood", "observed_data", "posterior_predictive"):
+        assert get_group(idata, group)["y"].dims[-1] == "y_observed_id"
+        assert get_group(idata, group)["y_observed_id"].values.tolist() == np.flatnonzero(keep).tolist()
+    assert "y_unobserved" not in get_group(idata, "observed_data")
+    # the same draws as the unmasked model's, split into the kept and the masked-out points
+    np.testing.assert_array_equal(pp["y"].values, full_pp["y"].values[..., keep])
+    np.testing.assert_array_equal(pp["y_unobserved"].values, full_pp["y"].values[..., ~keep])
+    assert pp["y_unobserved_id"].values.tolist() == np.flatnonzero(~keep).tolist()
+    # LOO-PIT on the masked conversion equals ArviZ's on its own container of the kept points
+    reference = arviz_api.from_dict({
+        "posterior": {"mu": samples["mu"].numpy()[None]},
+        "log_likelihood": {"y": get_group(full, "log_likelihood")["y"].values[..., keep]},
+        "posterior_predictive": {"y": full_pp["y"].values[..., keep]},
+        "observed_data": {"y": y.numpy()[keep]},
+    })  # fmt: skip
+    np.testing.assert_allclose(arviz_api.loo_pit(idata, "y"), arviz_api.loo_pit(reference, "y"), rtol=1e-12)
 
 
 def test_posterior_only_without_model():
