@@ -24,12 +24,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 	CI=1 $(PY) -m pytest -q tests pyro_gpx --doctest-modules
 	CI=1 $(PY) -m pytest -q --nbmake --nbmake-timeout=600 tutorials
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 format: $(STAMP)
 	$(PY) -m ruff check --fix .
@@ -39,4 +41,4 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/bayes_regression.py --data-dir $(DATA_DIR) --quick --out benchmarks/results/bayes_regression_quick.json
 
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo_output .pytest_cache .ruff_cache .mypy_cache

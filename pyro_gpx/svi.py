@@ -18,7 +18,7 @@ __all__ = ["CollapseGuard", "fit_svi", "fit_lbfgs"]
 _BAD_LOSS = 1e10  # not larger: L-BFGS's line search squares it, in the parameters' (maybe float32) dtype
 
 
-def _numerical_failure(error: BaseException) -> bool:
+def _numerical_failure(error: BaseException | None) -> bool:
     """Whether an exception (or its cause, as Pyro re-raises) is a NaN/indefinite-matrix failure."""
     from pyro_gpx.gp.cholesky import CholeskyError, NonFiniteError
 
@@ -164,7 +164,9 @@ def fit_svi(
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    svi = SVI(model, guide, optim or pyro.optim.Adam({"lr": 0.01}), loss or Trace_ELBO())
+    if optim is None:
+        optim = pyro.optim.Adam({"lr": 0.01})  # type: ignore[attr-defined]  # pyro.optim makes Adam at import time
+    svi = SVI(model, guide, optim, loss or Trace_ELBO())
     watch = guard(svi) if guard is not None else None
     losses: list[float] = []
     bar = tqdm(range(num_steps), disable=not progress, desc="SVI", mininterval=0.5)
@@ -221,10 +223,14 @@ def fit_lbfgs(
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if restart_after < 0:
         raise ValueError(f"restart_after must be >= 0, got {restart_after}")
-    loss_fn = (loss or Trace_ELBO()).differentiable_loss
+    elbo = loss or Trace_ELBO()
+    loss_fn = getattr(elbo, "differentiable_loss", None)  # not on every ELBO (e.g. TraceGraph_ELBO)
+    if loss_fn is None:
+        raise TypeError(f"fit_lbfgs needs a loss with differentiable_loss, e.g. Trace_ELBO; got {type(elbo).__name__}")
     with poutine.trace(param_only=True) as param_capture:
         loss_fn(model, guide, *args, **kwargs)
-    params = [site["value"].unconstrained() for site in param_capture.trace.nodes.values()]
+    # the param store's tensors carry unconstrained(); Pyro types a site's value as Optional
+    params = [site["value"].unconstrained() for site in param_capture.trace.nodes.values()]  # type: ignore[union-attr]
     if not params:
         raise ValueError("the model and guide have no pyro.param to optimise")
     optimizer = torch.optim.LBFGS(params, lr=lr, max_iter=max_eval, max_eval=max_eval, history_size=history_size,

@@ -31,6 +31,7 @@ References:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pyro.distributions as dist
 import torch
@@ -57,7 +58,8 @@ def _statistics(model: BayesianLastLayer, X: torch.Tensor, y: torch.Tensor, chun
     _check_batch("X", X)
     y = model.head.check_targets(y, X.shape[0])
     D = model.weight_shape[1]
-    f64 = dict(dtype=torch.float64, device=X.device)  # float64 whatever the model's dtype: P can be ill-conditioned
+    # float64 whatever the model's dtype: P can be ill-conditioned
+    f64: dict[str, Any] = dict(dtype=torch.float64, device=X.device)
     # the store's current values, no graph; eval mode: BatchNorm uses (and keeps) its running statistics
     with torch.no_grad(), model._pyro_context, evaluation_mode(model):
         noise, scale = model.head.noise.to(**f64), model.prior.scale.to(**f64)

@@ -40,6 +40,10 @@ class LastLayerNormal(PyroModule):
     act as early stopping; say which posterior you report.
     """
 
+    # PyroParams: PyroModule reads them back as tensors
+    loc: torch.Tensor
+    scale_tril: torch.Tensor
+
     def __init__(self, model: BayesianLastLayer, init_scale: float = 0.1, dtype: torch.dtype | None = None):
         super().__init__(name=getattr(model, "name", None) or "")
         if not isinstance(model.prior, GaussianWeightPrior):
@@ -55,11 +59,12 @@ class LastLayerNormal(PyroModule):
         device = ref.device if ref is not None else None
         C, D = model.weight_shape
         self.site = model.weight_site
-        self.loc = PyroParam(torch.zeros(C, D, dtype=dtype, device=device))
+        self.loc = PyroParam(torch.zeros(C, D, dtype=dtype, device=device))  # type: ignore[assignment]
         eye = torch.eye(D, dtype=dtype, device=device)
-        self.scale_tril = PyroParam(init_scale * eye.expand(C, D, D).clone(), constraint=constraints.lower_cholesky)
+        scale_tril = init_scale * eye.expand(C, D, D).clone()
+        self.scale_tril = PyroParam(scale_tril, constraint=constraints.lower_cholesky)  # type: ignore[assignment]
 
-    def distribution(self) -> dist.Distribution:
+    def distribution(self) -> dist.TorchDistribution:
         """:math:`q(W)`, from the parameter store's current values (also outside a model run, e.g.
         after ``pyro.get_param_store().load``)."""
         with self._pyro_context:  # PyroParams are refreshed from the store only inside a context

@@ -39,7 +39,8 @@ class GaussianHead(PyroModule):
         infer = dict(infer or {})
         if "last_layer" in infer:
             infer["last_layer"] = dict(infer["last_layer"], noise=noise)
-        pyro.sample(name, dist.Normal(f[..., 0], noise.sqrt()), obs=y, infer=infer)
+        # Pyro's InferDict type lists only Pyro's own keys, not this package's last_layer
+        pyro.sample(name, dist.Normal(f[..., 0], noise.sqrt()), obs=y, infer=infer)  # type: ignore[arg-type]
 
 
 class CategoricalHead(PyroModule):
@@ -61,4 +62,5 @@ class CategoricalHead(PyroModule):
         return y
 
     def observe(self, name: str, f: torch.Tensor, y: torch.Tensor | None, infer: dict | None = None) -> None:
-        pyro.sample(name, dist.Categorical(logits=f), obs=y, infer=dict(infer or {}))
+        # Pyro's InferDict type lists only Pyro's own keys, not this package's last_layer
+        pyro.sample(name, dist.Categorical(logits=f), obs=y, infer=dict(infer or {}))  # type: ignore[arg-type]

@@ -47,7 +47,9 @@ def _f_at(model: BayesianLastLayer, draws: dict[str, torch.Tensor], X: torch.Ten
     shaped = {k: v.reshape((S, 1) + v.shape[1:]) for k, v in draws.items()}
     with poutine.block(), pyro.plate("_pyro_gpx_draws", S, dim=-2):
         trace = poutine.trace(poutine.condition(model, data=shaped)).get_trace(X)
-    return trace.nodes[model.f_site]["value"].expand(S, X.shape[0], model.weight_shape[0])
+    f = trace.nodes[model.f_site]["value"]
+    assert f is not None  # a deterministic site records its value
+    return f.expand(S, X.shape[0], model.weight_shape[0])
 
 
 def predict(

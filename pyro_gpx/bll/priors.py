@@ -45,7 +45,7 @@ class GaussianWeightPrior(PyroModule):
 
     def distribution(
         self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device | None = None
-    ) -> dist.Distribution:
+    ) -> dist.TorchDistribution:
         zeros = torch.zeros(shape, dtype=dtype, device=device)
         return dist.Normal(zeros, self.scale.to(dtype=dtype, device=zeros.device)).to_event(2)
 
@@ -69,17 +69,18 @@ def generator_mlp(
     for _ in range(depth):
         layers += [nn.Linear(width, hidden), nn.Tanh()]
         width = hidden
-    layers.append(nn.Linear(width, num_weights))
+    out_layer = nn.Linear(width, num_weights)
+    layers.append(out_layer)
     net = nn.Sequential(*layers)
     with torch.no_grad():  # rescale the output layer so that W = g(z) starts at unit scale
         probe = torch.randn(256, latent_dim, generator=torch.Generator().manual_seed(0))
         out = net(probe)
         if center:
-            layers[-1].bias.sub_(out.mean(0))
+            out_layer.bias.sub_(out.mean(0))
             out = out - out.mean(0)
         std = out.std().clamp_min(1e-6)
-        layers[-1].weight.div_(std)
-        layers[-1].bias.div_(std)
+        out_layer.weight.div_(std)
+        out_layer.bias.div_(std)
     return net
 
 
@@ -109,6 +110,8 @@ class StandardizedGenerator(nn.Module):
     >>> g(torch.randn(4, 5, 2)).shape  # any leading dimensions
     torch.Size([4, 5, 3])
     """
+
+    probes: torch.Tensor
 
     def __init__(self, generator: nn.Module, latent_dim: int, num_probes: int = 256, seed: int = 0):
         super().__init__()
@@ -194,7 +197,7 @@ class ImplicitWeightPrior(PyroModule):
         :class:`StandardizedGenerator` if ``standardize`` (then learn the scale, ``learn_scale=True``,
         as :class:`GaussianWeightPrior` does)."""
         latent_dim = latent_dim or num_weights
-        generator = generator_mlp(latent_dim, num_weights, hidden, depth, center)
+        generator: nn.Module = generator_mlp(latent_dim, num_weights, hidden, depth, center)
         if standardize:
             generator = StandardizedGenerator(generator, latent_dim)
         return cls(generator, latent_dim, **kwargs)

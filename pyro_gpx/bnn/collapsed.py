@@ -58,7 +58,7 @@ class _NoiseMustBeGiven(Messenger):
     not the noise: with ``integrate_noise=True`` the draws lack it, and the model would silently draw it
     from its prior."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.noise_given: bool | None = None
 
@@ -118,6 +118,7 @@ class CollapsedModel:
         self.repriorised = RepriorisedModel(model)
         self.integrate_noise = integrate_noise
         self._grid: NoiseGrid | None = None
+        self._grid_obs = 0  # the grid's num_obs (read only once _grid is set)
 
     def noise_grid(self, num_obs: int) -> NoiseGrid:
         """The quadrature grid of the noise prior for ``num_obs`` scalar targets (built once, then reused)."""

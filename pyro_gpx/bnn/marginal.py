@@ -97,7 +97,7 @@ class GaussianLinearMarginal(dist.TorchDistribution):
             logdet = d * ((n - D) * noise.log() + 2 * L.diagonal().log().sum())
         return -0.5 * (quad + logdet + n * d * math.log(2 * math.pi))
 
-    def rsample(self, sample_shape: torch.Size | tuple = ()) -> torch.Tensor:
+    def rsample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] = ()) -> torch.Tensor:
         Phi = self.features
         d = 1 if self.out_dim is None else self.out_dim
         shape = torch.Size(sample_shape)

@@ -21,7 +21,7 @@ Sites, in order: ``"noise"`` (if latent), ``"layers.k.weight"``, ``"layers.k.bia
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -66,7 +66,7 @@ class BayesianMLP(PyroModule):
         residual: bool = False,
         likelihood: str = "gaussian",
         noise: float | None = 0.1,
-        noise_prior: dist.Distribution | None = None,
+        noise_prior: dist.TorchDistribution | None = None,
         dtype: torch.dtype = torch.float64,
     ):
         super().__init__()
@@ -95,11 +95,11 @@ class BayesianMLP(PyroModule):
         self._current_features: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- priors -----------------------------------------------------------------------------------
-    def _weight_prior(self, fan_in: int, shape) -> dist.Distribution:
+    def _weight_prior(self, fan_in: int, shape) -> dist.TorchDistribution:
         scale = 1.0 if self.parameterization == "ntk" else self.weight_scale / math.sqrt(fan_in)
         return dist.Normal(torch.zeros(shape, dtype=self.dtype), scale).to_event(len(shape))
 
-    def _bias_prior(self, shape) -> dist.Distribution:
+    def _bias_prior(self, shape) -> dist.TorchDistribution:
         scale = 1.0 if self.parameterization == "ntk" else self.bias_scale
         return dist.Normal(torch.zeros(shape, dtype=self.dtype), scale).to_event(len(shape))
 
@@ -219,7 +219,7 @@ class BayesianMLP(PyroModule):
             if ((y < 0) | (y >= self.out_dim)).any():
                 raise ValueError(f"labels must lie in [0, {self.out_dim})")
 
-    def check_samples(self, samples: dict[str, torch.Tensor]) -> None:
+    def check_samples(self, samples: Mapping[str, object]) -> None:
         """Raise ``ValueError`` naming the hidden-weight sites (and ``"noise"`` if latent) that
         ``samples`` lack."""
         missing = {f"layers.{k}.{p}" for k in range(len(self.widths)) for p in ("weight", "bias")} - set(samples)
@@ -261,6 +261,7 @@ class BayesianMLP(PyroModule):
             for i in range(flat_out.shape[0]):
                 params = {k: v[i] for k, v in flat.items()}
                 noise = fixed_noise if flat_noise is None else flat_noise[i]
+                assert noise is not None  # check_samples requires a latent noise
                 Phi = self.features(X, params) * s
                 flat_out[i] = (readout_map(Phi, Y, noise, flat_phi[i])[0] * s[:, None]).T
         return out
@@ -293,6 +294,7 @@ class BayesianMLP(PyroModule):
         f = Phi @ theta.transpose(-1, -2)  # (..., n, out)
         with pyro.plate("data", X.shape[0]):
             if self.likelihood == "gaussian":
+                assert noise is not None  # drawn above for a Gaussian likelihood
                 loc = f[..., 0] if self.out_dim == 1 else f
                 d = dist.Normal(loc, noise.sqrt().unsqueeze(-1) if noise.dim() else noise.sqrt())
                 d = d if self.out_dim == 1 else d.to_event(1)

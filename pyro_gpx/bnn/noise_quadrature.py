@@ -58,7 +58,7 @@ __all__ = ["NoiseGrid", "NoiseIntegratedMarginal"]
 _TAIL = 1e-9  # prior mass left out at each end of the grid
 
 
-def _log_quantiles(prior: dist.Distribution, dtype: torch.dtype) -> tuple[float, float]:
+def _log_quantiles(prior: dist.TorchDistribution, dtype: torch.dtype) -> tuple[float, float]:
     """:math:`\\log` of the prior's ``_TAIL`` and ``1 - _TAIL`` quantiles (by ``icdf`` where the
     distribution has one, else from 400 000 seeded draws, widened by two interquartile ranges)."""
     probs = torch.tensor([_TAIL, 1 - _TAIL], dtype=dtype)
@@ -90,7 +90,7 @@ class NoiseGrid:
     spacing: float
 
     @classmethod
-    def from_prior(cls, prior: dist.Distribution, num_obs: int, spacing: float | None = None,
+    def from_prior(cls, prior: dist.TorchDistribution, num_obs: int, spacing: float | None = None,
                    dtype: torch.dtype = torch.float64) -> NoiseGrid:  # fmt: skip
         """Nodes covering the prior's support in :math:`\\log\\lambda` up to a mass of
         :math:`10^{-9}` at each end.

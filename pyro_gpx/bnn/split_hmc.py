@@ -119,7 +119,7 @@ class SplitHMC(JitteredHMC):
         if self.gradient_adaptation:
             self.mass_matrix_adapter = GradientMassMatrix()
 
-    def _reset(self):
+    def _reset(self) -> None:
         super()._reset()
         self._ref_mean: dict[str, torch.Tensor] | None = None
         self._ref_scale: dict[str, torch.Tensor] | None = None
@@ -145,8 +145,9 @@ class SplitHMC(JitteredHMC):
         for k, v in z.items():
             self._window_sum[k] = self._window_sum.get(k, 0.0) + v.detach()
         self._window_count += 1
-        scale = self._reference_scale(z)
-        if any(not torch.equal(scale[k], self._ref_scale[k]) for k in scale):
+        scale, ref_scale = self._reference_scale(z), self._ref_scale
+        assert ref_scale is not None  # sample() sets the reference before its first call here
+        if any(not torch.equal(scale[k], ref_scale[k]) for k in scale):
             self._ref_mean = {k: v / self._window_count for k, v in self._window_sum.items()}
             centre = getattr(self.mass_matrix_adapter, "centre", {})
             for names, flat in centre.items():  # the gradient-corrected window mean, where the adapter has one

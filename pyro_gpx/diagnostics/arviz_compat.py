@@ -9,6 +9,7 @@ differs. It imports neither torch nor Pyro, so the conversion can be checked on 
 from __future__ import annotations
 
 import datetime
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -117,7 +118,8 @@ def build_inference_data(
         datasets[group] = build_dataset(data, sample_dims=sample_dims, dims=merged_dims, coords=coords, attrs=attrs)
     if ARVIZ_MAJOR >= 1:
         return xr.DataTree.from_dict(datasets)
-    return az.InferenceData(**datasets)
+    # mypy cannot rule out a group named like InferenceData's attrs / warn_on_custom_groups parameters
+    return az.InferenceData(**datasets)  # type: ignore[arg-type]
 
 
 def group_names(idata) -> list[str]:
@@ -134,7 +136,7 @@ def get_group(idata, group: str) -> xr.Dataset:
     return getattr(idata, group)
 
 
-def to_netcdf(idata, path: str) -> str:
+def to_netcdf(idata, path: str | os.PathLike[str]) -> str:
     """Write an ``InferenceData`` or ``DataTree`` to netCDF (h5netcdf engine); returns the path."""
     idata.to_netcdf(str(path), engine="h5netcdf")
     return str(path)

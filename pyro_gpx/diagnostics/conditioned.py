@@ -16,6 +16,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import pyro.poutine as poutine
 import torch
@@ -299,9 +300,8 @@ def evaluate_draws(
                 logger.info("draws %d-%d evaluated one at a time: %s", draws.start, draws.stop - 1, e)
                 parts = _evaluate_batch(req, batch, draws.stop - draws.start, cond, sizes, False)
                 result.vectorized = False
-            for target, part_dict, with_event in zip(
-                (result.values, result.log_likelihood, result.masks), parts, (True, False, False)
-            ):
+            targets: tuple[dict[str, Any], ...] = (result.values, result.log_likelihood, result.masks)
+            for target, part_dict, with_event in zip(targets, parts, (True, False, False)):
                 for name, part in part_dict.items():
                     spec = structure.sites[name]
                     if part is None:

@@ -39,10 +39,12 @@ def _site_dims(spec: SiteSpec, with_event: bool = True) -> list[str]:
     return dims
 
 
-def _resolve_posterior(posterior, model, model_args, model_kwargs, num_samples, group_by_chain, vectorize):
+def _resolve_posterior(
+    posterior, model, model_args, model_kwargs, num_samples, group_by_chain, vectorize
+) -> tuple[Callable | None, tuple, dict, dict[str, torch.Tensor], dict[str, np.ndarray], ModelStructure | None]:
     """Return (model, args, kwargs, samples of shape (chain, draw, ...), sample_stats, structure)."""
     stats: dict[str, np.ndarray] = {}
-    structure = None
+    structure: ModelStructure | None = None
     if isinstance(posterior, MCMC):
         kernel_model = getattr(posterior.kernel, "model", None)
         model = model if model is not None else kernel_model
@@ -239,7 +241,11 @@ def to_inference_data(
     groups: dict[str, dict[str, np.ndarray]] = {"posterior": {}}
     group_dims: dict[str, dict[str, list[str]]] = {}
     all_coords: dict[str, Any] = {}
-    attrs = {"inference_library": "pyro", "inference_library_version": pyro.__version__, "creation_library": "pyro_gpx"}
+    attrs: dict[str, Any] = {
+        "inference_library": "pyro",
+        "inference_library_version": pyro.__version__,
+        "creation_library": "pyro_gpx",
+    }
 
     if model is not None:
         if structure is None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
+from pyro.poutine.runtime import Message
 from pyro.poutine.util import site_is_subsample
 
 __all__ = [
@@ -35,7 +37,7 @@ def quiet_trace(model: Callable, args: tuple = (), kwargs: Mapping | None = None
         return poutine.trace(model).get_trace(*args, **dict(kwargs or {}))
 
 
-def is_factor(site: dict) -> bool:
+def is_factor(site: Mapping[str, Any]) -> bool:
     """``pyro.factor`` sites: observed ``Unit`` sites marked auxiliary."""
     return bool(site["infer"].get("is_auxiliary")) or type(site["fn"]).__name__ == "Unit"
 
@@ -46,7 +48,7 @@ def _unwrapped(fn):
     return fn
 
 
-def is_deterministic(site: dict) -> bool:
+def is_deterministic(site: Mapping[str, Any]) -> bool:
     """``pyro.deterministic`` sites, and observed ``Delta`` sites: what reparameterizers leave behind
     (their ``log_density`` may carry a Jacobian or a prior, e.g. :class:`~pyro_gpx.bnn.RepriorisedReadout`),
     reported as values, not scored as data. Write a custom likelihood as ``pyro.factor`` or a
@@ -56,7 +58,7 @@ def is_deterministic(site: dict) -> bool:
     return bool(site.get("is_observed")) and isinstance(_unwrapped(site["fn"]), dist.Delta)
 
 
-def is_observation(site: dict, latent_names) -> bool:
+def is_observation(site: Message, latent_names) -> bool:
     """A genuine observation: observed, not a factor, not deterministic, not a conditioned latent."""
     return (
         site["type"] == "sample"
@@ -101,7 +103,7 @@ class ModelStructure:
         return [s for s in self.sites.values() if s.kind == kind]
 
 
-def _site_spec(site: dict, kind: str, plate_sizes: Mapping[str, tuple[int, int]]) -> SiteSpec:
+def _site_spec(site: Mapping[str, Any], kind: str, plate_sizes: Mapping[str, tuple[int, int]]) -> SiteSpec:
     fn = site["fn"]
     event_shape = tuple(getattr(fn, "event_shape", ()))
     value_shape = tuple(torch.as_tensor(site["value"]).shape)
@@ -159,16 +161,17 @@ def inspect_model(
             f"the samples hold the observed site(s) {observed} (e.g. Predictive's posterior predictive draws), "
             "which would replace the data; pass the latent sites only (posterior_predictive=True draws them)"
         )
-    plate_sizes = {}
-    for site in trace.nodes.values():
+    plate_sizes: dict[str, tuple[int, int]] = {}
+    for name, site in trace.nodes.items():
         if site_is_subsample(site):
-            fn = site["fn"]
-            sub = fn.subsample_size if fn.subsample_size is not None else len(site["value"])
+            fn: Any = site["fn"]  # pyro's _Subsample distribution
+            indices: Any = site["value"]
+            sub = fn.subsample_size if fn.subsample_size is not None else len(indices)
             if sub < fn.size:
-                plate_sizes[site["name"]] = (int(fn.size), int(sub))
-    sites = {}
+                plate_sizes[name] = (int(fn.size), int(sub))
+    sites: dict[str, SiteSpec] = {}
     dims = [0]
-    for site in trace.nodes.values():
+    for name, site in trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):
             continue
         dims.extend(-f.dim for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None)
@@ -181,7 +184,7 @@ def inspect_model(
         elif site["is_observed"]:
             kind = "observed"
         else:
-            enum = site["infer"].get("enumerate")
+            enum = (site["infer"] or {}).get("enumerate")
             hint = " (an enumerated discrete site: marginalised sites are not supported)" if enum else ""
             raise ValueError(
                 f"latent site {site['name']!r} has no posterior samples{hint}; pass samples for every latent "
@@ -193,7 +196,7 @@ def inspect_model(
                 f"latent site {site['name']!r} lies in subsampled plate(s) {sorted(spec.subsampled)}; "
                 "local latents under subsampling are not supported"
             )
-        sites[site["name"]] = spec
+        sites[name] = spec
     return ModelStructure(sites=sites, max_plate_nesting=max(dims), subsample_plates=plate_sizes)
 
 

@@ -14,6 +14,7 @@ import re
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
+from typing import Any, cast
 
 import numpy as np
 
@@ -72,7 +73,7 @@ class SampleStatsRecorder:
             self._calls += 1
             return potential_fn(*args, **kwargs)
 
-        counted._pyro_gpx_counted = True
+        cast(Any, counted)._pyro_gpx_counted = True  # a function attribute, which mypy does not model
         kernel.potential_fn = counted
 
     def __call__(self, kernel, params, stage: str, i: int) -> None:

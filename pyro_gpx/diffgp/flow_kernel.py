@@ -64,35 +64,42 @@ class KernelState:
         self.lead = torch.Size(lead)
         self.lengthscale, self.outputscale = lengthscale, outputscale  # (Bk, D_k, D), (Bk, D_k)
 
+    def _stationary(self) -> tuple[str, torch.Tensor, torch.Tensor]:
+        """The family and hyperparameters of a state without a GPyTorch kernel."""
+        if self.family is None or self.lengthscale is None or self.outputscale is None:
+            raise ValueError("a KernelState needs a kernel, or a family with lengthscale and outputscale")
+        return self.family, self.lengthscale, self.outputscale
+
     def cross(self, x: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
             B, n, D = x.shape
             K = self.kernel(x.reshape(B * n, D), Z).to_dense()  # (D_k, B n, M) or (B n, M)
             K = K.reshape(-1, B, n, Z.shape[0])
             return K.transpose(0, 1)
-        ls = self.lengthscale.unsqueeze(-2)  # (Bk, D_k, 1, D)
+        family, lengthscale, outputscale = self._stationary()
+        ls = lengthscale.unsqueeze(-2)  # (Bk, D_k, 1, D)
         xs, zs = x.unsqueeze(1) / ls, Z / ls  # (B, D_k, n, D), (Bk, D_k, M, D)
-        if self.family == "rbf":
+        if family == "rbf":
             # log k = log s^2 - |xs|^2 / 2 - |zs|^2 / 2 + xs.zs as one product of augmented rows: two passes
             # over the (n, M) block instead of eight
-            log_s2 = self.outputscale.log()[..., None, None]
+            log_s2 = outputscale.log()[..., None, None]
             x_aug = torch.cat([xs, torch.ones_like(xs[..., :1]), -0.5 * (xs * xs).sum(-1, keepdim=True)], -1)
             z_aug = torch.cat([zs, log_s2 - 0.5 * (zs * zs).sum(-1, keepdim=True), torch.ones_like(zs[..., :1])], -1)
             return torch.exp(x_aug @ z_aug.transpose(-1, -2))
         rho = (xs * xs).sum(-1, keepdim=True) - 2 * xs @ zs.transpose(-1, -2) + (zs * zs).sum(-1).unsqueeze(-2)
-        return self.outputscale[..., None, None] * _profile(self.family, rho.clamp_min(0))
+        return outputscale[..., None, None] * _profile(family, rho.clamp_min(0))
 
     def gram(self, Z: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
             K = self.kernel(Z, Z).to_dense()
             return K.reshape((1, -1) + K.shape[-2:])
-        return self.cross(Z.unsqueeze(0).expand(self.lengthscale.shape[0], -1, -1), Z)
+        return self.cross(Z.unsqueeze(0).expand(self._stationary()[1].shape[0], -1, -1), Z)
 
     def diag(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
             B, n, D = x.shape
             return self.kernel(x.reshape(B * n, D), diag=True).reshape(-1, B, n).transpose(0, 1)
-        return self.outputscale.unsqueeze(-1)
+        return self._stationary()[2].unsqueeze(-1)
 
 
 class FlowKernel(PyroModule):
@@ -108,8 +115,8 @@ class FlowKernel(PyroModule):
     """
 
     def __init__(self, dim: int, kernel: gpytorch.kernels.Kernel | None = None, *, dtype: torch.dtype = torch.float64,
-                 lengthscale_prior: dist.Distribution | None = None,
-                 outputscale_prior: dist.Distribution | None = None):  # fmt: skip
+                 lengthscale_prior: dist.TorchDistribution | None = None,
+                 outputscale_prior: dist.TorchDistribution | None = None):  # fmt: skip
         super().__init__()
         kernel = default_flow_kernel(dim, dtype=dtype) if kernel is None else kernel
         if not isinstance(kernel, gpytorch.kernels.Kernel):
@@ -122,9 +129,9 @@ class FlowKernel(PyroModule):
         self.lengthscale_prior, self.outputscale_prior = lengthscale_prior, outputscale_prior
         base = kernel.base_kernel if isinstance(kernel, gpytorch.kernels.ScaleKernel) else None
         family = _gpytorch_family(base) if base is not None else None
-        if base is not None and (base.active_dims is not None or kernel.active_dims is not None):
+        if base is None or base.active_dims is not None or kernel.active_dims is not None:
             family = None
-        if family is not None and tuple(base.batch_shape) != batch:
+        elif tuple(base.batch_shape) != batch:
             family = None
         #: the stationary family evaluated directly (faster than GPyTorch's generic path); None: call GPyTorch
         self.family = family

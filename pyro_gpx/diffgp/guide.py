@@ -62,9 +62,13 @@ class InducingNormal(AutoGuide):
             deep_setattr(self.locs, name, PyroParam(torch.zeros_like(value), constraints.real))
             deep_setattr(self.scale_trils, name, PyroParam(eye.clone(), constraints.softplus_lower_cholesky))
 
-    def _posterior(self, name: str) -> dist.Distribution:
+    def _rows(self, name: str) -> dist.MultivariateNormal:
+        """:math:`q(u_r)` of every row of site ``name``, as a batch."""
         loc, scale_tril = attrgetter(name)(self.locs), attrgetter(name)(self.scale_trils)
-        return dist.MultivariateNormal(loc, scale_tril=scale_tril).to_event(self._event_dims[name] - 1)
+        return dist.MultivariateNormal(loc, scale_tril=scale_tril)
+
+    def _posterior(self, name: str) -> dist.TorchDistribution:
+        return self._rows(name).to_event(self._event_dims[name] - 1)
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         if self.prototype_trace is None:
@@ -80,11 +84,11 @@ class InducingNormal(AutoGuide):
 
     def kl_divergence(self) -> torch.Tensor:
         """:math:`\\sum_r\\mathrm{KL}(q(u_r)\\,\\|\\,\\mathcal N(0, I))` over all sites (differentiable)."""
-        total = 0.0
+        total: torch.Tensor | float = 0.0
         for name in self._event_dims:
-            q = self._posterior(name).base_dist
+            q = self._rows(name)  # not _posterior(name).base_dist: to_event(0) returns the distribution itself
             M = q.loc.shape[-1]
             L = q.scale_tril
             p = dist.MultivariateNormal(torch.zeros_like(q.loc), scale_tril=torch.eye(M, dtype=L.dtype).expand_as(L))
             total = total + torch.distributions.kl_divergence(q, p).sum()
-        return total
+        return torch.as_tensor(total)

@@ -55,6 +55,8 @@ class GaussianVariationalExpectation(TorchDistribution):
 def observation(likelihood: str, loc: torch.Tensor, var: torch.Tensor, noise: torch.Tensor | None):
     """The observation distribution for output moments ``loc``, ``var`` of shape ``(..., C)``."""
     if likelihood == "gaussian":
+        if noise is None:
+            raise ValueError("a Gaussian likelihood needs the noise variance")
         return GaussianVariationalExpectation(loc[..., 0], var[..., 0], noise)
     g = loc + var.sqrt() * torch.randn_like(loc)
     if likelihood == "bernoulli":

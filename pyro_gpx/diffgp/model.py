@@ -110,6 +110,11 @@ class DifferentialGP(PyroModule):
         (2, 40, 1)
     """
 
+    # PyroParams (or a buffer): PyroModule reads them back as tensors
+    flow_Z: torch.Tensor
+    output_Z: torch.Tensor
+    noise: torch.Tensor
+
     def __init__(
         self,
         init_inputs: torch.Tensor,
@@ -147,7 +152,8 @@ class DifferentialGP(PyroModule):
             raise ValueError(f"noise must be positive, got {noise}")
         X = init_inputs.detach()
         self.dim, self.dtype = X.shape[1], X.dtype
-        self.likelihood, self.num_outputs = likelihood, (num_classes if likelihood == "categorical" else 1)
+        self.likelihood = likelihood
+        self.num_outputs = num_classes if likelihood == "categorical" and num_classes is not None else 1
         self.horizon, self.num_steps, self.num_paths = float(horizon), num_steps, num_paths
         self.jitter = jitter if jitter is not None else (1e-6 if self.dtype == torch.float64 else 1e-4)
         if flow is None or isinstance(flow, gpytorch.kernels.Kernel):
@@ -166,11 +172,11 @@ class DifferentialGP(PyroModule):
         self.output_kernel = output_kernel if output_kernel is not None else _default_output_kernel(
             self.dim, self.num_outputs, self.dtype)  # fmt: skip
         m_g = num_inducing if output_inducing is None else output_inducing
-        self.flow_Z = PyroParam(kmeans_inducing(X, min(num_inducing, len(X)), seed=seed))
-        self.output_Z = PyroParam(kmeans_inducing(X, min(m_g, len(X)), seed=seed + 1))
+        self.flow_Z = PyroParam(kmeans_inducing(X, min(num_inducing, len(X)), seed=seed))  # type: ignore[assignment]
+        self.output_Z = PyroParam(kmeans_inducing(X, min(m_g, len(X)), seed=seed + 1))  # type: ignore[assignment]
         noise_t = torch.tensor(float(noise), dtype=self.dtype)
         if learn_noise:
-            self.noise = PyroParam(noise_t, constraints.positive)
+            self.noise = PyroParam(noise_t, constraints.positive)  # type: ignore[assignment]
         else:
             self.register_buffer("noise", noise_t)
 

@@ -28,26 +28,35 @@ class DiffGPPrediction:
     var: torch.Tensor | None = None
     probs_components: torch.Tensor | None = None
 
+    def _moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.loc is None or self.var is None:
+            raise AttributeError("a classification prediction has class probabilities (probs), not loc and var")
+        return self.loc, self.var
+
     @property
     def mean(self) -> torch.Tensor:
         """Predictive mean ``(n,)``."""
-        return self.loc.mean(0)
+        return self._moments()[0].mean(0)
 
     @property
     def variance(self) -> torch.Tensor:
         """Predictive variance ``(n,)`` (law of total variance over the mixture)."""
-        return self.var.mean(0) + self.loc.var(0, unbiased=False)
+        loc, var = self._moments()
+        return var.mean(0) + loc.var(0, unbiased=False)
 
     @property
     def probs(self) -> torch.Tensor:
         """Class probabilities ``(n, C)``."""
+        if self.probs_components is None:
+            raise AttributeError("a regression prediction has mean and variance, not class probabilities")
         return self.probs_components.mean(0)
 
     def log_density(self, y: torch.Tensor) -> torch.Tensor:
         """Pointwise log predictive density ``(n,)`` of targets / labels ``y``."""
         if self.probs_components is not None:
             return self.probs.gather(-1, y.long().unsqueeze(-1)).squeeze(-1).clamp_min(1e-300).log()
-        lp = -0.5 * (math.log(2 * math.pi) + self.var.log() + (y - self.loc) ** 2 / self.var)
+        loc, var = self._moments()
+        lp = -0.5 * (math.log(2 * math.pi) + var.log() + (y - loc) ** 2 / var)
         return torch.logsumexp(lp, 0) - math.log(lp.shape[0])
 
 

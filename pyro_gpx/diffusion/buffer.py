@@ -111,23 +111,31 @@ class ReplayBuffer:
         latest = torch.full((self.capacity,), -1, dtype=torch.long).scatter_reduce(0, slot[chosen], order, "amax")
         slots = torch.nonzero(latest >= 0)[:, 0]
         winners = chosen[latest[slots]]
-        self.z[slots], self.log_target[slots] = z[winners], log_target[winners]
+        stored_z, stored_log_target = self._stored()
+        stored_z[slots], stored_log_target[slots] = z[winners], log_target[winners]
         self.seen += len(z)
 
     def _append(self, z: torch.Tensor, log_target: torch.Tensor) -> None:
         self.seen += len(z)
-        if self.z is not None:
+        if self.z is not None and self.log_target is not None:
             z, log_target = torch.cat([self.z, z]), torch.cat([self.log_target, log_target])
         self.z, self.log_target = z[-self.capacity :].clone(), log_target[-self.capacity :].clone()
 
+    def _stored(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.z is None or self.log_target is None:
+            raise RuntimeError("the replay buffer is empty: add points first")
+        return self.z, self.log_target
+
     def update(self, index: torch.Tensor, z: torch.Tensor, log_target: torch.Tensor) -> None:
         """Replace the points at ``index`` (e.g. after a local search moved them), in place."""
-        self.z[index], self.log_target[index] = z.detach(), log_target.detach()
+        stored_z, stored_log_target = self._stored()
+        stored_z[index], stored_log_target[index] = z.detach(), log_target.detach()
 
     def sample(self, num: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``num`` points (with replacement) and their :math:`\\log\\rho`, drawn by rank priority."""
         index = self.sample_index(num, generator)
-        return self.z[index], self.log_target[index]
+        stored_z, stored_log_target = self._stored()
+        return stored_z[index], stored_log_target[index]
 
     def sample_index(self, num: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Indices of ``num`` points drawn (with replacement) by rank priority."""
@@ -135,7 +143,7 @@ class ReplayBuffer:
             raise RuntimeError("the replay buffer is empty: add points before sampling")
         n = len(self)
         rank = torch.empty(n, dtype=torch.float64)
-        rank[torch.argsort(self.log_target, descending=True)] = torch.arange(n, dtype=torch.float64)
+        rank[torch.argsort(self._stored()[1], descending=True)] = torch.arange(n, dtype=torch.float64)
         priority = 1.0 / (self.rank_weight * n + rank)
         return torch.multinomial(priority, num, replacement=True, generator=generator)
 

@@ -42,6 +42,8 @@ class DriftNet(nn.Module):
     :param drift_clip: if given, the drift is softly bounded, :math:`c\\tanh(b / c)` per coordinate, so
         that a poorly trained network cannot throw a path to overflowing values."""
 
+    frequencies: torch.Tensor
+
     def __init__(
         self,
         dim: int,
@@ -70,9 +72,10 @@ class DriftNet(nn.Module):
         nn.init.zeros_(self.out.bias)
         if use_score:
             embedding = 2 * (time_features // 2)
-            self.score_gate = nn.Sequential(nn.Linear(embedding, hidden), nn.SiLU(), nn.Linear(hidden, dim))
-            nn.init.zeros_(self.score_gate[-1].weight)
-            nn.init.zeros_(self.score_gate[-1].bias)
+            gate_in, gate_out = nn.Linear(embedding, hidden), nn.Linear(hidden, dim)
+            self.score_gate = nn.Sequential(gate_in, nn.SiLU(), gate_out)
+            nn.init.zeros_(gate_out.weight)
+            nn.init.zeros_(gate_out.bias)
 
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
         angles = t[..., None] * self.frequencies.to(t.dtype)
@@ -90,12 +93,12 @@ class DriftNet(nn.Module):
             on :math:`t` alone (the time features' part of the first layer, the score gate) is then
             computed for all of them at once, and each call runs only the layers that see :math:`z`.
         """
-        first, *rest = [m for m in self.body if isinstance(m, nn.Linear)]
+        first, *hidden_layers = [m for m in self.body if isinstance(m, nn.Linear)]
         dim = self.dim
         weight_z, weight_t = first.weight[:, :dim], first.weight[:, dim:]
         # transposed once per path batch: F.linear on a matrix transposes its weight at every call
         weight_z_t = weight_z.T
-        rest = [(m.weight.T, m.bias) for m in rest]
+        rest = [(m.weight.T, m.bias) for m in hidden_layers]
         out = (self.out.weight.T, self.out.bias)
         gate = [(m.weight, m.bias) for m in self.score_gate if isinstance(m, nn.Linear)] if self.use_score else []
         frequencies, use_score = self.frequencies, self.use_score
@@ -125,6 +128,7 @@ class DriftNet(nn.Module):
             if use_score:
                 if score is None:
                     raise ValueError("this drift uses the target's score; pass score=")
+                assert gate_t is not None  # time_terms returns the gate whenever use_score
                 drift = drift + gate_t * score.clamp(-score_clip, score_clip)
             if drift_clip is not None:
                 drift = drift_clip * torch.tanh(drift / drift_clip)

@@ -54,6 +54,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from typing import cast
 
 import pyro
 import pyro.distributions as dist
@@ -64,6 +65,7 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam, pyro_method
 from pyro.nn.module import to_pyro_module_
 from pyro.poutine.block_messenger import BlockMessenger
+from pyro.poutine.runtime import Message
 from pyro.poutine.util import site_is_subsample
 
 from .._validation import is_finite_at_least, is_integer
@@ -78,7 +80,8 @@ __all__ = ["AutoDiffusion", "PathSample", "importance_estimate"]
 def _blocks_sample_sites(model) -> bool:
     """Whether ``model`` is wrapped in a ``poutine.block`` that hides sample sites it is not told about
     (as ``poutine.block(model, expose=[...])`` does)."""
-    probe = {"type": "sample", "name": "_pyro_gpx_probe", "is_observed": False, "fn": None, "infer": {}}
+    # a partial message (no distribution): enough for the hide_fn of poutine.block
+    probe = cast(Message, {"type": "sample", "name": "_pyro_gpx_probe", "is_observed": False, "fn": None, "infer": {}})
     for _ in range(64):  # unwrap poutine handlers: partial(_context_wrap, messenger, fn)
         if not isinstance(model, functools.partial):
             return False
@@ -325,11 +328,12 @@ class AutoDiffusion(AutoContinuous):
                 fullname = f"{prefix}.{name}" if prefix else name
                 if param is None or fullname not in store:
                     continue
-                stored = store.get_param(fullname).unconstrained()
+                # the store's tensors carry unconstrained(), which Pyro's annotations (torch.Tensor) omit
+                stored = store.get_param(fullname).unconstrained()  # type: ignore[attr-defined]
                 if stored is not param:
                     if not isinstance(stored, torch.nn.Parameter):  # keep the store and the module on one tensor
                         store[fullname] = torch.nn.Parameter(stored.detach())
-                        stored = store.get_param(fullname).unconstrained()
+                        stored = store.get_param(fullname).unconstrained()  # type: ignore[attr-defined]
                     module._parameters[name] = stored
         flow = self.flow
         if flow is not None:

@@ -160,6 +160,7 @@ class LogVarianceLoss(_BatchedPathLoss):
         num_forward = self.num_paths - num_backward
         states = guide.explore_paths(num_forward, *args, noise_scale=self.exploration, **kwargs)
         if num_backward:
+            assert buffer is not None  # num_backward() is 0 without a buffer
             states = torch.cat([states, guide.backward_paths(buffer.sample(num_backward)[0])])
         # re-scored inside the guide's Pyro context, so that SVI sees (and steps) its parameters
         with poutine.trace(param_only=True) as capture:
@@ -180,12 +181,15 @@ class LogVarianceLoss(_BatchedPathLoss):
 
     def _search(self, guide, args, kwargs) -> None:
         target, buffer = guide.target(*args, **kwargs), self.buffer
+        assert buffer is not None  # searches run only with a buffer
         index = buffer.sample_index(self.num_paths).unique()
+        points = buffer.z
+        assert points is not None  # sample_index raises on an empty buffer
 
         def log_density(z):  # a proposal where the density is not finite is rejected, not an error
             return target.log_density(z, strict=False)
 
-        z, log_target, accept = langevin_search(log_density, buffer.z[index], self.search_steps, self.search_step_size)
+        z, log_target, accept = langevin_search(log_density, points[index], self.search_steps, self.search_step_size)
         self.search_step_size *= 1.1 if accept > 0.574 else 0.9
         if self.search_in_place:
             buffer.update(index, z, log_target)

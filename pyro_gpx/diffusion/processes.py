@@ -120,6 +120,16 @@ class ReferenceProcess:
             return (self.grid[:-1] / self.horizon).to(dtype)
         return torch.arange(self.num_steps, dtype=dtype) / self.num_steps
 
+    def _alpha(self, k: int) -> float:
+        if self.alphas is None:
+            raise ValueError(f"a {self.kind!r} process has no alphas (DDS's per-step variances)")
+        return float(self.alphas[k])
+
+    def _beta(self, k: int) -> float:
+        if self.betas is None:
+            raise ValueError(f"a {self.kind!r} process has no betas (DIS's per-step schedule)")
+        return float(self.betas[k])
+
     def _bridge_fraction(self, k: int) -> float:
         """:math:`t_k / t_{k+1}`, the Brownian bridge's shrinkage of :math:`z_{k+1}` towards 0."""
         if self.grid is None:
@@ -138,8 +148,8 @@ class ReferenceProcess:
         if self.kind == "pis":
             return self.sigma * math.sqrt(self.step_size(k))
         if self.kind == "dis":
-            return self.sigma * math.sqrt(float(self.betas[k]) * self.dt)
-        return self.sigma * math.sqrt(float(self.alphas[k]))
+            return self.sigma * math.sqrt(self._beta(k) * self.dt)
+        return self.sigma * math.sqrt(self._alpha(k))
 
     def advance(self, k: int, z: torch.Tensor, drift: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """:math:`z_{k+1}` from :math:`z_k`, the drift and the standard-normal increment ``eps``."""
@@ -148,7 +158,7 @@ class ReferenceProcess:
             return torch.add(z, drift, alpha=self.step_size(k)) + std * eps
         if self.kind == "dis":
             return self._dis_forward(k, z, drift)[0] + std * eps
-        keep = math.sqrt(1.0 - float(self.alphas[k]))
+        keep = math.sqrt(1.0 - self._alpha(k))
         return torch.add(keep * z, drift, alpha=2 * self.sigma**2 * (1 - keep)) + std * eps
 
     def step(self, k: int, z: torch.Tensor, drift: torch.Tensor, eps: torch.Tensor):
@@ -200,9 +210,9 @@ class ReferenceProcess:
             frac = self._bridge_fraction(k)
             return z_next * frac, self.sigma**2 * self.step_size(k) * frac
         if self.kind == "dis":  # Euler-Maruyama step of the noising SDE from z_{k+1}
-            beta = float(self.betas[k])
+            beta = self._beta(k)
             return (1 - 0.5 * beta * self.dt) * z_next, self.sigma**2 * beta * self.dt
-        alpha = float(self.alphas[k])
+        alpha = self._alpha(k)
         return math.sqrt(1.0 - alpha) * z_next, self.sigma**2 * alpha
 
     def backward_log_density(self, k: int, z: torch.Tensor, z_next: torch.Tensor) -> torch.Tensor:
@@ -226,7 +236,7 @@ class ReferenceProcess:
         if self.kind == "dis":
             mean, std = self._dis_forward(k, z, drift)
             return gaussian_log_density(z_next, mean, std**2)
-        alpha = float(self.alphas[k])
+        alpha = self._alpha(k)
         keep = math.sqrt(1.0 - alpha)
         mean = keep * z + 2 * self.sigma**2 * (1 - keep) * drift
         return gaussian_log_density(z_next, mean, self.sigma**2 * alpha)
@@ -234,7 +244,7 @@ class ReferenceProcess:
     def _dis_forward(self, k: int, z: torch.Tensor, drift: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Mean and std of DIS's Euler-Maruyama step from :math:`z_k`: drift
         :math:`\\tfrac12\\bar\\beta_k z + \\sigma^2\\bar\\beta_k u` with :math:`u = r - z/\\sigma^2`."""
-        beta = float(self.betas[k])
+        beta = self._beta(k)
         mean = (1 - 0.5 * beta * self.dt) * z + self.sigma**2 * beta * self.dt * drift
         return mean, self.sigma * math.sqrt(beta * self.dt)
 

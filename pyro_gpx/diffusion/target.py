@@ -102,7 +102,8 @@ class UnconstrainedTarget:
                 return poutine.trace(poutine.condition(self.model, data=data)).get_trace(*self.args, **self.kwargs)
 
     def _trace_log_prob(self, trace, batch: int | None, dim: int | None = None, strict: bool = True) -> torch.Tensor:
-        total, terms = 0.0, []
+        total: torch.Tensor | float = 0.0
+        terms = []
         for site in trace.nodes.values():
             if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("_deterministic"):
                 continue  # a deterministic site's density is masked out: zero
@@ -114,6 +115,7 @@ class UnconstrainedTarget:
             if batch is None:
                 total = total + lp.sum()
                 continue
+            assert dim is not None, "a batched evaluation needs the plate's dim"
             if lp.dim() >= -dim and lp.shape[dim] == batch:
                 total = total + lp.movedim(dim, 0).reshape(batch, -1).sum(-1)
             else:  # the same for every row
@@ -123,7 +125,7 @@ class UnconstrainedTarget:
             for name, lp in terms:
                 if not torch.isfinite(lp).all():
                     raise FloatingPointError(f"log density of site {name!r} is not finite at a sampled point")
-        return total
+        return torch.as_tensor(total)  # a tensor also when no site has a density (total still 0.0)
 
     def _batched(
         self, z: torch.Tensor, subsample: dict | None = None, strict: bool = True

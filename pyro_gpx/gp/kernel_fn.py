@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import gpytorch
 import pyro.poutine as poutine
@@ -41,7 +42,7 @@ class KernelFn:
         self.is_gpytorch = isinstance(kernel, gpytorch.kernels.Kernel)
         #: hyperparameters of a supported stationary kernel (fused products), else None
         self.spec: StationarySpec | None = stationary_spec(kernel) if fused else None
-        self._values = None
+        self._values: dict[str, Any] | None = None  # the recorded hyperparameter sites' values
         self._multiplier = 1.0
         if self.spec is None and isinstance(kernel, PyroModule) and probe is not None:
             with poutine.trace() as tr:

@@ -167,7 +167,7 @@ class ComputationAwareMarginal(TorchDistribution):
         return projection.elbo(self.kernel.diag(self.X))
 
     @torch.no_grad()
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008 (torch's signature)
+    def sample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] = torch.Size()) -> torch.Tensor:  # noqa: B008
         """Draws from :math:`N(\\mu(X), K + \\sigma^2 I)` (dense; for moderate ``n`` only)."""
         n = self.X.shape[0]
         if n > MAX_DENSE:

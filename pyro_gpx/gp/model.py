@@ -441,6 +441,7 @@ class ComputationAwareGP(GPModel):
         moments = self.posterior(Xnew, full_cov=full_cov, refine=refine, refit_noise=refit_noise, refit_mll=refit_mll)
         mean, cov = moments.mean, moments.covariance
         if not noiseless:
+            assert moments.noise is not None  # posterior() records the noise it conditioned on
             noise = moments.noise.double()
             cov = cov + noise * torch.eye(cov.shape[0], dtype=cov.dtype) if full_cov else cov + noise
         return mean.to(Xnew.dtype), cov.to(Xnew.dtype)

@@ -144,13 +144,15 @@ class PseudoInputPolicy(Policy):
     :param learn: optimise :math:`Z` with the hyperparameters.
     """
 
+    inducing_points: torch.Tensor  # a PyroParam or a buffer: PyroModule reads it back as a tensor
+
     def __init__(self, inducing_points: torch.Tensor, learn: bool = False):
         super().__init__()
         if not isinstance(inducing_points, torch.Tensor) or inducing_points.dim() != 2:
             raise ValueError(f"inducing_points must be a (m, d) tensor, got shape {tuple(inducing_points.shape)}")
         check_finite("inducing_points", inducing_points)
         if learn:
-            self.inducing_points = PyroParam(inducing_points.clone())
+            self.inducing_points = PyroParam(inducing_points.clone())  # type: ignore[assignment]
         else:
             self.register_buffer("inducing_points", inducing_points.clone())
 

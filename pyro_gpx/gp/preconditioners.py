@@ -36,7 +36,7 @@ References:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -103,7 +103,7 @@ def partial_cholesky(
     return L[:, : len(pivots)], torch.tensor(pivots, dtype=torch.long)
 
 
-def _block_rpcholesky(kernel, X, rank, tol, generator, block_size):
+def _block_rpcholesky(kernel, X, rank, tol, generator, block_size) -> tuple[torch.Tensor, torch.Tensor]:
     diag = kernel.diag(X).double().clone()
     initial = float(diag.sum())
     L = torch.zeros(X.shape[0], rank, dtype=torch.float64)
@@ -138,6 +138,7 @@ class LowRankPreconditioner:
     noise: torch.Tensor
     #: the training points whose kernel columns built ``L`` (when known)
     pivots: torch.Tensor | None = None
+    _inner_chol: torch.Tensor = field(init=False, repr=False, compare=False)  # set by __post_init__
 
     def __post_init__(self):
         k = self.L.shape[1]

@@ -165,7 +165,7 @@ class _Workspace:
     handed back to the OS when freed and page-faults in again on the next chunk; on CPU that cost
     more than the arithmetic."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
 
     def __call__(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,17 @@ def test_mean_field_elbo_uses_the_closed_form_kl(float64):
     torch.testing.assert_close(loss, guide.kl_divergence() - ll, rtol=1e-8, atol=1e-8)
 
 
+def test_kl_of_a_site_with_one_event_dimension(float64):
+    # a single row (M,): the guide's posterior is the MultivariateNormal itself, without an Independent around it
+    def model():
+        pyro.sample("u", dist.MultivariateNormal(torch.zeros(3), torch.eye(3)))
+
+    guide = InducingNormal(model, init_scale=0.5)
+    guide()
+    expected = 0.5 * (3 * 0.25 - 3 - 3 * math.log(0.25))
+    torch.testing.assert_close(guide.kl_divergence(), torch.tensor(expected), rtol=1e-10, atol=1e-10)
+
+
 def _bayesian_model(X, **kw):
     flow = FlowKernel(
         X.shape[1], lengthscale_prior=dist.LogNormal(0.0, 1.0), outputscale_prior=dist.LogNormal(-2.0, 1.0)
