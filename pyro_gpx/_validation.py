@@ -17,9 +17,14 @@ def check_finite(name: str, x: torch.Tensor) -> None:
 
 
 def check_positive_int(name: str, value) -> int:
-    """``value`` as an ``int``; ``ValueError`` naming ``name`` unless it is an integer >= 1."""
-    if int(value) != value or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value}")
+    """``value`` as an ``int``; ``ValueError`` naming ``name`` unless it is an integer >= 1 (``2.0``
+    passes; ``2.5``, NaN, inf, a ``bool`` or a non-number do not)."""
+    try:
+        valid = not isinstance(value, bool) and math.isfinite(float(value)) and int(value) == value and value >= 1
+    except (TypeError, ValueError, OverflowError):
+        valid = False
+    if not valid:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
@@ -42,7 +47,10 @@ def is_integer(value) -> bool:
 
 
 def is_finite_at_least(value, bound: float, strict: bool = False) -> bool:
-    """Whether ``value`` is a finite real number ``> bound`` (``strict``) or ``>= bound``; NaN fails."""
+    """Whether ``value`` is a finite real number ``> bound`` (``strict``) or ``>= bound``; NaN and
+    ``bool`` fail."""
+    if isinstance(value, bool):
+        return False
     try:
         value = float(value)
     except (TypeError, ValueError):

@@ -28,8 +28,14 @@ def first_float_tensor(module: nn.Module) -> torch.Tensor | None:
 def to_pyro_params_(module: nn.Module) -> nn.Module:
     """Convert ``module`` in place to a ``PyroModule`` whose trainable parameters are ``PyroParam`` s.
 
-    Frozen (``requires_grad=False``) and shared parameters stay plain ``nn.Parameter`` s (module
-    state, saved by ``state_dict``)."""
+    Frozen (``requires_grad=False``) parameters become buffers of the same name (fixed module state,
+    saved by ``state_dict``: a plain parameter of a ``PyroModule`` would enter the parameter store,
+    which makes it trainable), and shared trainable ones stay plain ``nn.Parameter`` s."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and not p.requires_grad:
+                del sub._parameters[name]
+                sub.register_buffer(name, p.detach())
     to_pyro_module_(module)
     counts: dict[int, int] = {}
     for sub in module.modules():

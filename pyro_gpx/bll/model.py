@@ -25,17 +25,19 @@ Pyro's parameter store, so either route restores the same model in a fresh proce
 * ``torch.save({"model": model.state_dict(), "guide": guide.state_dict()}, path)``; later
   ``pyro.clear_param_store()``, rebuild both objects with the same arguments and call
   ``load_state_dict`` on each. This also restores fixed module state: a fixed generator
-  (``learn_generator=False``, whose random weights are buffers), frozen feature parameters and
-  buffers such as BatchNorm running statistics.
+  (``learn_generator=False``, whose random weights are buffers), frozen feature parameters
+  (``requires_grad=False``: turned into buffers, so SVI never trains them) and buffers such as
+  BatchNorm running statistics.
   An autoguide creates its parameters on its first call: call it once on data before loading.
 * ``pyro.get_param_store().save(path)``; later ``pyro.clear_param_store()``, rebuild,
   ``pyro.get_param_store().load(path)``. Fixed state is not in the store: module buffers (BatchNorm
-  running statistics, a fixed generator's weights) need ``state_dict``, or rebuild a fixed generator
-  from the same seed.
+  running statistics, a fixed generator's weights, frozen feature parameters) need ``state_dict``, or
+  rebuild them from the same seed.
 
 The store is keyed by name: two unnamed models (or guides) built in one store share
 ``"features.0.weight"`` (``"loc"``) and the like, and the second then starts from, and trains, the
-first one's values. Clear the store between models, or give them different ``name`` s.
+first one's values. Clear the store between models, or give them different ``name`` s (a named
+layer keeps its prefix under a parent ``PyroModule``, instead of taking the parent's attribute path).
 """
 
 from __future__ import annotations
@@ -137,6 +139,11 @@ class BayesianLastLayer(PyroModule):
         self.weight_site, self.f_site, self.y_site, self.plate_name = (
             self.site_name(base) for base in ("weights", "f", "y", "data")
         )
+
+    def _pyro_set_supermodule(self, name: str, context) -> None:
+        # under a parent PyroModule, a named layer keeps its own prefix (the parent would rename it to
+        # its attribute path, and two layers named apart would share parameters)
+        super()._pyro_set_supermodule(self.name if self.name is not None else name, context)
 
     def site_name(self, base: str) -> str:
         """``base`` with this layer's ``name`` prefix (``"<name>.<base>"``, or ``base`` without a name)."""

@@ -6,13 +6,15 @@ import torch
 from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam
 
+from .._validation import is_finite_at_least
+
 __all__ = ["register_positive"]
 
 
 def register_positive(module: PyroModule, name: str, value: float, learn: bool) -> None:
-    """Set ``module.<name>`` to ``value`` (> 0), learned by SVI if ``learn``."""
-    if not value > 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+    """Set ``module.<name>`` to ``value`` (finite, > 0), learned by SVI if ``learn``."""
+    if not is_finite_at_least(value, 0.0, strict=True):
+        raise ValueError(f"{name} must be a finite positive number, got {value}")
     if learn:
         setattr(module, name, PyroParam(torch.tensor(float(value)), constraint=constraints.positive))
     else:

@@ -14,12 +14,18 @@ from ..diagnostics import sample_guide
 from .guide import LastLayerNormal
 from .heads import GaussianHead
 from .model import BayesianLastLayer, evaluation_mode
+from .priors import ImplicitWeightPrior
 
 __all__ = ["predict", "predictive_entropy"]
 
 
 def _latent_draws(model, posterior, num_samples, X, y) -> dict[str, torch.Tensor]:
     if isinstance(posterior, dict):
+        site = model.weight_site
+        if isinstance(model.prior, ImplicitWeightPrior):
+            site = f"{site}_latent"
+        if site not in posterior:  # the model would draw it from the prior
+            raise ValueError(f"posterior has no draws of the site {site!r}; its keys are {sorted(posterior)}")
         return posterior
     if isinstance(posterior, LastLayerNormal):
         return {posterior.site: posterior.distribution().sample((num_samples,))}
@@ -63,11 +69,14 @@ def predict(
 ) -> dict[str, torch.Tensor]:
     """Predictive summaries at ``X``.
 
-    :param posterior: a trained guide or a dict of posterior samples (e.g. ``mcmc.get_samples()``).
-    :param train: ``(X_train, y_train)`` for guides whose draws depend on the data (``AutoDiffusion``
-        simulates paths towards the posterior of the data it was trained on).
+    :param posterior: a trained guide or a dict of posterior samples (e.g. ``mcmc.get_samples()``)
+        holding the weight site (``"<name>.weights"``, or ``"<name>.weights_latent"`` for an implicit
+        prior); a dict without it raises ``ValueError``.
+    :param train: ``(X_train, y_train)``, required for every guide but
+        :class:`~pyro_gpx.bll.guide.LastLayerNormal`: they are sampled through the model with the data
+        they were trained on (``AutoDiffusion`` simulates paths towards that data's posterior).
     :param num_samples: posterior draws from a guide (at least 2 for regression, whose variance needs
-        a spread); ignored for a dict of samples.
+        a spread); not used for a dict of samples, but still checked to be a positive integer.
     :param draw_batch: draws evaluated per batched model run (bounds memory).
     :returns: ``"f"`` draws ``(S, n, C)``; regression: ``"mean"``, ``"var"`` (latent plus noise) and
         ``"noise"``; classification: ``"probs"`` (averaged over draws), ``"entropy"``, ``"max_prob"``.

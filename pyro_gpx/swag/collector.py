@@ -91,6 +91,10 @@ class SWAGCollector:
             if shape != self._shapes[name]:
                 collected = tuple(self._shapes[name])
                 raise ValueError(f"parameter {name!r} has shape {tuple(shape)}; SWAG collected {collected}")
+        if list(shapes) != list(self._shapes):  # the flat vector follows the registration order
+            raise ValueError(
+                f"the module's parameters are in the order {list(shapes)}; SWAG collected {list(self._shapes)}"
+            )
 
     @property
     def num_snapshots(self) -> int:
@@ -201,5 +205,10 @@ class SWAGCollector:
         if shapes != self._shapes:
             changed = sorted(k for k in set(shapes) | set(self._shapes) if shapes.get(k) != self._shapes.get(k))
             raise ValueError(f"the saved SWAG state was collected for parameters of other names or shapes: {changed}")
+        if list(shapes) != list(self._shapes):  # the flat vector follows the registration order
+            raise ValueError(
+                f"the saved SWAG state was collected for the parameter order {list(shapes)}; "
+                f"the module has {list(self._shapes)}"
+            )
         num = sum(s.numel() for s in self._shapes.values())
         self.moments = moments_from_state(state, num, self._device(self.module))

@@ -24,7 +24,10 @@ Saving: ``torch.save(swag.state_dict(), path)``, then ``AutoSWAG(model).load_sta
 (the statistics, ``max_rank``, ``scale`` and ``diag_only`` are the module's extra state;
 :meth:`AutoSWAG.swag_state_dict` is the same dict, and loading it sets those three settings).
 A guide loaded before its model ran sets its prototype at the first call without drawing from the
-RNG, so it draws what the saved guide did under the same seed.
+RNG, so it draws what the saved guide did under the same seed. Make that first call with the
+training data (``swag(X_train, y_train)``, or ``swag.median(X_train, y_train)``): called first at new
+inputs without targets, the observed sites would look latent, and it raises saying so. An
+``AutoMultiSWAG`` takes its prototype from a member that has one.
 """
 
 from __future__ import annotations
@@ -118,7 +121,11 @@ class AutoSWAG(AutoContinuous):
         else:  # statistics loaded before the model ran: keep the RNG as it was, so that a reloaded
             with _rng_kept():  # guide draws what the saved one did under the same seed
                 super()._setup_prototype(*args, **kwargs)
-            self._check_shapes()
+            try:
+                self._check_shapes()
+            except ValueError:
+                self.prototype_trace = None  # a later call (with the training data) traces again
+                raise
 
     def _latent_dtype_device(self) -> tuple[torch.dtype, torch.device]:
         value = next(self.prototype_trace.iter_stochastic_nodes())[1]["value"]

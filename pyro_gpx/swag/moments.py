@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import pyro.distributions as dist
 import torch
 
-from .._validation import check_finite, is_finite_at_least
+from .._validation import check_finite, check_positive_int, is_finite_at_least
 
 __all__ = [
     "MIN_VARIANCE",
@@ -86,10 +86,8 @@ def init_moments(
 ) -> SWAGMoments:
     """Empty statistics for ``num_params`` parameters, in ``dtype`` on ``device`` (that of the
     parameters: the default ``None`` is the default device)."""
-    if num_params < 1:
-        raise ValueError(f"num_params must be >= 1, got {num_params}")
-    if max_rank < 1:
-        raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+    num_params = check_positive_int("num_params", num_params)
+    max_rank = check_positive_int("max_rank", max_rank)
     zeros = torch.zeros(num_params, dtype=dtype, device=device)
     return SWAGMoments(0, zeros, zeros.clone(), zeros.new_zeros(0, num_params), max_rank)
 

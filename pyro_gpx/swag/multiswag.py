@@ -114,13 +114,32 @@ class AutoMultiSWAG(AutoContinuous):
         return self._members
 
     def _setup_prototype(self, *args, **kwargs):
-        with _rng_kept():  # keep the RNG as it was: saved and reloaded guides draw alike
-            super()._setup_prototype(*args, **kwargs)
+        traced = next((g for g in self._members if g.prototype_trace is not None), None)
+        if traced is not None:  # a member's trace, made with the training data: a first call at new
+            # inputs (Predictive's, without targets) would make the observed sites look latent
+            self.prototype_trace = traced.prototype_trace
+            self._prototype_frames = dict(traced._prototype_frames)
+            self._unconstrained_shapes = dict(traced._unconstrained_shapes)
+            self._cond_indep_stacks = dict(traced._cond_indep_stacks)
+            self.latent_dim = traced.latent_dim
+        else:
+            with _rng_kept():  # keep the RNG as it was: saved and reloaded guides draw alike
+                super()._setup_prototype(*args, **kwargs)
+        try:
+            self._check_members()
+        except ValueError:
+            self.prototype_trace = None  # a later call (with the training data) traces again
+            raise
+
+    def _check_members(self) -> None:
         shapes = {name: tuple(shape) for name, shape in self._unconstrained_shapes.items()}
         for i, g in enumerate(self._members):
             g.moments  # noqa: B018  (raises a clear error if member i collected nothing)
             if g._swag_shapes is not None and list(g._swag_shapes.items()) != list(shapes.items()):
-                raise ValueError(f"guides[{i}] tracks latent sites {g._swag_shapes}; the model has {shapes}")
+                extra = sorted(set(shapes) - set(g._swag_shapes))
+                hint = (f" ({extra} are latent in this call: make a reloaded guide's first call with the training "
+                        "data, so that observed sites stay observed)") if extra else ""  # fmt: skip
+                raise ValueError(f"guides[{i}] tracks latent sites {g._swag_shapes}; the model has {shapes}{hint}")
             if g.moments.mean.numel() != self.latent_dim:
                 raise ValueError(
                     f"guides[{i}] tracks {g.moments.mean.numel()} entries; the model has {self.latent_dim}"

@@ -23,13 +23,18 @@ from __future__ import annotations
 
 import torch
 
+from .._validation import is_finite_at_least
+
 __all__ = ["swag_learning_rate", "swag_scheduler"]
 
 
 def swag_learning_rate(epoch: float, lr_init: float, swa_lr: float, swa_start: float) -> float:
     """Learning rate at ``epoch`` (fractional epochs allowed)."""
-    if swa_start <= 0 or lr_init <= 0 or swa_lr <= 0:
-        raise ValueError("swa_start, lr_init and swa_lr must be positive")
+    for name, value in (("swa_start", swa_start), ("lr_init", lr_init), ("swa_lr", swa_lr)):
+        if not is_finite_at_least(value, 0.0, strict=True):
+            raise ValueError(f"{name} must be a finite positive number, got {value}")
+    if not is_finite_at_least(epoch, float("-inf")):
+        raise ValueError(f"epoch must be a finite number, got {epoch}")
     t = epoch / swa_start
     ratio = swa_lr / lr_init
     if t <= 0.5:

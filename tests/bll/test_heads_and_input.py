@@ -79,7 +79,7 @@ def test_bad_input(digits_like):
         regression(X, torch.full((24,), float("nan")))
     with pytest.raises(ValueError, match=r"features have shape"):
         BayesianLastLayer(None, 4, GaussianHead())(X, X[:, 0])
-    with pytest.raises(ValueError, match="noise must be positive"):
+    with pytest.raises(ValueError, match="noise must be a finite positive number"):
         GaussianHead(noise=0.0)
     with pytest.raises(ValueError, match="num_classes"):
         CategoricalHead(1)

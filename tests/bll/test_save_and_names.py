@@ -166,3 +166,56 @@ def test_named_models_do_not_share_parameters(data):
     _train(model_b, guide_b, X, y, steps=1)
     assert not torch.equal(model_b.features[0].weight, fresh)  # b trains its own features ...
     torch.testing.assert_close(model_a.features[0].weight.detach(), trained, rtol=0, atol=0)  # ... not a's
+
+
+class _Wrapped(PyroModule):
+    def __init__(self, name):
+        super().__init__()
+        self.layer = BayesianLastLayer(nn.Sequential(nn.Linear(3, 4), nn.Tanh()), 4, GaussianHead(0.1), name=name)
+
+    def forward(self, X, y=None):
+        return self.layer(X, y)
+
+
+def test_a_named_layer_keeps_its_prefix_under_a_parent_module(data):
+    X, y = data
+    first, second = _Wrapped("a"), _Wrapped("b")
+    first(X, y)
+    second(X, y)
+    assert set(pyro.get_param_store().keys()) == {
+        f"{n}.{p}" for n in "ab" for p in ("features.0.weight", "features.0.bias", "head.noise")
+    }
+    assert not torch.equal(first.layer.features[0].weight, second.layer.features[0].weight)
+
+
+def test_frozen_feature_parameters_stay_fixed(data):
+    X, y = data
+    features = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4))
+    features[0].requires_grad_(False)
+    frozen = features[0].weight.detach().clone()
+    model = BayesianLastLayer(features, 4, GaussianHead(0.1))
+    guide = LastLayerNormal(model)
+    before = features[2].weight.detach().clone()
+    _train(model, guide, X, y)
+    torch.testing.assert_close(features[0].weight, frozen, rtol=0, atol=0)  # a buffer now, never in the store
+    assert not features[0].weight.requires_grad and "features.0.weight" not in pyro.get_param_store()
+    assert not torch.equal(features[2].weight.detach(), before)  # the trainable layer trains
+    assert "0.weight" in features.state_dict()
+
+
+def test_predict_refuses_samples_without_the_weight_site(data):
+    X, _ = data
+    model = BayesianLastLayer(nn.Sequential(nn.Linear(3, 4), nn.Tanh()), 4, GaussianHead(0.1), name="reg")
+    with pytest.raises(ValueError, match="no draws of the site 'reg.weights'"):
+        predict(model, {"weights": torch.zeros(10, 1, 5)}, X)
+    implicit = BayesianLastLayer(None, 3, GaussianHead(0.1), ImplicitWeightPrior(nn.Linear(2, 4), latent_dim=2))
+    with pytest.raises(ValueError, match="no draws of the site 'weights_latent'"):
+        predict(implicit, {"weights": torch.zeros(10, 1, 4)}, X)  # W alone: z would come from the prior
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 0.0, -1.0])
+def test_positive_settings_must_be_finite(value):
+    with pytest.raises(ValueError, match="noise must be a finite positive number"):
+        GaussianHead(value)
+    with pytest.raises(ValueError, match="scale must be a finite positive number"):
+        GaussianWeightPrior(value)

@@ -196,6 +196,31 @@ def test_errors_on_too_few_iterates_and_changed_shapes():
         swag.collect(other)
 
 
+class _Pair(torch.nn.Module):
+    """Two vectors registered in the given order."""
+
+    def __init__(self, order: str):
+        super().__init__()
+        for name in order:
+            setattr(self, name, torch.nn.Parameter(torch.zeros(2) if name == "a" else torch.full((2,), 10.0)))
+
+
+def test_parameters_in_another_order_are_refused():
+    swag = SWAGCollector(_Pair("ab"))
+    for _ in range(3):
+        swag.collect()
+    with pytest.raises(ValueError, match=r"in the order \['b', 'a'\]; SWAG collected \['a', 'b'\]"):
+        swag.collect(_Pair("ba"))
+    with pytest.raises(ValueError, match="parameter order"):
+        SWAGCollector(_Pair("ba")).load_state_dict(swag.state_dict())
+
+
+@pytest.mark.parametrize("max_rank", [2.5, float("nan"), float("inf"), True, "3"])
+def test_max_rank_must_be_a_positive_integer(max_rank):
+    with pytest.raises(ValueError, match="max_rank must be a positive integer"):
+        SWAGCollector(_net(), max_rank=max_rank)
+
+
 def test_predict_restores_weights_and_multiswag_stacks_runs():
     runs = []
     for seed in (0, 1):
@@ -234,6 +259,16 @@ def test_learning_rate_schedule_and_swalr_interop():
     optimizer.step()
     swalr.step()
     assert ours == pytest.approx(0.01) and optimizer.param_groups[0]["lr"] == pytest.approx(ours)
+    for bad in (float("nan"), float("inf"), 0.0, True):
+        with pytest.raises(ValueError, match="lr_init must be a finite positive number"):
+            swag_learning_rate(1, bad, 0.01, 20)
+    with pytest.raises(ValueError, match="epoch must be a finite number"):
+        swag_learning_rate(float("nan"), 0.1, 0.01, 20)
+    swag = SWAGCollector(net)
+    swag.collect()
+    swag.collect()
+    with pytest.raises(ValueError, match="scale must be a finite positive number"):
+        swag.sample(scale=True)
 
 
 def test_schedule_decays_every_parameter_group_to_the_swa_rate_as_swalr_does():

@@ -290,3 +290,29 @@ def test_multiswag_guide_state_and_errors():
     other.collect({"a": torch.zeros(2, dtype=torch.float64), "b": torch.tensor(0.0, dtype=torch.float64)}, X, X[:, 0])
     with pytest.raises(ValueError, match=r"guides\[1\] tracks latent sites \{'a': \(2,\), 'b': \(\)\}"):
         AutoMultiSWAG([_latent5_swag(walks[2]), other])()  # members of another model
+
+
+def test_multiswag_guide_predicts_at_new_inputs(float64):
+    # the members were traced with the training data; Predictive's first call has no targets
+    gen = torch.Generator().manual_seed(0)
+    X, y = torch.randn(6, 2, generator=gen), torch.randn(6, generator=gen)
+    members = [AutoSWAG(other_model) for _ in range(2)]
+    for m, guide in enumerate(members):
+        for t in range(3):
+            guide.collect({"a": torch.full((2,), 0.1 * t + m), "b": torch.tensor(0.2 * t)}, X, y)
+    X_new = torch.randn(4, 2, generator=gen)
+    pyro.set_rng_seed(0)
+    out = Predictive(other_model, guide=AutoMultiSWAG(members), num_samples=8)(X_new)
+    assert out["y"].shape == (8, 4) and out["a"].shape == (8, 2)
+    reloaded = AutoMultiSWAG([AutoSWAG(other_model) for _ in range(2)])
+    reloaded.load_state_dict(AutoMultiSWAG(members).state_dict())
+    with pytest.raises(ValueError, match=r"\['y'\] are latent in this call"):
+        Predictive(other_model, guide=reloaded, num_samples=8)(X_new)  # untraced: needs the training data first
+    reloaded(X, y)
+    assert Predictive(other_model, guide=reloaded, num_samples=8)(X_new)["y"].shape == (8, 4)
+    single = AutoSWAG(other_model)
+    single.load_state_dict(members[0].state_dict())
+    with pytest.raises(ValueError, match=r"\['y'\] are latent in this call"):
+        Predictive(other_model, guide=single, num_samples=8)(X_new)
+    single(X, y)  # traces again, with the training data
+    assert Predictive(other_model, guide=single, num_samples=8)(X_new)["y"].shape == (8, 4)

@@ -1,0 +1,23 @@
+"""The shared input checks."""
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_gpx._validation import check_positive_int, is_finite_at_least
+
+
+@pytest.mark.parametrize("value, expected", [(3, 3), (2.0, 2), (np.int64(4), 4), (torch.tensor(5), 5)])
+def test_positive_integers_pass(value, expected):
+    assert check_positive_int("n", value) == expected
+
+
+@pytest.mark.parametrize("value", [0, -2, 2.5, float("nan"), float("inf"), True, "3", None, torch.tensor(1.5)])
+def test_other_values_name_the_argument(value):
+    with pytest.raises(ValueError, match="num_data must be a positive integer"):
+        check_positive_int("num_data", value)
+
+
+def test_finite_bounds():
+    assert is_finite_at_least(0.5, 0.0, strict=True) and is_finite_at_least(0, 0.0)
+    assert not any(is_finite_at_least(v, 0.0, strict=True) for v in (0.0, float("nan"), float("inf"), True, "x", None))
