@@ -13,6 +13,8 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.elbo import ELBO
 from tqdm.auto import tqdm
 
+from ._validation import check_positive_int, is_finite_at_least, is_integer
+
 __all__ = ["CollapseGuard", "fit_svi", "fit_lbfgs"]
 
 _BAD_LOSS = 1e10  # not larger: L-BFGS's line search squares it, in the parameters' (maybe float32) dtype
@@ -64,10 +66,10 @@ class CollapseGuard:
 
     def __init__(self, svi: SVI, score: Callable[[], float], every: int = 500, drop: float = 10.0,
                  lr_factor: float = 0.5):  # fmt: skip
-        if not (isinstance(every, int) and every >= 1):
+        if not (is_integer(every) and every >= 1):
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
-        if not drop > 0:
-            raise ValueError(f"drop must be positive, got {drop!r}")
+        if not is_finite_at_least(drop, 0.0, strict=True):
+            raise ValueError(f"drop must be a finite positive number, got {drop!r}")
         if not 0 < lr_factor <= 1:
             raise ValueError(f"lr_factor must be in (0, 1], got {lr_factor!r}")
         self.svi, self.score, self.every, self.drop, self.lr_factor = svi, score, every, float(drop), lr_factor
@@ -162,8 +164,7 @@ def fit_svi(
         >>> len(losses)
         5
     """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    num_steps = check_positive_int("num_steps", num_steps)
     if optim is None:
         optim = pyro.optim.Adam({"lr": 0.01})  # type: ignore[attr-defined]  # pyro.optim makes Adam at import time
     svi = SVI(model, guide, optim, loss or Trace_ELBO())
@@ -184,7 +185,7 @@ def fit_svi(
                 continue
             raise FloatingPointError(f"SVI loss became {value} at step {step}")
         losses.append(value)
-        if step % 50 == 0:
+        if step % 50 == 0 or step == num_steps - 1:  # the bar ends on the last loss
             bar.set_postfix(loss=f"{value:.4g}")
     return losses
 
@@ -219,10 +220,10 @@ def fit_lbfgs(
     :returns: the loss at the start of each iteration (``LBFGS.step``'s value: the first entry is the
         initial loss, and the loss after the last iteration is not included).
     """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if restart_after < 0:
-        raise ValueError(f"restart_after must be >= 0, got {restart_after}")
+    num_steps = check_positive_int("num_steps", num_steps)
+    max_eval = check_positive_int("max_eval", max_eval)
+    if not is_integer(restart_after) or restart_after < 0:
+        raise ValueError(f"restart_after must be an integer >= 0, got {restart_after!r}")
     elbo = loss or Trace_ELBO()
     loss_fn = getattr(elbo, "differentiable_loss", None)  # not on every ELBO (e.g. TraceGraph_ELBO)
     if loss_fn is None:

@@ -44,8 +44,11 @@ def test_non_finite_loss_is_an_error():
             fit_svi(bad, lambda y: None, torch.zeros(1), num_steps=2, progress=False)
         with pytest.raises(FloatingPointError):
             fit_lbfgs(bad, lambda y: None, torch.zeros(1), num_steps=2, progress=False)
-    with pytest.raises(ValueError, match="num_steps"):
-        fit_svi(model, AutoNormal(model), torch.zeros(1), num_steps=0)
+    for bad in (0, float("nan"), float("inf"), 2.5, True):
+        with pytest.raises(ValueError, match="num_steps must be a positive integer"):
+            fit_svi(model, AutoNormal(model), torch.zeros(1), num_steps=bad)
+        with pytest.raises(ValueError, match="num_steps must be a positive integer"):
+            fit_lbfgs(model, AutoNormal(model), torch.zeros(1), num_steps=bad)
 
 
 def _banana():
@@ -114,7 +117,8 @@ def test_collapse_guard_in_fit_svi_and_its_arguments():
     fit_svi(_quadratic, lambda: None, num_steps=50, optim=pyro.optim.Adam({"lr": 0.1}), guard=make, progress=False)
     assert len(values) == 5 and len(set(values)) == 5 and guards[0].rollbacks == 0
     svi = SVI(_quadratic, lambda: None, pyro.optim.Adam({"lr": 0.1}), Trace_ELBO())
-    for kwargs, name in (({"every": 0}, "every"), ({"drop": 0.0}, "drop"), ({"lr_factor": 1.5}, "lr_factor")):
+    for kwargs, name in (({"every": 0}, "every"), ({"every": True}, "every"), ({"drop": 0.0}, "drop"),
+                         ({"drop": float("inf")}, "drop"), ({"lr_factor": 1.5}, "lr_factor")):  # fmt: skip
         with pytest.raises(ValueError, match=name):
             CollapseGuard(svi, score, **kwargs)
 

@@ -24,6 +24,7 @@ from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
+from .._validation import check_positive_int
 from .model_structure import ModelStructure, SiteSpec, is_deterministic, is_factor, vectorize_plate
 
 __all__ = ["DrawEvaluation", "evaluate_draws", "ResampleObservations"]
@@ -286,7 +287,9 @@ def evaluate_draws(
             logger.info("evaluating draws one at a time: %s", why)
         vectorize = ok
     result.vectorized = bool(vectorize)
-    if draw_batch is None:
+    if draw_batch is not None:
+        draw_batch = check_positive_int("draw_batch", draw_batch)
+    else:
         numel = sum(math.prod(structure.sites[n].value_shape) for n in req.value_names)
         numel += sum(math.prod(structure.sites[n].batch_shape) for n in req.lp_names)
         draw_batch = max(1, min(num_draws, _DRAW_BATCH_ELEMENTS // max(numel, 1)))

@@ -9,6 +9,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.poutine.util import site_is_subsample
 
+from .._validation import check_positive_int
 from .model_structure import ModelStructure, inspect_model, vectorize_plate
 
 __all__ = ["sample_guide"]
@@ -50,8 +51,7 @@ def sample_guide(
         :class:`~pyro_gpx.diagnostics.model_structure.ModelStructure`.
     :raises ValueError: if ``num_samples < 1`` or the guide misses a latent site of the model.
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    num_samples = check_positive_int("num_samples", num_samples)
     kwargs = dict(kwargs or {})
     first = _latent_values(_trace_guide(guide, args, kwargs))
     structure = inspect_model(model, first, args, kwargs)

@@ -20,6 +20,7 @@ import gpytorch
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.distributions import constraints
 from pyro.nn import PyroModule, pyro_method
 
 from ..gp.stationary import _gpytorch_family, _profile
@@ -142,7 +143,12 @@ class FlowKernel(PyroModule):
                 )
             for name, prior in (("lengthscale_prior", lengthscale_prior), ("outputscale_prior", outputscale_prior)):
                 if prior is not None and (prior.batch_shape != () or prior.event_shape != ()):
-                    raise ValueError(f"{name} must be a scalar distribution, got batch {tuple(prior.batch_shape)}")
+                    raise ValueError(
+                        f"{name} must be a scalar distribution, got batch shape {tuple(prior.batch_shape)} "
+                        f"and event shape {tuple(prior.event_shape)}"
+                    )
+                if prior is not None and not _positive_support(prior):
+                    raise ValueError(f"{name} must have positive support (e.g. LogNormal, Gamma), got {prior.support}")
 
     @property
     def bayesian(self) -> bool:
@@ -183,3 +189,12 @@ class FlowKernel(PyroModule):
         os_ = os_.expand(batch + (Dk,)).reshape(-1, Dk)
         lead = draw_shape(batch, "the flow hyperparameters")
         return KernelState(family=self.family, lengthscale=ls, outputscale=os_, lead=lead)
+
+
+def _positive_support(prior) -> bool:
+    """Whether ``prior``'s support is non-negative (positive, or an interval starting at or above zero)."""
+    support = getattr(prior.support, "base_constraint", prior.support)  # Independent wraps it
+    if support is constraints.positive:
+        return True
+    lower = getattr(support, "lower_bound", None)
+    return lower is not None and float(lower) >= 0

@@ -48,7 +48,7 @@ import torch
 from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam
 
-from .._validation import check_finite
+from .._validation import check_finite, check_positive_int, is_finite_at_least
 from .flow import GPVectorField, integrate_flow
 from .flow_kernel import FlowKernel, KernelState, draw_shape
 from .inducing import jittered_cholesky, kmeans_inducing, whitened_conditional
@@ -141,9 +141,12 @@ class DifferentialGP(PyroModule):
         check_finite("init_inputs", init_inputs)
         if not (isinstance(horizon, (int, float)) and math.isfinite(horizon) and horizon > 0):
             raise ValueError(f"horizon must be a positive number, got {horizon}")
-        for name, value in (("num_steps", num_steps), ("num_paths", num_paths)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}")
+        num_steps, num_paths = check_positive_int("num_steps", num_steps), check_positive_int("num_paths", num_paths)
+        num_inducing = check_positive_int("num_inducing", num_inducing)
+        if output_inducing is not None:
+            output_inducing = check_positive_int("output_inducing", output_inducing)
+        if jitter is not None and not is_finite_at_least(jitter, 0.0):
+            raise ValueError(f"jitter must be a finite number >= 0 or None, got {jitter}")
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
         if likelihood == "categorical" and (num_classes is None or num_classes < 2):

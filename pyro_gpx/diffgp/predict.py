@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import pyro.poutine as poutine
 import torch
 
+from .._validation import check_positive_int
+
 __all__ = ["DiffGPPrediction", "predict"]
 
 
@@ -52,8 +54,19 @@ class DiffGPPrediction:
         return self.probs_components.mean(0)
 
     def log_density(self, y: torch.Tensor) -> torch.Tensor:
-        """Pointwise log predictive density ``(n,)`` of targets / labels ``y``."""
+        """Pointwise log predictive density ``(n,)`` of targets / labels ``y``.
+
+        :raises ValueError: if ``y`` is not an ``(n,)`` tensor, or (classification) its entries are not
+            integer labels in ``[0, C)``."""
+        n = self.probs_components.shape[1] if self.probs_components is not None else self._moments()[0].shape[-1]
+        if not isinstance(y, torch.Tensor) or y.shape != (n,):
+            raise ValueError(f"y must be a tensor of shape ({n},), got {tuple(getattr(y, 'shape', ()))}")
         if self.probs_components is not None:
+            C = self.probs_components.shape[-1]
+            if y.is_floating_point() and not torch.equal(y, y.round()):
+                raise ValueError("y must hold integer class labels")
+            if ((y < 0) | (y >= C)).any():
+                raise ValueError(f"labels must lie in [0, {C}), got values in [{y.min()}, {y.max()}]")
             return self.probs.gather(-1, y.long().unsqueeze(-1)).squeeze(-1).clamp_min(1e-300).log()
         loc, var = self._moments()
         lp = -0.5 * (math.log(2 * math.pi) + var.log() + (y - loc) ** 2 / var)
@@ -66,8 +79,10 @@ def predict(model, guide, X: torch.Tensor, num_samples: int = 20, *, mc_samples:
 
     :param mc_samples: output-GP draws per component for classification probabilities.
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    num_samples = check_positive_int("num_samples", num_samples)
+    mc_samples = check_positive_int("mc_samples", mc_samples)
+    if getattr(guide, "prototype_trace", ...) is None:  # an autoguide that never ran: y would look latent
+        raise ValueError("the guide has not run yet: train it, or call it once with the training data (X, y)")
     locs, vars_ = [], []
     for _ in range(num_samples):
         guide_trace = poutine.trace(guide).get_trace(X)

@@ -60,6 +60,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
+from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam, pyro_method
@@ -615,7 +616,37 @@ class AutoDiffusion(AutoContinuous):
             weights.append(self.sample_paths(min(batch_size, num_paths - start), *args, **kwargs).log_weight)
         return importance_estimate(torch.cat(weights))
 
+    #: paths behind :meth:`median` and :meth:`quantiles`
+    summary_paths: int = 512
+
+    def _summary_draws(self, *args, **kwargs) -> torch.Tensor:
+        """``summary_paths`` unconstrained draws under a fixed seed, so that repeated calls agree and the
+        global random state is left as it was."""
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(0)
+            return self.sample_paths(self.summary_paths, *args, log_target=False, **kwargs).z
+
     def _loc_scale(self, *args, **kwargs):
-        with torch.no_grad():
-            z = self.sample_paths(512, *args, log_target=False, **kwargs).z
+        z = self._summary_draws(*args, **kwargs)
         return z.mean(0), z.std(0)
+
+    def median(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """Each latent's marginal median, estimated from :attr:`summary_paths` paths drawn under a fixed
+        seed (the same on every call; the guide's law need not be Gaussian, so not its mean)."""
+        z = self._summary_draws(*args, **kwargs)
+        return {site["name"]: biject_to(site["fn"].support)(value)
+                for site, value in self._unpack_latent(z.median(0).values)}  # fmt: skip
+
+    @torch.no_grad()
+    def quantiles(self, quantiles, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """Each latent's marginal quantiles (empirical, from :attr:`summary_paths` paths drawn under a
+        fixed seed), stacked along a new leading dimension, as ``AutoContinuous.quantiles`` returns them."""
+        z = self._summary_draws(*args, **kwargs)
+        levels = torch.as_tensor(quantiles, dtype=z.dtype, device=z.device)
+        if levels.dim() != 1 or not ((levels >= 0) & (levels <= 1)).all():
+            raise ValueError(f"quantiles must be a list of levels in [0, 1], got {quantiles}")
+        result: dict[str, list[torch.Tensor]] = {}
+        for row in torch.quantile(z, levels, dim=0):
+            for site, value in self._unpack_latent(row):
+                result.setdefault(site["name"], []).append(biject_to(site["fn"].support)(value))
+        return {name: torch.stack(values) for name, values in result.items()}

@@ -83,8 +83,8 @@ class _BatchedPathLoss(ELBO):
     min_paths = 1
 
     def __init__(self, num_paths: int = 128):
-        if num_paths < self.min_paths:
-            raise ValueError(f"num_paths must be >= {self.min_paths}, got {num_paths}")
+        if not is_integer(num_paths) or num_paths < self.min_paths:
+            raise ValueError(f"num_paths must be an integer >= {self.min_paths}, got {num_paths!r}")
         super().__init__(num_particles=1)
         self.num_paths = num_paths
 

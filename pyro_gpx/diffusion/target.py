@@ -39,6 +39,15 @@ def _max_plate_nesting(trace) -> int:
     return max(dims)
 
 
+def _distinct_rows(z: torch.Tensor) -> torch.Tensor:
+    """Two rows of ``z`` made to differ in every coordinate, to check batched model runs against a loop:
+    identical rows (all PIS paths start at one point; a single path) hide a model that mixes its rows,
+    and a batch of 1 hides broadcasting errors. Deterministic: the random state is not touched."""
+    D = z.shape[-1]
+    offset = 0.1 * torch.cos(1.7 * torch.arange(D, dtype=z.dtype, device=z.device) + 0.3)
+    return torch.stack([z[0], z[-1] + offset])
+
+
 class UnconstrainedTarget:
     """Batched :math:`\\log\\rho` and :math:`\\nabla\\log\\rho` for an ``AutoContinuous`` guide's latent space.
 
@@ -108,7 +117,7 @@ class UnconstrainedTarget:
             if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("_deterministic"):
                 continue  # a deterministic site's density is masked out: zero
             lp = site["fn"].log_prob(site["value"])
-            terms.append((site["name"], lp))
+            terms.append((site, lp))
             if site["mask"] is not None:
                 lp = lp * torch.as_tensor(site["mask"], dtype=lp.dtype)
             lp = lp * site["scale"]
@@ -122,9 +131,13 @@ class UnconstrainedTarget:
                 total = total + lp.sum()
         # one check of the total; a site's own density is looked at only to name it
         if strict and not torch.isfinite(torch.as_tensor(total)).all():
-            for name, lp in terms:
-                if not torch.isfinite(lp).all():
-                    raise FloatingPointError(f"log density of site {name!r} is not finite at a sampled point")
+            for site, lp in terms:
+                if torch.isfinite(lp).all():
+                    continue
+                value = site["value"]
+                if site["is_observed"] and torch.is_tensor(value) and not torch.isfinite(value).all():
+                    raise ValueError(f"the observed values of site {site['name']!r} contain NaN or inf")
+                raise FloatingPointError(f"log density of site {site['name']!r} is not finite at a sampled point")
         return torch.as_tensor(total)  # a tensor also when no site has a density (total still 0.0)
 
     def _batched(
@@ -156,12 +169,12 @@ class UnconstrainedTarget:
             raise ValueError(f"z must be (B, D), got shape {tuple(z.shape)}")
         if self.vectorized is None:
             try:
-                probe = z[:2] if len(z) > 1 else z.expand(2, -1)  # a batch of 1 hides broadcasting errors
                 with torch.no_grad():
-                    batched, subsample = self._batched(probe)
-                    looped = self._looped(probe, subsample)  # the same minibatch of a subsampled plate
+                    probe = _distinct_rows(z)
+                    batched, subsample = self._batched(probe, strict=False)
+                    looped = self._looped(probe, subsample, strict=False)  # the same minibatch of a subsampled plate
                 rtol = 1e-4 if z.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
-                self.vectorized = torch.allclose(batched, looped, rtol=rtol, atol=rtol)
+                self.vectorized = torch.allclose(batched, looped, rtol=rtol, atol=rtol, equal_nan=True)
             except (RuntimeError, ValueError, TypeError, IndexError):
                 self.vectorized = False
             if not self.vectorized:

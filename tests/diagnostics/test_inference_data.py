@@ -244,3 +244,14 @@ def test_mcmc_with_potential_fn_needs_model():
         to_inference_data(mcmc)
     idata = to_inference_data(mcmc, log_likelihood=False, observed_data=False)
     assert get_group(idata, "posterior")["x"].shape == (1, 5, 2)
+
+
+@pytest.mark.parametrize("bad", [0, 2.5, float("nan"), True])
+def test_draw_counts_must_be_positive_integers(float64, bad):
+    y = torch.linspace(-1, 1, 4)
+    guide = AutoNormal(models.dist_masked)
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        to_inference_data(guide, model=models.dist_masked, model_args=(y, torch.ones(4, dtype=torch.bool)),
+                          num_samples=bad)  # fmt: skip
+    with pytest.raises(ValueError, match="draw_batch must be a positive integer"):
+        to_inference_data({"mu": torch.randn(3)}, model=models.dist_masked, model_args=(y, y > 0), draw_batch=bad)

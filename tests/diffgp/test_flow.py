@@ -175,3 +175,8 @@ def test_flow_kernel_validation():
         FlowKernel(3, gpytorch.kernels.LinearKernel(), lengthscale_prior=dist.LogNormal(0.0, 1.0))
     with pytest.raises(ValueError, match="scalar"):
         FlowKernel(3, lengthscale_prior=dist.LogNormal(torch.zeros(3), 1.0))
+    with pytest.raises(ValueError, match=r"event shape \(2,\)"):
+        FlowKernel(2, lengthscale_prior=dist.LogNormal(torch.zeros(2), 1.0).to_event(1))
+    with pytest.raises(ValueError, match="outputscale_prior must have positive support"):
+        FlowKernel(2, outputscale_prior=dist.Normal(0.0, 1.0))
+    FlowKernel(2, lengthscale_prior=dist.HalfNormal(1.0), outputscale_prior=dist.Gamma(2.0, 1.0))  # accepted

@@ -195,6 +195,19 @@ def test_classification_likelihoods(float64):
     assert math.isfinite(svi.step(X, labels))
     probs = predict(model, guide, X, num_samples=2).probs
     torch.testing.assert_close(probs.sum(-1), torch.ones(20, dtype=torch.float64))
+    prediction = predict(model, guide, X, num_samples=2)
+    with pytest.raises(ValueError, match="integer class labels"):
+        prediction.log_density(torch.full((20,), 0.7, dtype=torch.float64))
+    for bad in (5, -1):
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+            prediction.log_density(torch.full((20,), bad))
+    with pytest.raises(ValueError, match=r"shape \(20,\)"):
+        prediction.log_density(labels[:5])
+    for bad in (0, -1, float("nan"), True):
+        with pytest.raises(ValueError, match="mc_samples must be a positive integer"):
+            predict(model, guide, X, mc_samples=bad)
+    with pytest.raises(ValueError, match="the guide has not run yet"):
+        predict(model, InducingNormal(model), X)
     pyro.clear_param_store()
     binary = DifferentialGP(X, num_inducing=4, num_paths=2, num_steps=3, likelihood="bernoulli")
     binary_svi = SVI(binary, InducingNormal(binary), pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
@@ -212,6 +225,11 @@ def test_bad_input(float64):
         DifferentialGP(X, horizon=0.0)
     with pytest.raises(ValueError, match="num_steps"):
         DifferentialGP(X, num_steps=0)
+    for kwargs, name in (({"num_steps": True}, "num_steps"), ({"num_paths": 2.5}, "num_paths"),
+                         ({"num_inducing": True}, "num_inducing"), ({"output_inducing": 0}, "output_inducing"),
+                         ({"jitter": -1.0}, "jitter"), ({"jitter": float("nan")}, "jitter")):  # fmt: skip
+        with pytest.raises(ValueError, match=name):
+            DifferentialGP(X, **kwargs)
     with pytest.raises(ValueError, match="NaN"):
         DifferentialGP(torch.full((5, 2), float("nan")))
     with pytest.raises(ValueError, match="dimension"):

@@ -93,6 +93,17 @@ def test_constrained_latents_plates_and_predictive(float64):
     for name in ("scale", "effect"):
         torch.testing.assert_close(predicting[name], trained[name], rtol=0, atol=0)
         torch.testing.assert_close(other_inputs[name], trained[name], rtol=0, atol=0)
+    # median and quantiles: the empirical marginals of fixed-seed draws, the same on every call, and the
+    # global random state left alone
+    guide.summary_paths = 64  # this model is evaluated one path at a time (effect[x] is not batch-safe)
+    state = torch.get_rng_state()
+    median, quantiles = guide.median(x, y), guide.quantiles([0.1, 0.5, 0.9], x, y)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(guide.median(x, y)["effect"], median["effect"], rtol=0, atol=0)
+    z = guide._summary_draws(x, y)
+    torch.testing.assert_close(median["scale"], z[:, 0].median().exp())  # HalfNormal: exp bijection
+    torch.testing.assert_close(quantiles["effect"], torch.quantile(z[:, 1:], torch.tensor([0.1, 0.5, 0.9]), dim=0))
+    assert quantiles["scale"].shape == (3,) and (quantiles["scale"].diff() > 0).all()
 
 
 def test_autoguidelist_diffusion_and_delta(float64):

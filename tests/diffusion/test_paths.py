@@ -295,6 +295,11 @@ def test_bad_input():
         PathELBO(64).loss(bad, guide)
     with pytest.raises(ValueError, match="not the model the AutoDiffusion guide was built on"):
         PathELBO(64).loss(gaussian_model(), guide)  # silently scoring `bad` instead would be wrong
+    for num_paths in (0, 2.5, float("nan"), True):
+        with pytest.raises(ValueError, match="num_paths must be an integer >= 1"):
+            PathELBO(num_paths)
+    with pytest.raises(ValueError, match="num_paths must be an integer >= 2"):
+        LogVarianceLoss(1)
 
 
 def test_drift_clip_bounds_the_drift_softly(float64):

@@ -54,6 +54,25 @@ def test_log_density_and_score_match_reference(model, batched):
     torch.testing.assert_close(target.score(z), expected_score, rtol=1e-10, atol=1e-10)
 
 
+def mixes_rows(X, y):  # the mean over every entry, not over the last dim: a batch of w's mixes its rows
+    w = pyro.sample("w", dist.Normal(torch.zeros(2, dtype=X.dtype), 1.0).to_event(1))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Bernoulli(logits=w.mean() * X.sum(-1)), obs=y)
+
+
+@pytest.mark.parametrize("process", ["pis", "dds"])
+@pytest.mark.parametrize("num_paths", [1, 16])
+def test_a_model_that_mixes_paths_is_found_when_all_paths_start_alike(process, num_paths, float64):
+    # every PIS path starts at one point, and one path is one row: the check must not run on equal rows
+    pyro.set_rng_seed(0)
+    guide = AutoDiffusion(mixes_rows, num_steps=3, hidden=8, process=process)
+    with pytest.warns(RuntimeWarning, match="one path at a time"):
+        paths = guide.sample_paths(num_paths, X, Y)
+    target = guide.target(X, Y)
+    assert target.vectorized is False
+    torch.testing.assert_close(paths.log_target, target._looped(paths.z), rtol=1e-12, atol=1e-12)
+
+
 def test_log_density_under_an_enclosing_plate_at_the_models_nesting():
     # Trace_ELBO(vectorize_particles=True) runs the guide under a particle plate at dim -max_plate_nesting - 1,
     # exactly where the plate over paths would sit: it must move left, and the result must not change
@@ -108,3 +127,11 @@ def test_random_subsample_is_replayed_in_the_batching_probe():
     expected = expected + 20.0 * dist.Normal(z[:, None], 1.0).log_prob(y[idx]).sum((-1, -2))  # scale 200 / 10
     torch.testing.assert_close(log_density, expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(target._looped(z, subsample), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_nan_in_the_observed_data_is_named(float64):
+    y = Y.clone()
+    y[1] = float("nan")
+    guide = AutoDiffusion(shape_safe, num_steps=2, hidden=8)
+    with pytest.raises(ValueError, match="observed values of site 'y' contain NaN"):
+        guide.sample_paths(4, X, y)
