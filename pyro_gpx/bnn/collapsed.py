@@ -31,7 +31,8 @@ Prediction: called without targets, the model is the repriorised model, whose :m
 ``return_sites=["readout"]`` the readout of each. ArviZ export of the chains works as for any model,
 but the observed site ``"y"`` is the joint marginal of all targets, so its log-likelihood has one
 value per draw, not one per data point (for PSIS-LOO, evaluate the repriorised model on the draws
-with their readouts).
+with their readouts), and ``to_inference_data(..., posterior_predictive=True)`` refuses it (its draws
+would integrate the readout over its prior): use :func:`~pyro_gpx.bnn.predictions_to_inference_data`.
 
 References:
 

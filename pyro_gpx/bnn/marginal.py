@@ -62,6 +62,9 @@ class GaussianLinearMarginal(dist.TorchDistribution):
         True
     """
 
+    #: draws integrate the latents over their prior: not posterior predictive draws (see to_inference_data)
+    integrates_out_latents = True
+
     arg_constraints = {"noise": constraints.positive}
     support = constraints.real
     has_rsample = True

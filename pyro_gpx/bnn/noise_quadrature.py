@@ -213,6 +213,9 @@ class NoiseIntegratedMarginal(dist.TorchDistribution):
         True
     """
 
+    #: draws integrate the latents over their prior: not posterior predictive draws (see to_inference_data)
+    integrates_out_latents = True
+
     arg_constraints: dict = {}
     support = constraints.real
 

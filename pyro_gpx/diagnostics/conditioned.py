@@ -30,7 +30,7 @@ from .model_structure import ModelStructure, SiteSpec, is_deterministic, is_fact
 __all__ = ["DrawEvaluation", "evaluate_draws", "ResampleObservations"]
 
 logger = logging.getLogger(__name__)
-_CHECK_DRAWS = 4
+_CHECK_DRAWS = 8
 _DRAW_BATCH_ELEMENTS = 4_000_000
 
 
@@ -212,8 +212,23 @@ def _scatter(full: torch.Tensor, part: torch.Tensor, spec: SiteSpec, cond: Mappi
     full[index] = part
 
 
+def _check_draws(samples, num_draws: int) -> torch.Tensor:
+    """Indices of the draws the batched evaluation is checked on: the first two, then those where each
+    latent's first entry is smallest and largest (a model that branches on a latent's value, e.g. its
+    sign, is batched wrongly, and typically at the extremes), at most ``_CHECK_DRAWS`` in all."""
+    picked = list(range(min(2, num_draws)))
+    for value in samples.values():
+        flat = torch.as_tensor(value).reshape(num_draws, -1)
+        if flat.shape[1] == 0 or not flat.is_floating_point():
+            continue
+        for index in (int(flat[:, 0].argmin()), int(flat[:, 0].argmax())):
+            if index not in picked and len(picked) < _CHECK_DRAWS:
+                picked.append(index)
+    return torch.tensor(picked)
+
+
 def _vectorization_ok(req: _Request, samples, num_draws: int) -> tuple[bool, str]:
-    """Compare the batched evaluation with the per-draw loop on the first few draws."""
+    """Compare the batched evaluation with the per-draw loop on a few draws (:func:`_check_draws`)."""
     check = replace(
         req,
         predictive=False,
@@ -221,8 +236,9 @@ def _vectorization_ok(req: _Request, samples, num_draws: int) -> tuple[bool, str
         lp_names=tuple(s.name for s in req.structure.of_kind("observed")),
     )
     cond, sizes = next(_chunks(req.structure))
-    n = min(num_draws, _CHECK_DRAWS)
-    head = {k: v[:n] for k, v in samples.items()}
+    picked = _check_draws(samples, num_draws)
+    n = len(picked)
+    head = {k: v[picked] for k, v in samples.items()}
     try:
         batched = _evaluate_batch(check, head, n, cond, sizes, True)
     except _NotVectorizable as e:

@@ -173,7 +173,8 @@ def to_inference_data(
     * a dict of samples, ``(draw, ...)`` or, with ``group_by_chain=True``, ``(chain, draw, ...)``.
 
     For each draw the model is run conditioned on the latents (batched over draws when the model
-    is shape-safe, verified against a per-draw loop on a few draws; looped otherwise). Every
+    is shape-safe, verified against a per-draw loop on a few draws, including each latent's extremes;
+    looped otherwise; pass ``vectorize=False`` for a model whose control flow depends on latent values). Every
     observed site contributes its pointwise log-density
 
     .. math:: \ell_{s,i} = c_i \log p(y_i \mid \theta_s),
@@ -194,7 +195,8 @@ def to_inference_data(
     :param group_by_chain: whether dict samples have a leading chain dimension.
     :param log_likelihood: add the ``log_likelihood`` group.
     :param posterior_predictive: add a ``posterior_predictive`` group, drawing every observed site
-        from the model at each posterior draw.
+        from the model at each posterior draw (refused for sites whose distribution integrates
+        latents out, such as a collapsed BNN's or a GP's marginal likelihood: ``ValueError``).
     :param observed_data: add the observed values as ``observed_data``.
     :param constant_data: arrays to store as ``constant_data`` (e.g. covariates).
     :param sample_stats: extra ``(chain, draw)`` statistics, or the recorder used in the run.
@@ -275,6 +277,14 @@ def to_inference_data(
             values = {k: _numpy(v[0]) for k, v in once.values.items()}
             groups["observed_data"], group_dims["observed_data"] = _split_masked(
                 values, structure.sites, keep_masks, lead=0, unobserved=False
+            )
+        marginal = [name for name in observed if structure.sites[name].marginal]
+        if posterior_predictive and marginal:
+            raise ValueError(
+                f"site(s) {marginal} integrate latents out (a marginal likelihood: a collapsed BNN, a GP); their draws "
+                "would come from the prior of what they integrate, not from the posterior. Leave "
+                "posterior_predictive=False, and predict with the model's own tools (pyro_gpx.bnn."
+                "predictions_to_inference_data, ComputationAwareGP.predictive_distribution)"
             )
         if posterior_predictive and observed:
             pred = evaluate_draws(

@@ -78,6 +78,9 @@ class SiteSpec:
     :ivar event_shape: trailing shape of the value beyond the batch shape.
     :ivar dim_names: one name per batch dimension: the plate's name where a plate labels it.
     :ivar subsampled: plate name to the (negative) batch dim it subsamples.
+    :ivar marginal: an observed site whose distribution integrates latents out (a class attribute
+        ``integrates_out_latents = True``, e.g. a collapsed BNN's or a GP's marginal likelihood): its
+        draws come from the prior of what it integrates, so they are not posterior predictive draws.
     """
 
     name: str
@@ -86,6 +89,7 @@ class SiteSpec:
     event_shape: tuple[int, ...]
     dim_names: tuple[str, ...]
     subsampled: Mapping[str, int] = field(default_factory=dict)
+    marginal: bool = False
 
     @property
     def value_shape(self) -> tuple[int, ...]:
@@ -132,7 +136,17 @@ def _site_spec(site: Mapping[str, Any], kind: str, plate_sizes: Mapping[str, tup
         event_shape=event_shape,
         dim_names=tuple(names),
         subsampled=subsampled,
+        marginal=_integrates_out_latents(fn),
     )
+
+
+def _integrates_out_latents(fn) -> bool:
+    """Whether ``fn``, or a distribution it wraps (mask, ``to_event``, ``expand``), integrates latents out."""
+    while fn is not None:
+        if getattr(fn, "integrates_out_latents", False):
+            return True
+        fn = getattr(fn, "base_dist", None)
+    return False
 
 
 def inspect_model(

@@ -105,6 +105,9 @@ class ComputationAwareMarginal(TorchDistribution):
         being scored).
     """
 
+    #: draws integrate the latents over their prior: not posterior predictive draws (see to_inference_data)
+    integrates_out_latents = True
+
     arg_constraints = {}
     support = constraints.real_vector
     has_rsample = False

@@ -41,6 +41,7 @@ import gpytorch
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.contrib.gp.kernels import WhiteNoise
 from pyro.contrib.gp.models.model import GPModel
 from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam, pyro_method
@@ -147,6 +148,9 @@ class ComputationAwareGP(GPModel):
         _check_dtype("X", X)
         if not is_finite_at_least(jitter, 0.0):
             raise ValueError(f"jitter must be a finite number >= 0, got {jitter}")
+        if isinstance(kernel, torch.nn.Module) and any(isinstance(m, WhiteNoise) for m in kernel.modules()):
+            # the matrix-free products evaluate K(X, X) in blocks k(X_i, X_j), where WhiteNoise gives 0
+            raise ValueError("kernel contains a pyro.contrib.gp WhiteNoise term; give its variance as noise= instead")
         super().__init__(X, y, kernel, mean_function, jitter)
         noise = torch.as_tensor(1.0 if noise is None else noise, dtype=X.dtype).detach().clone()
         if noise.numel() != 1:
@@ -444,7 +448,8 @@ class ComputationAwareGP(GPModel):
             assert moments.noise is not None  # posterior() records the noise it conditioned on
             noise = moments.noise.double()
             cov = cov + noise * torch.eye(cov.shape[0], dtype=cov.dtype) if full_cov else cov + noise
-        return mean.to(Xnew.dtype), cov.to(Xnew.dtype)
+        dtype = Xnew.dtype if Xnew.is_floating_point() else self.X.dtype  # integer inputs: the model's dtype
+        return mean.to(dtype), cov.to(dtype)
 
     def predictive_distribution(
         self,

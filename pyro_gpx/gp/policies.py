@@ -39,6 +39,7 @@ from .kernel_fn import KernelFn
 from .kernel_ops import training_matmul
 from .partition import kd_partition, random_partition
 from .preconditioners import build_preconditioner
+from .projection import independent_columns
 
 __all__ = [
     "PolicyContext",
@@ -410,7 +411,11 @@ class CGPolicy(Policy):
         result = self.solve(context)
         # unit-norm columns: the span is what matters, and late directions can be tiny. A zero
         # residual (y equal to the prior mean) gives no directions: the posterior is the prior.
-        directions = result.directions / result.directions.norm(dim=0, keepdim=True).clamp_min(1e-300)
+        norms = result.directions.norm(dim=0, keepdim=True).clamp_min(1e-300)
+        directions = result.directions / norms
+        if directions.shape[1] > 1:  # directions past a stalled residual (tol 0, tiny noise) lose conjugacy
+            G = directions.T @ (result.K_directions / norms)  # and would make a stacked Gram matrix singular
+            directions = directions[:, independent_columns(0.5 * (G + G.T))]
         dense = DenseActions(directions.to(context.X.dtype))
         if not self.pivot_actions or self.last_pivots is None or len(self.last_pivots) == 0:
             return dense

@@ -12,6 +12,7 @@ import torch
 from pyro.infer import MCMC, NUTS, Predictive
 
 from pyro_gpx.bnn import BayesianMLP, GaussianLinearMarginal
+from pyro_gpx.diagnostics import to_inference_data
 
 
 @pytest.mark.parametrize("n, D", [(30, 4), (5, 12), (6, 6)], ids=["primal", "dual", "square"])
@@ -117,6 +118,19 @@ def test_bad_input(data):
         GaussianLinearMarginal(torch.randn(40, 3), 0.1).log_prob(torch.randn(39))
     with pytest.raises(ValueError, match="noise"):
         GaussianLinearMarginal(torch.randn(40, 3), -0.1, validate_args=True)
+
+
+@pytest.mark.parametrize("integrate_noise", [False, True])
+def test_posterior_predictive_export_is_refused(data, integrate_noise):
+    # the observed site integrates the readout out: its draws would use the readout's prior
+    X, y = data
+    model = BayesianMLP(3, [4], noise=None).collapsed(integrate_noise=integrate_noise)
+    trace = poutine.trace(model).get_trace(X, y)
+    draws = {name: site["value"].detach()[None].expand(3, *site["value"].shape)
+             for name, site in trace.nodes.items() if site["type"] == "sample" and not site["is_observed"]}  # fmt: skip
+    to_inference_data(draws, model=model, model_args=(X, y))  # the log-likelihood export works
+    with pytest.raises(ValueError, match=r"\['y'\] integrate latents out"):
+        to_inference_data(draws, model=model, model_args=(X, y), posterior_predictive=True)
 
 
 def test_readout_draws_are_the_exact_conditional_and_match_predictive(data):

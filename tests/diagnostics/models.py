@@ -94,3 +94,11 @@ def draws(num, **shapes):
         value = torch.randn((num,) + tuple(shape), generator=gen)
         out[name] = value.abs() + 0.1 if name == "sigma" else value
     return out
+
+
+def sign_branching(y):
+    """Shape-safe for one draw, but its Python branch reads every draw's sign at once."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    scale = 2.0 if bool((mu > 0).all()) else 1.0
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("y", dist.Normal(mu, scale), obs=y)

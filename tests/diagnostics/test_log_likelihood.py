@@ -68,6 +68,17 @@ def test_silently_wrong_vectorization_is_detected(float64):
     np.testing.assert_allclose(_ll(idata)[0], expected.numpy(), rtol=1e-12)
 
 
+def test_a_branch_on_a_latent_value_is_found_at_the_extremes(float64):
+    # the first four draws are positive, so a check on them alone batched this model wrongly
+    y = torch.linspace(-1, 1, 5)
+    mu = torch.tensor([0.5, 0.6, 0.7, 0.8, -1.0, 0.9])
+    idata = to_inference_data({"mu": mu}, model=models.sign_branching, model_args=(y,))
+    assert _attr(idata, "log_likelihood_vectorized") == 0
+    scale = torch.where(mu > 0, 2.0, 1.0)[:, None]
+    expected = torch.distributions.Normal(mu[:, None], scale).log_prob(y)
+    np.testing.assert_allclose(_ll(idata)[0], expected.numpy(), rtol=1e-12)
+
+
 def test_vectorize_true_raises_for_unsafe_model(float64):
     y = torch.linspace(-1, 1, 5)
     with pytest.raises(ValueError, match="batched over draws"):

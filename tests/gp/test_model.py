@@ -128,6 +128,30 @@ def test_bad_input_raises(float64):
     gp = ComputationAwareGP(X, y, k, policy=UnitVectorPolicy())
     with pytest.raises(ValueError, match="same shape of features"):
         gp(torch.rand(3, 5, dtype=torch.float64))
+    with torch.no_grad():  # integer inputs: moments in the model's dtype (they were truncated to 0)
+        mean, var = gp(torch.tensor([[1, 0], [0, 1]]))
+        expected_mean, expected_var = gp(torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64))
+    assert mean.dtype == torch.float64
+    torch.testing.assert_close((mean, var), (expected_mean, expected_var))
+    import pyro.contrib.gp as gp_contrib
+
+    white = gp_contrib.kernels.Sum(gp_contrib.kernels.RBF(2), gp_contrib.kernels.WhiteNoise(2))
+    with pytest.raises(ValueError, match="WhiteNoise term; give its variance as noise="):
+        ComputationAwareGP(X, y, white)
+
+
+def test_posterior_predictive_of_the_marginal_likelihood_is_refused(float64):
+    problem = make_problem(n=15)
+    gp = ComputationAwareGP(problem.X, problem.y, problem.kernel, policy=UnitVectorPolicy())
+
+    def model():
+        pyro.sample("scale", dist.LogNormal(0.0, 0.1))  # a latent, so that there are draws to export
+        gp.model()
+
+    samples = {"scale": torch.ones(3, dtype=torch.float64)}
+    assert get_group(to_inference_data(samples, model=model), "log_likelihood")["y"].shape[:2] == (1, 3)
+    with pytest.raises(ValueError, match=r"\['y'\] integrate latents out"):
+        to_inference_data(samples, model=model, posterior_predictive=True)
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])

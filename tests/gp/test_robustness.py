@@ -354,3 +354,23 @@ def test_new_inputs_of_another_dtype_and_float32_noiseless_predictive(float64):
         assert bool((gp32(X[:50])[1] <= 0).any())  # float32 variances at training inputs round to 0
         predictive = gp32.predictive_distribution(X[:50], noiseless=True)
     assert bool((predictive.scale > 0).all())
+
+
+def test_stalled_cg_with_pivot_actions_keeps_the_exact_limit(float64):
+    # tol 0 and a tiny noise: CG runs to max_iter past a stalled residual, and its late directions lose
+    # conjugacy; stacked with the pivots they made the Gram matrix singular (mean 4e-4 off the exact GP)
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(60, 1, generator=gen, dtype=torch.float64)
+    y = torch.sin(6 * X[:, 0]) + 0.05 * torch.randn(60, generator=gen, dtype=torch.float64)
+    kernel = gpytorch.kernels.RBFKernel().double()
+    kernel.lengthscale = 0.2
+    policy = CGPolicy(40, tol=0.0, preconditioner="rpcholesky", preconditioner_rank=10, pivot_actions=True)
+    gp = ComputationAwareGP(X, y, kernel, policy=policy, noise=1e-6, jitter=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no jitter added
+        with torch.no_grad():
+            mean, _ = gp(X)
+    K = kernel(X, X).to_dense()
+    exact = K @ torch.linalg.solve(K + 1e-6 * torch.eye(60, dtype=torch.float64), y)
+    assert policy.last_result.stop_reason == "max_iter"
+    torch.testing.assert_close(mean, exact, rtol=0, atol=1e-8)
