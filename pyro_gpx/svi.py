@@ -212,6 +212,11 @@ def fit_lbfgs(
     parameters are those Pyro's SVI would train: every ``pyro.param`` the loss touches.
 
     :param num_steps: L-BFGS iterations, each at most ``max_eval`` loss evaluations.
+    :param loss: a Pyro loss with ``differentiable_loss`` (default ``Trace_ELBO()``).
+    :param lr: L-BFGS's initial step length; :param max_eval: loss evaluations per iteration;
+        :param history_size: curvature pairs kept; :param tolerance_change: stop when the loss changes
+        by less (all passed to ``torch.optim.LBFGS``).
+    :param progress: show a tqdm bar.
     :param restart_after: clear the curvature memory once, after this many iterations (0: never).
         The pairs stored during the large first steps from a poor initial point can leave L-BFGS
         crawling at a constant tiny decrease; one restart from where it stands then resumes

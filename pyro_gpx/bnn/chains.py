@@ -150,6 +150,8 @@ def run_chains(
 
     :param model: a picklable Pyro model (module-level function, ``PyroModule``, or e.g.
         :class:`~pyro_gpx.bnn.mlp.RepriorisedModel`).
+    :param num_chains: independent chains; :param num_samples: draws kept per chain;
+        :param warmup_steps: adaptation steps per chain (discarded).
     :param kernel: ``"nuts"``, ``"hmc"``, ``"jittered_hmc"`` or ``"split_hmc"``.
     :param kernel_kwargs: passed to the kernel (``max_tree_depth``, ``trajectory_length``, ``jitter``, ...).
     :param seed: chain ``c`` is seeded with ``seed + c``, as Pyro's multi-chain ``MCMC`` does, so runs
@@ -157,6 +159,7 @@ def run_chains(
     :param processes: concurrent chains (default: the CPU count, at most ``num_chains``); 1 runs
         them one after another in this process. A chain that fails stops the others at once, and its
         exception (type and message kept) names the chain and its seed.
+    :param threads_per_chain: torch threads in each chain's process.
     :param progress: show a progress bar per chain (``chain i/n warmup`` / ``sample``, with the step
         size and acceptance probability).
 

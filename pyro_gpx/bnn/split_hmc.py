@@ -83,6 +83,9 @@ class SplitHMC(JitteredHMC):
     :param trajectory_length: integration time in standardised coordinates (the reference's period
         is :math:`2\\pi`; :math:`\\pi/2` moves a reference coordinate to an independent draw).
     :param jitter: :math:`j \\in [0, 1)`: each length is ``trajectory_length`` times :math:`U(1 - j, 1 + j)`.
+    :param stages: 1 (Strang splitting: half kick, rotation, half kick) or 2 (two rotations by
+        :math:`\\epsilon/2` between kicks weighted 1/6, 2/3, 1/6, which cancels the leading error term
+        of a nearly Gaussian remainder; see the module docstring).
     :param gradient_adaptation: adapt the reference from draws *and* gradients
         (:class:`~pyro_gpx.bnn.gradient_mass_matrix.GradientMassMatrix`: scale
         :math:`\\sqrt{\\operatorname{Var} z/\\operatorname{Var}\\nabla U}`, centre the window mean with the

@@ -146,8 +146,11 @@ def load_uci(
 
     :param name: a data set directory name (``"concrete"``, ``"elevators"``), optionally qualified
         with its layout (``"uci-large/protein"``).
+    :param split: the split index (0-based; :func:`num_splits` gives how many a data set has).
     :param data_dir: directory in either layout (see :func:`list_uci`).
-    :param max_train: if given, keep a random subset of at most this many training points (seeded).
+    :param dtype: dtype of the returned tensors.
+    :param max_train: if given, keep a random subset of at most this many training points.
+    :param seed: seed of that subset.
     :raises FileNotFoundError: if ``data_dir`` does not exist.
     :raises ValueError: for an unknown data set or a split out of range.
 

@@ -96,6 +96,11 @@ class DifferentialGP(PyroModule):
     :param noise: Gaussian noise variance (initial value, or fixed with ``learn_noise=False``).
     :param horizon: flow time :math:`T`; :param num_steps: Euler–Maruyama steps; :param num_paths:
         flow paths :math:`S` per input and model run.
+    :param num_classes: classes of the categorical likelihood; :param learn_noise: learn the Gaussian
+        noise variance (else it is fixed at ``noise``).
+    :param jitter: added to the inducing points' kernel diagonal before its Cholesky factor (``None``:
+        1e-6 in float64, 1e-4 in float32).
+    :param seed: seed of the k-means initialisation of the inducing inputs.
 
     Example::
 

@@ -23,8 +23,9 @@ __all__ = ["DiffGPPrediction", "predict"]
 
 @dataclass
 class DiffGPPrediction:
-    """Mixture components ``loc``, ``var`` ``(J, n)`` (regression: ``var`` includes the noise) or class
-    probabilities ``probs`` ``(J, n, C)`` (classification)."""
+    """Mixture components ``loc``, ``var`` ``(J, n)`` (regression: ``var`` includes the noise) or
+    per-component class probabilities ``probs_components`` ``(J, n, C)`` (classification; :attr:`probs`
+    is their mean, ``(n, C)``)."""
 
     loc: torch.Tensor | None = None
     var: torch.Tensor | None = None

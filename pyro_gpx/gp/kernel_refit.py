@@ -72,6 +72,7 @@ def subset_refit_kernel_noise(
     :param noise: the current noise variance, the starting point.
     :param num_points: points per subset (all of them, one subset, when ``n`` is not larger; repeated
         inputs are dropped, as in :func:`~pyro_gpx.gp.mll_refit.subset_refit_outputscale_noise`).
+    :param num_subsets: random subsets averaged over; :param generator: draws the subsets.
     :param max_evaluations: likelihood evaluations (each over all subsets) for L-BFGS.
     :param max_seconds: stop after this long (the best point evaluated so far is returned).
     :param min_noise: a floor added to the noise variance (e.g. the model's jitter).

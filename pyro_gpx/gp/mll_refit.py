@@ -336,6 +336,10 @@ def subset_refit_outputscale_noise(
     :param kernel: the kernel at its trained hyperparameters.
     :param X: training inputs ``(n, d)``; ``residual``: :math:`y - \mu(X)`, ``(n,)``.
     :param noise: the current noise variance; the search runs over ``bounds`` times it.
+    :param num_points: points per subset; :param num_subsets: subsets averaged over.
+    :param bounds: the search interval for the noise variance, as multiples of ``noise``.
+    :param min_noise: a floor added to the noise variance (e.g. the model's jitter).
+    :param generator: draws the subsets.
     """
     low, high = _check_search(noise, bounds)
     subsets = random_subsets(X, residual, num_points, num_subsets, generator)

@@ -429,7 +429,7 @@ class ComputationAwareGP(GPModel):
         noiseless: bool = True,
         refine: Policy | None = None,
         refit_noise: bool = False,
-        refit_mll: str | None = None,
+        refit_mll: str | MLLRefit | None = None,
     ):
         r"""Posterior mean and covariance (or variance) at ``Xnew``, as ``GPRegression.forward``.
 
@@ -458,7 +458,7 @@ class ComputationAwareGP(GPModel):
         noiseless: bool = False,
         refine: Policy | None = None,
         refit_noise: bool = False,
-        refit_mll: str | None = None,
+        refit_mll: str | MLLRefit | None = None,
     ) -> dist.Normal | dist.MultivariateNormal:
         """The posterior predictive at ``Xnew`` as a distribution (moments from :meth:`forward`).
 

@@ -333,6 +333,9 @@ class CGPolicy(Policy):
         CG's directions resolve the mean; with a small noise they leave the variance at new points
         near the prior (computational uncertainty), and the pivots, spread over the data by
         RPCholesky, bring it down to at most a subset-of-data GP's. They cost a kernel column each.
+    :param reorthogonalize: orthogonalise each new direction twice against the earlier ones (keeps
+        them conjugate in finite precision).
+    :param seed: seed of the randomised (``"rpcholesky"``) preconditioner's pivots.
     """
 
     differentiable = False

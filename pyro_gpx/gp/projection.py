@@ -251,7 +251,7 @@ def project_extended(
     noise: torch.Tensor,
     rtol: float = 1e-6,
 ) -> ActionProjection:
-    """The projection onto :math:`[S_{\text{base}}, S_{\text{extra}}]`, keeping only the extra
+    r"""The projection onto :math:`[S_{\text{base}}, S_{\text{extra}}]`, keeping only the extra
     actions that widen the span (:func:`independent_columns`, chosen before :math:`G` is factorised,
     from the same kernel pass). The kept extra actions are stored densely. Dense base actions go
     through :func:`project` with the extra ones as one dense matrix (orthonormalised where needed)."""

@@ -74,6 +74,10 @@ class MultiSWAG:
     ) -> torch.Tensor:
         """``(len(collectors) * samples_per_model, ...)`` predictions, each run's module in turn.
 
+        :param predict: ``module -> tensor``, evaluated at each sampled set of weights.
+        :param samples_per_model: draws per SWAG run; :param scale: the SWAG scale; :param diag_only:
+            SWAG-diagonal; :param bn_loaders: one BatchNorm loader per run (or ``None``);
+            :param generator: the random generator shared by the runs when ``seed`` is ``None``.
         :param seed: if given, run ``i`` draws from its own generator seeded ``seed + i`` (so calls that
             differ only in ``scale`` use common random numbers); otherwise all runs share ``generator``.
         """

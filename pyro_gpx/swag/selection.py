@@ -57,6 +57,9 @@ def select_scale(
     :param predict: ``module -> tensor``, the held-out predictions of the module's current weights.
     :param loss: ``(num_samples, ...) -> float``, lower is better (e.g. a mixture NLL).
     :param bn_loaders: one BatchNorm loader per collector (or ``None``).
+    :param scales: the candidate scales; :param num_samples: SWAG draws per scale;
+        :param diag_only: SWAG-diagonal; :param seed: the draws' seed, shared by every scale (common
+        random numbers, so the comparison is not decided by sampling noise).
 
     Example::
 
