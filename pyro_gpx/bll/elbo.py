@@ -7,9 +7,10 @@ For a Gaussian head, Gaussian prior :math:`W \sim N(0, s^2 I)` and :math:`q(w) =
     \mathcal{L} = \sum_i \Big[\log N(y_i;\ \Phi_i m,\ \sigma^2) - \frac{\Phi_i S \Phi_i^\top}{2\sigma^2}\Big]
     - \mathrm{KL}\big(N(m, S)\,\|\,N(0, s^2 I)\big),
 
-exactly :math:`\mathbb{E}_q[\log p(y\mid w)] - \mathrm{KL}`, with no Monte Carlo noise; each term
-carries its plate's subsampling scale. At the exact posterior :math:`q = p(w\mid y)` it equals
-:math:`\log p(y)`.
+exactly :math:`\mathbb{E}_q[\log p(y\mid w)] - \mathrm{KL}`, with no Monte Carlo noise. Each term
+is weighed as ``Trace_ELBO`` weighs it: the likelihood and :math:`\mathbb{E}_q[\log p(w)]` by the model
+site's scale (subsampling, ``poutine.scale``) and mask, the entropy of :math:`q` by the guide site's.
+At the exact posterior :math:`q = p(w\mid y)` it equals :math:`\log p(y)`.
 
 References:
 
@@ -27,12 +28,18 @@ from pyro.poutine.util import site_is_subsample
 __all__ = ["LastLayerELBO"]
 
 
-def _gaussian_kl(q: dist.MultivariateNormal, prior_scale: torch.Tensor) -> torch.Tensor:
+def _expected_log_prior(q: dist.MultivariateNormal, prior_scale: torch.Tensor) -> torch.Tensor:
+    r""":math:`\mathbb{E}_q[\log N(w; 0, s^2 I)]`, summed over the rows of ``q``."""
     D = q.loc.shape[-1]
     var = prior_scale**2
-    trace = q.scale_tril.square().sum((-2, -1)) / var
-    logdet_q = 2 * q.scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-    return 0.5 * (trace + q.loc.square().sum(-1) / var - D + D * var.log() - logdet_q).sum()
+    second_moment = q.scale_tril.square().sum((-2, -1)) + q.loc.square().sum(-1)
+    return (-0.5 * (D * torch.log(2 * torch.pi * var) + second_moment / var)).sum()
+
+
+def _weight(site) -> torch.Tensor | float:
+    """A site's scale times its mask (``poutine.scale`` / ``poutine.mask``), as Trace_ELBO weighs its terms."""
+    mask = site["mask"]
+    return site["scale"] if mask is None else site["scale"] * torch.as_tensor(mask, dtype=torch.get_default_dtype())
 
 
 class LastLayerELBO(ELBO):
@@ -62,9 +69,9 @@ class LastLayerELBO(ELBO):
                 mean = Phi @ loc
                 var_f = (Phi @ scale_tril).square().sum(-1)
                 ell = dist.Normal(mean, noise.sqrt()).log_prob(site["value"]) - 0.5 * var_f / noise
-                elbo = elbo + (ell * site["scale"]).sum()
+                elbo = elbo + (ell * _weight(site)).sum()
             elif site["is_observed"]:
-                elbo = elbo + (site["fn"].log_prob(site["value"]) * site["scale"]).sum()
+                elbo = elbo + (site["fn"].log_prob(site["value"]) * _weight(site)).sum()
             elif name in guide_trace.nodes and isinstance(guide_trace.nodes[name]["fn"], dist.Independent):
                 q = guide_trace.nodes[name]["fn"].base_dist
                 p = site["fn"].base_dist if isinstance(site["fn"], dist.Independent) else site["fn"]
@@ -75,7 +82,11 @@ class LastLayerELBO(ELBO):
                 scale = p.scale
                 if scale.dim() and (scale != scale.reshape(-1)[0]).any():
                     raise ValueError(f"site {name!r}: the prior scale must be one number")
-                elbo = elbo - _gaussian_kl(q, scale.reshape(-1)[0] if scale.dim() else scale) * site["scale"]
+                prior_scale = scale.reshape(-1)[0] if scale.dim() else scale
+                # E_q[log p] weighed by the model site, the entropy by the guide site, as Trace_ELBO does
+                # (so a tempered model, poutine.scale(model, s), has the tempered posterior as optimum)
+                elbo = elbo + (_expected_log_prior(q, prior_scale) * _weight(site)).sum()
+                elbo = elbo + (q.entropy().sum() * _weight(guide_trace.nodes[name])).sum()
             else:
                 raise ValueError(f"site {name!r}: LastLayerELBO handles only the last-layer weights and observations")
         return elbo

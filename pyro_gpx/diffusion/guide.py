@@ -66,7 +66,8 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam, pyro_method
 from pyro.nn.module import to_pyro_module_
 from pyro.poutine.block_messenger import BlockMessenger
-from pyro.poutine.runtime import Message
+from pyro.poutine.runtime import _PYRO_STACK, Message
+from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.util import site_is_subsample
 
 from .._validation import is_finite_at_least, is_integer
@@ -132,6 +133,11 @@ def _observed_sites(model, args: tuple, kwargs: dict) -> set[str]:
     """The observed sample sites of one quiet run of ``model``."""
     trace = quiet_trace(model, args, kwargs)
     return {name for name, site in trace.nodes.items() if site["type"] == "sample" and site["is_observed"]}
+
+
+def _in_training() -> bool:
+    """Inside ``SVI.step`` or ``fit_lbfgs``: Pyro's parameter-capturing trace is on the handler stack."""
+    return any(isinstance(m, TraceMessenger) and m.param_only for m in _PYRO_STACK)
 
 
 def _none_pattern(args: tuple, kwargs: dict) -> tuple:
@@ -382,10 +388,12 @@ class AutoDiffusion(AutoContinuous):
         and outside ``Trace_ELBO``'s vectorised particles, and cached).
 
         A call that leaves unobserved a site the guide was trained with observed (a prediction,
-        ``Predictive(model, guide)(X_new)`` with ``y=None``) gets the density of the latest call with
-        the training data's structure instead: the drift learned that data's posterior, and the model
-        with ``y`` unobserved is the prior. Pass the training data to score the full data set when
-        training used minibatches."""
+        ``Predictive(model, guide)(X_new)`` with ``y=None``) gets the density of the latest training
+        data instead: the drift learned that data's posterior, and the model with ``y`` unobserved is
+        the prior. Explicit calls (this method, :meth:`sample_paths`, :meth:`log_normalizer`) score the
+        data they are given, e.g. the full data set after minibatch training; calls of the guide
+        itself outside ``SVI.step`` sample the latest training data's posterior whatever data they get
+        (:meth:`set_training_data` moves it)."""
         args, kwargs = self._target_arguments(args, kwargs)
         info, context = self._target_info, plate_context()
         vectorized = self._vectorized if self._vectorized is not None else info["vectorized"].get(context)
@@ -393,13 +401,27 @@ class AutoDiffusion(AutoContinuous):
         info["nesting"] = target.max_plate_nesting
         return target
 
-    def _target_arguments(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def set_training_data(self, *args, **kwargs) -> None:
+        """Make these model arguments the data whose posterior the guide samples. Training steps run by
+        ``SVI.step`` (or ``fit_lbfgs``) set them on every call, minibatches included; call this after
+        minibatch training to sample the full-data posterior, or before each step of a hand-written
+        training loop that does not go through ``SVI.step``."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        self._train_call = (_none_pattern(args, kwargs), args, kwargs)
+
+    def _target_arguments(self, args: tuple, kwargs: dict, guide_call: bool = False) -> tuple[tuple, dict]:
         if self._train_call is None:  # not set up yet
             return args, kwargs
         pattern = _none_pattern(args, kwargs)
-        if pattern == self._train_call[0]:  # the training data's structure (any minibatch): remember
-            self._train_call = (pattern, args, kwargs)
-            return args, kwargs
+        if pattern == self._train_call[0]:  # the training data's structure
+            if _in_training():  # a training step (any minibatch): the drift's target follows it
+                self._train_call = (pattern, args, kwargs)
+                return args, kwargs
+            # outside training a guide call samples the trained posterior, whatever data it is given
+            # (held-out targets must not leak in); target(), sample_paths() and log_normalizer() score
+            # the data they are given
+            return (self._train_call[1], self._train_call[2]) if guide_call else (args, kwargs)
         missing = self._missing_by_pattern.get(pattern)
         if missing is None:  # once per argument structure: which trained observations are missing
             try:
@@ -496,6 +518,8 @@ class AutoDiffusion(AutoContinuous):
         )
         batch_shape = eps.shape[:-2]
         flat = eps.reshape((-1,) + self._noise_shape())
+        if self.drift.use_score:
+            args, kwargs = self._target_arguments(args, kwargs, guide_call=True)
         path = self._simulate(flat, args, kwargs)
         noise_log_density = gaussian_log_density(flat, torch.zeros_like(flat), 1.0).sum(-1)
         log_density = (path.log_path - noise_log_density).reshape(batch_shape)

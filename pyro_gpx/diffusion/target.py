@@ -18,7 +18,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions.transforms import biject_to
 from pyro.poutine.runtime import _DIM_ALLOCATOR
-from pyro.poutine.util import site_is_subsample
+from pyro.poutine.util import is_validation_enabled, site_is_subsample
 
 __all__ = ["UnconstrainedTarget"]
 
@@ -37,6 +37,10 @@ def _max_plate_nesting(trace) -> int:
         if site["type"] == "sample":
             dims += [-f.dim for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
     return max(dims)
+
+
+class DataError(ValueError):
+    """Observed values the model's likelihood cannot score (NaN, or outside the support)."""
 
 
 def _distinct_rows(z: torch.Tensor) -> torch.Tensor:
@@ -80,6 +84,14 @@ class UnconstrainedTarget:
         self.max_plate_nesting = max_plate_nesting
         self.vectorized = vectorized
         self.context = plate_context()  # the enclosing plates under which `vectorized` holds
+        taken = [-(i + 1) for i, name in enumerate(self.context[:max_plate_nesting]) if name is not None]
+        if taken:  # the model's own plates would move to other dims, and its density would be wrong
+            raise ValueError(
+                f"the guide runs the model (for its score) inside an enclosing plate at dim {taken}, which the "
+                f"model's own plates need (it nests {max_plate_nesting} deep). Predictive(parallel=True) sizes "
+                "its plate from the guide alone: use Predictive(parallel=False), or "
+                "AutoDiffusion(..., use_score=False)"
+            )
 
     def _conditioned(self, z: torch.Tensor, batch: int | None):
         """Constrained site values and the log-Jacobian: ``z`` is ``(B, 1, ..., D)`` with ``batch=B``
@@ -105,10 +117,24 @@ class UnconstrainedTarget:
         indices in ``subsample``), under a plate of size ``batch`` at ``dim`` if given; hidden from
         enclosing handlers except for ``param`` sites (model parameters stay visible to SVI)."""
         data = {**values, **(subsample or {})}
-        # non-finite densities are reported by _trace_log_prob, with the site
+        validate = is_validation_enabled()
+        # non-finite densities are reported by _trace_log_prob, with the site; validation stays off at the
+        # sampled latents (a parameter check would fail before the density is looked at), but the data are
+        # checked against their support when validation is on, as Trace_ELBO would
         with poutine.block(expose_types=["param"]), pyro.validation_enabled(False):
             with pyro.plate("_pyro_gpx_particles", batch, dim=dim) if batch is not None else nullcontext():
-                return poutine.trace(poutine.condition(self.model, data=data)).get_trace(*self.args, **self.kwargs)
+                trace = poutine.trace(poutine.condition(self.model, data=data)).get_trace(*self.args, **self.kwargs)
+        if validate:
+            for site in trace.nodes.values():
+                if site["type"] == "sample" and site["is_observed"] and site["name"] not in data:
+                    support, value = getattr(site["fn"], "support", None), site["value"]
+                    if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+                        raise DataError(f"the observed values of site {site['name']!r} contain NaN or inf")
+                    if support is not None and not bool(support.check(value).all()):
+                        raise DataError(
+                            f"the observed values of site {site['name']!r} are not within the support {support}"
+                        )
+        return trace
 
     def _trace_log_prob(self, trace, batch: int | None, dim: int | None = None, strict: bool = True) -> torch.Tensor:
         total: torch.Tensor | float = 0.0
@@ -136,7 +162,7 @@ class UnconstrainedTarget:
                     continue
                 value = site["value"]
                 if site["is_observed"] and torch.is_tensor(value) and not torch.isfinite(value).all():
-                    raise ValueError(f"the observed values of site {site['name']!r} contain NaN or inf")
+                    raise DataError(f"the observed values of site {site['name']!r} contain NaN or inf")
                 raise FloatingPointError(f"log density of site {site['name']!r} is not finite at a sampled point")
         return torch.as_tensor(total)  # a tensor also when no site has a density (total still 0.0)
 
@@ -175,6 +201,8 @@ class UnconstrainedTarget:
                     looped = self._looped(probe, subsample, strict=False)  # the same minibatch of a subsampled plate
                 rtol = 1e-4 if z.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
                 self.vectorized = torch.allclose(batched, looped, rtol=rtol, atol=rtol, equal_nan=True)
+            except DataError:  # the data, not the batching: report it as it is
+                raise
             except (RuntimeError, ValueError, TypeError, IndexError):
                 self.vectorized = False
             if not self.vectorized:

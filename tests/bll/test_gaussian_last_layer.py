@@ -6,6 +6,7 @@ import pyro
 import pytest
 import torch
 from pyro.infer import MCMC, NUTS, SVI
+from pyro.poutine.messenger import Messenger
 
 from pyro_gpx.bll import BayesianLastLayer, GaussianHead, GaussianWeightPrior, LastLayerELBO, LastLayerNormal, predict
 
@@ -63,6 +64,34 @@ def test_minibatch_scaling(problem):
     halves = [loss.differentiable_elbo(model, guide, X[i : i + 20], y[i : i + 20], num_data=40) for i in (0, 20)]
     # each half scales its likelihood by 2: the average of the two is the full-data ELBO
     assert float(sum(halves).detach() / 2) == pytest.approx(float(full.detach()), rel=1e-12)
+
+
+def test_tempering_and_masks_weigh_the_terms_as_trace_elbo_does(problem):
+    model, X, y, mean, cov, log_z = problem
+    guide = LastLayerNormal(model, init_scale=0.3)
+    loss = LastLayerELBO()
+    plain = loss.differentiable_elbo(model, guide, X, y)
+    entropy = guide.distribution().entropy().sum()
+    # poutine.scale(model, s): s E[log p(y, w)] + H(q), whose optimum is the tempered posterior
+    tempered = loss.differentiable_elbo(pyro.poutine.scale(model, scale=0.5), guide, X, y)
+    torch.testing.assert_close(tempered, 0.5 * (plain - entropy) + entropy, rtol=1e-12, atol=1e-12)
+    # everything of the model masked out: only the guide's entropy is left
+    nothing = loss.differentiable_elbo(pyro.poutine.mask(model, mask=torch.tensor(False)), guide, X, y)
+    torch.testing.assert_close(nothing, entropy, rtol=1e-12, atol=1e-12)
+    # masked observations (a mask on site "y" only): the ELBO of the kept points alone
+    keep = torch.arange(40) % 3 != 0
+
+    class MaskObservations(Messenger):
+        def _pyro_sample(self, msg):
+            if msg["name"] == "y":
+                msg["mask"] = keep
+
+    def masked(X, y):
+        with MaskObservations():
+            return model(X, y)
+
+    kept = loss.differentiable_elbo(model, guide, X[keep], y[keep])
+    torch.testing.assert_close(loss.differentiable_elbo(masked, guide, X, y), kept, rtol=1e-12, atol=1e-12)
 
 
 def test_nuts_over_the_last_layer_matches_the_closed_form(problem):

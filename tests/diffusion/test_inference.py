@@ -130,3 +130,50 @@ def test_autoguidelist_diffusion_and_delta(float64):
     assert draws["noise"].std() < 1e-6  # AutoDelta: a point
     assert mu.std(0).min() > 0.05  # the diffusion part: a spread
     torch.testing.assert_close(mu.mean(0), y.mean(0), atol=0.25, rtol=0)
+
+
+def _slope(x, y=None):
+    w = pyro.sample("w", dist.Normal(torch.tensor(0.0, dtype=x.dtype), 1.0))
+    with pyro.plate("data", len(x)):
+        return pyro.sample("y", dist.Normal(w * x, 0.3), obs=y)
+
+
+def test_guide_calls_sample_the_trained_posterior_whatever_data_they_get(float64):
+    x, x_test = torch.linspace(-1, 1, 12), torch.linspace(-1, 1, 6)
+    y, y_test = 2 * x, -2 * x_test  # held-out targets of the opposite slope
+    guide = AutoDiffusion(_slope, num_steps=3, hidden=8)
+    svi = SVI(_slope, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    svi.step(x[:6], y[:6])
+    svi.step(x, y)  # inside SVI.step the drift's target follows the data of the step (minibatches too)
+    with torch.no_grad():
+        draws = {}
+        for name, args in (("train", (x, y)), ("held-out", (x_test, y_test)), ("prediction", (x_test,))):
+            pyro.set_rng_seed(5)
+            draws[name] = guide(*args)["w"]
+        torch.testing.assert_close(draws["held-out"], draws["train"], rtol=0, atol=0)
+        torch.testing.assert_close(draws["prediction"], draws["train"], rtol=0, atol=0)
+        # explicit calls score the data they are given, and leave the guide's target alone
+        assert guide.target(x_test, y_test).args[0] is x_test
+        pyro.set_rng_seed(5)
+        torch.testing.assert_close(guide(x_test, y_test)["w"], draws["train"], rtol=0, atol=0)
+        guide.set_training_data(x_test, y_test)  # moves it
+        pyro.set_rng_seed(5)
+        assert not torch.equal(guide(x, y)["w"], draws["train"])
+
+
+def test_parallel_predictive_and_data_outside_the_support_are_refused(float64):
+    x = torch.linspace(-1, 1, 8)
+    guide = AutoDiffusion(_slope, num_steps=2, hidden=4)
+    guide(x, 2 * x)
+    with pytest.raises(ValueError, match="Predictive\\(parallel=True\\) sizes its plate from the guide alone"):
+        Predictive(_slope, guide=guide, num_samples=3, parallel=True)(x)
+
+    def counts(y):
+        rate = pyro.sample("rate", dist.LogNormal(0.0, 1.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Poisson(rate), obs=y)
+
+    y = torch.tensor([1.5, 2.0, 0.5])  # not counts
+    with pyro.validation_enabled(True):
+        with pytest.raises(ValueError, match="observed values of site 'y' are not within the support"):
+            PathELBO(4).loss(counts, AutoDiffusion(counts, num_steps=2, hidden=4), y)
