@@ -645,7 +645,9 @@ class AutoDiffusion(AutoContinuous):
 
     def _summary_draws(self, *args, **kwargs) -> torch.Tensor:
         """``summary_paths`` unconstrained draws under a fixed seed, so that repeated calls agree and the
-        global random state is left as it was."""
+        global random state is left as it was. Without arguments, those of the latest training data."""
+        if not args and not kwargs and self._train_call is not None:  # as AutoContinuous.median() works
+            args, kwargs = self._train_call[1], self._train_call[2]
         with torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(0)
             return self.sample_paths(self.summary_paths, *args, log_target=False, **kwargs).z

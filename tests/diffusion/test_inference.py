@@ -100,6 +100,7 @@ def test_constrained_latents_plates_and_predictive(float64):
     median, quantiles = guide.median(x, y), guide.quantiles([0.1, 0.5, 0.9], x, y)
     assert torch.equal(torch.get_rng_state(), state)
     torch.testing.assert_close(guide.median(x, y)["effect"], median["effect"], rtol=0, atol=0)
+    torch.testing.assert_close(guide.median()["effect"], median["effect"], rtol=0, atol=0)  # the training data
     z = guide._summary_draws(x, y)
     torch.testing.assert_close(median["scale"], z[:, 0].median().exp())  # HalfNormal: exp bijection
     torch.testing.assert_close(quantiles["effect"], torch.quantile(z[:, 1:], torch.tensor([0.1, 0.5, 0.9]), dim=0))
