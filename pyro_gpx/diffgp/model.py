@@ -23,6 +23,11 @@ Sites: ``flow.lengthscale`` / ``flow.outputscale`` (fully Bayesian only), ``flow
 ``(D, M)``, ``output_inducing`` ``(C, M_g)``, and in the plates ``paths`` (dim -2) × ``data``
 (dim -1) the observations ``y``. Point parameters: inducing inputs, kernels, noise.
 
+ArviZ: :func:`~pyro_gpx.diagnostics.to_inference_data` gives ``y``'s log-likelihood per (path, data
+point), each term scaled by ``1 / num_paths``; ``az.loo`` would count every path as data. For PSIS-LOO,
+reduce the paths first, to the log of the path average of the likelihood:
+``ll = (S * idata.log_likelihood["y"]).reduce(scipy.special.logsumexp, dim="paths") - log(S)``.
+
 Saving: the point parameters, the GPyTorch kernels' included, live in Pyro's parameter store, so
 ``pyro.get_param_store().save`` / ``load`` into a rebuilt model restores it, and ``state_dict``
 does too. Call the (rebuilt) guide once with the training data before predicting, so that it sets
