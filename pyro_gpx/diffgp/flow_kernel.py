@@ -34,7 +34,10 @@ def draw_shape(batch: torch.Size, name: str) -> torch.Size:
     if len(batch) == 0:
         return torch.Size()
     if len(batch) < 2 or any(s != 1 for s in batch[-2:]):
-        raise ValueError(f"{name} has batch shape {tuple(batch)}; it must be global (outside the model's plates)")
+        raise ValueError(
+            f"{name} has batch shape {tuple(batch)}; a global site's draws must end in the model's two size-1 "
+            "plate dims (Predictive(parallel=True) hands them over without: use parallel=False)"
+        )
     return batch[:-2]
 
 

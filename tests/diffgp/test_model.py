@@ -245,6 +245,10 @@ def test_bad_input(float64):
         model(X, y[:-1])
     with pytest.raises(ValueError, match="num_data"):
         model(X, y, num_data=3)
+    guide = AutoNormal(model)
+    guide(X, y)
+    with pytest.raises(ValueError, match=r"Predictive\(parallel=True\) hands them over without"):
+        Predictive(model, guide=guide, num_samples=3, parallel=True)(X)
 
 
 def test_param_store_round_trip_restores_and_keeps_training_the_kernels(float64, tmp_path):
