@@ -66,8 +66,7 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam, pyro_method
 from pyro.nn.module import to_pyro_module_
 from pyro.poutine.block_messenger import BlockMessenger
-from pyro.poutine.runtime import _PYRO_STACK, Message
-from pyro.poutine.trace_messenger import TraceMessenger
+from pyro.poutine.runtime import Message
 from pyro.poutine.util import site_is_subsample
 
 from .._validation import is_finite_at_least, is_integer
@@ -133,11 +132,6 @@ def _observed_sites(model, args: tuple, kwargs: dict) -> set[str]:
     """The observed sample sites of one quiet run of ``model``."""
     trace = quiet_trace(model, args, kwargs)
     return {name for name, site in trace.nodes.items() if site["type"] == "sample" and site["is_observed"]}
-
-
-def _in_training() -> bool:
-    """Inside ``SVI.step`` or ``fit_lbfgs``: Pyro's parameter-capturing trace is on the handler stack."""
-    return any(isinstance(m, TraceMessenger) and m.param_only for m in _PYRO_STACK)
 
 
 def _none_pattern(args: tuple, kwargs: dict) -> tuple:
@@ -392,8 +386,8 @@ class AutoDiffusion(AutoContinuous):
         data instead: the drift learned that data's posterior, and the model with ``y`` unobserved is
         the prior. Explicit calls (this method, :meth:`sample_paths`, :meth:`log_normalizer`) score the
         data they are given, e.g. the full data set after minibatch training; calls of the guide
-        itself outside ``SVI.step`` sample the latest training data's posterior whatever data they get
-        (:meth:`set_training_data` moves it)."""
+        itself under ``torch.no_grad()`` sample the latest training data's posterior whatever data they
+        get (:meth:`set_training_data` moves it)."""
         args, kwargs = self._target_arguments(args, kwargs)
         info, context = self._target_info, plate_context()
         vectorized = self._vectorized if self._vectorized is not None else info["vectorized"].get(context)
@@ -402,10 +396,12 @@ class AutoDiffusion(AutoContinuous):
         return target
 
     def set_training_data(self, *args, **kwargs) -> None:
-        """Make these model arguments the data whose posterior the guide samples. Training steps run by
-        ``SVI.step`` (or ``fit_lbfgs``) set them on every call, minibatches included; call this after
-        minibatch training to sample the full-data posterior, or before each step of a hand-written
-        training loop that does not go through ``SVI.step``."""
+        """Make these model arguments the data whose posterior the guide samples. Every call with
+        gradients enabled (training: ``SVI.step``, ``fit_lbfgs``, a hand-written loop over
+        ``differentiable_loss``; minibatches included) sets them; calls under ``torch.no_grad()``
+        (``to_inference_data``, the ``predict`` helpers) sample the posterior of the data set last, so
+        held-out targets do not leak in. Call this after minibatch training to sample the full-data
+        posterior, and after reloading a saved guide, before evaluating it under ``no_grad``."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         self._train_call = (_none_pattern(args, kwargs), args, kwargs)
@@ -414,22 +410,23 @@ class AutoDiffusion(AutoContinuous):
         if self._train_call is None:  # not set up yet
             return args, kwargs
         pattern = _none_pattern(args, kwargs)
+        evaluating = guide_call and not torch.is_grad_enabled()
         if pattern == self._train_call[0]:  # the training data's structure
-            if _in_training():  # a training step (any minibatch): the drift's target follows it
+            if evaluating:  # under no_grad a guide call samples the trained posterior, whatever data it
+                return self._train_call[1], self._train_call[2]  # gets (held-out targets must not leak in)
+            if torch.is_grad_enabled():  # training (any minibatch): the drift's target follows it
                 self._train_call = (pattern, args, kwargs)
-                return args, kwargs
-            # outside training a guide call samples the trained posterior, whatever data it is given
-            # (held-out targets must not leak in); target(), sample_paths() and log_normalizer() score
-            # the data they are given
-            return (self._train_call[1], self._train_call[2]) if guide_call else (args, kwargs)
+            return args, kwargs
         missing = self._missing_by_pattern.get(pattern)
         if missing is None:  # once per argument structure: which trained observations are missing
             try:
                 observed = _observed_sites(self._raw_model[0], args, kwargs)
             except Exception:  # the model itself will report it when the target runs
-                return args, kwargs
+                return (self._train_call[1], self._train_call[2]) if evaluating else (args, kwargs)
             missing = self._missing_by_pattern[pattern] = sorted(self._observed_sites - observed)
-        return (self._train_call[1], self._train_call[2]) if missing else (args, kwargs)
+        if missing or evaluating:  # a prediction, or the data passed another way (y=... as a keyword)
+            return self._train_call[1], self._train_call[2]
+        return args, kwargs
 
     def _remember(self, target: UnconstrainedTarget) -> None:
         if target.vectorized is not None:

@@ -18,7 +18,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions.transforms import biject_to
 from pyro.poutine.runtime import _DIM_ALLOCATOR
-from pyro.poutine.util import is_validation_enabled, site_is_subsample
+from pyro.poutine.util import site_is_subsample
 
 __all__ = ["UnconstrainedTarget"]
 
@@ -40,7 +40,7 @@ def _max_plate_nesting(trace) -> int:
 
 
 class DataError(ValueError):
-    """Observed values the model's likelihood cannot score (NaN, or outside the support)."""
+    """Observed values the model's likelihood cannot score (NaN or inf)."""
 
 
 def _distinct_rows(z: torch.Tensor) -> torch.Tensor:
@@ -117,24 +117,10 @@ class UnconstrainedTarget:
         indices in ``subsample``), under a plate of size ``batch`` at ``dim`` if given; hidden from
         enclosing handlers except for ``param`` sites (model parameters stay visible to SVI)."""
         data = {**values, **(subsample or {})}
-        validate = is_validation_enabled()
-        # non-finite densities are reported by _trace_log_prob, with the site; validation stays off at the
-        # sampled latents (a parameter check would fail before the density is looked at), but the data are
-        # checked against their support when validation is on, as Trace_ELBO would
+        # non-finite densities are reported by _trace_log_prob, with the site
         with poutine.block(expose_types=["param"]), pyro.validation_enabled(False):
             with pyro.plate("_pyro_gpx_particles", batch, dim=dim) if batch is not None else nullcontext():
-                trace = poutine.trace(poutine.condition(self.model, data=data)).get_trace(*self.args, **self.kwargs)
-        if validate:
-            for site in trace.nodes.values():
-                if site["type"] == "sample" and site["is_observed"] and site["name"] not in data:
-                    support, value = getattr(site["fn"], "support", None), site["value"]
-                    if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
-                        raise DataError(f"the observed values of site {site['name']!r} contain NaN or inf")
-                    if support is not None and not bool(support.check(value).all()):
-                        raise DataError(
-                            f"the observed values of site {site['name']!r} are not within the support {support}"
-                        )
-        return trace
+                return poutine.trace(poutine.condition(self.model, data=data)).get_trace(*self.args, **self.kwargs)
 
     def _trace_log_prob(self, trace, batch: int | None, dim: int | None = None, strict: bool = True) -> torch.Tensor:
         total: torch.Tensor | float = 0.0
