@@ -22,6 +22,7 @@ from __future__ import annotations
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
+from pyro.distributions.util import scale_and_mask
 from pyro.infer.elbo import ELBO
 from pyro.poutine.util import site_is_subsample
 
@@ -36,10 +37,9 @@ def _expected_log_prior(q: dist.MultivariateNormal, prior_scale: torch.Tensor) -
     return (-0.5 * (D * torch.log(2 * torch.pi * var) + second_moment / var)).sum()
 
 
-def _weight(site) -> torch.Tensor | float:
-    """A site's scale times its mask (``poutine.scale`` / ``poutine.mask``), as Trace_ELBO weighs its terms."""
-    mask = site["mask"]
-    return site["scale"] if mask is None else site["scale"] * torch.as_tensor(mask, dtype=torch.get_default_dtype())
+def _weighed(term: torch.Tensor, site) -> torch.Tensor:
+    """``term`` scaled and masked by the site (``poutine.scale`` / ``poutine.mask``), as Trace_ELBO weighs it."""
+    return scale_and_mask(term, site["scale"], site["mask"]).sum()
 
 
 class LastLayerELBO(ELBO):
@@ -69,9 +69,9 @@ class LastLayerELBO(ELBO):
                 mean = Phi @ loc
                 var_f = (Phi @ scale_tril).square().sum(-1)
                 ell = dist.Normal(mean, noise.sqrt()).log_prob(site["value"]) - 0.5 * var_f / noise
-                elbo = elbo + (ell * _weight(site)).sum()
+                elbo = elbo + _weighed(ell, site)
             elif site["is_observed"]:
-                elbo = elbo + (site["fn"].log_prob(site["value"]) * _weight(site)).sum()
+                elbo = elbo + _weighed(site["fn"].log_prob(site["value"]), site)
             elif name in guide_trace.nodes and isinstance(guide_trace.nodes[name]["fn"], dist.Independent):
                 q = guide_trace.nodes[name]["fn"].base_dist
                 p = site["fn"].base_dist if isinstance(site["fn"], dist.Independent) else site["fn"]
@@ -85,8 +85,8 @@ class LastLayerELBO(ELBO):
                 prior_scale = scale.reshape(-1)[0] if scale.dim() else scale
                 # E_q[log p] weighed by the model site, the entropy by the guide site, as Trace_ELBO does
                 # (so a tempered model, poutine.scale(model, s), has the tempered posterior as optimum)
-                elbo = elbo + (_expected_log_prior(q, prior_scale) * _weight(site)).sum()
-                elbo = elbo + (q.entropy().sum() * _weight(guide_trace.nodes[name])).sum()
+                elbo = elbo + _weighed(_expected_log_prior(q, prior_scale), site)
+                elbo = elbo + _weighed(q.entropy().sum(), guide_trace.nodes[name])
             else:
                 raise ValueError(f"site {name!r}: LastLayerELBO handles only the last-layer weights and observations")
         return elbo
