@@ -32,6 +32,7 @@ inputs without targets, the observed sites would look latent, and it raises sayi
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 
@@ -57,6 +58,25 @@ __all__ = ["AutoSWAG"]
 def _rng_kept():
     """A context that restores the CPU RNG (and the current CUDA device's, if CUDA is in use) on exit."""
     return torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_initialized() else [])
+
+
+def _latent_mismatch(tracked: Mapping, model_shapes: Mapping) -> str:
+    """``tracked`` latent shapes against the model's, and why a reloaded guide sees extra latents."""
+    extra = sorted(set(model_shapes) - set(tracked))
+    hint = (f" ({extra} are latent in this call: make a reloaded guide's first call with the training data, "
+            "so that observed sites stay observed)") if extra else ""  # fmt: skip
+    return f"tracks latent sites {dict(tracked)}; the model has {dict(model_shapes)}{hint}"
+
+
+@contextlib.contextmanager
+def _untraced_on_error(guide: AutoContinuous):
+    """Checks of a prototype just set up: if they fail, the guide forgets it, so that a later call (with the
+    training data) traces the model again."""
+    try:
+        yield
+    except ValueError:
+        guide.prototype_trace = None
+        raise
 
 
 class AutoSWAG(AutoContinuous):
@@ -99,17 +119,7 @@ class AutoSWAG(AutoContinuous):
         """The loaded statistics must track this model's latents (same names, order and shapes)."""
         ours = self._latent_shapes()
         if self._swag_shapes is not None and list(self._swag_shapes.items()) != list(ours.items()):
-            extra = sorted(set(ours) - set(self._swag_shapes))
-            hint = (
-                f" ({extra} are latent in this call: make a reloaded guide's first call with the training data, "
-                "so that observed sites stay observed)"
-                if extra
-                else ""
-            )
-            raise ValueError(
-                f"the saved SWAG state tracks latent sites {self._swag_shapes} (unconstrained shapes); "
-                f"the model has {ours}{hint}"
-            )
+            raise ValueError(f"the saved SWAG state (unconstrained shapes) {_latent_mismatch(self._swag_shapes, ours)}")
         if self._moments is not None and self._moments.mean.numel() != self.latent_dim:
             raise ValueError(
                 f"the saved SWAG state has {self._moments.mean.numel()} entries; the model has {self.latent_dim}"
@@ -121,11 +131,8 @@ class AutoSWAG(AutoContinuous):
         else:  # statistics loaded before the model ran: keep the RNG as it was, so that a reloaded
             with _rng_kept():  # guide draws what the saved one did under the same seed
                 super()._setup_prototype(*args, **kwargs)
-            try:
+            with _untraced_on_error(self):
                 self._check_shapes()
-            except ValueError:
-                self.prototype_trace = None  # a later call (with the training data) traces again
-                raise
 
     def _latent_dtype_device(self) -> tuple[torch.dtype, torch.device]:
         value = next(self.prototype_trace.iter_stochastic_nodes())[1]["value"]

@@ -19,7 +19,7 @@ import torch
 from pyro.infer.autoguide import AutoContinuous
 
 from .collector import SWAGCollector
-from .guide import AutoSWAG, _rng_kept
+from .guide import AutoSWAG, _latent_mismatch, _rng_kept, _untraced_on_error
 from .moments import swag_distribution
 
 __all__ = ["swag_predict", "MultiSWAG", "AutoMultiSWAG"]
@@ -129,21 +129,15 @@ class AutoMultiSWAG(AutoContinuous):
         else:
             with _rng_kept():  # keep the RNG as it was: saved and reloaded guides draw alike
                 super()._setup_prototype(*args, **kwargs)
-        try:
+        with _untraced_on_error(self):
             self._check_members()
-        except ValueError:
-            self.prototype_trace = None  # a later call (with the training data) traces again
-            raise
 
     def _check_members(self) -> None:
         shapes = {name: tuple(shape) for name, shape in self._unconstrained_shapes.items()}
         for i, g in enumerate(self._members):
             g.moments  # noqa: B018  (raises a clear error if member i collected nothing)
             if g._swag_shapes is not None and list(g._swag_shapes.items()) != list(shapes.items()):
-                extra = sorted(set(shapes) - set(g._swag_shapes))
-                hint = (f" ({extra} are latent in this call: make a reloaded guide's first call with the training "
-                        "data, so that observed sites stay observed)") if extra else ""  # fmt: skip
-                raise ValueError(f"guides[{i}] tracks latent sites {g._swag_shapes}; the model has {shapes}{hint}")
+                raise ValueError(f"guides[{i}] {_latent_mismatch(g._swag_shapes, shapes)}")
             if g.moments.mean.numel() != self.latent_dim:
                 raise ValueError(
                     f"guides[{i}] tracks {g.moments.mean.numel()} entries; the model has {self.latent_dim}"
