@@ -409,11 +409,11 @@ class AutoDiffusion(AutoContinuous):
     def _target_arguments(self, args: tuple, kwargs: dict, guide_call: bool = False) -> tuple[tuple, dict]:
         if self._train_call is None:  # not set up yet
             return args, kwargs
-        pattern = _none_pattern(args, kwargs)
+        pattern, trained = _none_pattern(args, kwargs), (self._train_call[1], self._train_call[2])
         evaluating = guide_call and not torch.is_grad_enabled()
         if pattern == self._train_call[0]:  # the training data's structure
             if evaluating:  # under no_grad a guide call samples the trained posterior, whatever data it
-                return self._train_call[1], self._train_call[2]  # gets (held-out targets must not leak in)
+                return trained  # gets (held-out targets must not leak in)
             if torch.is_grad_enabled():  # training (any minibatch): the drift's target follows it
                 self._train_call = (pattern, args, kwargs)
             return args, kwargs
@@ -422,11 +422,10 @@ class AutoDiffusion(AutoContinuous):
             try:
                 observed = _observed_sites(self._raw_model[0], args, kwargs)
             except Exception:  # the model itself will report it when the target runs
-                return (self._train_call[1], self._train_call[2]) if evaluating else (args, kwargs)
+                return trained if evaluating else (args, kwargs)
             missing = self._missing_by_pattern[pattern] = sorted(self._observed_sites - observed)
-        if missing or evaluating:  # a prediction, or the data passed another way (y=... as a keyword)
-            return self._train_call[1], self._train_call[2]
-        return args, kwargs
+        # a prediction, or (under no_grad) the data passed another way, e.g. y=... as a keyword
+        return trained if missing or evaluating else (args, kwargs)
 
     def _remember(self, target: UnconstrainedTarget) -> None:
         if target.vectorized is not None:

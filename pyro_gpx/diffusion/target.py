@@ -39,10 +39,6 @@ def _max_plate_nesting(trace) -> int:
     return max(dims)
 
 
-class DataError(ValueError):
-    """Observed values the model's likelihood cannot score (NaN or inf)."""
-
-
 def _distinct_rows(z: torch.Tensor) -> torch.Tensor:
     """Two rows of ``z`` made to differ in every coordinate, to check batched model runs against a loop:
     identical rows (all PIS paths start at one point; a single path) hide a model that mixes its rows,
@@ -148,7 +144,7 @@ class UnconstrainedTarget:
                     continue
                 value = site["value"]
                 if site["is_observed"] and torch.is_tensor(value) and not torch.isfinite(value).all():
-                    raise DataError(f"the observed values of site {site['name']!r} contain NaN or inf")
+                    raise ValueError(f"the observed values of site {site['name']!r} contain NaN or inf")
                 raise FloatingPointError(f"log density of site {site['name']!r} is not finite at a sampled point")
         return torch.as_tensor(total)  # a tensor also when no site has a density (total still 0.0)
 
@@ -187,8 +183,6 @@ class UnconstrainedTarget:
                     looped = self._looped(probe, subsample, strict=False)  # the same minibatch of a subsampled plate
                 rtol = 1e-4 if z.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
                 self.vectorized = torch.allclose(batched, looped, rtol=rtol, atol=rtol, equal_nan=True)
-            except DataError:  # the data, not the batching: report it as it is
-                raise
             except (RuntimeError, ValueError, TypeError, IndexError):
                 self.vectorized = False
             if not self.vectorized:
