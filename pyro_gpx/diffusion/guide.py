@@ -139,6 +139,19 @@ def _none_pattern(args: tuple, kwargs: dict) -> tuple:
     return tuple(a is None for a in args), tuple(sorted((k, v is None) for k, v in kwargs.items()))
 
 
+def _argument_stamp(args: tuple, kwargs: dict) -> tuple:
+    """The arguments with each tensor's version counter: equal stamps (compared by identity) mean
+    the same, unmodified data. Holding the objects keeps their ids from being reused."""
+    items = list(args) + [kwargs[k] for k in sorted(kwargs)]
+    return tuple(sorted(kwargs)), tuple((a, a._version if torch.is_tensor(a) else None) for a in items)
+
+
+def _same_stamp(stamp: tuple | None, other: tuple) -> bool:
+    if stamp is None or stamp[0] != other[0] or len(stamp[1]) != len(other[1]):
+        return False
+    return all(a is b and u == v for (a, u), (b, v) in zip(stamp[1], other[1], strict=True))
+
+
 class AutoDiffusion(AutoContinuous):
     """Diffusion-sampler posterior over all continuous latent sites of ``model``.
 
@@ -250,6 +263,7 @@ class AutoDiffusion(AutoContinuous):
         self._train_call: tuple | None = None
         self._observed_sites: frozenset = frozenset()
         self._missing_by_pattern: dict = {}
+        self._checked_data: tuple | None = None  # the arguments whose observed values were last checked
 
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
@@ -287,6 +301,7 @@ class AutoDiffusion(AutoContinuous):
             self._observed_sites = frozenset()
         self._train_call = (_none_pattern(args, kwargs), args, kwargs)
         self._missing_by_pattern = {}
+        self._checked_data = None
         flow = self._flow_spec[0]
         if flow is not None and not isinstance(flow, torch.distributions.Transform):
             flow = flow(self.latent_dim)
@@ -331,6 +346,12 @@ class AutoDiffusion(AutoContinuous):
                     continue
                 # the store's tensors carry unconstrained(), which Pyro's annotations (torch.Tensor) omit
                 stored = store.get_param(fullname).unconstrained()  # type: ignore[attr-defined]
+                if stored.shape != param.shape:
+                    raise ValueError(
+                        f"the param store holds {fullname!r} with shape {tuple(stored.shape)}, but this guide's "
+                        f"is {tuple(param.shape)} (left by another guide of the same name?): call "
+                        "pyro.clear_param_store() between models"
+                    )
                 if stored is not param:
                     if not isinstance(stored, torch.nn.Parameter):  # keep the store and the module on one tensor
                         store[fullname] = torch.nn.Parameter(stored.detach())
@@ -393,6 +414,12 @@ class AutoDiffusion(AutoContinuous):
         vectorized = self._vectorized if self._vectorized is not None else info["vectorized"].get(context)
         target = UnconstrainedTarget(self, self._raw_model[0], args, kwargs, info.get("nesting"), vectorized)
         info["nesting"] = target.max_plate_nesting
+        if not target._observed_checked:  # Pyro's validation is on: check each data set once, not every step
+            stamp = _argument_stamp(args, kwargs)
+            if not _same_stamp(self._checked_data, stamp):
+                target._check_observed()
+                self._checked_data = stamp
+            target._observed_checked = True
         return target
 
     def set_training_data(self, *args, **kwargs) -> None:

@@ -17,6 +17,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.transforms import biject_to
+from pyro.distributions.util import is_validation_enabled
 from pyro.poutine.runtime import _DIM_ALLOCATOR
 from pyro.poutine.util import site_is_subsample
 
@@ -79,6 +80,7 @@ class UnconstrainedTarget:
                 max_plate_nesting = _max_plate_nesting(poutine.trace(conditioned).get_trace(*self.args, **self.kwargs))
         self.max_plate_nesting = max_plate_nesting
         self.vectorized = vectorized
+        self._observed_checked = not is_validation_enabled()
         self.context = plate_context()  # the enclosing plates under which `vectorized` holds
         taken = [-(i + 1) for i, name in enumerate(self.context[:max_plate_nesting]) if name is not None]
         if taken:  # the model's own plates would move to other dims, and its density would be wrong
@@ -88,6 +90,32 @@ class UnconstrainedTarget:
                 "its plate from the guide alone: use Predictive(parallel=False), or "
                 "AutoDiffusion(..., use_score=False)"
             )
+
+    def _check_observed(self) -> None:
+        """With Pyro's validation on, score the observed sites once as ``Trace_ELBO`` would, at the guide's
+        prototype point: a value outside its distribution's support raises ``ValueError`` naming the site.
+        (The batched runs switch validation off, for sampled points where a parameter over- or underflows;
+        a distribution built with ``validate_args=False``, or one that does not validate, passes here too.)"""
+        self._observed_checked = True
+        prototype = {name: site["value"] for name, site in self.guide.prototype_trace.iter_stochastic_nodes()}
+        try:
+            conditioned = poutine.condition(self.model, data=prototype)
+            with poutine.block(expose_types=["param"]):
+                trace = poutine.trace(conditioned).get_trace(*self.args, **self.kwargs)
+        except Exception:  # e.g. invalid parameters at the prototype: the batched runs report what they find
+            return
+        sites: dict = trace.nodes  # plain dicts: Pyro's typed Message hides fn.log_prob from mypy
+        for name, site in sites.items():
+            if site["type"] != "sample" or not site["is_observed"] or site["infer"].get("_deterministic"):
+                continue
+            value = site["value"]
+            if torch.is_tensor(value) and not torch.isfinite(value).all():
+                raise ValueError(f"the observed values of site {name!r} contain NaN or inf")
+            try:
+                site["fn"].log_prob(value)
+            except ValueError as error:
+                message = f"the observed values of site {name!r} are not valid for its distribution: {error}"
+                raise ValueError(message) from error
 
     def _conditioned(self, z: torch.Tensor, batch: int | None):
         """Constrained site values and the log-Jacobian: ``z`` is ``(B, 1, ..., D)`` with ``batch=B``
@@ -175,6 +203,8 @@ class UnconstrainedTarget:
             ``False`` returns :math:`-\\infty` there instead, for proposals a sampler should reject."""
         if z.dim() != 2:
             raise ValueError(f"z must be (B, D), got shape {tuple(z.shape)}")
+        if not self._observed_checked:
+            self._check_observed()
         if self.vectorized is None:
             try:
                 with torch.no_grad():

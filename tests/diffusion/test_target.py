@@ -135,3 +135,49 @@ def test_nan_in_the_observed_data_is_named(float64):
     guide = AutoDiffusion(shape_safe, num_steps=2, hidden=8)
     with pytest.raises(ValueError, match="observed values of site 'y' contain NaN"):
         guide.sample_paths(4, X, y)
+
+
+def test_observed_values_outside_the_support_are_refused_as_trace_elbo_does():
+    """With validation on, a label of 2 for a Bernoulli site raises naming the site, as in ``Trace_ELBO``;
+    soft labels of a distribution built with ``validate_args=False`` are scored, as there, and so is any
+    value with validation off."""
+    y = Y.clone()
+    y[2] = 2.0
+    guide = AutoDiffusion(shape_safe, num_steps=2, hidden=8)
+    guide(X, Y)
+    with pytest.raises(ValueError, match="observed values of site 'y' are not valid"):
+        guide.sample_paths(4, X, y)
+    with pytest.raises(ValueError, match="observed values of site 'y' are not valid"):
+        guide.log_normalizer(4, X, y)
+
+    def soft_labels(X, y):
+        w = pyro.sample("w", dist.Normal(torch.zeros(2, dtype=X.dtype), 1.0).to_event(1))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Bernoulli(logits=(X * w).sum(-1), validate_args=False), obs=y)
+
+    data = Y.clone()  # checked once per data set: an in-place change is a new data set
+    guide.sample_paths(4, X, data)
+    data[0] = 2.0
+    with pytest.raises(ValueError, match="observed values of site 'y' are not valid"):
+        guide.sample_paths(4, X, data)
+
+    soft = torch.full_like(Y, 0.3)
+    pyro.clear_param_store()  # a new guide: its drift must not pick up the first one's parameters
+    guide = AutoDiffusion(soft_labels, num_steps=2, hidden=8)
+    assert torch.isfinite(guide.sample_paths(4, X, soft).log_weight).all()
+    pyro.clear_param_store()
+    with pyro.validation_enabled(False):
+        guide = AutoDiffusion(shape_safe, num_steps=2, hidden=8)
+        assert torch.isfinite(guide.sample_paths(4, X, y).log_weight).all()
+
+
+def test_a_second_guide_of_another_size_names_the_stale_parameter():
+    AutoDiffusion(shape_safe, num_steps=2, hidden=8)(X, Y)
+
+    def one_weight(X, y):
+        w = pyro.sample("w", dist.Normal(torch.zeros(1, dtype=X.dtype), 1.0).to_event(1))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Bernoulli(logits=(X[:, :1] * w).sum(-1)), obs=y)
+
+    with pytest.raises(ValueError, match="param store holds 'AutoDiffusion.drift.*clear_param_store"):
+        AutoDiffusion(one_weight, num_steps=2, hidden=8)(X, Y)
