@@ -88,7 +88,9 @@ def parse_args(
     # load_uci names the missing directory when a UCI set is asked for
     datasets = quick_datasets if args.quick and quick_datasets is not None else default_datasets
     splits = quick_splits if args.quick and quick_splits is not None else default_splits
-    args.datasets = [d for d in args.datasets.split(",") if d] if args.datasets else list(datasets)
+    args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else list(datasets)
+    if not args.datasets:
+        parser.error("--datasets names no data set")
     try:
         args.splits = [int(s) for s in args.splits.split(",") if s] if args.splits else list(splits)
     except ValueError:
@@ -141,6 +143,7 @@ class Measurement:
             self.peak_rss_mb = max(self.peak_rss_mb, _current_rss_mb())
 
     def __enter__(self) -> Measurement:
+        self._stop = threading.Event()  # a fresh one: the object may be entered again
         self.peak_rss_mb = _current_rss_mb()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
@@ -215,7 +218,9 @@ def markdown_table(records: Sequence[dict], metrics: Sequence[str], time_metric:
     """Mean ± standard error over splits per (dataset, method); the time and peak-memory columns show
     the median.
 
-    The best value shown per data set (for metrics with a direction, time excepted) is bold.
+    The best value shown per data set (for metrics with a direction, time excepted) is bold. A cell
+    with failed splits (NaN, or ``null`` in a reloaded file) shows the mean of the finite ones, says how
+    many those are, and is never bold.
     """
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     order: list[str] = []
@@ -230,7 +235,13 @@ def markdown_table(records: Sequence[dict], metrics: Sequence[str], time_metric:
         best = {}
         for metric in metrics:
             lower = METRICS.get(metric, (None, None))[1]
-            means = {m: _shown(metric, time_metric, groups[(dataset, m)]) for m in methods}
+            # a method with a failed split (NaN / null) shows the mean of the rest, marked, and is never best
+            complete = [
+                m
+                for m in methods
+                if len(_finite(r.get(metric) for r in groups[(dataset, m)])) == len(groups[(dataset, m)])
+            ]
+            means = {m: _shown(metric, time_metric, groups[(dataset, m)]) for m in complete}
             means = {m: v for m, v in means.items() if math.isfinite(v)}
             if lower is not None and len(means) > 1 and metric != time_metric:
                 best[metric] = (min if lower else max)(means, key=means.get)
@@ -248,6 +259,8 @@ def markdown_table(records: Sequence[dict], metrics: Sequence[str], time_metric:
                 else:
                     mean, se = mean_se(values)
                     text = fmt.format(mean) + ("" if math.isnan(se) else " ± " + fmt.format(se))
+                if len(values) < len(rows):
+                    text += f" ({len(values)} of {len(rows)} splits finite)"
                 cells.append(f"**{text}**" if best.get(metric) == method else text)
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

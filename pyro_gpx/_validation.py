@@ -5,14 +5,20 @@ from __future__ import annotations
 import math
 import operator
 
+import numpy as np
 import torch
 
 __all__ = ["check_finite", "check_positive_int", "check_positive_or_none", "is_finite_at_least", "is_integer"]
 
 
+def _is_bool(value) -> bool:
+    """A Python, NumPy or 0-d torch boolean (``True`` is an ``int`` to Python, but never a count here)."""
+    return isinstance(value, bool | np.bool_) or (torch.is_tensor(value) and value.dtype == torch.bool)
+
+
 def check_finite(name: str, x: torch.Tensor) -> None:
     """Raise ``ValueError("<name> contains NaN or inf")`` unless every entry of ``x`` is finite."""
-    if not torch.isfinite(x).all():
+    if not torch.isfinite(torch.as_tensor(x)).all():
         raise ValueError(f"{name} contains NaN or inf")
 
 
@@ -20,7 +26,7 @@ def check_positive_int(name: str, value) -> int:
     """``value`` as an ``int``; ``ValueError`` naming ``name`` unless it is an integer >= 1 (``2.0``
     passes; ``2.5``, NaN, inf, a ``bool`` or a non-number do not)."""
     try:
-        valid = not isinstance(value, bool) and math.isfinite(float(value)) and int(value) == value and value >= 1
+        valid = not _is_bool(value) and math.isfinite(float(value)) and int(value) == value and value >= 1
     except (TypeError, ValueError, OverflowError):
         valid = False
     if not valid:
@@ -29,15 +35,15 @@ def check_positive_int(name: str, value) -> int:
 
 
 def check_positive_or_none(name: str, value) -> None:
-    """``ValueError`` naming ``name`` unless ``value`` is ``None`` or a finite number > 0."""
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive number or None, got {value}")
+    """``ValueError`` naming ``name`` unless ``value`` is ``None`` or a finite number > 0 (not a ``bool``)."""
+    if value is not None and not is_finite_at_least(value, 0.0, strict=True):
+        raise ValueError(f"{name} must be a positive number or None, got {value!r}")
 
 
 def is_integer(value) -> bool:
     """Whether ``value`` is an integer (anything with ``__index__``: ``int``, NumPy integers, 0-d integer
     tensors), but not a ``bool``; ``2.0`` is not."""
-    if isinstance(value, bool):
+    if _is_bool(value):
         return False
     try:
         operator.index(value)
@@ -48,8 +54,8 @@ def is_integer(value) -> bool:
 
 def is_finite_at_least(value, bound: float, strict: bool = False) -> bool:
     """Whether ``value`` is a finite real number ``> bound`` (``strict``) or ``>= bound``; NaN and
-    ``bool`` fail."""
-    if isinstance(value, bool):
+    ``bool`` (and strings such as ``"1"``) fail."""
+    if _is_bool(value) or isinstance(value, str | bytes):
         return False
     try:
         value = float(value)

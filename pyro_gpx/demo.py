@@ -64,6 +64,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the demo; returns the NUTS and SVI ``InferenceData`` and the divergence count."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--num-samples", type=_positive_int, default=300, help="NUTS draws (and warm-up steps) per chain"
     )
     parser.add_argument("--svi-steps", type=_positive_int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_seed, default=0, help="random seed (0 to 2**32 - 1)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if Path(args.out).exists() and not Path(args.out).is_dir():

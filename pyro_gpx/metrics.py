@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ._validation import check_finite, check_positive_int
+from ._validation import check_finite, check_positive_int, is_finite_at_least
 
 __all__ = [
     "rmse",
@@ -25,32 +25,56 @@ __all__ = [
 ]
 
 
-def _check(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
-    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.numel() == 0:
-        raise ValueError(f"y must be a non-empty vector (n,), got shape {tuple(getattr(y, 'shape', ()))}")
-    if not isinstance(x, torch.Tensor) or x.shape[-1:] != y.shape[-1:]:
-        shape = tuple(getattr(x, "shape", ()))
-        raise ValueError(f"{name} has shape {shape}; expected (..., {y.shape[0]}) matching y of shape (n,)")
+def _as_float(name: str, x) -> torch.Tensor:
+    """``x`` (a tensor, NumPy array, sequence or number) as a floating tensor: integers, bools and Python
+    numbers become float64."""
+    try:
+        x = torch.tensor(float(x), dtype=torch.float64) if isinstance(x, int | float) else torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} must be a tensor or array of numbers, got {type(x).__name__}") from None
+    if x.dtype.is_complex:
+        raise ValueError(f"{name} must be real, got {x.dtype}")
+    return x if x.dtype.is_floating_point else x.to(torch.float64)
+
+
+def _check(name: str, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` and ``y`` as floating vectors of one length, finite; ``ValueError`` naming the argument."""
+    y = _as_float("y", y)
+    if y.dim() != 1 or y.numel() == 0:
+        raise ValueError(f"y must be a non-empty vector (n,), got shape {tuple(y.shape)}")
+    x = _as_float(name, x)
+    if x.shape != y.shape:
+        hint = " (for posterior draws (S, n) use mixture_gaussian_nll / sample_coverage)" if x.dim() == 2 else ""
+        raise ValueError(f"{name} has shape {tuple(x.shape)}; expected ({y.shape[0]},) like y{hint}")
     check_finite("y", y)
     check_finite(name, x)
+    return x, y
 
 
-def _check_variance(name: str, var: torch.Tensor, y: torch.Tensor) -> None:
-    _check(name, var, y)
+def _check_variance(name: str, var, y) -> torch.Tensor:
+    var = _check(name, var, y)[0]
     if (var <= 0).any():
         raise ValueError(f"{name} must be positive")
+    return var
+
+
+def _check_level(level) -> float:
+    if not is_finite_at_least(level, 0.0, strict=True) or not float(level) < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    return float(level)
 
 
 def rmse(mean: torch.Tensor, y: torch.Tensor) -> float:
-    """Root mean squared error of a point prediction."""
-    _check("mean", mean, y)
+    """Root mean squared error of a point prediction ``(n,)`` (for draws, pass their mean)."""
+    mean, y = _check("mean", mean, y)
     return float(((mean - y) ** 2).mean().sqrt())
 
 
 def gaussian_nll(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor) -> float:
-    r"""Average negative log density of ``y`` under :math:`N(\mu_i, \sigma_i^2)`."""
-    _check("mean", mean, y)
-    _check_variance("var", var, y)
+    r"""Average negative log density of ``y`` under :math:`N(\mu_i, \sigma_i^2)` (``mean``, ``var``
+    and ``y`` all ``(n,)``; for an average over posterior draws use :func:`mixture_gaussian_nll`)."""
+    mean, y = _check("mean", mean, y)
+    var = _check_variance("var", var, y)
     return float((0.5 * torch.log(2 * math.pi * var) + 0.5 * (y - mean) ** 2 / var).mean())
 
 
@@ -61,10 +85,17 @@ def mixture_gaussian_nll(means: torch.Tensor, vars: torch.Tensor, y: torch.Tenso
     :param means: ``(S, n)`` predictive means per posterior draw.
     :param vars: ``(S, n)`` (or broadcastable) predictive variances per draw, noise included.
     """
+    means = _as_float("means", means)
     if means.dim() != 2 or means.shape[0] == 0:
         raise ValueError(f"means must be (S, n) with S >= 1, got shape {tuple(means.shape)}")
-    _check("means", means, y)
-    vars = torch.as_tensor(vars, dtype=means.dtype)
+    y = _as_float("y", y)
+    if y.dim() != 1 or y.numel() == 0 or means.shape[1] != y.shape[0]:
+        raise ValueError(f"means must be (S, n) and y (n,), got {tuple(means.shape)} and {tuple(y.shape)}")
+    check_finite("y", y)
+    check_finite("means", means)
+    vars = _as_float("vars", vars)
+    dtype = torch.promote_types(torch.promote_types(means.dtype, vars.dtype), y.dtype)
+    means, vars, y = means.to(dtype), vars.to(dtype), y.to(dtype)
     try:
         vars = vars.expand_as(means)
     except RuntimeError:
@@ -78,27 +109,35 @@ def mixture_gaussian_nll(means: torch.Tensor, vars: torch.Tensor, y: torch.Tenso
 
 def gaussian_coverage(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor, level: float = 0.95) -> float:
     r"""Fraction of ``y`` inside the central ``level`` interval of :math:`N(\mu_i, \sigma_i^2)`."""
-    _check("mean", mean, y)
-    _check_variance("var", var, y)
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+    mean, y = _check("mean", mean, y)
+    var = _check_variance("var", var, y)
+    level = _check_level(level)
     z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + level / 2)).item()
     return float(((y - mean).abs() <= z * var.sqrt()).double().mean())
 
 
 def sample_coverage(samples: torch.Tensor, y: torch.Tensor, level: float = 0.95) -> float:
     """Fraction of ``y`` inside the central ``level`` interval of predictive ``samples`` ``(S, n)``."""
+    samples = _as_float("samples", samples)
     if samples.dim() != 2 or samples.shape[0] == 0:
         raise ValueError(f"samples must be (S, n) draws with S >= 1, got shape {tuple(samples.shape)}")
-    _check("samples", samples, y)
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+    y = _as_float("y", y)
+    if y.dim() != 1 or y.numel() == 0 or samples.shape[1] != y.shape[0]:
+        raise ValueError(f"samples must be (S, n) and y (n,), got {tuple(samples.shape)} and {tuple(y.shape)}")
+    check_finite("y", y)
+    check_finite("samples", samples)
+    level = _check_level(level)
     q = torch.tensor([0.5 - level / 2, 0.5 + level / 2], dtype=samples.dtype)
     lo, hi = torch.quantile(samples, q, dim=0)
     return float(((y >= lo) & (y <= hi)).double().mean())
 
 
-def _check_probs(probs: torch.Tensor, labels: torch.Tensor) -> None:
+def _check_probs(probs, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = _as_float("probs", probs)
+    try:
+        labels = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"labels must be integer class indices, got {type(labels).__name__}") from None
     if probs.dim() != 2 or labels.shape != probs.shape[:1] or len(labels) == 0:
         raise ValueError(
             f"probs must be (n, C) and labels (n,) with n >= 1, got {tuple(probs.shape)} and {tuple(labels.shape)}"
@@ -111,11 +150,12 @@ def _check_probs(probs: torch.Tensor, labels: torch.Tensor) -> None:
         raise ValueError(f"labels must be integer class indices, got {labels.dtype}")
     if labels.min() < 0 or labels.max() >= probs.shape[-1]:
         raise ValueError(f"labels must lie in [0, {probs.shape[-1]}), got values in [{labels.min()}, {labels.max()}]")
+    return probs, labels
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> float:
     r"""ECE with equal-width confidence bins: :math:`\sum_b \frac{n_b}{n}|\mathrm{acc}_b - \mathrm{conf}_b|`."""
-    _check_probs(probs, labels)
+    probs, labels = _check_probs(probs, labels)
     num_bins = check_positive_int("num_bins", num_bins)
     conf, pred = probs.max(-1)
     correct = (pred == labels).to(probs.dtype)
@@ -129,12 +169,13 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, num_bi
 
 
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Accuracy, NLL (nats per point) and ECE of predictive class probabilities ``(n, C)``."""
-    _check_probs(probs, labels)
-    picked = probs.gather(-1, labels[:, None])[:, 0].clamp_min(torch.finfo(probs.dtype).tiny)
+    """Accuracy, NLL (nats per point) and ECE of predictive class probabilities ``(n, C)``. A point whose
+    true class has probability 0 makes the NLL infinite (no floor is applied)."""
+    probs, labels = _check_probs(probs, labels)
+    picked = probs.gather(-1, labels[:, None])[:, 0]
     return {
         "accuracy": float((probs.argmax(-1) == labels).double().mean()),
-        "nll": float(-picked.log().mean()),
+        "nll": float(-picked.log().mean()) + 0.0,  # + 0.0: no "-0.0" for perfect predictions
         "ece": expected_calibration_error(probs, labels),
     }
 
@@ -142,6 +183,7 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[st
 def auroc(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
     """Area under the ROC curve for telling out-of-distribution points (higher score) from in-distribution
     ones: the probability that a random out-point outscores a random in-point (ties count half)."""
+    scores_in, scores_out = _as_float("scores_in", scores_in), _as_float("scores_out", scores_out)
     if scores_in.dim() != 1 or scores_out.dim() != 1 or not len(scores_in) or not len(scores_out):
         raise ValueError("scores_in and scores_out must be non-empty vectors")
     check_finite("scores_in", scores_in)

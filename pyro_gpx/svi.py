@@ -214,8 +214,10 @@ def fit_lbfgs(
     :param num_steps: L-BFGS iterations, each at most ``max_eval`` loss evaluations.
     :param loss: a Pyro loss with ``differentiable_loss`` (default ``Trace_ELBO()``).
     :param lr: L-BFGS's initial step length; :param max_eval: loss evaluations per iteration;
-        :param history_size: curvature pairs kept; :param tolerance_change: stop when the loss changes
-        by less (all passed to ``torch.optim.LBFGS``).
+        :param history_size: curvature pairs kept (all passed to ``torch.optim.LBFGS``).
+    :param tolerance_change: passed to ``torch.optim.LBFGS`` (an absolute tolerance within an iteration);
+        also, the run stops when the loss changes between iterations by at most
+        ``tolerance_change * max(1, |loss|)``, a relative tolerance for large losses.
     :param progress: show a tqdm bar.
     :param restart_after: clear the curvature memory once, after this many iterations (0: never).
         The pairs stored during the large first steps from a poor initial point can leave L-BFGS
@@ -227,6 +229,9 @@ def fit_lbfgs(
     """
     num_steps = check_positive_int("num_steps", num_steps)
     max_eval = check_positive_int("max_eval", max_eval)
+    history_size = check_positive_int("history_size", history_size)
+    if not is_finite_at_least(tolerance_change, 0.0):
+        raise ValueError(f"tolerance_change must be a finite number >= 0, got {tolerance_change!r}")
     if not is_integer(restart_after) or restart_after < 0:
         raise ValueError(f"restart_after must be an integer >= 0, got {restart_after!r}")
     elbo = loss or Trace_ELBO()

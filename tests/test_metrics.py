@@ -112,3 +112,27 @@ def test_auroc_equals_the_pairwise_definition_with_ties():
         diff = scores_out[:, None] - scores_in[None, :]
         pairwise = float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean())
         assert auroc(scores_in, scores_out) == pytest.approx(pairwise, rel=1e-12)
+
+
+def test_integer_and_numpy_inputs_are_numbers_and_draws_are_not_vectors(xy):
+    mean, var, y = xy
+    ints = torch.tensor([0, 1, 2])
+    assert rmse(ints, torch.tensor([0.0, 1.0, 3.0])) == pytest.approx(math.sqrt(1 / 3))
+    assert gaussian_nll(mean.numpy(), var.numpy(), y.numpy()) == gaussian_nll(mean, var, y)
+    # integer means: the variance 2.5 was cast to the means' integer dtype (2)
+    expected = gaussian_nll(ints.double(), torch.full((3,), 2.5, dtype=torch.float64), y[:3])
+    assert mixture_gaussian_nll(ints[None], 2.5, y[:3]) == pytest.approx(expected, rel=1e-12)
+    probs = torch.tensor([[1, 0], [0, 1]])  # integer one-hot probabilities
+    assert classification_metrics(probs, np.array([0, 1])) == {"accuracy": 1.0, "nll": 0.0, "ece": 0.0}
+    assert auroc(np.array([0.1, 0.2]), np.array([0.3, 0.4])) == 1.0
+    with pytest.raises(ValueError, match=r"mean has shape \(2, 200\).*mixture_gaussian_nll"):
+        gaussian_nll(torch.stack([mean, mean]), var, y)  # it averaged per-draw NLLs
+    with pytest.raises(ValueError, match="level must be in"):
+        gaussian_coverage(mean, var, y, level="0.9")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_true_class_of_probability_zero_gives_an_infinite_nll(dtype):
+    """It was floored at the dtype's smallest normal number: 44 nats in float32, 355 in float64."""
+    probs = torch.tensor([[1.0, 0.0], [0.5, 0.5]], dtype=dtype)
+    assert classification_metrics(probs, torch.tensor([1, 0]))["nll"] == math.inf

@@ -70,6 +70,11 @@ def test_fit_lbfgs_restart_clears_the_memory():
     assert not torch.equal(restarted, _lbfgs_point([4]))  # the memory mattered
     with pytest.raises(ValueError, match="restart_after"):
         fit_lbfgs(_banana, lambda: None, restart_after=-1, progress=False)
+    for bad in (0, -1):  # an IndexError from torch's LBFGS before
+        with pytest.raises(ValueError, match="history_size must be a positive integer"):
+            fit_lbfgs(_banana, lambda: None, history_size=bad, progress=False)
+    with pytest.raises(ValueError, match="tolerance_change must be a finite number"):
+        fit_lbfgs(_banana, lambda: None, tolerance_change=float("nan"), progress=False)
 
 
 def _quadratic():  # a deterministic loss (x - 3)^2 with an empty guide: SVI is plain Adam on x

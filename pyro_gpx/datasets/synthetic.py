@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._validation import check_positive_int, is_finite_at_least, is_integer
+
 __all__ = ["SyntheticRegression", "SyntheticClassification", "gap_regression", "two_moons"]
 
 
@@ -29,6 +31,18 @@ class SyntheticClassification:
     y_test: torch.Tensor
 
 
+def _check_common(noise_std: float, seed: int, dtype: torch.dtype, **counts: int) -> None:
+    for name, value in counts.items():
+        if check_positive_int(name, value) < 2:
+            raise ValueError(f"{name} must be >= 2, got {value!r}")
+    if not is_finite_at_least(noise_std, 0.0):
+        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+    if not is_integer(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
+
+
 def _gap_function(x: torch.Tensor) -> torch.Tensor:
     return torch.sin(3.0 * x) + 0.3 * x
 
@@ -47,12 +61,12 @@ def gap_regression(
     :math:`y = \sin(3x) + 0.3x + \varepsilon`, :math:`\varepsilon \sim N(0, \sigma^2)`, with
     ``x`` uniform on ``domain`` minus ``gap``. The grid extends half a unit beyond ``domain``.
     """
-    if n < 2:
-        raise ValueError(f"n must be >= 2, got {n}")
-    if noise_std < 0:
-        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+    _check_common(noise_std, seed, dtype, n=n, n_grid=n_grid)
+    n, n_grid = int(n), int(n_grid)
     lo, hi = domain
     g_lo, g_hi = gap
+    if not all(is_finite_at_least(v, -math.inf) for v in (lo, hi, g_lo, g_hi)):
+        raise ValueError(f"domain {domain} and gap {gap} must be finite")
     if not lo < g_lo < g_hi < hi:
         raise ValueError(f"gap {gap} must lie strictly inside domain {domain}")
     gen = torch.Generator().manual_seed(seed)
@@ -69,8 +83,8 @@ def two_moons(
     n: int = 200, noise_std: float = 0.1, n_test: int = 200, seed: int = 0, dtype: torch.dtype = torch.float64
 ) -> SyntheticClassification:
     """Two interleaving half circles, labels 0/1 (as scikit-learn's ``make_moons``)."""
-    if n < 2 or n_test < 2:
-        raise ValueError(f"n and n_test must be >= 2, got {n} and {n_test}")
+    _check_common(noise_std, seed, dtype, n=n, n_test=n_test)
+    n, n_test = int(n), int(n_test)
     gen = torch.Generator().manual_seed(seed)
 
     def draw(m: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -152,7 +152,7 @@ def load_uci(
     :param max_train: if given, keep a random subset of at most this many training points.
     :param seed: seed of that subset.
     :raises FileNotFoundError: if ``data_dir`` does not exist.
-    :raises ValueError: for an unknown data set or a split out of range.
+    :raises ValueError: for an unknown data set, a split out of range, or data with NaN or inf.
 
     Example::
 
@@ -165,6 +165,13 @@ def load_uci(
         raise ValueError(
             f"max_train must be an integer >= 2 (standardising needs two points) or None, got {max_train!r}"
         )
+    if not is_integer(split):
+        raise ValueError(f"split must be an integer split index, got {split!r}")
+    if not is_integer(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
+    split = int(split)
     layout, path = resolve_dataset(name, data_dir)
     if layout == "uci-gal":
         X, y, n_splits = _read_gal(path)
@@ -180,6 +187,12 @@ def load_uci(
             )
         test = np.flatnonzero(mask[:, split])
         train = np.flatnonzero(~mask[:, split])
+    for what, values in (("features", X), ("targets", y)):
+        bad = ~np.isfinite(values).reshape(len(values), -1).all(-1)
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            first = rows[:5].tolist()
+            raise ValueError(f"{name!r}: the {what} of {len(rows)} rows contain NaN or inf (first rows: {first})")
     if max_train is not None and len(train) > max_train:
         train = np.sort(np.random.default_rng(seed).choice(train, size=max_train, replace=False))
     X_train = torch.as_tensor(X[train], dtype=dtype)

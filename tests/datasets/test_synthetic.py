@@ -20,6 +20,18 @@ def test_gap_regression_rejects_bad_arguments():
         gap_regression(gap=(1.0, 0.0))
     with pytest.raises(ValueError, match="noise_std"):
         gap_regression(noise_std=-1.0)
+    for bad in (float("nan"), float("inf")):  # gave NaN / inf targets
+        with pytest.raises(ValueError, match="noise_std must be a finite number"):
+            gap_regression(noise_std=bad)
+        with pytest.raises(ValueError, match="noise_std must be a finite number"):
+            two_moons(noise_std=bad)
+    with pytest.raises(ValueError, match="noise_std"):
+        two_moons(noise_std=-1.0)
+    with pytest.raises(ValueError, match="must be finite"):
+        gap_regression(domain=(-float("inf"), 2.0))
+    with pytest.raises(ValueError, match="dtype must be a floating-point"):
+        gap_regression(dtype=torch.int64)
+    assert gap_regression(n=10.0, n_grid=5.0).X_grid.shape == (5, 1)  # integral floats are counts
 
 
 def test_two_moons_balanced_and_separable():

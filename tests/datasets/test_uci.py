@@ -95,6 +95,19 @@ def test_errors(tmp_path):
     for bad in (1, 2.5):
         with pytest.raises(ValueError, match="max_train must be an integer >= 2"):
             load_uci("toy", 0, tmp_path, max_train=bad)
+    for bad in (True, 1.0, "1"):  # True would read index_train_True.txt
+        with pytest.raises(ValueError, match="split must be an integer"):
+            load_uci("toy", bad, tmp_path)
+    with pytest.raises(ValueError, match="dtype must be a floating-point"):
+        load_uci("toy", 0, tmp_path, dtype=torch.int64)
+
+
+def test_data_with_nan_is_refused_naming_the_rows(tmp_path):
+    data = _write_gal(tmp_path)
+    data[4, 1] = np.nan
+    np.savetxt(tmp_path / "uci-gal/toy/data.txt", data)
+    with pytest.raises(ValueError, match=r"'toy': the features of 1 rows contain NaN or inf \(first rows: \[4\]\)"):
+        load_uci("toy", 0, tmp_path)
 
 
 def test_standardizer_round_trip():
@@ -104,6 +117,22 @@ def test_standardizer_round_trip():
     torch.testing.assert_close(s.inverse_variance(torch.ones(3, dtype=torch.float64)), x.var(0))
     with pytest.raises(ValueError, match="n >= 2"):
         Standardizer.fit(torch.randn(1, 3))
+    with pytest.raises(ValueError, match="x contains NaN"):
+        Standardizer.fit(torch.tensor([1.0, float("nan"), 3.0]))
+    with pytest.raises(ValueError, match="x must be a floating-point tensor"):
+        Standardizer.fit(torch.arange(4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_constant_column_with_a_rounding_spread_maps_to_zero(dtype):
+    """0.1 is not a binary fraction: the computed std of a column of 0.1s is rounding noise (7.5e-9 in
+    float32), which divided a test value 1e-4 away into 13 414 instead of about 1e-4."""
+    x = torch.stack([torch.full((1000,), 0.1, dtype=dtype), torch.linspace(0, 1, 1000, dtype=dtype)], -1)
+    s = Standardizer.fit(x)
+    assert s.std[0] == 1
+    torch.testing.assert_close(s.std[1], x[:, 1].std())
+    assert s.transform(x)[:, 0].abs().max() < 1e-7
+    assert abs(float(s.transform(torch.tensor([[0.1001, 0.5]], dtype=dtype))[0, 0]) - 1e-4) < 1e-6
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="shared UCI data not present")
