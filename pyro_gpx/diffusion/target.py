@@ -234,5 +234,15 @@ class UnconstrainedTarget:
         """:math:`\\nabla_z\\log\\rho(z)` (detached), ``(B, D)``."""
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(self.log_density(z).sum(), z)
+            tracing = torch.jit.is_tracing()  # read first: a failed trace is abandoned
+            try:
+                (grad,) = torch.autograd.grad(self.log_density(z).sum(), z)
+            except RuntimeError as error:
+                if not tracing:
+                    raise
+                raise RuntimeError(
+                    "the score of the model's log density (AutoDiffusion(..., use_score=True)) could not be traced "
+                    "by the JIT (JitTrace_ELBO) for this model: train with Trace_ELBO or PathELBO, or pass "
+                    "use_score=False"
+                ) from error
         return grad.detach()

@@ -171,3 +171,41 @@ def test_parallel_predictive_is_refused(float64):
     guide(x, 2 * x)
     with pytest.raises(ValueError, match="Predictive\\(parallel=True\\) sizes its plate from the guide alone"):
         Predictive(_slope, guide=guide, num_samples=3, parallel=True)(x)
+
+
+def test_jit_trace_elbo_matches_trace_elbo_or_names_the_untraceable_score():
+    """The score's inner autograd.grad traces for an unconstrained model (same losses as Trace_ELBO for the
+    same seeds); for a constrained one the tracer fails, and the error says what to use instead."""
+    import warnings
+
+    from pyro.infer import JitTrace_ELBO
+
+    y = torch.randn(20, generator=torch.Generator().manual_seed(1)) + 1.0
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        with pyro.plate("n", len(y)):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    def constrained(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        s = pyro.sample("s", dist.HalfNormal(2.0))
+        with pyro.plate("n", len(y)):
+            pyro.sample("y", dist.Normal(mu, s), obs=y)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings
+        pyro.set_rng_seed(0)
+        guide = AutoDiffusion(model, num_steps=4, hidden=16)
+        guide(y)
+        jit = JitTrace_ELBO()
+        jit.loss(model, guide, y)  # compiles
+        for seed in (1, 2):
+            pyro.set_rng_seed(seed)
+            traced = jit.loss(model, guide, y)
+            pyro.set_rng_seed(seed)
+            assert traced == pytest.approx(Trace_ELBO().loss(model, guide, y), rel=1e-6)
+        pyro.clear_param_store()
+        guide = AutoDiffusion(constrained, num_steps=4, hidden=16)
+        with pytest.raises(RuntimeError, match="could not be traced by the JIT.*use_score=False"):
+            JitTrace_ELBO().loss_and_grads(constrained, guide, y)  # (the loss alone traces)
