@@ -149,7 +149,19 @@ def _argument_stamp(args: tuple, kwargs: dict) -> tuple:
 def _same_stamp(stamp: tuple | None, other: tuple) -> bool:
     if stamp is None or stamp[0] != other[0] or len(stamp[1]) != len(other[1]):
         return False
-    return all(a is b and u == v for (a, u), (b, v) in zip(stamp[1], other[1], strict=True))
+    return all(_same_item(a, b) and u == v for (a, u), (b, v) in zip(stamp[1], other[1], strict=True))
+
+
+def _same_item(a, b) -> bool:
+    """The same object, or equal plain values (a tensor only as the same object)."""
+    if a is b:
+        return True
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return False
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # e.g. an array's elementwise comparison
+        return False
 
 
 class AutoDiffusion(AutoContinuous):
@@ -264,6 +276,7 @@ class AutoDiffusion(AutoContinuous):
         self._observed_sites: frozenset = frozenset()
         self._missing_by_pattern: dict = {}
         self._checked_data: tuple | None = None  # the arguments whose observed values were last checked
+        self._data_changed = False  # gradient calls saw different data objects (minibatches?)
 
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
@@ -302,6 +315,7 @@ class AutoDiffusion(AutoContinuous):
         self._train_call = (_none_pattern(args, kwargs), args, kwargs)
         self._missing_by_pattern = {}
         self._checked_data = None
+        self._data_changed = False
         flow = self._flow_spec[0]
         if flow is not None and not isinstance(flow, torch.distributions.Transform):
             flow = flow(self.latent_dim)
@@ -428,20 +442,41 @@ class AutoDiffusion(AutoContinuous):
         ``differentiable_loss``; minibatches included) sets them; calls under ``torch.no_grad()``
         (``to_inference_data``, the ``predict`` helpers) sample the posterior of the data set last, so
         held-out targets do not leak in. Call this after minibatch training to sample the full-data
-        posterior, and after reloading a saved guide, before evaluating it under ``no_grad``."""
+        posterior (a guide call that samples the trained posterior after gradient calls on changing data,
+        with none set since, warns once), and after reloading a saved guide, before evaluating it under
+        ``no_grad``."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         self._train_call = (_none_pattern(args, kwargs), args, kwargs)
+        self._data_changed = False
+
+    def _trained_arguments(self) -> tuple[tuple, dict]:
+        """The data the drift was trained on, for a call that samples its posterior; warns once if the
+        gradient calls saw changing data (minibatches) and none was set since."""
+        assert self._train_call is not None
+        if self._data_changed:
+            self._data_changed = False
+            n = [tuple(a.shape) for a in self._train_call[1] if torch.is_tensor(a)]
+            warnings.warn(
+                "AutoDiffusion was trained on changing data (minibatches?) and samples the posterior of the "
+                f"latest (argument shapes {n}): call guide.set_training_data(<full data>) to sample the "
+                "full data's posterior",
+                UserWarning,
+                stacklevel=4,
+            )
+        return self._train_call[1], self._train_call[2]
 
     def _target_arguments(self, args: tuple, kwargs: dict, guide_call: bool = False) -> tuple[tuple, dict]:
         if self._train_call is None:  # not set up yet
             return args, kwargs
-        pattern, trained = _none_pattern(args, kwargs), (self._train_call[1], self._train_call[2])
+        pattern = _none_pattern(args, kwargs)
         evaluating = guide_call and not torch.is_grad_enabled()
         if pattern == self._train_call[0]:  # the training data's structure
             if evaluating:  # under no_grad a guide call samples the trained posterior, whatever data it
-                return trained  # gets (held-out targets must not leak in)
+                return self._trained_arguments()  # gets (held-out targets must not leak in)
             if torch.is_grad_enabled():  # training (any minibatch): the drift's target follows it
+                if not _same_stamp(_argument_stamp(*self._train_call[1:]), _argument_stamp(args, kwargs)):
+                    self._data_changed = True
                 self._train_call = (pattern, args, kwargs)
             return args, kwargs
         missing = self._missing_by_pattern.get(pattern)
@@ -449,10 +484,10 @@ class AutoDiffusion(AutoContinuous):
             try:
                 observed = _observed_sites(self._raw_model[0], args, kwargs)
             except Exception:  # the model itself will report it when the target runs
-                return trained if evaluating else (args, kwargs)
+                return self._trained_arguments() if evaluating else (args, kwargs)
             missing = self._missing_by_pattern[pattern] = sorted(self._observed_sites - observed)
         # a prediction, or (under no_grad) the data passed another way, e.g. y=... as a keyword
-        return trained if missing or evaluating else (args, kwargs)
+        return self._trained_arguments() if missing or evaluating else (args, kwargs)
 
     def _remember(self, target: UnconstrainedTarget) -> None:
         if target.vectorized is not None:

@@ -153,6 +153,10 @@ def test_guide_calls_sample_the_trained_posterior_whatever_data_they_get(float64
         for name, args, kwargs in (("train", (x, y), {}), ("held-out", (x_test, y_test), {}),
                                    ("keyword", (x_test,), {"y": y_test}), ("prediction", (x_test,), {})):  # fmt: skip
             pyro.set_rng_seed(5)
+            if name == "train":  # the gradient calls saw three data sets: a warning, once
+                with pytest.warns(UserWarning, match=r"trained on changing data.*shapes \[\(12,\), \(12,\)\]"):
+                    draws[name] = guide(*args, **kwargs)["w"]
+                continue
             draws[name] = guide(*args, **kwargs)["w"]
         for name in ("held-out", "keyword", "prediction"):
             torch.testing.assert_close(draws[name], draws["train"], rtol=0, atol=0)
