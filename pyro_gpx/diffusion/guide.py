@@ -277,6 +277,7 @@ class AutoDiffusion(AutoContinuous):
         self._missing_by_pattern: dict = {}
         self._checked_data: tuple | None = None  # the arguments whose observed values were last checked
         self._data_changed = False  # gradient calls saw different data objects (minibatches?)
+        self._setting_data = False  # inside set_training_data
 
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
@@ -333,6 +334,14 @@ class AutoDiffusion(AutoContinuous):
                     "without targets makes them latent sites)"
                 )
             self.load_state_dict(state, strict=strict, assign=assign)
+            if not torch.is_grad_enabled() and not self._setting_data:
+                warnings.warn(
+                    "a loaded AutoDiffusion guide was set up by a call without gradients (an evaluation): it "
+                    "samples the posterior of this call's data, which may be held-out data; call "
+                    "guide.set_training_data(<training data>) after loading to sample the trained posterior",
+                    UserWarning,
+                    stacklevel=4,
+                )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
         # before the guide's first call its parameters do not exist yet: keep its part of the state and load
@@ -446,7 +455,11 @@ class AutoDiffusion(AutoContinuous):
         with none set since, warns once), and after reloading a saved guide, before evaluating it under
         ``no_grad``."""
         if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
+            self._setting_data = True
+            try:
+                self._setup_prototype(*args, **kwargs)
+            finally:
+                self._setting_data = False
         self._train_call = (_none_pattern(args, kwargs), args, kwargs)
         self._data_changed = False
 

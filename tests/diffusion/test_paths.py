@@ -588,6 +588,26 @@ def test_a_reloaded_guide_whose_first_call_has_no_targets_says_so(float64, tmp_p
         fresh(x)
 
 
+def test_a_reloaded_guide_first_evaluated_without_gradients_warns_unless_given_its_data(float64, tmp_path):
+    """Its first call sets the data it samples the posterior of: under no_grad (an evaluation, e.g.
+    to_inference_data on test data) that may be held-out data, so it warns; set_training_data does not."""
+    y = torch.randn(6, 2) + 1.0
+    guide = AutoDiffusion(_conditioned_gaussian, num_steps=2, hidden=4)
+    guide(y)
+    torch.save(guide.state_dict(), tmp_path / "guide.pt")
+    for first in ("evaluation", "set_training_data"):
+        pyro.clear_param_store()
+        fresh = AutoDiffusion(_conditioned_gaussian, num_steps=2, hidden=4)
+        fresh.load_state_dict(torch.load(tmp_path / "guide.pt"))
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if first == "set_training_data":
+                fresh.set_training_data(y)
+            fresh(y + 5.0)
+        loaded = [w for w in caught if "loaded AutoDiffusion guide" in str(w.message)]
+        assert len(loaded) == (first == "evaluation")
+
+
 def test_log_variance_loss_trains_under_svi(float64):
     # its paths were re-scored outside the guide's Pyro context, so SVI saw no parameters and stepped none
     model = gaussian_model(scale=2.0)
