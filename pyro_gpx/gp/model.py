@@ -198,7 +198,8 @@ class ComputationAwareGP(GPModel):
     def _kernel_fn(self, sample_priors: bool = True) -> KernelFn:
         kernel = self.kernel
         if isinstance(kernel, torch.nn.Module) and not isinstance(kernel, PyroModule):
-            pyro.module(self._pyro_get_fullname("kernel"), kernel)
+            # update_module_params: after pyro.get_param_store().load the kernel uses (and trains) the stored values
+            pyro.module(self._pyro_get_fullname("kernel"), kernel, update_module_params=True)
             if sample_priors and _has_priors(kernel):
                 kernel = _sample_gpytorch_priors(kernel, self._pyro_get_fullname)
         return KernelFn(kernel, probe=self.X)
@@ -206,7 +207,7 @@ class ComputationAwareGP(GPModel):
     def _prior_mean(self, X: torch.Tensor) -> torch.Tensor:
         mean_fn = self.mean_function
         if isinstance(mean_fn, torch.nn.Module) and not isinstance(mean_fn, PyroModule):
-            pyro.module(self._pyro_get_fullname("mean_function"), mean_fn)
+            pyro.module(self._pyro_get_fullname("mean_function"), mean_fn, update_module_params=True)
         mean = torch.as_tensor(mean_fn(X), dtype=X.dtype)
         return mean.expand(X.shape[:1]) if mean.dim() == 0 else mean
 

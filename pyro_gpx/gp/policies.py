@@ -196,7 +196,10 @@ class BlockSparsePolicy(Policy):
     The partition is made when the policy first sees the data (and again after ``set_data`` with
     a different number of points), with the kernel's lengthscales at that moment. It is a buffer
     of the module: save and restore a trained model with ``state_dict`` / ``load_state_dict`` (the
-    Pyro param store alone holds the entries but not which points they act on).
+    Pyro param store alone holds the entries but not which points they act on). A loaded state is
+    checked against the data the model then sees: other inputs, or the same in another row order,
+    raise ``ValueError`` (the indices would act on the wrong points); another number of points
+    warns and starts a new partition.
 
     The entries live in Pyro's global param store under the policy's name (``"policy.blocks"`` in a
     :class:`~pyro_gpx.gp.model.ComputationAwareGP`), like every Pyro parameter: two models built in
@@ -213,6 +216,7 @@ class BlockSparsePolicy(Policy):
             raise ValueError(f"partition must be 'kd' or 'random', got {partition!r}")
         self.num_actions, self.init, self.partition, self.seed = num_actions, init, partition, seed
         self._num_data = None
+        self._loaded = False
 
     def _partition(self, context: PolicyContext) -> tuple[torch.Tensor, torch.Tensor]:
         n = context.X.shape[0]
@@ -245,12 +249,41 @@ class BlockSparsePolicy(Policy):
         # a policy that has not seen data yet takes its partition (and entries) from the saved state
         if self._num_data is None and prefix + "index" in state_dict and prefix + "mask" in state_dict:
             index, mask = state_dict[prefix + "index"], state_dict[prefix + "mask"]
+            if index.shape[0] != self.num_actions:
+                raise ValueError(
+                    f"the loaded state has {index.shape[0]} block actions, but this policy was built with "
+                    f"num_actions={self.num_actions}: build the model with the saved settings"
+                )
             self.register_buffer("index", index.clone())
             self.register_buffer("mask", mask.clone())
+            checksum = state_dict.get(prefix + "inputs_checksum")
+            if checksum is not None:
+                self.register_buffer("inputs_checksum", checksum.clone())
             saved = state_dict.get(prefix + "blocks_unconstrained")  # a placeholder of its shape, loaded below
             self.blocks = PyroParam(torch.zeros(index.shape, dtype=saved.dtype if saved is not None else None))
             self._num_data = int(mask.sum())
+        self._loaded = True  # the next data seen must be the inputs the partition was made on
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _check_loaded_inputs(self, X: torch.Tensor) -> None:
+        """After a load: the partition's point indices must refer to the same training inputs, in order."""
+        self._loaded = False
+        n = X.shape[0]
+        if self._num_data != n:
+            warnings.warn(
+                f"the loaded partition is for {self._num_data} training points, this model has {n}: its trained "
+                "block entries are discarded and a new partition is made",
+                UserWarning,
+                stacklevel=3,
+            )
+            return
+        stored = getattr(self, "inputs_checksum", None)
+        if stored is not None and not torch.allclose(_inputs_checksum(X), stored, rtol=1e-6, atol=1e-8):
+            raise ValueError(
+                "the loaded block actions were trained on other training inputs (other points, or the same "
+                "points in another row order): their point indices would act on the wrong points. Build the "
+                "model on the saved model's training inputs, in their order"
+            )
 
     def _stored_blocks_error(self, stored_shape, shape) -> ValueError:
         name = self._pyro_get_fullname("blocks")
@@ -264,6 +297,8 @@ class BlockSparsePolicy(Policy):
 
     def actions(self, context):
         n = context.X.shape[0]
+        if self._loaded:
+            self._check_loaded_inputs(context.X)
         if self._num_data != n:
             index, mask = self._partition(context)
             init = self._initial_blocks(context, index, mask)
@@ -283,12 +318,20 @@ class BlockSparsePolicy(Policy):
                     )
             self.register_buffer("index", index)
             self.register_buffer("mask", mask)
+            self.register_buffer("inputs_checksum", _inputs_checksum(context.X))
             self.blocks = PyroParam(init)  # replaces (and removes from the store) blocks of an earlier n
             self._num_data = n
         blocks = self.blocks
         if blocks.shape != self.index.shape:
             raise self._stored_blocks_error(blocks.shape, self.index.shape)
         return BlockSparseActions(self.index, blocks, self.mask, n)
+
+
+def _inputs_checksum(X: torch.Tensor) -> torch.Tensor:
+    """An order-sensitive summary of the training inputs, ``(d,)`` in float64: row-weighted column sums."""
+    flat = X.detach().double().reshape(X.shape[0], -1)
+    weights = torch.cos(1.3 * torch.arange(flat.shape[0], dtype=torch.float64) + 0.2)
+    return weights @ flat
 
 
 def _outside_pivots(directions: torch.Tensor, pivots: torch.Tensor) -> DenseActions:

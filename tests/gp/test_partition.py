@@ -104,6 +104,34 @@ def test_trained_block_actions_round_trip_through_state_dict(float64, partition)
     assert torch.allclose(var2, var, rtol=0, atol=1e-12)
 
 
+def test_a_block_state_loaded_into_other_inputs_or_settings_is_refused(float64):
+    """The state's point indices act on the inputs it was trained on: the same points in another row
+    order predicted 0.2 off with no warning; more points silently dropped the trained entries; a policy
+    built with other num_actions silently adopted the saved partition."""
+    problem = make_problem()
+
+    def build(X, y, num_actions=6):
+        pyro.clear_param_store()
+        return ComputationAwareGP(X, y, make_problem().kernel, policy=BlockSparsePolicy(num_actions), noise=0.1)
+
+    gp = build(problem.X, problem.y)
+    with torch.no_grad():
+        gp(problem.X_new)
+    state = gp.state_dict()
+    perm = torch.randperm(len(problem.y), generator=torch.Generator().manual_seed(1))
+    permuted = build(problem.X[perm], problem.y[perm])
+    permuted.load_state_dict(state)
+    with pytest.raises(ValueError, match="other training inputs.*another row order"), torch.no_grad():
+        permuted(problem.X_new)
+    more = build(torch.cat([problem.X, problem.X_new[:3]]), torch.cat([problem.y, problem.y[:3]]))
+    more.load_state_dict(state)
+    with pytest.warns(UserWarning, match="loaded partition is for 60 training points, this model has 63"):
+        with torch.no_grad():
+            more(problem.X_new)
+    with pytest.raises(ValueError, match="6 block actions, but this policy was built with num_actions=8"):
+        build(problem.X, problem.y, num_actions=8).load_state_dict(state)
+
+
 def test_constant_init_averages_each_block_and_starts_higher_than_targets(float64):
     """``init="constant"`` makes action j the normalised indicator of block j. On a smooth problem
     with many points per block its starting ELBO beats the data-shaped ``"targets"`` init: the
