@@ -202,7 +202,7 @@ class CollapsedModel:
         bnn.check_data(X, y)
         reparam = self.repriorised.reparam
         if reparam.training_data is None:
-            reparam.set_training_data(X, y)
+            reparam.adopt_training_data(X, y)
         elif not reparam.is_training_data(X, y):
             raise ValueError(
                 "CollapsedModel was called with targets other than its training data (those of its first call "

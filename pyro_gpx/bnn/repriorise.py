@@ -31,6 +31,7 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import pyro
@@ -104,7 +105,9 @@ class RepriorisedReadout(Reparam):
 
     **Training data.** The map :math:`\phi \mapsto \theta` is built from fixed *training* data
     :math:`(X_0, y_0)`: those of the first model call with targets, or of :meth:`set_training_data`
-    (which replaces them). Later calls use them whatever their own arguments:
+    (which replaces them; a first call with targets that runs without gradients, an evaluation such
+    as scoring reloaded draws on held-out data, warns). Later calls use them whatever their own
+    arguments:
 
     * with the training data (the same tensors or equal values; e.g. every step of an MCMC run):
       the repriorised density of the run;
@@ -147,6 +150,20 @@ class RepriorisedReadout(Reparam):
             _check_real_targets(y)
         self.training_data = (X, y)
 
+    def adopt_training_data(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        """Take the data of the first call with targets as the training data, as :meth:`set_training_data`;
+        warns if that call runs without gradients (an evaluation, such as ``to_inference_data`` with
+        held-out data on reloaded draws, where the held-out targets would become the training data)."""
+        if not torch.is_grad_enabled():
+            warnings.warn(
+                "the repriorised readout takes its training data from this first call with targets, which runs "
+                "without gradients (an evaluation, e.g. of reloaded draws on held-out data): if these are not the "
+                "data the chains ran on, call set_training_data(X_train, y_train) on the model first",
+                UserWarning,
+                stacklevel=3,
+            )
+        self.set_training_data(X, y)
+
     def is_training_data(self, X: torch.Tensor, y: torch.Tensor) -> bool:
         """Whether ``(X, y)`` are the stored training data (the same tensors, or equal values)."""
         if self.training_data is None:
@@ -163,7 +180,7 @@ class RepriorisedReadout(Reparam):
             X, y = self.data(*args_kwargs)
             if y is not None:
                 if self.training_data is None:
-                    self.set_training_data(X, y)
+                    self.adopt_training_data(X, y)
                 elif self.is_training_data(X, y):
                     # this call's own tensors: the model may reuse the features it has just computed
                     return X, y

@@ -2,6 +2,7 @@
 repriorised density, exact readout draws for prediction, and NUTS on the marginal posterior."""
 
 import math
+import warnings
 
 import numpy as np
 import pyro
@@ -171,3 +172,18 @@ def test_training_data_are_fixed_by_the_first_call_with_targets(data):
     poutine.trace(model).get_trace(X[:10], y[:10])
     with pytest.raises(ValueError, match=r"y must have shape \(10,\)"):
         model.set_training_data(X[:10], y[:10, None])
+
+
+@pytest.mark.parametrize("kind", ["collapsed", "repriorised"])
+def test_training_data_taken_from_an_evaluation_warn(data, kind):
+    """A model rebuilt to score reloaded draws on held-out data took the held-out targets as its training
+    data, silently (per-point log-likelihoods 0.9 nats off): a first call with targets and no gradients warns."""
+    X, y = data
+    bnn = BayesianMLP(3, [4], noise=0.1)
+    model = bnn.collapsed() if kind == "collapsed" else bnn.repriorised()
+    with torch.no_grad(), pytest.warns(UserWarning, match="takes its training data from this first call"):
+        poutine.trace(model).get_trace(X[:10], y[:10])
+    model.set_training_data(X, y)  # the documented fix: no warning, and the data are replaced
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        poutine.trace(model).get_trace(X, y)
