@@ -41,6 +41,7 @@ class InducingNormal(AutoGuide):
             raise ValueError(f"init_scale must be positive, got {init_scale}")
         self._init_scale = float(init_scale)
         super().__init__(model)
+        self._pending_state: tuple | None = None  # a state loaded before the first call
 
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
@@ -61,6 +62,20 @@ class InducingNormal(AutoGuide):
             eye = torch.eye(M, dtype=value.dtype).expand(value.shape + (M,)) * self._init_scale
             deep_setattr(self.locs, name, PyroParam(torch.zeros_like(value), constraints.real))
             deep_setattr(self.scale_trils, name, PyroParam(eye.clone(), constraints.softplus_lower_cholesky))
+        if self._pending_state is not None:
+            state, strict = self._pending_state
+            self._pending_state = None
+            self.load_state_dict(state, strict=strict)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        # before the first call the parameters do not exist: keep this guide's part of the state (also when
+        # loaded through an AutoGuideList) and load it once the first call has set the guide up
+        if self.prototype_trace is None:
+            own = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+            if own:
+                self._pending_state = (own, strict)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
     def _rows(self, name: str) -> dist.MultivariateNormal:
         """:math:`q(u_r)` of every row of site ``name``, as a batch."""

@@ -193,6 +193,22 @@ class DifferentialGP(PyroModule):
         else:
             self.register_buffer("noise", noise_t)
 
+    def get_extra_state(self) -> dict:
+        """The flow's time settings (no parameter shape records them), saved in ``state_dict`` and checked
+        on loading."""
+        return {"horizon": self.horizon, "num_steps": self.num_steps}
+
+    def set_extra_state(self, state: dict) -> None:
+        own = self.get_extra_state()
+        different = {k: v for k, v in state.items() if own.get(k) != v}
+        if different:
+            listed = ", ".join(f"{k}={v!r} (this model: {own.get(k)!r})" for k, v in different.items())
+            raise ValueError(
+                f"the loaded DifferentialGP state was trained with {listed}: build the model with the saved "
+                "settings (to integrate the trained flow on another grid on purpose, set model.num_steps after "
+                "loading)"
+            )
+
     # -- the pieces ------------------------------------------------------------------------------
     def _check_inputs(self, X: torch.Tensor, y: torch.Tensor | None) -> None:
         if X.dim() != 2 or X.shape[1] != self.dim:

@@ -261,6 +261,11 @@ class AutoDiffusion(AutoContinuous):
         self.affine, self._init_scale = affine, float(init_scale)
         self._flow_spec = (flow,)  # a tuple: the module is registered only once the prototype is set up
         self.process = make_process(process, num_steps, sigma, horizon, beta_min, beta_max, grid_power)
+        # the settings a trained drift belongs to that no parameter shape records: saved with the state
+        self._settings = {"process": process, "num_steps": int(num_steps), "sigma": float(sigma),
+                          "horizon": None if horizon is None else float(horizon), "beta_min": float(beta_min),
+                          "beta_max": float(beta_max), "grid_power": float(grid_power),
+                          "drift_clip": None if drift_clip is None else float(drift_clip)}  # fmt: skip
         self._net_config = {"hidden": hidden, "depth": depth, "use_score": use_score, "drift_clip": drift_clip}
         super().__init__(model, init_loc_fn=init_loc_fn)
         # self.model is wrapped in an InitMessenger, which costs at every trace; a tuple keeps a PyroModule
@@ -343,7 +348,22 @@ class AutoDiffusion(AutoContinuous):
                     stacklevel=4,
                 )
 
+    def get_extra_state(self) -> dict:
+        """The process and drift settings, saved in ``state_dict`` and checked on loading."""
+        return dict(self._settings)
+
+    def set_extra_state(self, state: dict) -> None:
+        different = {k: (v, self._settings.get(k)) for k, v in state.items() if self._settings.get(k) != v}
+        if different:
+            listed = ", ".join(f"{k}={saved!r} (this guide: {own!r})" for k, (saved, own) in different.items())
+            raise ValueError(
+                f"the loaded AutoDiffusion state was trained with {listed}: its drift belongs to those settings, "
+                "so build the guide with the saved ones"
+            )
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        if prefix + "_extra_state" in state_dict:  # check the settings now, also before the first call
+            self.set_extra_state(state_dict[prefix + "_extra_state"])
         # before the guide's first call its parameters do not exist yet: keep its part of the state and load
         # it once the guide has set itself up (also when the state is loaded through an AutoGuideList)
         if self.prototype_trace is None:

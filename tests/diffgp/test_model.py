@@ -277,3 +277,35 @@ def test_param_store_round_trip_restores_and_keeps_training_the_kernels(float64,
     svi.step(X, y)
     moved = [k for k, v in pyro.get_param_store().items() if k in stored and not torch.equal(v.detach(), stored[k])]
     assert len(moved) == len(stored) > 0
+
+
+def test_a_state_loaded_into_a_model_with_another_flow_grid_is_refused(float64):
+    """horizon and num_steps define the flow the trained inducing values belong to, but no parameter shape
+    records them: a state loaded under others predicted silently off (0.19 for num_steps, 0.04 for horizon)."""
+    X = torch.randn(12, 2, generator=torch.Generator().manual_seed(0))
+    state = DifferentialGP(X, num_inducing=4, num_paths=2, num_steps=3).state_dict()
+    assert state["_extra_state"] == {"horizon": 1.0, "num_steps": 3}
+    for kwargs, name in (({"num_steps": 6}, "num_steps"), ({"horizon": 2.0}, "horizon")):
+        other = DifferentialGP(X, num_inducing=4, num_paths=2, **{"num_steps": 3, **kwargs})
+        with pytest.raises(ValueError, match=f"trained with {name}=.*set model.num_steps after loading"):
+            other.load_state_dict(state)
+    DifferentialGP(X, num_inducing=4, num_paths=5, num_steps=3).load_state_dict(state)  # more paths: fine
+
+
+def test_inducing_normal_takes_a_state_before_its_first_call(float64):
+    """It raised 'Unexpected key(s)' (its parameters are made at the first call); AutoDiffusion and
+    AutoSWAG take a state before it, so an AutoGuideList of them could not be restored that way."""
+    X = torch.randn(12, 2, generator=torch.Generator().manual_seed(0))
+    y = torch.sin(X[:, 0])
+    model = DifferentialGP(X, num_inducing=4, num_paths=2, num_steps=3)
+    guide = InducingNormal(model)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), TraceMeanField_ELBO())
+    for _ in range(3):
+        svi.step(X, y)
+    state = guide.state_dict()
+    pyro.clear_param_store()
+    fresh = InducingNormal(model)
+    fresh.load_state_dict(state)
+    fresh(X, y)
+    for name, value in guide.median().items():
+        torch.testing.assert_close(fresh.median()[name], value, rtol=0, atol=0)
