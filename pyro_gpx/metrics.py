@@ -26,15 +26,15 @@ __all__ = [
 
 
 def _as_float(name: str, x) -> torch.Tensor:
-    """``x`` (a tensor, NumPy array, sequence or number) as a floating tensor: integers, bools and Python
-    numbers become float64."""
+    """``x`` (a tensor, NumPy array, sequence or number) as a float64 tensor (metrics are computed in float64:
+    a float32 squared residual of 1e20 would overflow)."""
     try:
         x = torch.tensor(float(x), dtype=torch.float64) if isinstance(x, int | float) else torch.as_tensor(x)
     except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"{name} must be a tensor or array of numbers, got {type(x).__name__}") from None
     if x.dtype.is_complex:
         raise ValueError(f"{name} must be real, got {x.dtype}")
-    return x if x.dtype.is_floating_point else x.to(torch.float64)
+    return x.to(torch.float64)
 
 
 def _check(name: str, x, y) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,8 +94,6 @@ def mixture_gaussian_nll(means: torch.Tensor, vars: torch.Tensor, y: torch.Tenso
     check_finite("y", y)
     check_finite("means", means)
     vars = _as_float("vars", vars)
-    dtype = torch.promote_types(torch.promote_types(means.dtype, vars.dtype), y.dtype)
-    means, vars, y = means.to(dtype), vars.to(dtype), y.to(dtype)
     try:
         vars = vars.expand_as(means)
     except RuntimeError:

@@ -135,6 +135,10 @@ class BayesianLastLayer(PyroModule):
         self.prior = prior if prior is not None else GaussianWeightPrior()
         if not isinstance(self.prior, (GaussianWeightPrior, ImplicitWeightPrior)):
             raise TypeError(f"prior must be a GaussianWeightPrior or ImplicitWeightPrior, got {type(prior).__name__}")
+        ref = self.feature_tensor()
+        if ref is not None:  # the noise and prior scale in the features' dtype (they are made in the default one)
+            self.head.to(ref.dtype)
+            self.prior.to(ref.dtype)
         self.name = name
         self.weight_site, self.f_site, self.y_site, self.plate_name = (
             self.site_name(base) for base in ("weights", "f", "y", "data")

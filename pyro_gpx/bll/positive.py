@@ -12,7 +12,8 @@ __all__ = ["register_positive"]
 
 
 def register_positive(module: PyroModule, name: str, value: float, learn: bool) -> None:
-    """Set ``module.<name>`` to ``value`` (finite, > 0), learned by SVI if ``learn``."""
+    """Set ``module.<name>`` to ``value`` (finite, > 0), learned by SVI if ``learn``; in torch's default dtype
+    (:class:`~pyro_gpx.bll.model.BayesianLastLayer` converts its head and prior to its features' dtype)."""
     if not is_finite_at_least(value, 0.0, strict=True):
         raise ValueError(f"{name} must be a finite positive number, got {value}")
     if learn:

@@ -411,7 +411,9 @@ class ComputationAwareGP(GPModel):
         The sums are float64 either way (the actions are). A float32 model keeps float32 entries
         (a third of the float64 cost) when autograd is off and their rounding cannot matter: each
         entry is off by at most about :math:`8\epsilon_{32} \max_i k(x_i, x_i)` (rounding and the
-        cancellation in :math:`\|z\|^2 + \|z'\|^2 - 2 z^\top z'`), so the projected
+        cancellation in :math:`\|z\|^2 + \|z'\|^2 - 2 z^\top z'`, which the products keep to about
+        :math:`\epsilon\|z\|^2` by centring the scaled inputs :math:`z`; the rule assumes
+        :math:`\|z\|^2` of order ten or less, as for standardised inputs and lengthscales near 1), so the projected
         :math:`S^\top(K + E + \sigma^2 I)S` keeps :math:`\sigma^2 S^\top S` as its floor while
         :math:`\|E\| \le n \max|E_{ij}|` stays below :math:`\sigma^2 / 10`. Otherwise float64.
         """

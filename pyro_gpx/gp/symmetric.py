@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import settings
-from .stationary import StationarySpec, _chunk_profile, _half_sq, _widened, _Workspace
+from .stationary import StationarySpec, _chunk_profile, _half_sq, _widened, _Workspace, centred
 
 __all__ = ["training_block_matmul", "training_stacked_matmul", "symmetric_matmul"]
 
@@ -118,7 +118,7 @@ def training_block_matmul(
     dtype = X.dtype
     side = settings.chunk_size.value() or _TILE_POINTS
     per_tile = max(1, side // block)
-    Z = spec.scale(X[index.reshape(-1)])
+    Z = centred(spec.scale(X[index.reshape(-1)]))[0]
     raw = _SymmetricBlockProduct.apply(Z, blocks.to(dtype), spec.outputscale.to(dtype), spec.family, per_tile)
     return raw.index_select(0, _block_order_positions(index, mask, X.shape[0]))
 
@@ -144,7 +144,7 @@ def training_stacked_matmul(
     dtype, wide = X.dtype, torch.promote_types(X.dtype, V.dtype)
     per_tile = max(1, (settings.chunk_size.value() or _TILE_POINTS) // block)
     flat = index.reshape(-1)
-    Z = spec.scale(X[flat])
+    Z = centred(spec.scale(X[flat]))[0]
     B = blocks.to(dtype)
     Vz = V.to(wide)[flat] * mask.reshape(-1, 1)  # block order; padding rows contribute nothing
     half_sq = _half_sq(Z)
@@ -170,7 +170,7 @@ def symmetric_matmul(spec: StationarySpec, X: torch.Tensor, V: torch.Tensor) -> 
     Kernel entries in ``X``'s dtype, sums in the wider of ``X``'s and ``V``'s."""
     wide = torch.promote_types(X.dtype, V.dtype)
     side = settings.chunk_size.value() or _MATVEC_TILE_POINTS
-    Z, V = spec.scale(X), V.to(wide)
+    Z, V = centred(spec.scale(X))[0], V.to(wide)
     half_sq = _half_sq(Z)
     out = torch.zeros_like(V)
     work = _Workspace()

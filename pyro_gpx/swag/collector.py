@@ -56,7 +56,8 @@ class SWAGCollector:
 
     :param module: the network (its ``parameters()`` with ``requires_grad`` are tracked).
     :param max_rank: :math:`K`, the number of deviation columns kept (20 in [1]).
-    :param dtype: dtype of the statistics (float64 avoids cancellation in the variance).
+    :param dtype: dtype of the statistics (float64 keeps the variance's cancellation negligible; see
+        :mod:`~pyro_gpx.swag.moments`).
 
     The statistics live on the parameters' device (the device at the first :meth:`collect`, so
     moving the module with ``.to(device)`` before collecting is fine); samples come back on the

@@ -163,3 +163,21 @@ def test_bad_input_is_named(network_model, float64):
         guide.set_posterior(torch.distributions.MultivariateNormal(q.loc[0, :3], scale_tril=q.scale_tril[0, :3, :3]))
     with pytest.raises(TypeError, match="MultivariateNormal"):
         guide.set_posterior(q.loc)
+
+
+def test_the_evidence_of_targets_far_from_zero_at_a_tiny_noise(float64):
+    """y'y / s2 - b'P^-1 b / s2^2 cancelled: with a target offset of 1e4 at noise 1e-6 the evidence was a nat
+    below the dense n x n value (computed with 40 digits: in float64 it is itself ill-conditioned), and below
+    the ELBO of the guide set to the exact posterior (impossible)."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 40
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(30, 3, generator=gen)
+    y = X @ torch.tensor([1.0, -2.0, 0.5]) + 1e4 + 0.1 * torch.randn(30, generator=gen)
+    model = BayesianLastLayer(None, 3, GaussianHead(1e-6, learn_noise=False), GaussianWeightPrior(1e4))
+    noise, scale = float(model.head.noise), float(model.prior.scale)
+    Phi = mpmath.matrix(torch.cat([X, torch.ones(30, 1)], 1).tolist())
+    Y = mpmath.matrix(y.tolist())
+    C = mpmath.mpf(scale) ** 2 * Phi * Phi.T + mpmath.mpf(noise) * mpmath.eye(30)
+    dense = -0.5 * (30 * mpmath.log(2 * mpmath.pi) + mpmath.log(mpmath.det(C)) + (Y.T * mpmath.lu_solve(C, Y))[0])
+    assert log_evidence(model, X, y) == pytest.approx(float(dense), abs=1e-3)
