@@ -251,23 +251,32 @@ def test_pivots_on_repeated_inputs_are_distinct_and_the_elbo_is_the_dense_one(fl
     assert elbo == pytest.approx(float(dense.elbo(KernelFn(kernel).diag(X))), abs=1e-6)  # was 33.99 against 34.80
 
 
+def _sine_40():
+    """40 points on [0, 5], RBF lengthscale 0.7: an ill-conditioned kernel matrix at small noise."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.sort(torch.rand(40, 1, generator=gen) * 5, 0).values
+    y = torch.sin(2 * X[:, 0]) + 0.1 * torch.randn(40, generator=gen)
+    kernel = gpytorch.kernels.RBFKernel().double()
+    kernel.lengthscale = 0.7
+    return X, y, torch.linspace(-1, 6, 25)[:, None], kernel
+
+
+def _exact_mean(X, y, X_new, kernel, noise):
+    with torch.no_grad():
+        K = kernel(X, X).to_dense() + noise * torch.eye(len(X))
+        return kernel(X_new, X).to_dense() @ torch.linalg.solve(K, y)
+
+
 @pytest.mark.parametrize("noise", [1e-4, 1e-6])
 def test_refining_block_actions_with_converged_cg_at_a_tiny_noise_reaches_the_exact_gp(float64, noise):
     """Every block action was kept and the CG directions tested after them, in order: the span was nearly
     dependent, and the CG directions dropped were the ones carrying the solution (noise 1e-6: a refined mean
     29 off the exact GP's, whose mean peaks at 27.5). The best-conditioned columns are kept now."""
-    gen = torch.Generator().manual_seed(0)
-    X = torch.sort(torch.rand(40, 1, generator=gen) * 5, 0).values
-    y = torch.sin(2 * X[:, 0]) + 0.1 * torch.randn(40, generator=gen)
-    X_new = torch.linspace(-1, 6, 25)[:, None]
-    kernel = gpytorch.kernels.RBFKernel().double()
-    kernel.lengthscale = 0.7
+    X, y, X_new, kernel = _sine_40()
     gp = ComputationAwareGP(X, y, kernel, policy=BlockSparsePolicy(5), noise=noise, jitter=0.0)
     with torch.no_grad():
         refined = gp.posterior(X_new, refine=CGPolicy(40, tol=0.0))
-        K = kernel(X, X).to_dense() + noise * torch.eye(40)
-        mean = kernel(X_new, X).to_dense() @ torch.linalg.solve(K, y)
-    torch.testing.assert_close(refined.mean, mean, rtol=0, atol=1e-5)
+    torch.testing.assert_close(refined.mean, _exact_mean(X, y, X_new, kernel, noise), rtol=0, atol=1e-5)
 
 
 def test_pivoted_column_choice_does_not_depend_on_the_order(float64):
@@ -285,16 +294,9 @@ def test_many_pseudo_inputs_keep_every_direction_float64_resolves(float64):
     """Near-dependent pseudo-input actions were orthonormalised through eigh(S'S), which squares cond(S) and
     dropped every direction below sqrt(eps) sigma_max: 30 pseudo-inputs kept 16 (mean 0.2 off the exact
     GP at noise 1e-4, and more pseudo-inputs stopped helping); the SVD of S keeps 24."""
-    gen = torch.Generator().manual_seed(0)
-    X = torch.sort(torch.rand(40, 1, generator=gen) * 5, 0).values
-    y = torch.sin(2 * X[:, 0]) + 0.1 * torch.randn(40, generator=gen)
-    X_new = torch.linspace(-1, 6, 25)[:, None]
-    kernel = gpytorch.kernels.RBFKernel().double()
-    kernel.lengthscale = 0.7
+    X, y, X_new, kernel = _sine_40()
     gp = ComputationAwareGP(X, y, kernel, policy=PseudoInputPolicy(torch.linspace(0, 5, 30)[:, None]), noise=1e-4,
                             jitter=0.0)  # fmt: skip
     with torch.no_grad():
         moments = gp.posterior(X_new)
-        K = kernel(X, X).to_dense() + 1e-4 * torch.eye(40)
-        mean = kernel(X_new, X).to_dense() @ torch.linalg.solve(K, y)
-    torch.testing.assert_close(moments.mean, mean, rtol=0, atol=1e-3)
+    torch.testing.assert_close(moments.mean, _exact_mean(X, y, X_new, kernel, 1e-4), rtol=0, atol=1e-3)
