@@ -636,7 +636,9 @@ def accuracy(args, records, trained):
         "GPyTorch SVGP": ("peer", lambda s: run_svgp(s, budget, 100_000, 0.01, cfg["svgp_m"], cfg["svgp_batch"],
                                                       args.seed)),
     }  # fmt: skip
-    selected = [m for m in methods if not args.methods or m in args.methods]
+    # the diagnostic FIXED needs --hypers-from: by default it runs only when that is given
+    default = [m for m in methods if m != FIXED or args.hypers_from]
+    selected = [m for m in methods if m in args.methods] if args.methods else default
     for dataset in args.datasets:
         for split_id in args.splits:
             split = load_uci(dataset, split_id, args.data_dir, dtype=DTYPE, max_train=args.max_train, seed=split_id)

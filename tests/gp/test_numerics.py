@@ -2,6 +2,7 @@
 
 import warnings
 
+import pyro
 import pytest
 import torch
 from linear_operator.functions import pivoted_cholesky as lo_pivoted_cholesky
@@ -161,3 +162,23 @@ def test_float32_inputs_far_from_the_origin_keep_their_distances(policy):
         lml = float(exact.marginal().log_prob(y64))  # n unit actions: the exact GP
     assert (mean.double() - mean64).abs().max() < 1e-3
     assert abs(elbo - lml) < 0.05
+
+
+def test_a_noise_below_float32_resolution_warns_once():
+    """float32 with noise 1e-6 at n = 30: n eps max k = 3.6e-6 exceeds the noise, and converged CG gave a mean
+    744 off the float64 exact GP's, silently."""
+    problem = make_problem(n=30, d=1, lengthscale=(1.0,), outputscale=1.0)
+    kernel = make_problem(n=30, d=1, lengthscale=(1.0,), outputscale=1.0).kernel.float()
+    gp = ComputationAwareGP(problem.X.float(), problem.y.float(), kernel, policy=CGPolicy(30), noise=1e-6, jitter=0.0)
+    with pytest.warns(NumericalWarning, match="below what torch.float32 resolves"), torch.no_grad():
+        gp.marginal()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NumericalWarning)
+        with torch.no_grad():
+            gp.marginal()  # once
+    pyro.clear_param_store()  # the noise is a Pyro parameter: a second model would read the first one's
+    fine = ComputationAwareGP(problem.X.float(), problem.y.float(), kernel, policy=CGPolicy(30), noise=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NumericalWarning)
+        with torch.no_grad():
+            fine.marginal()
