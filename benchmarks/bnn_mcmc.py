@@ -279,8 +279,8 @@ def main(argv=None):
     torch.set_default_dtype(torch.float64)
     widths = [int(w) for w in args.widths.split(",")]
     depths = [int(d) for d in args.depths.split(",")]
-    if args.quick:
-        widths, depths, args.num_samples = [64, 256], [1], 60
+    if args.quick:  # a check of the whole pipeline in a few minutes (widths 64 and 256 took over 15 on one core)
+        widths, depths, args.num_samples = [32], [1], 40
     records = []
     for dataset in args.datasets:
         for split_id in args.splits:
