@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from pyro.infer import MCMC
 
-from .._validation import check_finite
+from .._validation import check_finite, check_positive_int
 from ..diagnostics import mcmc_sample_stats
 from ..diagnostics.arviz_compat import build_inference_data
 from .chains import ChainsResult
@@ -71,6 +71,7 @@ def predictions_to_inference_data(
         >>> dict(get_group(idata, "predictions")["y"].sizes)
         {'chain': 1, 'draw': 10, 'data': 5}
     """
+    draw_batch = check_positive_int("draw_batch", draw_batch)  # a negative one returned uninitialised memory
     bnn = model.model if isinstance(model, (RepriorisedModel, CollapsedModel)) else model
     if not isinstance(bnn, BayesianMLP):
         raise TypeError(f"model must be a BayesianMLP, RepriorisedModel or CollapsedModel, got {type(model).__name__}")

@@ -46,6 +46,13 @@ from .matrix_function import whitening_terms
 __all__ = ["RepriorisedReadout", "readout_map"]
 
 
+def _check_noise(noise: torch.Tensor) -> None:
+    """``ValueError`` unless the noise variance is positive and finite (a negative one gave a finite map
+    in the dual form, a NaN in the primal one)."""
+    if not bool(torch.isfinite(noise).all() and (noise > 0).all()):
+        raise ValueError(f"the noise variance must be positive and finite, got {noise}")
+
+
 def readout_map(
     Phi_scaled: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, whitened: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +80,7 @@ def readout_map(
     n, D = Phi_scaled.shape
     d_out = whitened.shape[-1]
     noise = torch.as_tensor(noise, dtype=Phi_scaled.dtype)
+    _check_noise(noise)
     if 2 * n >= D:  # the eigendecomposition costs several Cholesky factorisations of its size
         G = gram(Phi_scaled) + noise * torch.eye(D, dtype=Phi_scaled.dtype)
         L = safe_cholesky(G, "the readout Gram matrix Phi^T Phi + noise I")
@@ -133,6 +141,8 @@ class RepriorisedReadout(Reparam):
         data: Callable[[tuple, dict], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
     ):
         _check_gaussian_owner(features)
+        if not callable(noise):  # a fixed noise is checked once; a latent one that over- or underflows is a
+            _check_noise(torch.as_tensor(noise))  # point of zero density (below)
         self.features = features
         self.noise = noise
         self.data = data or _default_data
@@ -223,7 +233,8 @@ class RepriorisedReadout(Reparam):
             raise NotImplementedError("repriorisation of batched (vectorised) readouts is not supported")
         # the sum is non-finite if any entry is (or, harmlessly, if finite entries overflow): an
         # elementwise isfinite pass over an (n, D) matrix costs as much as several products with it
-        if not (torch.isfinite(Phi.sum()) and torch.isfinite(torch.as_tensor(noise)).all()):
+        noise_t = torch.as_tensor(noise)
+        if not (torch.isfinite(Phi.sum()) and torch.isfinite(noise_t).all() and (noise_t > 0).all()):
             # this point's hidden weights (or noise) overflow the features, e.g. an unstable leapfrog
             # trajectory during warm-up: zero density, which HMC/NUTS reject as they reject any NaN energy
             # (the training data are checked finite, so this is never bad input)

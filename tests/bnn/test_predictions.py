@@ -95,6 +95,9 @@ def test_bad_input(data):
         predictions_to_inference_data(bnn, samples, X[:, :2])
     with pytest.raises(ValueError, match="X_new contains NaN"):
         predictions_to_inference_data(bnn, samples, torch.full((2, 3), float("nan")))
+    for bad in (0, -1):  # -1 skipped the loop and returned uninitialised memory as f
+        with pytest.raises(ValueError, match="draw_batch must be a positive integer"):
+            predictions_to_inference_data(bnn, samples, X, draw_batch=bad)
     with pytest.raises(ValueError, match="samples lack the site 'readout'"):
         predictions_to_inference_data(bnn, {k: v for k, v in samples.items() if k != "readout"}, X)
     latent_noise = BayesianMLP(3, [4], noise=None)

@@ -265,3 +265,26 @@ def test_reparam_errors(data):
     classifier = BayesianMLP(3, [4], out_dim=2, likelihood="categorical")
     with pytest.raises(NotImplementedError, match="likelihood is 'categorical'"):
         RepriorisedReadout(classifier.current_features, classifier.current_noise)
+
+
+def test_a_non_positive_noise_is_refused_and_an_underflowing_one_has_zero_density(data):
+    """A fixed noise of -0.1 gave a finite map (dual form) or NaN (primal form); a latent noise that over-
+    or underflows at an extreme proposal must be rejected by the sampler, not raise."""
+    X, y = data
+    Phi = torch.randn(5, 11, dtype=torch.float64)
+    with pytest.raises(ValueError, match="noise variance must be positive and finite"):
+        readout_map(Phi, y[:5, None], torch.tensor(-0.1), torch.zeros(11, 1))
+    bnn = BayesianMLP(3, [4], noise=0.2)
+    for bad in (-0.1, 0.0, float("inf")):
+        with pytest.raises(ValueError, match="noise variance must be positive and finite"):
+            RepriorisedReadout(bnn.features, noise=bad)
+    latent = BayesianMLP(3, [4], noise=None).repriorised()
+    pyro.set_rng_seed(0)
+    values = {name: site["value"] for name, site in poutine.trace(latent).get_trace(X, y).nodes.items()
+              if site["type"] == "sample" and not site["is_observed"]}  # fmt: skip
+    for extreme in (0.0, float("inf")):
+        with pyro.validation_enabled(False):
+            trace = poutine.trace(poutine.condition(latent, data={**values, "noise": torch.tensor(extreme)})).get_trace(
+                X, y
+            )
+        assert trace.nodes["readout"]["fn"].log_density == -float("inf")
