@@ -168,8 +168,7 @@ def resolved_columns(KS: torch.Tensor, G: torch.Tensor, StS: torch.Tensor) -> to
         return torch.zeros(0, dtype=torch.long)
     lam = (KS.detach().double().norm(dim=0)[nonzero] / norms2[nonzero].sqrt()).max()
     atol = RESOLUTION_FACTOR * torch.finfo(KS.dtype).eps * lam * norms2
-    L, info = torch.linalg.cholesky_ex(G)
-    if not info.any() and bool((L.diagonal() ** 2 > atol).all()) and bool(nonzero.all()):
+    if bool(nonzero.all()) and _keeps_every_column(G, 0, 0.0, atol):
         return None
     return independent_columns(G, rtol=0.0, atol=atol)
 
@@ -280,8 +279,7 @@ def project_extended(
     actions = StackedActions([base, *extras])
     KS, StKS, StS, Str = _products(actions, kernel, X, residual)
     G = StKS + noise * StS
-    keep = independent_columns(G, start=base.num_actions, rtol=rtol)
-    if len(keep) < actions.num_actions:
+    if not _keeps_every_column(G, base.num_actions, rtol):
         # a dependent span: choose its best-conditioned columns, whichever part they come from. Keeping every
         # base action first and testing the extra ones in order dropped converged CG directions that carry
         # the solution (noise 1e-6: a mean 29 off the exact GP, which the CG directions alone reproduce)
@@ -337,6 +335,17 @@ def _kept_columns(parts: list[Actions], keep: torch.Tensor) -> list[Actions]:
     return out
 
 
+def _keeps_every_column(G: torch.Tensor, start: int, rtol: float, atol: float | torch.Tensor = 0.0) -> bool:
+    """Whether :func:`independent_columns` keeps every column: then its pivots, taken in order, are the squared
+    diagonal of :math:`G`'s Cholesky factor (one factorisation instead of the column-by-column loop)."""
+    full, info = torch.linalg.cholesky_ex(G)
+    if int(info) != 0:
+        return False
+    pivots = full.diagonal()[start:] ** 2
+    atol = torch.as_tensor(atol, dtype=G.dtype).expand(G.shape[0])[start:]
+    return bool(((pivots > rtol * G.diagonal()[start:]) & (pivots > atol)).all())
+
+
 def independent_columns(
     G: torch.Tensor, start: int = 0, rtol: float = 1e-6, atol: float | torch.Tensor = 0.0
 ) -> torch.Tensor:
@@ -365,12 +374,8 @@ def independent_columns(
     if not 0 <= start <= m:
         raise ValueError(f"start must be in [0, {m}], got {start}")
     atol = torch.as_tensor(atol, dtype=G.dtype).expand(m)
-    # fast path: when every column is kept, the pivots are the squared diagonal of G's Cholesky factor
-    full, info = torch.linalg.cholesky_ex(G)
-    if int(info) == 0:
-        pivots = full.diagonal()[start:] ** 2
-        if bool(((pivots > rtol * G.diagonal()[start:]) & (pivots > atol[start:])).all()):
-            return torch.arange(m)
+    if _keeps_every_column(G, start, rtol, atol):
+        return torch.arange(m)
     keep = list(range(start))
     L = safe_cholesky(G[:start, :start], "the Gram matrix of the kept actions") if start else G.new_zeros(0, 0)
     for j in range(start, m):
