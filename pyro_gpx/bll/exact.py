@@ -9,11 +9,14 @@ their current values, the last layer is Bayesian linear regression [1, ch. 3.3]:
     p(w \mid y) = N\Big(P^{-1}\frac{\Phi^\top y}{\sigma^2},\ P^{-1}\Big),
 
     \log p(y) = -\frac12\Big[n \log 2\pi\sigma^2 + 2D\log s + \log|P|
-        + \frac{y^\top y}{\sigma^2} - \frac{b^\top P^{-1} b}{\sigma^4}\Big], \quad b = \Phi^\top y,
+        + \frac{\|y - \Phi m\|^2}{\sigma^2} + \frac{\|m\|^2}{s^2}\Big], \quad
+    m = P^{-1}\frac{\Phi^\top y}{\sigma^2},
 
-(the matrix determinant lemma and Woodbury's identity on :math:`N(y; 0, s^2\Phi\Phi^\top + \sigma^2 I)`).
-Only :math:`\Phi^\top\Phi`, :math:`\Phi^\top y` and :math:`y^\top y` are needed, accumulated over row
-chunks, so the cost is :math:`O(nD^2)` time and :math:`O(D^2)` memory.
+(the matrix determinant lemma and Woodbury's identity on :math:`N(y; 0, s^2\Phi\Phi^\top + \sigma^2 I)`;
+the quadratic form as a sum of non-negative terms, which does not cancel as
+:math:`y^\top y/\sigma^2 - b^\top P^{-1} b/\sigma^4` does). :math:`\Phi^\top\Phi` and :math:`\Phi^\top y`
+are accumulated over row chunks, and the evidence's residual takes a second pass, so the cost is
+:math:`O(nD^2)` time and :math:`O(D^2)` memory.
 
 :math:`\log p(y)` is the largest value the deterministic ELBO (:class:`~pyro_gpx.bll.elbo.LastLayerELBO`)
 can reach at these features, so ``log_evidence(...) - (-LastLayerELBO().loss(...))`` measures how far a
@@ -44,8 +47,17 @@ from .priors import GaussianWeightPrior
 __all__ = ["exact_posterior", "log_evidence"]
 
 
+def _design_chunks(model: BayesianLastLayer, X: torch.Tensor, y: torch.Tensor, chunk_size: int):
+    """``(Φ, y)`` row chunks in float64 at the store's current values, with no graph; in eval mode,
+    so BatchNorm uses (and keeps) its running statistics."""
+    with torch.no_grad(), model._pyro_context, evaluation_mode(model):
+        for start in range(0, X.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            yield model.design(X[rows]).to(torch.float64), y[rows].to(torch.float64)
+
+
 def _statistics(model: BayesianLastLayer, X: torch.Tensor, y: torch.Tensor, chunk_size: int):
-    """``(P, b, yᵀy, σ², s, n)`` at the model's current features, noise and prior scale."""
+    """``(P, b, y, σ², s)`` at the model's current features, noise and prior scale (``y`` checked)."""
     if not isinstance(model, BayesianLastLayer):
         raise TypeError(f"model must be a BayesianLastLayer, got {type(model).__name__}")
     if not isinstance(model.head, GaussianHead):
@@ -60,17 +72,15 @@ def _statistics(model: BayesianLastLayer, X: torch.Tensor, y: torch.Tensor, chun
     D = model.weight_shape[1]
     # float64 whatever the model's dtype: P can be ill-conditioned
     f64: dict[str, Any] = dict(dtype=torch.float64, device=X.device)
-    # the store's current values, no graph; eval mode: BatchNorm uses (and keeps) its running statistics
-    with torch.no_grad(), model._pyro_context, evaluation_mode(model):
+    with torch.no_grad(), model._pyro_context:
         noise, scale = model.head.noise.to(**f64), model.prior.scale.to(**f64)
-        A = torch.zeros(D, D, **f64)
-        b = torch.zeros(D, **f64)
-        for start in range(0, X.shape[0], chunk_size):
-            Phi = model.design(X[start : start + chunk_size]).to(**f64)
-            A += Phi.T @ Phi
-            b += Phi.T @ y[start : start + chunk_size].to(**f64)
+    A = torch.zeros(D, D, **f64)
+    b = torch.zeros(D, **f64)
+    for Phi, y_rows in _design_chunks(model, X, y, chunk_size):
+        A += Phi.T @ Phi
+        b += Phi.T @ y_rows
     P = A / noise + torch.eye(D, **f64) / scale**2
-    return 0.5 * (P + P.T), b, y.to(**f64).square().sum(), noise, scale, X.shape[0]
+    return 0.5 * (P + P.T), b, y, noise, scale
 
 
 def exact_posterior(
@@ -94,7 +104,7 @@ def exact_posterior(
     >>> [round(v, 3) for v in q.loc[0].tolist()]  # slope, bias
     [2.0, 1.0]
     """
-    P, b, _, noise, _, _ = _statistics(model, X, y, chunk_size)
+    P, b, _, noise, _ = _statistics(model, X, y, chunk_size)
     L = torch.linalg.cholesky(P)
     cov = torch.cholesky_inverse(L)
     mean = torch.cholesky_solve((b / noise)[:, None], L)[:, 0]
@@ -106,19 +116,14 @@ def log_evidence(model: BayesianLastLayer, X: torch.Tensor, y: torch.Tensor, *, 
     """:math:`\\log p(y)` with the last-layer weights integrated out, at the model's current features,
     noise and prior scale: the optimum of :class:`~pyro_gpx.bll.elbo.LastLayerELBO` over Gaussian
     guides. Arguments as :func:`exact_posterior`."""
-    P, b, _, noise, scale, n = _statistics(model, X, y, chunk_size)
+    P, b, y, noise, scale = _statistics(model, X, y, chunk_size)
     L = torch.linalg.cholesky(P)
     mean = torch.cholesky_solve((b / noise)[:, None], L)[:, 0]  # the posterior mean m
-    D = P.shape[0]
+    n, D = X.shape[0], P.shape[0]
     logdet_P = 2 * L.diagonal().log().sum()
-    # y'y / s2 - b'P^-1 b / s2^2 = |y - Phi m|^2 / s2 + |m|^2 / s^2: the left side cancels (a target offset of
-    # 1e4 at noise 1e-6 lost a nat), the right side is a sum of non-negative terms (one more pass over X)
-    y = model.head.check_targets(y, X.shape[0])
-    rss = torch.zeros((), dtype=torch.float64, device=X.device)
-    with torch.no_grad(), model._pyro_context, evaluation_mode(model):
-        for start in range(0, X.shape[0], chunk_size):
-            Phi = model.design(X[start : start + chunk_size]).to(torch.float64)
-            rss += (y[start : start + chunk_size].to(torch.float64) - Phi @ mean).square().sum()
+    # |y - Phi m|^2 / s2 + |m|^2 / s^2 rather than y'y / s2 - b'P^-1 b / s2^2, which cancels (a target
+    # offset of 1e4 at noise 1e-6 lost a nat): one more pass over X
+    rss = sum(((y_rows - Phi @ mean).square().sum() for Phi, y_rows in _design_chunks(model, X, y, chunk_size)))
     quad = rss / noise + mean @ mean / scale**2
     value = -0.5 * (n * math.log(2 * math.pi) + n * noise.log() + 2 * D * scale.log() + logdet_P + quad)
     return float(value)

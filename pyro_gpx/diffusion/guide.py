@@ -61,6 +61,7 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 from pyro.distributions.transforms import biject_to
+from pyro.distributions.util import is_validation_enabled
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam, pyro_method
@@ -455,14 +456,16 @@ class AutoDiffusion(AutoContinuous):
         args, kwargs = self._target_arguments(args, kwargs)
         info, context = self._target_info, plate_context()
         vectorized = self._vectorized if self._vectorized is not None else info["vectorized"].get(context)
-        target = UnconstrainedTarget(self, self._raw_model[0], args, kwargs, info.get("nesting"), vectorized)
+        # with Pyro's validation on, the observed values are checked once per data set, not every step
+        stamp = _argument_stamp(args, kwargs) if is_validation_enabled() else None
+        checked = stamp is None or _same_stamp(self._checked_data, stamp)
+        target = UnconstrainedTarget(
+            self, self._raw_model[0], args, kwargs, info.get("nesting"), vectorized, observed_checked=checked
+        )
         info["nesting"] = target.max_plate_nesting
-        if not target._observed_checked:  # Pyro's validation is on: check each data set once, not every step
-            stamp = _argument_stamp(args, kwargs)
-            if not _same_stamp(self._checked_data, stamp):
-                target._check_observed()
-                self._checked_data = stamp
-            target._observed_checked = True
+        if not checked:
+            target.check_observed()
+            self._checked_data = stamp
         return target
 
     def set_training_data(self, *args, **kwargs) -> None:

@@ -59,6 +59,9 @@ class UnconstrainedTarget:
     :param max_plate_nesting: the model's plate nesting (found by tracing it once if not given).
     :param vectorized: whether the model runs batched (found on the first call if not given; see
         :attr:`vectorized` to cache the finding, which holds for the enclosing plates in :attr:`context`).
+    :param observed_checked: whether these arguments' observed values were already checked against
+        their supports (:meth:`check_observed`; done on the first :meth:`log_density` otherwise, with
+        Pyro's validation on).
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class UnconstrainedTarget:
         kwargs: dict | None = None,
         max_plate_nesting: int | None = None,
         vectorized: bool | None = None,
+        observed_checked: bool = False,
     ):
         if guide.prototype_trace is None:
             raise ValueError("set up the guide's prototype first (call it once)")
@@ -80,7 +84,7 @@ class UnconstrainedTarget:
                 max_plate_nesting = _max_plate_nesting(poutine.trace(conditioned).get_trace(*self.args, **self.kwargs))
         self.max_plate_nesting = max_plate_nesting
         self.vectorized = vectorized
-        self._observed_checked = not is_validation_enabled()
+        self._observed_checked = observed_checked or not is_validation_enabled()
         self.context = plate_context()  # the enclosing plates under which `vectorized` holds
         taken = [-(i + 1) for i, name in enumerate(self.context[:max_plate_nesting]) if name is not None]
         if taken:  # the model's own plates would move to other dims, and its density would be wrong
@@ -91,7 +95,7 @@ class UnconstrainedTarget:
                 "AutoDiffusion(..., use_score=False)"
             )
 
-    def _check_observed(self) -> None:
+    def check_observed(self) -> None:
         """With Pyro's validation on, score the observed sites once as ``Trace_ELBO`` would, at the guide's
         prototype point: a value outside its distribution's support raises ``ValueError`` naming the site.
         (The batched runs switch validation off, for sampled points where a parameter over- or underflows;
@@ -204,7 +208,7 @@ class UnconstrainedTarget:
         if z.dim() != 2:
             raise ValueError(f"z must be (B, D), got shape {tuple(z.shape)}")
         if not self._observed_checked:
-            self._check_observed()
+            self.check_observed()
         if self.vectorized is None:
             try:
                 with torch.no_grad():
