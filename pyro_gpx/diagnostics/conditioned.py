@@ -21,6 +21,7 @@ from typing import Any
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
+from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
@@ -99,6 +100,18 @@ def _site_mask(site: dict) -> torch.Tensor | None:
     return mask
 
 
+def pointwise_log_likelihood(fn, value: torch.Tensor) -> torch.Tensor:
+    """``fn``'s log-likelihood of ``value``: its ``pointwise_log_likelihood`` where it has one (an
+    observation model whose ``log_prob`` is a variational surrogate, e.g. the differential GP's
+    :class:`~pyro_gpx.diffgp.likelihoods.GaussianVariationalExpectation`), else ``log_prob``; through
+    masks."""
+    if isinstance(fn, MaskedDistribution) and hasattr(fn.base_dist, "pointwise_log_likelihood"):
+        lp = pointwise_log_likelihood(fn.base_dist, value)
+        return lp if fn._mask is True else scale_and_mask(lp, mask=fn._mask)
+    hook = getattr(fn, "pointwise_log_likelihood", None)
+    return hook(value) if hook is not None else fn.log_prob(value)
+
+
 def _run_shape(spec: SiteSpec, chunk_sizes: Mapping[str, int]) -> tuple[int, ...]:
     shape = list(spec.batch_shape)
     for plate, dim in spec.subsampled.items():
@@ -133,7 +146,7 @@ def _extract(trace, structure: ModelStructure, value_names, lp_names, chunk_size
             values[name] = _fit(site["value"], batch, spec.event_shape, num_draws, mpn)
         if name in lp_names:
             scale = site["scale"] / _plate_scale(site)
-            lps[name] = _fit(site["fn"].log_prob(site["value"]) * scale, batch, (), num_draws, mpn)
+            lps[name] = _fit(pointwise_log_likelihood(site["fn"], site["value"]) * scale, batch, (), num_draws, mpn)
             mask = _site_mask(site)
             masks[name] = None if mask is None else _fit(mask, batch, (), num_draws, mpn)
     return values, lps, masks

@@ -23,7 +23,7 @@ import torch
 from pyro.distributions import constraints
 from pyro.nn import PyroModule, pyro_method
 
-from ..gp.stationary import _gpytorch_family, _profile
+from ..gp.stationary import _gpytorch_family, _profile, centred
 
 __all__ = ["FlowKernel", "KernelState", "default_flow_kernel", "draw_shape"]
 
@@ -82,7 +82,9 @@ class KernelState:
             return K.transpose(0, 1)
         family, lengthscale, outputscale = self._stationary()
         ls = lengthscale.unsqueeze(-2)  # (Bk, D_k, 1, D)
-        xs, zs = x.unsqueeze(1) / ls, Z / ls  # (B, D_k, n, D), (Bk, D_k, M, D)
+        x, Z_c = centred(x, Z)  # the expansions below cancel for inputs far from the origin
+        assert Z_c is not None
+        xs, zs = x.unsqueeze(1) / ls, Z_c / ls  # (B, D_k, n, D), (Bk, D_k, M, D)
         if family == "rbf":
             # log k = log s^2 - |xs|^2 / 2 - |zs|^2 / 2 + xs.zs as one product of augmented rows: two passes
             # over the (n, M) block instead of eight
@@ -177,16 +179,19 @@ class FlowKernel(PyroModule):
             return KernelState(family=self.family, lengthscale=values["lengthscale"].unsqueeze(0),
                                outputscale=values["outputscale"].unsqueeze(0))  # fmt: skip
         Dk, D = self.num_kernels, self.dim
-        base = self.kernel.base_kernel
+        point = self._point_values()  # (D_k, D) and (D_k,): the values of whichever part has no prior
         if self.lengthscale_prior is not None:
             prior = self.lengthscale_prior.expand((Dk, D)).to_event(2)
             ls = pyro.sample(self._pyro_get_fullname("lengthscale"), prior)
         else:
-            ls = base.lengthscale.reshape(-1, D).expand(Dk, D)
+            ls = point["lengthscale"]
         if self.outputscale_prior is not None:
             os_ = pyro.sample(self._pyro_get_fullname("outputscale"), self.outputscale_prior.expand((Dk,)).to_event(1))
         else:
-            os_ = self.kernel.outputscale.reshape(-1).expand(Dk)
+            os_ = point["outputscale"]
+        # a prior (and so its guide) may be in another dtype, e.g. built from Python floats: the kernel's counts
+        dtype = point["outputscale"].dtype
+        ls, os_ = ls.to(dtype), os_.to(dtype)
         batch = torch.broadcast_shapes(ls.shape[:-2], os_.shape[:-1])
         ls = ls.expand(batch + (Dk, D)).reshape(-1, Dk, D)
         os_ = os_.expand(batch + (Dk,)).reshape(-1, Dk)

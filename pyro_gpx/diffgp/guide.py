@@ -26,6 +26,8 @@ from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn import PyroModule, PyroParam
 
+from .._validation import is_finite_at_least
+
 __all__ = ["InducingNormal"]
 
 
@@ -37,8 +39,8 @@ class InducingNormal(AutoGuide):
     """
 
     def __init__(self, model, *, init_scale: float = 0.1):
-        if not init_scale > 0:
-            raise ValueError(f"init_scale must be positive, got {init_scale}")
+        if not is_finite_at_least(init_scale, 0.0, strict=True):
+            raise ValueError(f"init_scale must be a finite positive number, got {init_scale!r}")
         self._init_scale = float(init_scale)
         super().__init__(model)
         self._pending_state: tuple | None = None  # a state loaded before the first call

@@ -27,7 +27,8 @@ LIKELIHOODS = ("gaussian", "bernoulli", "categorical")
 
 class GaussianVariationalExpectation(TorchDistribution):
     """``log_prob(y)`` :math:`= \\log\\mathcal N(y; m, \\sigma^2) - v / 2\\sigma^2`; ``sample`` from
-    :math:`\\mathcal N(m, v + \\sigma^2)`. Not a normalised density of ``y``: a likelihood term."""
+    :math:`\\mathcal N(m, v + \\sigma^2)`. Not a normalised density of ``y``: a likelihood term (the ELBO's),
+    a lower bound on :meth:`pointwise_log_likelihood` by Jensen's inequality."""
 
     arg_constraints = {"loc": constraints.real, "var": constraints.nonnegative, "noise": constraints.positive}
     support = constraints.real
@@ -50,6 +51,13 @@ class GaussianVariationalExpectation(TorchDistribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         r = value - self.loc
         return -0.5 * (math.log(2 * math.pi) + self.noise.log() + (r * r + self.var) / self.noise)
+
+    def pointwise_log_likelihood(self, value: torch.Tensor) -> torch.Tensor:
+        """:math:`\\log\\mathcal N(y; m, v + \\sigma^2)`, the density of ``y`` given the inducing outputs
+        (:math:`g` integrated out): what :func:`~pyro_gpx.diagnostics.to_inference_data` records as the
+        log-likelihood, where ``log_prob`` is the ELBO's lower bound on it."""
+        r, total = value - self.loc, self.var + self.noise
+        return -0.5 * (math.log(2 * math.pi) + total.log() + r * r / total)
 
 
 def observation(likelihood: str, loc: torch.Tensor, var: torch.Tensor, noise: torch.Tensor | None):

@@ -24,7 +24,10 @@ Sites: ``flow.lengthscale`` / ``flow.outputscale`` (fully Bayesian only), ``flow
 (dim -1) the observations ``y``. Point parameters: inducing inputs, kernels, noise.
 
 ArviZ: :func:`~pyro_gpx.diagnostics.to_inference_data` gives ``y``'s log-likelihood per (path, data
-point), each term scaled by ``1 / num_paths``; ``az.loo`` would count every path as data. For PSIS-LOO,
+point), each term scaled by ``1 / num_paths``; ``az.loo`` would count every path as data. For a
+Gaussian likelihood the term is the predictive density :math:`\log\mathcal N(y; m, v + \sigma^2)` of
+the output GP given :math:`u_g` and the path (the ELBO's variational expectation, a lower bound on it, is
+what SVI uses); for classification it is the likelihood at one draw of :math:`g` per path. For PSIS-LOO,
 reduce the paths first, to the log of the path average of the likelihood:
 ``ll = (S * idata.log_likelihood["y"]).reduce(scipy.special.logsumexp, dim="paths") - log(S)``.
 
@@ -32,7 +35,8 @@ Saving: the point parameters, the GPyTorch kernels' included, live in Pyro's par
 ``pyro.get_param_store().save`` / ``load`` into a rebuilt model restores it, and ``state_dict``
 does too. Call the (rebuilt) guide once with the training data before predicting, so that it sets
 itself up with ``y`` observed. Two models in one store share parameters of the same name: clear the
-store between them.
+store between them or give them different ``name`` s (a stored parameter of another shape or dtype is
+refused on the first run, but one of the same shape is taken silently).
 
 [1] P. Hegde, M. Heinonen, H. Lähdesmäki, S. Kaski. Deep learning with differential Gaussian
     process flows. AISTATS 2019.
@@ -106,6 +110,9 @@ class DifferentialGP(PyroModule):
     :param jitter: added to the inducing points' kernel diagonal before its Cholesky factor (``None``:
         1e-6 in float64, 1e-4 in float32).
     :param seed: seed of the k-means initialisation of the inducing inputs.
+    :param name: a prefix for the sample sites, plates and Pyro parameters (``"<name>.y"``,
+        ``"<name>.flow_Z"`` ...), to use several models in one parameter store or one Pyro model
+        (without one, a parent ``PyroModule`` names the parameters by attribute path, as usual).
 
     Example::
 
@@ -142,8 +149,9 @@ class DifferentialGP(PyroModule):
         num_paths: int = 5,
         jitter: float | None = None,
         seed: int = 0,
+        name: str | None = None,
     ):
-        super().__init__()
+        super().__init__(name=name or "")  # a name also prefixes the Pyro parameters
         if not isinstance(init_inputs, torch.Tensor) or init_inputs.dim() != 2:
             raise ValueError(
                 f"init_inputs must be an (n, D) tensor, got shape {tuple(getattr(init_inputs, 'shape', ()))}"
@@ -159,14 +167,16 @@ class DifferentialGP(PyroModule):
             raise ValueError(f"jitter must be a finite number >= 0 or None, got {jitter}")
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
-        if likelihood == "categorical" and (num_classes is None or num_classes < 2):
+        if likelihood == "categorical" and (num_classes is None or check_positive_int("num_classes", num_classes) < 2):
             raise ValueError(f"a categorical likelihood needs num_classes >= 2, got {num_classes}")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"name must be a non-empty string or None, got {name!r}")
         if not (noise > 0 and math.isfinite(noise)):
             raise ValueError(f"noise must be positive, got {noise}")
         X = init_inputs.detach()
         self.dim, self.dtype = X.shape[1], X.dtype
         self.likelihood = likelihood
-        self.num_outputs = num_classes if likelihood == "categorical" and num_classes is not None else 1
+        self.num_outputs = int(num_classes) if likelihood == "categorical" and num_classes is not None else 1
         self.horizon, self.num_steps, self.num_paths = float(horizon), num_steps, num_paths
         self.jitter = jitter if jitter is not None else (1e-6 if self.dtype == torch.float64 else 1e-4)
         if flow is None or isinstance(flow, gpytorch.kernels.Kernel):
@@ -184,6 +194,16 @@ class DifferentialGP(PyroModule):
         self.flow = flow
         self.output_kernel = output_kernel if output_kernel is not None else _default_output_kernel(
             self.dim, self.num_outputs, self.dtype)  # fmt: skip
+        if not isinstance(self.output_kernel, gpytorch.kernels.Kernel):
+            raise TypeError(f"output_kernel must be a gpytorch Kernel, got {type(self.output_kernel).__name__}")
+        if tuple(self.output_kernel.batch_shape) not in ((), (self.num_outputs,)):
+            raise ValueError(
+                f"output_kernel's batch shape must be () or ({self.num_outputs},) (one per output), got "
+                f"{tuple(self.output_kernel.batch_shape)}"
+            )
+        self.name = name
+        self.y_site, self.paths_plate, self.data_plate = (self.site_name(base) for base in ("y", "paths", "data"))
+        self._store_checked = False
         m_g = num_inducing if output_inducing is None else output_inducing
         self.flow_Z = PyroParam(kmeans_inducing(X, min(num_inducing, len(X)), seed=seed))  # type: ignore[assignment]
         self.output_Z = PyroParam(kmeans_inducing(X, min(m_g, len(X)), seed=seed + 1))  # type: ignore[assignment]
@@ -192,6 +212,32 @@ class DifferentialGP(PyroModule):
             self.noise = PyroParam(noise_t, constraints.positive)  # type: ignore[assignment]
         else:
             self.register_buffer("noise", noise_t)
+
+    def site_name(self, base: str) -> str:
+        """``base`` with the model's ``name`` prefix (``"<name>.<base>"``; ``base`` without a name)."""
+        return f"{self.name}.{base}" if self.name else base
+
+    def _pyro_set_supermodule(self, name: str, context) -> None:
+        # under a parent PyroModule, a named model keeps its own prefix (as a BayesianLastLayer does)
+        super()._pyro_set_supermodule(self.name if self.name is not None else name, context)
+
+    def _check_store(self) -> None:
+        """Refuse a parameter store entry under one of this model's names with another shape or dtype: it
+        belongs to another model (the store is global), and the model would silently run with it."""
+        stored = dict(pyro.get_param_store().named_parameters())
+        own = [(self._pyro_get_fullname(k), getattr(self, k + "_unconstrained")) for k in self._pyro_params]
+        for prefix, module in ((self._pyro_get_fullname("output_kernel"), self.output_kernel),
+                               (self.flow._pyro_get_fullname("kernel"), self.flow.kernel)):  # fmt: skip
+            own += [(f"{prefix}$$${path}", t) for path, t in module.named_parameters()]
+        for key, tensor in own:
+            other = stored.get(key)
+            if other is not None and other is not tensor and (other.shape, other.dtype) != (tensor.shape, tensor.dtype):
+                raise ValueError(
+                    f"Pyro's parameter store holds {key!r} with shape {tuple(other.shape)} and {other.dtype}, but "
+                    f"this model's has shape {tuple(tensor.shape)} and {tensor.dtype}: it is another model's. Call "
+                    "pyro.clear_param_store() between models, or give each a different name="
+                )
+        self._store_checked = True
 
     def get_extra_state(self) -> dict:
         """The flow's time settings (no parameter shape records them), saved in ``state_dict`` and checked
@@ -250,7 +296,9 @@ class DifferentialGP(PyroModule):
         minibatch (the likelihood is scaled by ``num_data / n``)."""
         self._check_inputs(X, y)
         n, S = X.shape[0], self.num_paths
-        size = n if num_data is None else int(num_data)
+        size = n if num_data is None else check_positive_int("num_data", num_data)
+        if not self._store_checked:
+            self._check_store()
         if size < n:
             raise ValueError(f"num_data ({size}) is smaller than the batch ({n})")
         state = self.flow.state()
@@ -276,11 +324,11 @@ class DifferentialGP(PyroModule):
         if keep_path:
             path = path.reshape((path.shape[0],) + shape + (self.dim,))
         with (
-            pyro.plate("paths", S, dim=-2),
-            pyro.plate("data", size, subsample=torch.arange(n), dim=-1),
+            pyro.plate(self.paths_plate, S, dim=-2),
+            pyro.plate(self.data_plate, size, subsample=torch.arange(n), dim=-1),
             poutine.scale(scale=1.0 / S),
         ):
             if y is not None and self.likelihood == "bernoulli":
                 y = y.to(loc.dtype)  # integer 0/1 labels are accepted; Bernoulli scores floats
-            pyro.sample("y", observation(self.likelihood, loc, var, self.noise), obs=y)
+            pyro.sample(self.y_site, observation(self.likelihood, loc, var, self.noise), obs=y)
         return FlowOutput(loc=loc, var=var, x_T=x_T, path=path if keep_path else None)

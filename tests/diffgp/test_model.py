@@ -245,6 +245,15 @@ def test_bad_input(float64):
         model(X, y[:-1])
     with pytest.raises(ValueError, match="num_data"):
         model(X, y, num_data=3)
+    for bad in (float("nan"), 25.9):  # NaN failed converting to int, 25.9 was truncated to 25
+        with pytest.raises(ValueError, match="num_data must be a positive integer"):
+            model(X, y, num_data=bad)
+    with pytest.raises(ValueError, match="num_classes"):
+        DifferentialGP(X, likelihood="categorical", num_classes=2.5)
+    with pytest.raises(ValueError, match="output_kernel's batch shape"):  # it ran, and used output 0 alone
+        DifferentialGP(X, output_kernel=gpytorch.kernels.RBFKernel(batch_shape=torch.Size([2])).double())
+    with pytest.raises(ValueError, match="init_scale"):
+        InducingNormal(model, init_scale=float("inf"))
     guide = AutoNormal(model)
     guide(X, y)
     with pytest.raises(ValueError, match=r"Predictive\(parallel=True\) hands them over without"):
@@ -309,3 +318,46 @@ def test_inducing_normal_takes_a_state_before_its_first_call(float64):
     fresh(X, y)
     for name, value in guide.median().items():
         torch.testing.assert_close(fresh.median()[name], value, rtol=0, atol=0)
+
+
+def test_log_likelihood_group_is_the_predictive_density_not_the_elbo_term(float64):
+    """ArviZ's log-likelihood of a Gaussian DiffGP is log N(y; m, v + noise) per (draw, path, point), as
+    ``predict`` scores it; the site's log_prob is the ELBO's variational expectation, a lower bound on it
+    (the group recorded the bound: lppd -2.7 against 27.1 on the reviewer's example). A flow with a
+    negligible output scale leaves the inputs in place, so every path gives the same density."""
+    from pyro_gpx.diagnostics import to_inference_data
+
+    X, y = _data(n=25, d=1)
+    flow = FlowKernel(1, default_flow_kernel(1, outputscale=1e-14))
+    model = DifferentialGP(X, flow=flow, num_inducing=4, num_paths=3, num_steps=2, noise=0.01, learn_noise=False)
+    guide = InducingNormal(model, init_scale=0.3)
+    guide(X, y)
+    idata = to_inference_data(guide, model=model, model_args=(X, y), num_samples=5, seed=1)
+    ll = torch.as_tensor(idata.log_likelihood["y"].values[0]) * model.num_paths  # (draws, paths, n), unscaled
+    for i in range(5):
+        data = {k: torch.as_tensor(idata.posterior[k].values[0, i]) for k in ("flow_inducing", "output_inducing")}
+        fn = poutine.trace(poutine.condition(model, data)).get_trace(X, y).nodes["y"]["fn"]
+        exact = dist.Normal(fn.loc, (fn.var + fn.noise).sqrt()).log_prob(y)
+        torch.testing.assert_close(ll[i], exact, rtol=1e-5, atol=1e-5)
+        assert (fn.log_prob(y) < exact).all() and (exact - fn.log_prob(y)).max() > 0.1  # Jensen, and not close
+
+
+def test_a_second_model_does_not_take_the_first_ones_parameters(float64):
+    """The store is global: a second model with parameters of another shape under the same names is refused
+    on its first run (it ran with the first model's 6 inducing points, noise and kernels, silently); with
+    ``name`` the two coexist, each with its own sites and parameters."""
+    X, y = _data(n=20, d=1)
+    first = DifferentialGP(X, num_inducing=6, num_paths=1, num_steps=2)
+    first(X, y)
+    second = DifferentialGP(X + 5, num_inducing=12, num_paths=1, num_steps=2)
+    with pytest.raises(ValueError, match="'flow_Z' with shape \\(6, 1\\).*another model's"):
+        second(X + 5, y)
+    named = DifferentialGP(X + 5, num_inducing=12, num_paths=1, num_steps=2, noise=0.3, name="b")
+    tr = poutine.trace(named).get_trace(X + 5, y)
+    assert {"b.flow_inducing", "b.output_inducing", "b.y"} <= set(tr.nodes)
+    assert named.flow_Z.shape == (12, 1) and float(named.noise) == pytest.approx(0.3)
+    assert pyro.get_param_store()["flow_Z"].shape == (6, 1)  # the first model's, untouched
+    guide = InducingNormal(named)
+    svi = SVI(named, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    assert math.isfinite(svi.step(X + 5, y))
+    assert "b.output_kernel$$$raw_outputscale" in pyro.get_param_store()
