@@ -60,7 +60,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
-from pyro.distributions.transforms import biject_to
+from pyro.distributions.transforms import ComposeTransform, IndependentTransform, Transform, biject_to
 from pyro.distributions.util import is_validation_enabled
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
@@ -73,7 +73,7 @@ from pyro.poutine.util import site_is_subsample
 from .._validation import is_finite_at_least, is_integer
 from ..diagnostics.model_structure import quiet_trace
 from .drift import DriftNet
-from .processes import gaussian_log_density, make_process
+from .processes import make_process
 from .target import UnconstrainedTarget, plate_context
 
 __all__ = ["AutoDiffusion", "PathSample", "importance_estimate"]
@@ -105,6 +105,12 @@ def importance_estimate(log_weights: torch.Tensor) -> dict:
 
     :returns: ``{"log_z", "stderr", "elbo", "ess", "num_paths"}``.
     """
+    if not isinstance(log_weights, torch.Tensor) or log_weights.dim() != 1 or log_weights.numel() == 0:
+        raise ValueError(
+            f"log_weights must be a non-empty (N,) tensor, got {getattr(log_weights, 'shape', log_weights)}"
+        )
+    if torch.isnan(log_weights).any() or (log_weights == math.inf).any():
+        raise ValueError("log_weights holds NaN or +inf: the weights of these paths are undefined")
     n = log_weights.numel()
     log_z = torch.logsumexp(log_weights, 0) - math.log(n)
     normalised = torch.exp(log_weights - log_z)
@@ -552,7 +558,7 @@ class AutoDiffusion(AutoContinuous):
             try:
                 score = self.state_score(target, y) if target is not None else None
             except FloatingPointError as error:
-                largest = float(y.abs().max())
+                largest = float(y.detach().abs().max())
                 raise FloatingPointError(
                     f"{error}, at step {k} of the sampler's SDE, where the largest |state| is {largest:.3g} "
                     "(if that is huge, the drift overflowed; a smaller learning rate or drift_clip bounds it)"
@@ -605,18 +611,18 @@ class AutoDiffusion(AutoContinuous):
         self._sync_params()
         name = self._pyro_name
         dtype = next(self.prototype_trace.iter_stochastic_nodes())[1]["value"].dtype
-        eps = pyro.sample(
-            f"_{name}_noise",
-            dist.Normal(torch.zeros(self._noise_shape(), dtype=dtype), 1.0).to_event(2),
-            infer={"is_auxiliary": True},
-        )
+        noise = dist.Normal(torch.zeros(self._noise_shape(), dtype=dtype), 1.0).to_event(2)
+        eps = pyro.sample(f"_{name}_noise", noise, infer={"is_auxiliary": True})
         batch_shape = eps.shape[:-2]
         flat = eps.reshape((-1,) + self._noise_shape())
         if self.drift.use_score:
             args, kwargs = self._target_arguments(args, kwargs, guide_call=True)
         path = self._simulate(flat, args, kwargs)
-        noise_log_density = gaussian_log_density(flat, torch.zeros_like(flat), 1.0).sum(-1)
-        log_density = (path.log_path - noise_log_density).reshape(batch_shape)
+        # the Delta carries log q(z) minus the noise site's log density, which the ELBO adds back: computed as
+        # the noise site's own log_prob, and in float64, the two cancel to rounding of log q(z), not of the
+        # noise's much larger (K D terms) density (float32, K D = 2.6e5: 0.07 nats per particle)
+        noise_log_density = noise.log_prob(eps).double()
+        log_density = path.log_path.reshape(batch_shape).double() - noise_log_density
         z = path.z.reshape(batch_shape + (self.latent_dim,))
         self._check_finite(z, log_density)
         return pyro.sample(
@@ -720,10 +726,7 @@ class AutoDiffusion(AutoContinuous):
         for arg, value in (("num_paths", num_paths), ("batch_size", batch_size)):
             if not is_integer(value) or value < 1:
                 raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
-        trace = quiet_trace(self.model, args, kwargs)
-        subsampled = [(name, len(site["value"]), site["fn"].size) for name, site in trace.nodes.items()
-                      if site["type"] == "sample" and site_is_subsample(site)]  # fmt: skip
-        partial = [f"{name!r} ({used} of {size})" for name, used, size in subsampled if used < size]
+        partial = self._subsampled_plates(args, kwargs)
         if partial:
             raise ValueError(
                 f"log_normalizer needs the full-data likelihood, but the model subsamples {', '.join(partial)} "
@@ -733,6 +736,13 @@ class AutoDiffusion(AutoContinuous):
         for start in range(0, num_paths, batch_size):
             weights.append(self.sample_paths(min(batch_size, num_paths - start), *args, **kwargs).log_weight)
         return importance_estimate(torch.cat(weights))
+
+    def _subsampled_plates(self, args: tuple, kwargs: dict) -> list[str]:
+        """The plates that the model subsamples with these arguments, as ``"'name' (used of size)"``."""
+        trace = quiet_trace(self.model, args, kwargs)
+        subsampled = [(name, len(site["value"]), site["fn"].size) for name, site in trace.nodes.items()
+                      if site["type"] == "sample" and site_is_subsample(site)]  # fmt: skip
+        return [f"{name!r} ({used} of {size})" for name, used, size in subsampled if used < size]
 
     #: paths behind :meth:`median` and :meth:`quantiles`
     summary_paths: int = 512
@@ -750,23 +760,52 @@ class AutoDiffusion(AutoContinuous):
         z = self._summary_draws(*args, **kwargs)
         return z.mean(0), z.std(0)
 
+    def _constrained_summary_draws(self, *args, **kwargs) -> dict[str, tuple[torch.Tensor, torch.Tensor, Transform]]:
+        """Per latent site: the :attr:`summary_paths` draws unconstrained and constrained, and the bijection."""
+        z = self._summary_draws(*args, **kwargs)
+        num = z.shape[0]  # the draws' dim left of every site's dims, as _unpack_latent broadcasts it
+        depth = max((len(shape) for shape in self._unconstrained_shapes.values()), default=0)
+        draws = {}
+        for site, value in self._unpack_latent(z.reshape((num,) + (1,) * depth + z.shape[-1:])):
+            value = value.reshape((num,) + self._unconstrained_shapes[site["name"]])
+            transform = biject_to(site["fn"].support)
+            draws[site["name"]] = (value, transform(value), transform)
+        return draws
+
+    @torch.no_grad()
     def median(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """Each latent's marginal median, estimated from :attr:`summary_paths` paths drawn under a fixed
-        seed (the same on every call; the guide's law need not be Gaussian, so not its mean)."""
-        z = self._summary_draws(*args, **kwargs)
-        return {site["name"]: biject_to(site["fn"].support)(value)
-                for site, value in self._unpack_latent(z.median(0).values)}  # fmt: skip
+        seed (the same on every call; the guide's law need not be Gaussian, so not its mean), equal to
+        ``quantiles([0.5])``. A site whose support couples its coordinates (a simplex, a Cholesky factor)
+        gets instead the image of its unconstrained coordinates' medians, a point in the support (as
+        Pyro's autoguides give), since its coordinates' medians need not lie in it."""
+        result = {}
+        for name, (unconstrained, constrained, transform) in self._constrained_summary_draws(*args, **kwargs).items():
+            if _coordinatewise(transform):
+                result[name] = torch.quantile(constrained, 0.5, dim=0)
+            else:
+                result[name] = transform(torch.quantile(unconstrained, 0.5, dim=0))
+        return result
 
     @torch.no_grad()
     def quantiles(self, quantiles, *args, **kwargs) -> dict[str, torch.Tensor]:
         """Each latent's marginal quantiles (empirical, from :attr:`summary_paths` paths drawn under a
-        fixed seed), stacked along a new leading dimension, as ``AutoContinuous.quantiles`` returns them."""
-        z = self._summary_draws(*args, **kwargs)
-        levels = torch.as_tensor(quantiles, dtype=z.dtype, device=z.device)
+        fixed seed, of the constrained draws: for a simplex they need not lie on the simplex), stacked
+        along a new leading dimension, as ``AutoContinuous.quantiles`` returns them."""
+        draws = self._constrained_summary_draws(*args, **kwargs)
+        dtype = next(iter(draws.values()))[1].dtype if draws else torch.get_default_dtype()
+        levels = torch.as_tensor(quantiles, dtype=dtype)
         if levels.dim() != 1 or not ((levels >= 0) & (levels <= 1)).all():
             raise ValueError(f"quantiles must be a list of levels in [0, 1], got {quantiles}")
-        result: dict[str, list[torch.Tensor]] = {}
-        for row in torch.quantile(z, levels, dim=0):
-            for site, value in self._unpack_latent(row):
-                result.setdefault(site["name"], []).append(biject_to(site["fn"].support)(value))
-        return {name: torch.stack(values) for name, values in result.items()}
+        return {name: torch.quantile(constrained, levels.to(constrained.device), dim=0)
+                for name, (_, constrained, _) in draws.items()}  # fmt: skip
+
+
+def _coordinatewise(transform: Transform) -> bool:
+    """Whether ``transform`` maps each coordinate on its own (exp, sigmoid, affine ...), so that it maps
+    each coordinate's median to the constrained coordinate's median."""
+    if isinstance(transform, IndependentTransform):
+        return _coordinatewise(transform.base_transform)
+    if isinstance(transform, ComposeTransform):
+        return all(_coordinatewise(part) for part in transform.parts)
+    return transform.domain.event_dim == 0 and transform.codomain.event_dim == 0

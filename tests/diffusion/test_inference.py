@@ -9,6 +9,7 @@ import pytest
 import torch
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoGuideList
+from pyro.infer.autoguide.initialization import init_to_value
 
 from pyro_gpx.diffusion import AutoDiffusion, PathELBO
 
@@ -102,9 +103,41 @@ def test_constrained_latents_plates_and_predictive(float64):
     torch.testing.assert_close(guide.median(x, y)["effect"], median["effect"], rtol=0, atol=0)
     torch.testing.assert_close(guide.median()["effect"], median["effect"], rtol=0, atol=0)  # the training data
     z = guide._summary_draws(x, y)
-    torch.testing.assert_close(median["scale"], z[:, 0].median().exp())  # HalfNormal: exp bijection
+    torch.testing.assert_close(median["scale"], torch.quantile(z[:, 0].exp(), 0.5))  # HalfNormal: exp bijection
     torch.testing.assert_close(quantiles["effect"], torch.quantile(z[:, 1:], torch.tensor([0.1, 0.5, 0.9]), dim=0))
     assert quantiles["scale"].shape == (3,) and (quantiles["scale"].diff() > 0).all()
+    for name in ("scale", "effect"):  # the median is the 0.5 quantile
+        torch.testing.assert_close(quantiles[name][1], median[name], rtol=0, atol=0)
+
+
+def test_median_and_quantiles_are_marginals_of_the_constrained_draws(float64):
+    """A simplex's quantiles were the stick-breaking image of the unconstrained coordinates' quantiles (p[3]'s
+    0.1-quantile 0.79 above its 0.9-quantile 0.011), and a decreasing bijection (``less_than``) swapped the
+    levels; its median stays a point of the simplex."""
+
+    def model():
+        pyro.sample("p", dist.Dirichlet(torch.tensor([0.5, 1.0, 2.0, 4.0])))
+        pyro.sample("u", dist.Uniform(-1.0, 1.0).expand([2]).to_event(1))
+        c = pyro.sample("c", dist.ImproperUniform(dist.constraints.less_than(3.0), (), ()))  # exp, then 3 - .
+        pyro.factor("c_prior", dist.Exponential(1.0).log_prob(3.0 - c))
+
+    guide = AutoDiffusion(
+        model, num_steps=4, hidden=8, init_scale=1.5, init_loc_fn=init_to_value(values={"c": torch.tensor(2.0)})
+    )
+    guide()
+    guide.summary_paths = 128
+    draws = {site["name"]: (value, dist.transforms.biject_to(site["fn"].support)(value))
+             for site, value in guide._unpack_latent(guide._summary_draws())}  # fmt: skip
+    levels = torch.tensor([0.1, 0.5, 0.9])
+    quantiles, median = guide.quantiles(levels.tolist()), guide.median()
+    for name, (_, constrained) in draws.items():
+        torch.testing.assert_close(quantiles[name], torch.quantile(constrained, levels, dim=0))
+        assert (quantiles[name].diff(dim=0) >= 0).all()
+    for name in ("u", "c"):
+        torch.testing.assert_close(median[name], torch.quantile(draws[name][1], 0.5, dim=0))
+    simplex = dist.transforms.biject_to(dist.constraints.simplex)
+    torch.testing.assert_close(median["p"], simplex(torch.quantile(draws["p"][0], 0.5, dim=0)))
+    assert float(median["p"].sum()) == pytest.approx(1.0)
 
 
 def test_autoguidelist_diffusion_and_delta(float64):

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import re
 import warnings
 
 import pyro
@@ -13,7 +14,14 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide.initialization import init_to_mean
 from torch.distributions import Normal
 
-from pyro_gpx.diffusion import AutoDiffusion, LogVarianceLoss, PathELBO, UnconstrainedTarget, make_process
+from pyro_gpx.diffusion import (
+    AutoDiffusion,
+    LogVarianceLoss,
+    PathELBO,
+    UnconstrainedTarget,
+    importance_estimate,
+    make_process,
+)
 
 
 def gaussian_model(scale=1.0, dim=3):
@@ -239,8 +247,20 @@ def test_bad_input():
         make_process("pis", 0)
     with pytest.raises(ValueError, match="process must be 'pis', 'dds' or 'dis'"):
         make_process("ddpm", 4)
-    with pytest.raises(ValueError, match="exploration must be positive"):
-        LogVarianceLoss(8, exploration=0.0)
+    for exploration in (0.0, float("inf")):  # inf failed later as 'the drift overflowed'
+        with pytest.raises(ValueError, match="exploration must be a finite positive number"):
+            LogVarianceLoss(8, exploration=exploration)
+    with pytest.raises(ValueError, match="grid_power=9.0 with num_steps=64"):
+        make_process("pis", 64, grid_power=9.0)  # the last step rounded to 0: 'math domain error'
+    for kind in ("pis", "dds"):
+        for sigma in (1e-200, 1e160):  # 'math domain error' and OverflowError
+            with pytest.raises(ValueError, match=re.escape(f"sigma={sigma!r} with horizon=1.0")):
+                make_process(kind, 8, sigma=sigma)
+    tiny = make_process("dds", 8, beta_min=1e-300, beta_max=1e-300)  # 1 - exp(-b) rounded the alphas to 0
+    assert (tiny.alphas > 0).all()
+    for bad in (torch.zeros(0), torch.tensor([float("nan"), 0.0]), torch.zeros(2, 2)):
+        with pytest.raises(ValueError, match="log_weights"):
+            importance_estimate(bad)  # NaN gave log_z nan, an empty tensor 'math domain error'
     with pytest.raises(ValueError, match="affine must be"):
         AutoDiffusion(gaussian_model(), affine="dense")
     with pytest.raises(ValueError, match="num_steps must be an integer"):
@@ -300,6 +320,27 @@ def test_bad_input():
             PathELBO(num_paths)
     with pytest.raises(ValueError, match="num_paths must be an integer >= 2"):
         LogVarianceLoss(1)
+
+
+@pytest.mark.parametrize("process", ["pis", "dds"])
+def test_float32_path_ratio_of_the_reference_is_zero_to_rounding(process):
+    """With zero drift the sampler's path law is the reference's, so every log weight for the reference's
+    terminal marginal is 0; float32 sums of about K D terms each left up to 0.05 (PIS, D = 1000,
+    K = 256), now accumulated in float64."""
+    D = 1000
+
+    def model32():
+        pyro.sample("x", dist.Normal(torch.zeros(D), 1.0).to_event(1))
+
+    guide = AutoDiffusion(model32, process=process, num_steps=128, hidden=4, init_loc_fn=init_to_mean)
+    guide()
+    with torch.no_grad():
+        path = guide.sample_paths(16)
+    assert path.log_weight.dtype == torch.float32
+    assert float(path.log_weight.abs().max()) < 1e-3
+    # Trace_ELBO: the Delta's log density less the noise site's, which the ELBO adds back (0.07 per particle)
+    for _ in range(4):
+        assert abs(Trace_ELBO().loss(model32, guide)) < 1e-3
 
 
 def test_drift_clip_bounds_the_drift_softly(float64):
@@ -660,6 +701,23 @@ def test_log_variance_loss_refuses_model_parameters_and_log_z_needs_all_the_data
     # a scaled minibatch likelihood inside a mean of weights is no estimate of Z (it was tens of nats off)
     with pytest.raises(ValueError, match=r"full-data likelihood.*'data' \(10 of 40\)"):
         guide.log_normalizer(16, y, 10)
+
+    # the log-variance loss on minibatches: their noise adds E_b Var_q(n_b), which a narrower sampler makes
+    # smaller (a family holding the exact posterior trained to 0.35 times its sd), so it is refused
+    def plain(y, subsample_size=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(y), subsample_size=subsample_size) as idx:
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y[idx])
+
+    guide = AutoDiffusion(plain, num_steps=3, hidden=8)
+    svi = SVI(plain, guide, pyro.optim.Adam({"lr": 1e-2}), LogVarianceLoss(8))
+    assert math.isfinite(svi.step(y)) and math.isfinite(svi.step(y, 40))  # all the data
+    with pytest.raises(
+        ValueError, match=r"LogVarianceLoss needs the full-data likelihood.*'data' \(10 of 40\).*PathELBO"
+    ):
+        svi.step(y, 10)
+    with pytest.raises(ValueError, match="LogVarianceLoss needs the full-data likelihood"):
+        svi.evaluate_loss(y, 10)
 
 
 def test_path_sample_attributes_and_one_weight():
