@@ -30,13 +30,14 @@ __all__ = ["FlowKernel", "KernelState", "default_flow_kernel", "draw_shape"]
 
 def draw_shape(batch: torch.Size, name: str) -> torch.Size:
     """The draws' (particles') dims of a global site with batch shape ``batch``: what lies left of
-    the model's two (size-1) plate dims."""
-    if len(batch) == 0:
-        return torch.Size()
-    if len(batch) < 2 or any(s != 1 for s in batch[-2:]):
+    the model's two (size-1) plate dims; a single batch dim is the draws handed over without those dims,
+    as ``Predictive(parallel=True)`` does (it pads samples to the plate nesting counting event dims)."""
+    if len(batch) <= 1:
+        return torch.Size(batch)
+    if any(s != 1 for s in batch[-2:]):
         raise ValueError(
             f"{name} has batch shape {tuple(batch)}; a global site's draws must end in the model's two size-1 "
-            "plate dims (Predictive(parallel=True) hands them over without: use parallel=False)"
+            "plate dims, or be a single batch dim"
         )
     return batch[:-2]
 

@@ -254,10 +254,6 @@ def test_bad_input(float64):
         DifferentialGP(X, output_kernel=gpytorch.kernels.RBFKernel(batch_shape=torch.Size([2])).double())
     with pytest.raises(ValueError, match="init_scale"):
         InducingNormal(model, init_scale=float("inf"))
-    guide = AutoNormal(model)
-    guide(X, y)
-    with pytest.raises(ValueError, match=r"Predictive\(parallel=True\) hands them over without"):
-        Predictive(model, guide=guide, num_samples=3, parallel=True)(X)
 
 
 def test_param_store_round_trip_restores_and_keeps_training_the_kernels(float64, tmp_path):
@@ -361,3 +357,29 @@ def test_a_second_model_does_not_take_the_first_ones_parameters(float64):
     svi = SVI(named, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
     assert math.isfinite(svi.step(X + 5, y))
     assert "b.output_kernel$$$raw_outputscale" in pyro.get_param_store()
+
+
+def test_predictive_parallel_draws_the_same_predictive_as_the_loop(float64):
+    """Predictive(parallel=True) pads samples to the plate nesting counting event dims, so the inducing draws
+    came without the model's two size-1 plate dims, and were refused; now a single batch dim is the draws.
+    With a flow that leaves the inputs in place, y given each draw is N(m, v + noise) exactly."""
+    X, y = _data(n=8, d=1)
+    flow = FlowKernel(1, default_flow_kernel(1, outputscale=1e-14))
+    model = DifferentialGP(X, flow=flow, num_inducing=3, num_paths=2, num_steps=2, noise=0.05, learn_noise=False)
+    guide = AutoNormal(model)
+    guide(X, y)
+    gen = torch.Generator().manual_seed(0)
+    u = {"flow_inducing": torch.randn(2, 1, 3, generator=gen), "output_inducing": torch.randn(2, 1, 3, generator=gen)}
+    reps = 400
+    samples = {k: v.repeat_interleave(reps, 0) for k, v in u.items()}
+    pyro.set_rng_seed(0)
+    out = Predictive(model, posterior_samples=samples, parallel=True, return_sites=["y"])(X)["y"]
+    assert out.shape == (2 * reps, 2, 8)
+    for i in range(2):
+        fn = poutine.trace(poutine.condition(model, {k: v[i] for k, v in u.items()})).get_trace(X).nodes["y"]["fn"]
+        draws = out[i * reps : (i + 1) * reps].reshape(-1, 8)  # both paths: the same flow
+        sd = (fn.var[0] + fn.noise).sqrt()
+        assert ((draws.mean(0) - fn.loc[0]).abs() < 5 * sd / math.sqrt(draws.shape[0])).all()
+        assert ((draws.std(0) / sd - 1).abs() < 0.15).all()
+    parallel = Predictive(model, guide=guide, num_samples=3, parallel=True, return_sites=["y"])(X)["y"]
+    assert parallel.shape == (3, 2, 8)
