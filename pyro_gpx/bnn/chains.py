@@ -48,7 +48,7 @@ class ChainsResult:
 
     @property
     def num_gradients(self) -> int:
-        return int(self.sample_stats["n_steps"].sum())
+        return int(np.nansum(self.sample_stats["n_steps"]))  # NaN: a draw taken before counting began
 
     def get_samples(self, group_by_chain: bool = False) -> dict[str, torch.Tensor]:
         if group_by_chain:

@@ -78,7 +78,7 @@ def build_dataset(
             if dim in coords:
                 coord = np.asarray(coords[dim])
                 if coord.shape != (size,):
-                    raise ValueError(f"coords[{dim!r}] has {coord.shape[0]} entries; {name!r} needs {size}")
+                    raise ValueError(f"coords[{dim!r}] has shape {coord.shape}; {name!r} needs {size} entries")
                 used_coords[dim] = coord
             elif dim not in used_coords:
                 used_coords[dim] = np.arange(size)

@@ -18,10 +18,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
-from pyro.distributions.torch_distribution import MaskedDistribution
-from pyro.distributions.util import scale_and_mask
+from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
+from pyro.distributions.util import scale_and_mask, sum_rightmost
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
@@ -100,16 +101,30 @@ def _site_mask(site: dict) -> torch.Tensor | None:
     return mask
 
 
+_WRAPPERS = (MaskedDistribution, dist.Independent, ExpandedDistribution)
+
+
+def _has_hook(fn) -> bool:
+    while isinstance(fn, _WRAPPERS) and not hasattr(fn, "pointwise_log_likelihood"):
+        fn = fn.base_dist
+    return hasattr(fn, "pointwise_log_likelihood")
+
+
 def pointwise_log_likelihood(fn, value: torch.Tensor) -> torch.Tensor:
     """``fn``'s log-likelihood of ``value``: its ``pointwise_log_likelihood`` where it has one (an
     observation model whose ``log_prob`` is a variational surrogate, e.g. the differential GP's
     :class:`~pyro_gpx.diffgp.likelihoods.GaussianVariationalExpectation`), else ``log_prob``; through
-    masks."""
-    if isinstance(fn, MaskedDistribution) and hasattr(fn.base_dist, "pointwise_log_likelihood"):
-        lp = pointwise_log_likelihood(fn.base_dist, value)
-        return lp if fn._mask is True else scale_and_mask(lp, mask=fn._mask)
-    hook = getattr(fn, "pointwise_log_likelihood", None)
-    return hook(value) if hook is not None else fn.log_prob(value)
+    masks, ``to_event`` and ``expand``."""
+    if hasattr(fn, "pointwise_log_likelihood"):
+        return fn.pointwise_log_likelihood(value)
+    if not isinstance(fn, _WRAPPERS) or not _has_hook(fn):
+        return fn.log_prob(value)
+    lp = pointwise_log_likelihood(fn.base_dist, value)
+    if isinstance(fn, dist.Independent):
+        return sum_rightmost(lp, fn.reinterpreted_batch_ndims)
+    if isinstance(fn, ExpandedDistribution):
+        return lp.expand(torch.broadcast_shapes(lp.shape, fn.batch_shape))
+    return lp if fn._mask is True else scale_and_mask(lp, mask=fn._mask)
 
 
 def _run_shape(spec: SiteSpec, chunk_sizes: Mapping[str, int]) -> tuple[int, ...]:
@@ -124,6 +139,8 @@ def _fit(tensor, batch: tuple[int, ...], event: tuple[int, ...], num_draws: int 
     tensor = torch.as_tensor(tensor)
     if num_draws is None:
         return tensor.expand(batch + event)
+    if tensor.shape == (num_draws,) + batch + event:  # right-aligned, without the padding dims
+        return tensor
     padded = (num_draws,) + (1,) * (mpn - len(batch)) + batch + event
     if tensor.dim() > len(padded):
         raise _NotVectorizable(f"tensor of shape {tuple(tensor.shape)} does not fit draws x site shape {padded}")
@@ -182,6 +199,8 @@ def _evaluate_batch(req: _Request, samples, num_draws: int, cond, chunk_sizes, v
         try:  # the densities too: a site outside every plate may trace but not score batched draws
             trace = _trace(req.model, data, req.args, req.kwargs, req.predictive, vectorize_plate(num_draws, mpn))
             return _extract(trace, req.structure, req.value_names, req.lp_names, chunk_sizes, num_draws, mpn)
+        except _NotVectorizable:
+            raise
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
             raise _NotVectorizable(f"{type(e).__name__}: {e}") from e
     per_draw = []
@@ -189,7 +208,10 @@ def _evaluate_batch(req: _Request, samples, num_draws: int, cond, chunk_sizes, v
         data = {k: v[i] for k, v in samples.items()}
         data.update(cond)
         trace = _trace(req.model, data, req.args, req.kwargs, req.predictive)
-        per_draw.append(_extract(trace, req.structure, req.value_names, req.lp_names, chunk_sizes, None, mpn))
+        try:
+            per_draw.append(_extract(trace, req.structure, req.value_names, req.lp_names, chunk_sizes, None, mpn))
+        except _NotVectorizable as e:  # not a batching problem: the model's sites change between runs
+            raise ValueError(f"draw {i}: {e}") from None
     return tuple(
         {k: None if first[k] is None else torch.stack([d[part][k] for d in per_draw]) for k in first}
         for part, first in enumerate(per_draw[0])
@@ -240,33 +262,46 @@ def _check_draws(samples, num_draws: int) -> torch.Tensor:
     return torch.tensor(picked)
 
 
+def _difference(batched, looped) -> str:
+    """Where two ``_evaluate_batch`` results differ ("" if they agree); ``looped``'s sites are compared."""
+    for part_b, part_l in zip(batched, looped):
+        for name, b in part_l.items():
+            a = part_b[name]
+            if (a is None) != (b is None):
+                return f"the mask of {name!r} differs"
+            if a is None:
+                continue
+            if a.shape != b.shape or not torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-8, equal_nan=True):
+                return f"site {name!r} differs between the batched and the per-draw evaluation"
+    return ""
+
+
 def _vectorization_ok(req: _Request, samples, num_draws: int) -> tuple[bool, str]:
-    """Compare the batched evaluation with the per-draw loop on a few draws (:func:`_check_draws`)."""
-    check = replace(
-        req,
-        predictive=False,
-        value_names=tuple(n for n in req.value_names if req.structure.sites[n].kind == "deterministic"),
-        lp_names=tuple(s.name for s in req.structure.of_kind("observed")),
-    )
+    """Compare the batched evaluation with the per-draw loop on a few draws (:func:`_check_draws`).
+    Posterior predictive draws are random, so each batched draw of the observations is scored again per
+    draw, given its latents and the drawn observations, against the batched run's densities and values."""
+    observed = tuple(s.name for s in req.structure.of_kind("observed"))
+    deterministic = tuple(n for n in req.value_names if req.structure.sites[n].kind == "deterministic")
+    check = replace(req, predictive=False, value_names=deterministic, lp_names=observed)
     cond, sizes = next(_chunks(req.structure))
     picked = _check_draws(samples, num_draws)
     n = len(picked)
     head = {k: v[picked] for k, v in samples.items()}
     try:
         batched = _evaluate_batch(check, head, n, cond, sizes, True)
+        if req.predictive:
+            with torch.random.fork_rng(devices=[]):  # the check leaves the draws' random stream alone
+                drawn = _evaluate_batch(
+                    replace(check, predictive=True, value_names=observed + deterministic), head, n, cond, sizes, True
+                )
     except _NotVectorizable as e:
         return False, str(e)
-    looped = _evaluate_batch(check, head, n, cond, sizes, False)
-    for part_b, part_l in zip(batched, looped):
-        for name, b in part_l.items():
-            a = part_b[name]
-            if (a is None) != (b is None):
-                return False, f"the mask of {name!r} differs"
-            if a is None:
-                continue
-            if a.shape != b.shape or not torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-8, equal_nan=True):
-                return False, f"site {name!r} differs between the batched and the per-draw evaluation"
-    return True, ""
+    why = _difference(batched, _evaluate_batch(check, head, n, cond, sizes, False))
+    if why or not req.predictive:
+        return not why, why
+    rescored = _evaluate_batch(check, {**head, **{k: drawn[0][k] for k in observed}}, n, cond, sizes, False)
+    why = _difference(drawn, rescored)
+    return not why, why and f"posterior predictive draws: {why}"
 
 
 def evaluate_draws(

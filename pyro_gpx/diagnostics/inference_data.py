@@ -8,19 +8,23 @@ has no Pyro converter. :func:`to_inference_data` computes every group itself and
 
 from __future__ import annotations
 
+import contextlib
+import random
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pyro
+import pyro.poutine as poutine
 import torch
+from pyro.distributions import constraints
 from pyro.infer import MCMC
 
 from .arviz_compat import build_inference_data
 from .conditioned import evaluate_draws
 from .guide_samples import sample_guide
-from .model_structure import ModelStructure, SiteSpec, first_draw, inspect_model
+from .model_structure import ModelStructure, SiteSpec, first_draw, inspect_model, quiet_trace
 from .sample_stats import SampleStatsRecorder, mcmc_sample_stats
 
 __all__ = ["to_inference_data"]
@@ -46,6 +50,8 @@ def _resolve_posterior(
     stats: dict[str, np.ndarray] = {}
     structure: ModelStructure | None = None
     if isinstance(posterior, MCMC):
+        if getattr(posterior, "_samples", None) is None:
+            raise ValueError("the MCMC posterior has no samples; call its run(...) first")
         kernel_model = getattr(posterior.kernel, "model", None)
         model = model if model is not None else kernel_model
         if model_args is None:
@@ -56,6 +62,13 @@ def _resolve_posterior(
         stats = mcmc_sample_stats(posterior)
     elif isinstance(posterior, Mapping):
         samples = {k: torch.as_tensor(v) for k, v in posterior.items()}
+        lead = ("chain", "draw") if group_by_chain else ("draw",)
+        for name, value in samples.items():
+            if value.dim() < len(lead) or 0 in value.shape[: len(lead)]:
+                raise ValueError(
+                    f"samples of {name!r} have shape {tuple(value.shape)}; expected leading {lead} dimensions of "
+                    f"size >= 1 (group_by_chain={group_by_chain})"
+                )
         if not group_by_chain:
             samples = {k: v.unsqueeze(0) for k, v in samples.items()}
         sizes = {tuple(v.shape[:2]) for v in samples.values()}
@@ -204,11 +217,16 @@ def to_inference_data(
     :param dims: dimension names by variable, overriding the plate-derived names.
     :param vectorize: ``None`` batches draws when safe, ``True`` insists, ``False`` loops.
     :param draw_batch: draws per batched model call.
-    :param seed: seed for the guide draws and the posterior predictive.
+    :param seed: seed for the guide draws and the posterior predictive; the caller's torch, NumPy and
+        Python random states are left as they were.
     :returns: ``arviz.InferenceData`` (ArviZ 0.x) or ``xarray.DataTree`` (ArviZ 1.x).
     :raises ValueError: if a latent site has no samples (discrete sites marginalised by enumeration
         included: they are not supported), a latent lies in a subsampled plate, or the samples hold
-        observed sites (e.g. ``Predictive``'s replicated data) or names that are not sites of the model.
+        observed sites (e.g. ``Predictive``'s replicated data) or names that are not sites of the model;
+        if samples do not have the shape of the site in a prior run of the model (after the leading
+        ``(chain, draw)`` or ``(draw,)`` dims; leading singleton dims, as ``Predictive`` adds, are dropped),
+        or are not finite, or lie outside a fixed support (``positive``, ``simplex``, ...); if a
+        ``sample_stats`` variable does not start with the posterior's ``(chain, draw)``.
 
     Observed ``Delta`` sites are reported as values, not scored (reparameterizers leave them, with a
     Jacobian as their density); write a custom likelihood as ``pyro.factor`` or a distribution.
@@ -227,13 +245,59 @@ def to_inference_data(
         >>> tuple(idata.log_likelihood["y"].dims)
         ('chain', 'draw', 'data')
     """
-    if seed is not None:
-        pyro.set_rng_seed(seed)
+    with _seeded(seed):
+        return _to_inference_data(
+            posterior, model, model_args, model_kwargs, num_samples, group_by_chain, log_likelihood,
+            posterior_predictive, observed_data, constant_data, sample_stats, coords, dims, vectorize, draw_batch,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Seed Pyro's random streams within the block, and give the caller's torch, NumPy and Python
+    random states back afterwards."""
+    if seed is None:
+        yield
+        return
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            pyro.set_rng_seed(seed)
+            yield
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+
+
+def _to_inference_data(
+    posterior: MCMC | Mapping[str, Any] | Callable,
+    model: Callable | None,
+    model_args: Sequence | None,
+    model_kwargs: Mapping | None,
+    num_samples: int,
+    group_by_chain: bool,
+    log_likelihood: bool,
+    posterior_predictive: bool,
+    observed_data: bool,
+    constant_data: Mapping[str, Any] | None,
+    sample_stats: Mapping[str, Any] | SampleStatsRecorder | None,
+    coords: Mapping[str, Any] | None,
+    dims: Mapping[str, Sequence[str]] | None,
+    vectorize: bool | None,
+    draw_batch: int | None,
+):
+    """:func:`to_inference_data` within its random state."""
     model, args, kwargs, samples, stats, structure = _resolve_posterior(
         posterior, model, model_args, model_kwargs, num_samples, group_by_chain, vectorize
     )
     if not samples:
         raise ValueError("the posterior has no latent samples")
+    if model is not None:
+        from_numpy = (
+            {k for k, v in posterior.items() if not torch.is_tensor(v)} if isinstance(posterior, Mapping) else set()
+        )
+        samples = _match_model_sites(samples, model, args, kwargs, group_by_chain, from_numpy)
     num_chains, num_draws = next(iter(samples.values())).shape[:2]
     flat = {k: v.reshape((num_chains * num_draws,) + v.shape[2:]) for k, v in samples.items()}
     needs_model = log_likelihood or posterior_predictive or observed_data
@@ -252,7 +316,6 @@ def to_inference_data(
     if model is not None:
         if structure is None:
             structure = inspect_model(model, first_draw(flat), args, kwargs)
-        structure = _keep_known_latents(structure, flat)
         for spec in structure.sites.values():
             for dim_name, size in zip(spec.dim_names, spec.batch_shape):
                 all_coords.setdefault(dim_name, np.arange(size))
@@ -289,7 +352,7 @@ def to_inference_data(
         if posterior_predictive and observed:
             pred = evaluate_draws(
                 model, flat, structure, args, kwargs, predictive=True, sites=observed,
-                vectorize=evaluation.vectorized if vectorize is None else vectorize, draw_batch=draw_batch,
+                vectorize=vectorize if vectorize is not None or evaluation.vectorized else False, draw_batch=draw_batch,
             )  # fmt: skip
             values = {
                 k: _numpy(v).reshape((num_chains, num_draws) + tuple(v.shape[1:])) for k, v in pred.values.items()
@@ -302,8 +365,22 @@ def to_inference_data(
         groups["posterior"][name] = _numpy(value)
     if isinstance(sample_stats, SampleStatsRecorder) and isinstance(posterior, MCMC):
         stats = mcmc_sample_stats(posterior, sample_stats)
+    elif isinstance(sample_stats, SampleStatsRecorder):
+        recorded = sample_stats.as_arrays(num_chains, num_draws)
+        if not recorded:
+            raise ValueError(
+                f"sample_stats: the SampleStatsRecorder holds no complete record of {num_chains} chain(s) x "
+                f"{num_draws} draws"
+            )
+        stats = {**stats, **recorded}
     elif isinstance(sample_stats, Mapping):
         stats = {**stats, **{k: _numpy(v) for k, v in sample_stats.items()}}
+    for name, stat in stats.items():
+        if stat.shape[:2] != (num_chains, num_draws):
+            raise ValueError(
+                f"sample_stats[{name!r}] has shape {stat.shape}; expected leading (chain, draw) = "
+                f"{(num_chains, num_draws)}, as the posterior"
+            )
     if stats:
         groups["sample_stats"] = stats
     if constant_data:
@@ -313,15 +390,60 @@ def to_inference_data(
     return build_inference_data(groups, dims=dims, group_dims=group_dims, coords=all_coords, attrs=attrs)
 
 
-def _keep_known_latents(structure: ModelStructure, samples: Mapping[str, torch.Tensor]) -> ModelStructure:
-    """Check that sample shapes match the model's latent sites."""
-    for spec in structure.of_kind("latent"):
-        got = tuple(samples[spec.name].shape[1:])
-        if got != spec.value_shape:
-            raise ValueError(
-                f"samples of {spec.name!r} have shape {got} per draw; the model's site has shape {spec.value_shape}"
+def _in_support(site, value: torch.Tensor) -> torch.Tensor | None:
+    """Whether each draw of ``value`` lies in the support of the site's distribution, where that support
+    is one of Pyro's fixed constraints (``positive``, ``simplex``, ...: not one of parameters, such as an
+    ``interval`` whose bounds are other latents); ``None`` where it is not."""
+    support = site["fn"].support
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    if not any(support is c for c in vars(constraints).values()):
+        return None
+    return support.check(value).reshape(value.shape[:2] + (-1,)).all(-1)
+
+
+def _match_model_sites(
+    samples, model, args, kwargs, group_by_chain: bool, from_numpy: set[str]
+) -> dict[str, torch.Tensor]:
+    """Check ``(chain, draw, ...)`` samples against the latent sites of a prior run of ``model`` (not one
+    conditioned on the samples, which would take their shape): the per-draw shape, dropping the leading
+    singleton dims that ``Predictive`` adds; finite values in the site's support. Floating samples given
+    as arrays (``from_numpy``: NumPy's float64 whatever the model's dtype) take the site's dtype."""
+    try:
+        prior = quiet_trace(model, args, kwargs)
+    except Exception:  # noqa: BLE001 -- a prior that cannot be drawn from (improper): a run at the first draw
+        first = {k: v[0, 0] for k, v in samples.items()}
+        prior = quiet_trace(poutine.condition(model, data=first), args, kwargs)
+    out = {}
+    for name, value in samples.items():
+        site = prior.nodes.get(name)
+        if site is None or site["type"] != "sample" or site["is_observed"]:  # refused by inspect_model
+            out[name] = value
+            continue
+        want, got = tuple(site["value"].shape), tuple(value.shape[2:])
+        extra = len(got) - len(want)
+        if extra > 0 and got[extra:] == want and set(got[:extra]) == {1}:
+            value = value.reshape(value.shape[:2] + want)
+        elif got != want:
+            hint = (
+                "; pass group_by_chain=True for (chain, draw, ...) samples"
+                if not group_by_chain and got[1:] == want
+                else ""
             )
-    return structure
+            raise ValueError(f"samples of {name!r} have shape {got} per draw; the model's site has shape {want}{hint}")
+        if value.is_floating_point() and site["value"].is_floating_point():
+            if name in from_numpy:
+                value = value.to(site["value"].dtype)
+            bad = ~torch.isfinite(value).reshape(value.shape[:2] + (-1,)).all(-1)
+            kind = "non-finite values"
+            if not bad.any():
+                inside = _in_support(site, value)
+                bad, kind = (bad, kind) if inside is None else (~inside, f"values outside {site['fn'].support}")
+            if bad.any():
+                chain, draw = (int(i) for i in bad.nonzero()[0])
+                raise ValueError(f"samples of {name!r} have {kind} (first at chain {chain}, draw {draw})")
+        out[name] = value
+    return out
 
 
 def _without(group_dims, user_dims):

@@ -115,7 +115,7 @@ def _site_spec(site: Mapping[str, Any], kind: str, plate_sizes: Mapping[str, tup
     if kind == "deterministic":
         # plates broadcast a Delta's batch shape even when event_dim claimed the plate's dim;
         # the value itself is the truth
-        batch_shape = value_batch
+        batch_shape, event_shape = _deterministic_shapes(site, value_shape, value_batch, event_shape)
     else:
         batch_shape = tuple(torch.broadcast_shapes(tuple(getattr(fn, "batch_shape", ())), value_batch))
     names = [f"{site['name']}_dim_{i}" for i in range(len(batch_shape))]
@@ -129,6 +129,13 @@ def _site_spec(site: Mapping[str, Any], kind: str, plate_sizes: Mapping[str, tup
         if frame.name in plate_sizes:
             full_batch[pos] = plate_sizes[frame.name][0]
             subsampled[frame.name] = frame.dim
+    missing = sorted(f.name for f in site["cond_indep_stack"] if f.name in plate_sizes and f.name not in subsampled)
+    if kind == "deterministic" and missing:
+        raise ValueError(
+            f"deterministic site {site['name']!r} lies in subsampled plate(s) {missing} but its value has no "
+            "dimension for them, so it would hold one chunk's value; give it the plates' dimensions (e.g. "
+            "pyro.deterministic(..., event_dim=0) for a value with one entry per data point)"
+        )
     return SiteSpec(
         name=site["name"],
         kind=kind,
@@ -138,6 +145,18 @@ def _site_spec(site: Mapping[str, Any], kind: str, plate_sizes: Mapping[str, tup
         subsampled=subsampled,
         marginal=_integrates_out_latents(fn),
     )
+
+
+def _deterministic_shapes(
+    site: Mapping[str, Any], value_shape: tuple[int, ...], batch: tuple[int, ...], event: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A deterministic site's (batch, event) shapes. Pyro's default ``event_dim`` is the value's ndim,
+    which claims the enclosing plates' dims as event dims: a value whose trailing dims have the plates'
+    sizes, right-aligned, is read as batched by those plates (as with ``event_dim=0``)."""
+    frames = [f for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None and -f.dim <= len(value_shape)]
+    if any(-f.dim > len(batch) for f in frames) and all(value_shape[f.dim] == f.size for f in frames):
+        return value_shape, ()
+    return batch, event
 
 
 def _integrates_out_latents(fn) -> bool:
@@ -158,10 +177,11 @@ def inspect_model(
     """Trace ``model`` once, conditioned on one draw of its latents, and describe its sites.
 
     :raises ValueError: if the model has a latent site without a value in ``draw`` (its
-        log-likelihood would silently use a prior sample), or a latent inside a subsampled plate.
+        log-likelihood would silently use a prior sample), a latent inside a subsampled plate, a
+        deterministic site without the dims of its subsampled plates, or a sequential subsampled plate.
     """
     kwargs = dict(kwargs or {})
-    with torch.no_grad(), poutine.block():
+    with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=[]):  # subsampling draws indices
         trace = poutine.trace(poutine.condition(model, data=dict(draw))).get_trace(*args, **kwargs)
     unknown = sorted(k for k in draw if trace.nodes.get(k, {}).get("type") != "sample")
     if unknown:
@@ -183,6 +203,15 @@ def inspect_model(
             sub = fn.subsample_size if fn.subsample_size is not None else len(indices)
             if sub < fn.size:
                 plate_sizes[name] = (int(fn.size), int(sub))
+    for site in trace.nodes.values():
+        sequential = sorted(
+            f.name for f in site.get("cond_indep_stack", ()) if not f.vectorized and f.name in plate_sizes
+        )
+        if sequential:
+            raise ValueError(
+                f"sequential (iterated) plate(s) {sequential} subsample, so each run of the model has other sites "
+                f"(here {site['name']!r}); iterate over every index (no subsample_size) or use a vectorized plate"
+            )
     sites: dict[str, SiteSpec] = {}
     dims = [0]
     for name, site in trace.nodes.items():

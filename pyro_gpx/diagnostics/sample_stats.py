@@ -14,7 +14,6 @@ import re
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any, cast
 
 import numpy as np
 
@@ -28,6 +27,18 @@ def _chain_id(stage: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+class _Counted:
+    """A kernel's potential function, counting its calls for one recorder."""
+
+    def __init__(self, fn: Callable, owner: SampleStatsRecorder):
+        functools.update_wrapper(self, fn)
+        self.fn, self.owner = fn, owner
+
+    def __call__(self, *args, **kwargs):
+        self.owner._calls += 1
+        return self.fn(*args, **kwargs)
+
+
 class SampleStatsRecorder:
     """Record HMC/NUTS statistics for each post-warmup draw; pass as ``MCMC(..., hook_fn=recorder)``.
 
@@ -39,7 +50,10 @@ class SampleStatsRecorder:
     * ``acceptance_rate``: the draw's acceptance probability (NUTS: its mean over the tree);
     * ``lp``: minus the potential energy, the log joint density in unconstrained space
       including the transforms' log-Jacobians;
-    * ``n_steps``: gradient evaluations spent on the draw (leapfrog steps).
+    * ``n_steps``: gradient evaluations spent on the draw (leapfrog steps); NaN for a draw taken
+      before the recorder first saw the kernel (the first draw of a chain without warmup: the
+      counter is installed on the kernel's potential function at the first hook call, and removed
+      when the run ends).
 
     Chains run in worker processes (Pyro's parallel mode) record in those processes, so nothing
     comes back; run chains sequentially (the default when ``num_chains`` exceeds the free cores)
@@ -63,20 +77,32 @@ class SampleStatsRecorder:
         self._calls = 0
         self._prev_mean: dict[int, float] = {}
 
-    def _count_gradients(self, kernel) -> None:
+    def _counting(self, kernel) -> bool:
         potential_fn = getattr(kernel, "potential_fn", None)
-        if potential_fn is None or getattr(potential_fn, "_pyro_gpx_counted", False):
+        return isinstance(potential_fn, _Counted) and potential_fn.owner is self
+
+    def _count_gradients(self, kernel) -> None:
+        """Count the calls of ``kernel.potential_fn`` (its own, not another recorder's counter) until the
+        kernel's ``cleanup`` at the end of the run, which gives the kernel its function back."""
+        potential_fn = getattr(kernel, "potential_fn", None)
+        if potential_fn is None or self._counting(kernel):
             return
-
-        @functools.wraps(potential_fn)
-        def counted(*args, **kwargs):
-            self._calls += 1
-            return potential_fn(*args, **kwargs)
-
-        cast(Any, counted)._pyro_gpx_counted = True  # a function attribute, which mypy does not model
+        original = potential_fn.fn if isinstance(potential_fn, _Counted) else potential_fn
+        counted = _Counted(original, self)
         kernel.potential_fn = counted
+        cleanup = kernel.cleanup
+
+        def restore() -> None:
+            if kernel.potential_fn is counted:
+                kernel.potential_fn = original
+            if vars(kernel).get("cleanup") is restore:
+                del kernel.cleanup
+            cleanup()
+
+        kernel.cleanup = restore
 
     def __call__(self, kernel, params, stage: str, i: int) -> None:
+        counted = self._counting(kernel)  # since the previous draw: else this draw's count is unknown
         self._count_gradients(kernel)
         if stage.startswith("Sample"):
             chain = _chain_id(stage)
@@ -90,7 +116,7 @@ class SampleStatsRecorder:
             rec["step_size"].append(float(step if step is not None else getattr(kernel, "step_size", float("nan"))))
             energy = getattr(kernel, "_potential_energy_last", None)
             rec["lp"].append(float("nan") if energy is None else -float(energy))
-            rec["n_steps"].append(self._calls)
+            rec["n_steps"].append(self._calls if counted else float("nan"))
         self._calls = 0
         if self.hook_fn is not None:
             self.hook_fn(kernel, params, stage, i)
@@ -100,10 +126,7 @@ class SampleStatsRecorder:
         if any(len(self.records[c]["lp"]) < num_draws for c in range(num_chains)):
             return {}
         return {
-            name: np.asarray(
-                [self.records[c][name][-num_draws:] for c in range(num_chains)],
-                dtype=np.int64 if name == "n_steps" else np.float64,
-            )
+            name: np.asarray([self.records[c][name][-num_draws:] for c in range(num_chains)], dtype=np.float64)
             for name in self.stat_names
         }
 

@@ -1,8 +1,11 @@
 """to_inference_data on MCMC runs, trained guides and sample dicts; ArviZ functions and netCDF."""
 
+import random
+
 import arviz as az
 import numpy as np
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
@@ -255,3 +258,125 @@ def test_draw_counts_must_be_positive_integers(float64, bad):
                           num_samples=bad)  # fmt: skip
     with pytest.raises(ValueError, match="draw_batch must be a positive integer"):
         to_inference_data({"mu": torch.randn(3)}, model=models.dist_masked, model_args=(y, y > 0), draw_batch=bad)
+
+
+def _tau_model(y):
+    z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+    tau = pyro.sample("tau", dist.Normal(0.0, 1.0))
+    with pyro.plate("d", len(y)):
+        pyro.sample("y", dist.Normal(z[..., :1] + tau, 1.0), obs=y)
+
+
+def test_batched_guide_draws_are_checked(float64, caplog):
+    y = torch.randn(8, generator=torch.Generator().manual_seed(0))
+
+    def reducing(y):  # tau's guide mean is z.sum(): batched, it summed every draw's z
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("tau", dist.Normal(z.sum(), 0.01))
+
+    post = get_group(to_inference_data(reducing, model=_tau_model, model_args=(y,), num_samples=200, seed=0),
+                     "posterior")  # fmt: skip
+    assert np.abs(post["tau"].values - post["z"].values.sum(-1)).max() < 0.06  # 6 sd
+
+    def implicit(y, mask):  # torch's own sampler, emitted as a Delta: batched, one value for every draw
+        pyro.sample("mu", dist.Delta(torch.distributions.Normal(0.3, 0.2).sample()))
+
+    mu = get_group(to_inference_data(implicit, model=models.dist_masked, model_args=(y, y > 0), num_samples=200,
+                                     seed=0), "posterior")["mu"].values  # fmt: skip
+    assert len(np.unique(mu)) == 200 and abs(mu.std() - 0.2) < 0.04
+    with pytest.raises(ValueError, match="cannot be sampled batched"):
+        to_inference_data(implicit, model=models.dist_masked, model_args=(y, y > 0), num_samples=20, vectorize=True)
+    with caplog.at_level("INFO", logger="pyro_gpx.diagnostics.guide_samples"):  # autoguides stay batched
+        to_inference_data(AutoMultivariateNormal(_tau_model), model=_tau_model, model_args=(y,), num_samples=50)
+    assert not caplog.records
+
+
+def test_samples_are_checked_against_the_prior_shapes(float64):
+    y = torch.randn(6, generator=torch.Generator().manual_seed(0))
+    chains = {"mu": torch.randn(2, 100), "sigma": torch.rand(2, 100) + 0.5}  # (chain, draw)
+
+    def total(y, _):
+        mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=y.sum())
+
+    # without group_by_chain=True these were (1, 2, 100) posteriors, or a plate's shape error
+    for model, samples in ((models.subsampled, chains), (total, {"mu": chains["mu"]})):
+        with pytest.raises(ValueError, match=r"samples of 'mu' have shape \(100,\).*group_by_chain=True"):
+            to_inference_data(samples, model=model, model_args=(y, 6))
+    # Predictive's draws carry leading singleton dims: (draw, 1, 1) for a scalar site
+    theta = torch.randn(10, 3, 1)
+    idata = to_inference_data({"mu": torch.randn(10, 1, 1), "theta": theta}, model=models.two_plates,
+                              model_args=(y.reshape(3, 2),))  # fmt: skip
+    assert get_group(idata, "posterior")["mu"].dims == ("chain", "draw")
+    expected = dist.Normal(theta, 0.5).log_prob(y.reshape(3, 2))
+    np.testing.assert_allclose(get_group(idata, "log_likelihood")["y"].values[0], expected.numpy(), rtol=1e-12)
+
+
+def test_numpy_samples_take_the_models_dtype():
+    gen = torch.Generator().manual_seed(0)
+    X, y = torch.randn(6, 2, generator=gen), torch.randn(6, generator=gen)  # float32
+    rng = np.random.default_rng(0)
+    samples = {"w": rng.normal(size=(10, 2)), "b": rng.normal(size=10), "sigma": rng.uniform(0.5, 1, 10)}  # float64
+    idata = to_inference_data(samples, model=models.linreg_matmul, model_args=(X, y))  # X @ w failed
+    ll = get_group(idata, "log_likelihood")["y"].values[0]
+    expected = models.linreg_log_lik({k: torch.as_tensor(v, dtype=torch.float32) for k, v in samples.items()}, X, y)
+    assert ll.dtype == np.float32
+    np.testing.assert_allclose(ll, expected.numpy(), rtol=1e-6)
+
+
+def test_sample_stats_and_recorders_with_sample_dicts(float64):
+    y = torch.randn(5, generator=torch.Generator().manual_seed(0))
+    model = models.dist_masked
+    samples = {"mu": torch.randn(2, 10)}
+    args = (y, y > -10)
+    with pytest.raises(ValueError, match=r"sample_stats\['lp'\] has shape \(10, 2\)"):  # transposed
+        to_inference_data(
+            samples, model=model, model_args=args, group_by_chain=True, sample_stats={"lp": np.ones((10, 2))}
+        )
+    recorder = SampleStatsRecorder()
+    mcmc = MCMC(NUTS(model), num_samples=10, warmup_steps=5, hook_fn=recorder, disable_progbar=True)
+    mcmc.run(*args)
+    idata = to_inference_data(mcmc.get_samples(group_by_chain=True), model=model, model_args=args,
+                              group_by_chain=True, sample_stats=recorder)  # was silently dropped  # fmt: skip
+    stats = get_group(idata, "sample_stats")
+    for name, value in recorder.as_arrays(1, 10).items():
+        np.testing.assert_array_equal(stats[name].values, value)
+    with pytest.raises(ValueError, match="sample_stats: the SampleStatsRecorder holds no complete record"):
+        to_inference_data(samples, model=model, model_args=args, group_by_chain=True, sample_stats=recorder)
+
+
+def test_bad_arguments_are_named(float64):
+    y = torch.randn(5)
+    args = (y, y > -10)
+    cases = [
+        (MCMC(NUTS(models.dist_masked), num_samples=5, warmup_steps=5), {}, "call its run"),
+        ({"mu": torch.randn(10)}, {"group_by_chain": True}, r"leading \('chain', 'draw'\)"),
+        ({"mu": torch.tensor(1.0)}, {}, r"samples of 'mu' have shape \(\); expected leading \('draw',\)"),
+        ({"mu": torch.randn(0)}, {}, r"shape \(0,\); expected leading \('draw',\) dimensions of size >= 1"),
+        ({"mu": torch.randn(10)}, {"coords": {"data": 3}}, r"coords\['data'\] has shape \(\); 'y' needs 5"),
+    ]
+    for posterior, kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            to_inference_data(posterior, model=models.dist_masked, model_args=args, **kwargs)
+
+
+@pytest.mark.parametrize("batch_size, seed", [(None, 5), (3, None), (3, 5)])
+def test_random_states_are_left_alone(float64, batch_size, seed):
+    # seed= reseeded every stream for good; a subsampled plate's structural run drew from torch's
+    y = torch.randn(10, generator=torch.Generator().manual_seed(1))
+    samples = {"mu": torch.randn(20), "sigma": torch.rand(20) + 0.5}
+
+    def convert():  # without a seed, the posterior predictive draws from the caller's stream
+        return to_inference_data(samples, model=models.subsampled, model_args=(y, batch_size or 10),
+                                 posterior_predictive=seed is not None, seed=seed)  # fmt: skip
+
+    pyro.set_rng_seed(123)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    pyro.set_rng_seed(123)
+    idata = convert()
+    assert torch.equal(torch.rand(3), expected[0])
+    np.testing.assert_array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]
+    if seed is not None:  # and reproducible
+        pp = get_group(idata, "posterior_predictive")["y"].values
+        np.testing.assert_array_equal(get_group(convert(), "posterior_predictive")["y"].values, pp)

@@ -2,6 +2,8 @@
 
 import arviz as az
 import numpy as np
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 
@@ -166,3 +168,106 @@ def test_wrong_sample_shape_raises(regression_data):
 def test_bad_posterior_type():
     with pytest.raises(TypeError, match="posterior must be"):
         to_inference_data(42)
+
+
+def _det_model(x, y, sub):
+    b = pyro.sample("b", dist.Normal(0.0, 5.0))
+    with pyro.plate("data", len(x), subsample_size=sub) as i:
+        mean = pyro.deterministic("mean", b * x[i])  # Pyro's default event_dim: the value's ndim
+        pyro.sample("y", dist.Normal(mean, 1.0), obs=y[i])
+
+
+@pytest.mark.parametrize("sub, vectorize", [(None, None), (None, True), (4, None), (4, False)])
+def test_default_event_dim_deterministic_in_a_plate(float64, sub, vectorize):
+    # in a subsampled plate only the (padded) last chunk was kept: shape (1, 3, 4); in a plain plate the
+    # draws were looped (vectorize=True failed)
+    x = torch.arange(6.0)
+    y = 2 * x + torch.randn(6, generator=torch.Generator().manual_seed(0))
+    b = torch.tensor([1.0, 2.0, 3.0])
+    idata = to_inference_data({"b": b}, model=_det_model, model_args=(x, y, sub), vectorize=vectorize)
+    mean = get_group(idata, "posterior")["mean"]
+    assert mean.dims == ("chain", "draw", "data")
+    np.testing.assert_array_equal(mean.values[0], (b[:, None] * x).numpy())
+    assert _attr(idata, "log_likelihood_vectorized") == (vectorize is not False)
+    expected = dist.Normal(b[:, None] * x, 1.0).log_prob(y)
+    np.testing.assert_allclose(_ll(idata)[0], expected.numpy(), rtol=1e-12)
+
+
+def test_deterministic_without_its_subsampled_plate_dim_is_refused(float64):
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(y), subsample_size=2) as i:
+            pyro.deterministic("chunk_mean", y[i].mean())  # one value per chunk
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y[i])
+
+    with pytest.raises(ValueError, match=r"'chunk_mean'.*\['data'\]"):
+        to_inference_data({"mu": torch.randn(3)}, model=model, model_args=(torch.randn(5),))
+
+
+def test_posterior_predictive_batching_is_checked_against_the_loop(float64):
+    # an observation used downstream: batched, y.sum() summed every draw's replicate (total ~ 800 for 4)
+    y = torch.tensor([0.9, 1.1, 1.0, 1.2])
+
+    def model(y, total):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        with pyro.plate("d", 4):
+            yy = pyro.sample("y", dist.Normal(mu, 0.1), obs=y)
+        pyro.sample("total", dist.Normal(yy.sum(), 0.01), obs=total)
+
+    samples = {"mu": torch.linspace(0.9, 1.1, 50)}
+    runs = [
+        get_group(to_inference_data(samples, model=model, model_args=(y, y.sum()), posterior_predictive=True,
+                                    vectorize=vectorize, seed=0), "posterior_predictive")
+        for vectorize in (None, False)
+    ]  # fmt: skip
+    for name in ("y", "total"):  # the batched path falls back to the loop: the same draws
+        np.testing.assert_array_equal(runs[0][name].values, runs[1][name].values)
+    assert np.abs(runs[0]["total"].values - runs[0]["y"].values.sum(-1)).max() < 0.06  # 6 sd
+    with pytest.raises(ValueError, match="posterior predictive draws: site 'total' differs"):
+        to_inference_data(samples, model=model, model_args=(y, y.sum()), posterior_predictive=True, vectorize=True)
+
+
+def test_a_sequential_subsampled_plate_is_refused_by_name(float64):
+    y = torch.tensor([0.5, 0.1, 1.5, -0.3, 2.0, 0.7])
+
+    def seq_sub(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+        for i in pyro.plate("d", len(y), subsample_size=2):
+            pyro.sample(f"y_{i}", dist.Normal(mu, 1.0), obs=y[i])
+
+    for vectorize in (None, False):  # the private _NotVectorizable escaped, even from the loop
+        with pytest.raises(ValueError, match=r"sequential \(iterated\) plate\(s\) \['d'\]"):
+            to_inference_data({"mu": torch.randn(5)}, model=seq_sub, model_args=(y,), vectorize=vectorize)
+
+
+class _Surrogate(dist.Normal):
+    """``log_prob`` is a surrogate; the pointwise log-likelihood is ``log_prob + 100`` (a marker)."""
+
+    def pointwise_log_likelihood(self, value):
+        return super().log_prob(value) + 100.0
+
+
+def test_pointwise_log_likelihood_hook_through_to_event(float64):
+    y = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("d", 4):
+            pyro.sample("y", _Surrogate(mu * torch.ones(4, 3), 1.0).to_event(1), obs=y)
+
+    mu = torch.tensor([-0.5, 0.0, 0.7])
+    expected = dist.Normal(mu[:, None, None], 1.0).log_prob(y).sum(-1) + 300.0
+    for vectorize in (None, False):
+        idata = to_inference_data({"mu": mu}, model=model, model_args=(y,), vectorize=vectorize)
+        np.testing.assert_allclose(_ll(idata)[0], expected.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "site, value, why",
+    [("sigma", -1.0, "values outside"), ("mu", float("nan"), "non-finite"), ("sigma", float("inf"), "non-finite")],
+)
+def test_bad_samples_are_named(float64, site, value, why):
+    samples = {"mu": torch.zeros(4), "sigma": torch.ones(4)}
+    samples[site][2] = value  # sigma=inf gave a -inf log-likelihood silently; the others torch's error
+    with pytest.raises(ValueError, match=rf"samples of '{site}' have {why}.*chain 0, draw 2"):
+        to_inference_data(samples, model=models.subsampled, model_args=(torch.randn(5), 5))

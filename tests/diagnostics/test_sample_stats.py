@@ -76,3 +76,23 @@ def test_nuts_sequential_chains_and_chained_hook(y):
     with pytest.warns(UserWarning, match="no complete record"):
         stats = mcmc_sample_stats(mcmc, recorder)
     assert set(stats) == {"diverging"}
+
+
+def test_n_steps_of_a_reused_kernel_and_of_draws_before_the_counter(y):
+    def potential(z):
+        return 0.5 * (z["x"] ** 2).sum()
+
+    kernel = HMC(potential_fn=potential, num_steps=4, step_size=0.3, adapt_step_size=False)
+    for _ in range(2):  # a fresh recorder on the same kernel counted nothing: n_steps 0
+        recorder = SampleStatsRecorder()
+        mcmc = MCMC(kernel, num_samples=5, warmup_steps=3, initial_params={"x": torch.zeros(2)}, hook_fn=recorder,
+                    disable_progbar=True)  # fmt: skip
+        mcmc.run()
+        np.testing.assert_array_equal(mcmc_sample_stats(mcmc)["n_steps"], 4)
+        assert kernel.potential_fn is potential  # the counter is removed at the end of the run
+    # without warmup, a chain's first draw is taken before the recorder sees the kernel: unknown, not 0
+    kernel = HMC(gaussian, num_steps=5, step_size=0.3, adapt_step_size=False)
+    mcmc = MCMC(kernel, num_samples=4, warmup_steps=0, num_chains=2, hook_fn=SampleStatsRecorder(),
+                disable_progbar=True)  # fmt: skip
+    mcmc.run(y)
+    np.testing.assert_array_equal(mcmc_sample_stats(mcmc)["n_steps"], [[np.nan, 5, 5, 5]] * 2)
