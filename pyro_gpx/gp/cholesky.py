@@ -6,6 +6,7 @@ import warnings
 
 import torch
 from linear_operator.utils.warnings import NumericalWarning
+from pyro.ops.integrator import register_exception_handler
 
 from . import settings
 
@@ -26,7 +27,24 @@ class NonFiniteError(ValueError, RuntimeError):
 
     Both a ``ValueError`` and a ``RuntimeError`` whose message contains "input is not
     positive-definite", so that HMC/NUTS rejects such a proposal as it does a failed Cholesky.
+    Raised from ``log_prob`` it reaches Pyro's integrator wrapped in a plain ``ValueError`` (Pyro's
+    trace names the site), so :func:`_rejects_non_finite` is registered with
+    ``pyro.ops.integrator.register_exception_handler`` to recognise it as the cause.
     """
+
+
+def _rejects_non_finite(exception: BaseException) -> bool:
+    """Whether ``exception`` is, or was caused by, a :class:`NonFiniteError` or :class:`CholeskyError`: an HMC/NUTS
+    proposal to reject (a potential of NaN), not an error to stop the run."""
+    seen: BaseException | None = exception
+    while seen is not None:
+        if isinstance(seen, (NonFiniteError, CholeskyError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+register_exception_handler("pyro_gpx_non_finite_gp", _rejects_non_finite, warn_on_overwrite=False)
 
 
 def safe_cholesky(A: torch.Tensor, name: str = "matrix") -> torch.Tensor:

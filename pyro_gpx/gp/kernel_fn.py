@@ -57,9 +57,12 @@ class KernelFn:
             return self.kernel(X1, X2).to_dense()
         if diag:
             try:
-                return self.kernel(X1, diag=True)
+                out = self.kernel(X1, diag=True)
             except TypeError:  # a plain callable without ``diag``: evaluate row by row
+                out = None
+            if out is None or tuple(out.shape) != X1.shape[:1]:  # e.g. k(X, Z=None, **kwargs) ignoring ``diag``
                 return torch.stack([self.kernel(x[None], x[None])[0, 0] for x in X1])
+            return out
         return self.kernel(X1, X2)
 
     def _evaluate(self, X1, X2, diag: bool) -> torch.Tensor:

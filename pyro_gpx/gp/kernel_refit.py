@@ -180,5 +180,6 @@ class _SubsetSearch:
         W = G.mul_(dkappa).mul_(outputscale)
         del kappa, dkappa
         per_dim = 2 * (W.sum(1) @ Z.square()) - 2 * ((W @ Z) * Z).sum(0)
-        log_lengthscale_grad += -2 * (per_dim if log_lengthscale_grad.dim() else per_dim.sum())
+        # one lengthscale for every input dimension: the sum of the per-dimension terms
+        log_lengthscale_grad += -2 * (per_dim if log_lengthscale_grad.numel() == per_dim.numel() else per_dim.sum())
         return value

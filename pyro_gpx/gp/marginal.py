@@ -21,12 +21,14 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from pyro.distributions import TorchDistribution, constraints
 
+from .._validation import check_finite
 from .actions import Actions
-from .cholesky import safe_cholesky
+from .cholesky import NonFiniteError, safe_cholesky
 from .kernel_fn import KernelFn
 from .policies import Policy, PolicyContext
 from .posterior import MAX_DENSE
@@ -102,7 +104,9 @@ class ComputationAwareMarginal(TorchDistribution):
     :param policy: chooses the actions (ignored by ``"exact"``).
     :param objective: ``"elbo"``, ``"projected"`` or ``"exact"``.
     :param actions: actions chosen in advance (otherwise the policy chooses them from the value
-        being scored).
+        being scored, through its module call, so that SVI trains a learned policy's parameters along
+        with the model's; in a model without other Pyro parameters Pyro's ELBOs skip the backward pass,
+        so choose them in the model: ``actions=policy(PolicyContext(X, y - prior_mean, kernel, noise))``).
     """
 
     #: draws integrate the latents over their prior: not posterior predictive draws (see to_inference_data)
@@ -129,9 +133,14 @@ class ComputationAwareMarginal(TorchDistribution):
         noise = torch.as_tensor(noise)
         if prior_mean.shape != X.shape[:1]:
             raise ValueError(f"prior_mean has shape {tuple(prior_mean.shape)}; expected ({X.shape[0]},)")
+        if not torch.isfinite(prior_mean).all():  # a NonFiniteError: HMC/NUTS rejects such a proposal
+            raise NonFiniteError("prior_mean (the mean function at X) contains NaN or inf")
         self.X, self.kernel, self.noise, self.prior_mean = X, kernel, noise, prior_mean
         self.policy, self.objective, self.actions = policy, objective, actions
         self.last_projection: ActionProjection | None = None
+        #: the mean function whose values at ``X`` are ``prior_mean`` (set by the GP model: the same draw of
+        #: a mean with priors at new inputs); ``None`` where only the values were given
+        self.mean_function: Callable | None = None
         super().__init__(torch.Size(), torch.Size([X.shape[0]]), validate_args=validate_args)
 
     def project(self, y: torch.Tensor) -> ActionProjection:
@@ -139,7 +148,9 @@ class ComputationAwareMarginal(TorchDistribution):
         residual = y - self.prior_mean
         actions = self.actions
         if actions is None:
-            actions = self.policy.actions(PolicyContext(self.X, residual, self.kernel, self.noise))
+            # through the module's call, so that a learned policy's parameters are Pyro parameters of this
+            # evaluation (SVI.step captures those of the whole loss, the scoring after the model run included)
+            actions = self.policy(PolicyContext(self.X, residual, self.kernel, self.noise))
         self.last_projection = project(actions, self.kernel, self.X, residual, self.noise)
         return self.last_projection
 
@@ -155,6 +166,7 @@ class ComputationAwareMarginal(TorchDistribution):
         """
         if value.shape != self.event_shape:
             raise ValueError(f"y has shape {tuple(value.shape)}; expected {tuple(self.event_shape)}")
+        check_finite("y", value)
         if not torch.isfinite(self.noise).all() or (self.noise <= 0).any():
             return torch.tensor(float("-inf"), dtype=torch.float64)
         return self._objective(value)

@@ -49,7 +49,7 @@ from pyro.nn import PyroModule, PyroParam, pyro_method
 from pyro.poutine.runtime import am_i_wrapped
 
 from .._validation import check_finite, is_finite_at_least
-from .cholesky import NumericalWarning, safe_cholesky
+from .cholesky import NonFiniteError, NumericalWarning, safe_cholesky
 from .kernel_fn import KernelFn
 from .kernel_ops import training_matmul
 from .kernel_refit import subset_refit_kernel_noise
@@ -206,11 +206,23 @@ class ComputationAwareGP(GPModel):
                 kernel = _sample_gpytorch_priors(kernel, self._pyro_get_fullname)
         return KernelFn(kernel, probe=self.X)
 
-    def _prior_mean(self, X: torch.Tensor) -> torch.Tensor:
+    def _mean_fn(self, sample_priors: bool = True) -> Callable:
+        """The mean function for one model run: a GPyTorch mean's parameters registered, and those with a
+        GPyTorch prior made sample sites ``mean_function.<prior name>``, as the kernel's are."""
         mean_fn = self.mean_function
         if isinstance(mean_fn, torch.nn.Module) and not isinstance(mean_fn, PyroModule):
             pyro.module(self._pyro_get_fullname("mean_function"), mean_fn, update_module_params=True)
+            if sample_priors and _has_priors(mean_fn):
+                mean_fn = _sample_gpytorch_priors(
+                    mean_fn, lambda name: self._pyro_get_fullname("mean_function." + name)
+                )
+        return mean_fn
+
+    def _prior_mean(self, X: torch.Tensor, mean_fn: Callable | None = None) -> torch.Tensor:
+        mean_fn = self._mean_fn(sample_priors=False) if mean_fn is None else mean_fn
         mean = torch.as_tensor(mean_fn(X), dtype=X.dtype)
+        if not torch.isfinite(mean).all():  # a NonFiniteError: HMC/NUTS rejects such a proposal
+            raise NonFiniteError("the mean function's values contain NaN or inf (are its parameters finite?)")
         return mean.expand(X.shape[:1]) if mean.dim() == 0 else mean
 
     @pyro_method
@@ -227,11 +239,16 @@ class ComputationAwareGP(GPModel):
         noise = self.noise + self.jitter
         if self.X.dtype != torch.float64 and not self._resolution_warned:
             self._warn_below_resolution(kernel, float(noise))
-        prior_mean = self._prior_mean(self.X)
+        mean_fn = self._mean_fn(sample_priors)
+        prior_mean = self._prior_mean(self.X, mean_fn)
         actions = None
         if self.y is not None and self.objective != "exact":
             actions = self.policy.actions(PolicyContext(self.X, self.y - prior_mean, kernel, noise))
-        return ComputationAwareMarginal(self.X, kernel, noise, prior_mean, self.policy, self.objective, actions=actions)
+        marginal = ComputationAwareMarginal(
+            self.X, kernel, noise, prior_mean, self.policy, self.objective, actions=actions
+        )
+        marginal.mean_function = mean_fn  # the same draw of a mean with priors, for predictions at new inputs
+        return marginal
 
     def _warn_below_resolution(self, kernel: KernelFn, noise: float) -> None:
         r"""Warn once if the noise is below what the inputs' dtype resolves in :math:`K + \sigma^2 I`: its
@@ -321,11 +338,12 @@ class ComputationAwareGP(GPModel):
         check_finite("Xnew", Xnew)
         Xnew = Xnew.to(self.X.dtype)  # forward() returns the moments in the caller's dtype
         marginal = self.marginal(sample_priors=am_i_wrapped())
+        mean_fn = marginal.mean_function
         if refit_mll is not None:
             if refit_noise:
                 raise ValueError("refit_noise and refit_mll are exclusive: refit_mll re-selects the noise too")
             marginal = self._mll_refitted(marginal, refit_mll)
-        X, prior_mean_new = self.X, self._prior_mean(Xnew)
+        X, prior_mean_new = self.X, self._prior_mean(Xnew, mean_fn)
         if refine is None:
             projection = marginal.project(self.y)
         else:  # float64 sums: late CG directions live where K is small, below float32's resolution

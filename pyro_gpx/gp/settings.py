@@ -10,6 +10,8 @@ Example::
 
 from __future__ import annotations
 
+from .._validation import check_positive_int, is_finite_at_least, is_integer
+
 __all__ = ["chunk_size", "cholesky_jitter", "cg_tolerance"]
 
 
@@ -39,7 +41,8 @@ class _Setting:
         return self
 
     def __exit__(self, *exc):
-        type(self)._stack.pop()
+        stack = type(self)._stack  # remove this block's own entry, also when blocks are exited out of order
+        del stack[max(i for i, value in enumerate(stack) if value is self._value)]
         return False
 
 
@@ -56,9 +59,7 @@ class chunk_size(_Setting):
 
     @classmethod
     def _validate(cls, value):
-        if value is not None and int(value) < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {value}")
-        return None if value is None else int(value)
+        return None if value is None else check_positive_int("chunk_size", value)
 
     @classmethod
     def rows(cls, num_columns: int, fused: bool = False) -> int:
@@ -77,8 +78,8 @@ class cholesky_jitter(_Setting):
     @classmethod
     def _validate(cls, value):
         jitter, tries = value if isinstance(value, tuple) else (value, cls._default[1])
-        if jitter <= 0 or tries < 0:
-            raise ValueError(f"cholesky_jitter needs jitter > 0 and tries >= 0, got {value}")
+        if not (is_finite_at_least(jitter, 0.0, strict=True) and is_integer(tries) and tries >= 0):
+            raise ValueError(f"cholesky_jitter needs a finite jitter > 0 and an integer tries >= 0, got {value}")
         return float(jitter), int(tries)
 
 
@@ -89,6 +90,6 @@ class cg_tolerance(_Setting):
 
     @classmethod
     def _validate(cls, value):
-        if value <= 0:
-            raise ValueError(f"cg_tolerance must be > 0, got {value}")
+        if not is_finite_at_least(value, 0.0, strict=True):  # NaN compared False and switched the tolerance off
+            raise ValueError(f"cg_tolerance must be a finite number > 0, got {value}")
         return float(value)

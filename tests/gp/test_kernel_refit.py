@@ -55,6 +55,22 @@ def test_with_all_points_the_fit_is_a_stationary_point_of_the_exact_likelihood(d
     torch.testing.assert_close(fit.kernel.spec.lengthscale, torch.tensor([0.3, 0.6]), rtol=0.5, atol=0.0)
 
 
+def test_an_isotropic_kernel_on_several_inputs_is_a_stationary_point(data):
+    """One lengthscale for both inputs: its gradient is the sum of the per-dimension terms (it raised a
+    broadcast error for every single-lengthscale kernel on d >= 2)."""
+    X, y, _ = data
+    kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.MaternKernel(nu=1.5))
+    fit = subset_refit_kernel_noise(KernelFn(kernel), X, y, noise=0.3, num_points=len(y))
+    assert fit.converged and fit.kernel.spec.lengthscale.numel() == 1
+    params = [
+        fit.kernel.spec.lengthscale.log().reshape(()).clone().requires_grad_(),
+        fit.kernel.spec.outputscale.log().clone().requires_grad_(),
+        torch.tensor(fit.noise).log().requires_grad_(),
+    ]
+    grads = torch.autograd.grad(_log_likelihood(*params, X, y), params)
+    assert max(float(g.abs().max()) for g in grads) < 1e-3 * len(y) ** 0.5
+
+
 def test_pyro_contrib_kernel_gives_the_same_fit(data):
     X, y, kernel = data
     contrib = contrib_gp.kernels.Matern32(2, variance=torch.tensor(1.0), lengthscale=torch.tensor([1.0, 1.0]))

@@ -374,3 +374,117 @@ def test_stalled_cg_with_pivot_actions_keeps_the_exact_limit(float64):
     exact = K @ torch.linalg.solve(K + 1e-6 * torch.eye(60, dtype=torch.float64), y)
     assert policy.last_result.stop_reason == "max_iter"
     torch.testing.assert_close(mean, exact, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("objective", ["elbo", "exact"])
+def test_nuts_rejects_a_non_finite_kernel_raised_from_log_prob(float64, objective):
+    """A NonFiniteError raised while Pyro scores the site reaches the integrator wrapped in a plain ValueError
+    (Pyro's trace names the site), which its default handler did not match: the NUTS run aborted. The
+    registered handler follows the cause, so the proposal gets a NaN potential, as a failed Cholesky does."""
+    from pyro.infer.mcmc.util import initialize_model
+    from pyro.ops.integrator import potential_grad
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(20, 1, generator=gen)
+    y = torch.sin(4 * X[:, 0]) + 0.1 * torch.randn(20, generator=gen)
+    kernel = gpytorch.kernels.RBFKernel(lengthscale_prior=LogNormalPrior(-1.0, 1.0))
+    gp = ComputationAwareGP(X, y, kernel, policy=UnitVectorPolicy(), noise=0.01, objective=objective)
+    _, potential_fn, _, _ = initialize_model(gp.model, num_chains=1)
+    far = {"lengthscale_prior": torch.full((1, 1), -400.0)}  # X / lengthscale overflows
+    _, energy = potential_grad(potential_fn, far)
+    assert math.isnan(float(energy))
+    _, energy = potential_grad(potential_fn, {"lengthscale_prior": torch.full((1, 1), -1.0)})
+    assert math.isfinite(float(energy))
+
+
+def test_a_non_finite_mean_is_named(float64):
+    """A mean function that is NaN somewhere gave a NaN log_prob and mean (CG blamed the kernel's
+    hyperparameters); NaN targets gave a NaN log_prob."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(20, 1, generator=gen)
+    y = torch.sin(4 * X[:, 0])
+    for policy in (UnitVectorPolicy(), CGPolicy(5)):
+        gp = ComputationAwareGP(X, y, gpytorch.kernels.RBFKernel(), policy=policy, noise=0.01,
+                                mean_function=lambda x: torch.log(x[:, 0] - 0.5))  # fmt: skip
+        with pytest.raises(NonFiniteError, match="mean function's values contain NaN"):
+            gp.marginal().log_prob(y)
+    gp = ComputationAwareGP(X, y, gpytorch.kernels.RBFKernel(), policy=UnitVectorPolicy(), noise=0.01)
+    with pytest.raises(ValueError, match="y contains NaN"):
+        gp.marginal().log_prob(torch.full_like(y, float("nan")))
+
+
+def test_a_callable_kernel_that_ignores_diag_gets_its_diagonal(float64):
+    """A plain callable ``k(X, Z=None, **kwargs)`` swallows ``diag=True`` and returns the whole matrix, which was
+    used as the diagonal (ELBO -5670 against the exact 3.93, variances (4, 4))."""
+
+    def kernel(X, Z=None, **kwargs):
+        Z = X if Z is None else Z
+        return torch.exp(-0.5 * torch.cdist(X / 0.3, Z / 0.3) ** 2)
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(15, 1, generator=gen)
+    y = torch.sin(4 * X[:, 0])
+    gp = ComputationAwareGP(X, y, kernel, policy=UnitVectorPolicy(), noise=0.01, jitter=0.0)
+    exact = exact_log_marginal_likelihood(KernelFn(kernel), X, y, torch.tensor(0.01))
+    assert float(gp.marginal().log_prob(y)) == pytest.approx(float(exact), rel=1e-8)
+    assert gp(torch.rand(4, 1, generator=gen))[1].shape == (4,)
+
+
+def test_a_learned_policy_inside_a_users_model_is_trained(float64):
+    """ComputationAwareMarginal chose a learned policy's actions in log_prob, outside the policy's Pyro
+    context, so its blocks never reached the param store and SVI never moved them."""
+    from pyro_gpx.gp import ComputationAwareMarginal
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(60, 1, generator=gen)
+    y = torch.sin(8 * X[:, 0]) + 0.1 * torch.randn(60, generator=gen)
+    policy = BlockSparsePolicy(6)
+
+    def model():
+        ls = pyro.param("ls", torch.tensor(0.2), constraint=dist.constraints.positive)
+        kernel = KernelFn(lambda a, b: torch.exp(-0.5 * torch.cdist(a / ls, b / ls) ** 2))
+        pyro.sample("y", ComputationAwareMarginal(X, kernel, torch.tensor(0.01), torch.zeros(60), policy), obs=y)
+
+    svi = SVI(model, lambda: None, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    first = svi.step()
+    before = pyro.get_param_store()["blocks"].detach().clone()
+    last = [svi.step() for _ in range(30)][-1]
+    assert not torch.equal(before, pyro.get_param_store()["blocks"].detach()) and last < first
+
+
+def test_gpytorch_mean_priors_are_sample_sites(float64):
+    """A GPyTorch mean's prior was dropped (its constant trained as a plain parameter); it is a sample site
+    now, as a kernel's are, and predictions use the same draw."""
+    from gpytorch.priors import NormalPrior
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(20, 1, generator=gen)
+    y = 5 + torch.sin(5 * X[:, 0])
+    mean = gpytorch.means.ConstantMean(constant_prior=NormalPrior(0.0, 1.0))
+    gp = ComputationAwareGP(X, y, gpytorch.kernels.RBFKernel(), policy=UnitVectorPolicy(), mean_function=mean,
+                            noise=0.01)  # fmt: skip
+    trace = pyro.poutine.trace(gp.model).get_trace()
+    assert "mean_function.mean_prior" in trace.nodes
+    site = trace.nodes["mean_function.mean_prior"]
+    assert float(site["fn"].log_prob(torch.tensor(0.0))) == pytest.approx(-0.5 * math.log(2 * math.pi))
+    with pyro.poutine.condition(data={"mean_function.mean_prior": torch.tensor(100.0)}):
+        far = pyro.poutine.trace(gp.model).get_trace()
+        moments = gp(torch.tensor([[5.0]]))  # far from the data: the prior mean, the conditioned constant
+    assert float(moments[0]) == pytest.approx(100.0, abs=1e-4)
+    assert far.log_prob_sum() < trace.log_prob_sum()
+
+
+def test_settings_refuse_non_finite_values_and_survive_out_of_order_exits():
+    from pyro_gpx.gp import settings
+
+    for make, value in ((settings.cg_tolerance, float("nan")), (settings.cholesky_jitter, float("inf")),
+                        (settings.cholesky_jitter, float("nan")), (settings.chunk_size, 2.7)):  # fmt: skip
+        with pytest.raises(ValueError):
+            make(value)  # NaN switched the CG tolerance off; 2.7 became 2
+    outer, inner = settings.chunk_size(100), settings.chunk_size(200)
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)  # out of order: each block removes its own entry
+    assert settings.chunk_size.value() == 200
+    inner.__exit__(None, None, None)
+    assert settings.chunk_size.value() is None
