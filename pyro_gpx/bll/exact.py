@@ -20,7 +20,10 @@ are accumulated over row chunks, and the evidence's residual takes a second pass
 
 :math:`\log p(y)` is the largest value the deterministic ELBO (:class:`~pyro_gpx.bll.elbo.LastLayerELBO`)
 can reach at these features, so ``log_evidence(...) - (-LastLayerELBO().loss(...))`` measures how far a
-trained :class:`~pyro_gpx.bll.guide.LastLayerNormal` is from its optimum, and
+trained :class:`~pyro_gpx.bll.guide.LastLayerNormal` is from its optimum (both at the same features: these
+functions read them in eval mode, so with BatchNorm or dropout in the feature network evaluate the ELBO
+under ``model.eval()`` too; in training mode it sees per-batch features, 215 nats apart on one example,
+and its evaluation moves BatchNorm's running statistics), and
 :meth:`~pyro_gpx.bll.guide.LastLayerNormal.set_posterior` moves it there. Joint SVI of features and
 guide can stop far from it: on UCI targets with 5% heavy-tailed outliers the trained guide's ELBO was
 18 to 4 458 nats below :math:`\log p(y)` (clean targets: 3 to 30, naval 2 082 to 2 896), and the exact

@@ -8,6 +8,7 @@ import torch
 from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam
 
+from .._validation import is_finite_at_least
 from .model import BayesianLastLayer
 from .priors import GaussianWeightPrior
 
@@ -50,8 +51,8 @@ class LastLayerNormal(PyroModule):
             raise ValueError(
                 "LastLayerNormal approximates a Gaussian-prior last layer; use AutoDiffusion for implicit priors"
             )
-        if not init_scale > 0:
-            raise ValueError(f"init_scale must be positive, got {init_scale}")
+        if not is_finite_at_least(init_scale, 0.0, strict=True):
+            raise ValueError(f"init_scale must be a finite positive number, got {init_scale!r}")
         ref = model.feature_tensor()
         dtype = dtype if dtype is not None else (ref.dtype if ref is not None else torch.float64)
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):

@@ -26,8 +26,17 @@ def _latent_draws(model, posterior, num_samples, X, y) -> dict[str, torch.Tensor
             site = f"{site}_latent"
         if site not in posterior:  # the model would draw it from the prior
             raise ValueError(f"posterior has no draws of the site {site!r}; its keys are {sorted(posterior)}")
-        return posterior
+        # Predictive pads each draw to the plate nesting, (S, 1, C, D): the draws of a site of event_ndim dims
+        event_ndim = 1 if isinstance(model.prior, ImplicitWeightPrior) else 2
+        draws = torch.as_tensor(posterior[site])
+        while draws.dim() > 1 + event_ndim and draws.shape[1] == 1:
+            draws = draws.squeeze(1)
+        return {**posterior, site: draws}
     if isinstance(posterior, LastLayerNormal):
+        if posterior.site != model.weight_site:  # another layer's guide: the model would draw from its prior
+            raise ValueError(
+                f"posterior is the guide of the site {posterior.site!r}; this model's weights are {model.weight_site!r}"
+            )
         return {posterior.site: posterior.distribution().sample((num_samples,))}
     if y is None:
         raise ValueError("pass train=(X_train, y_train): this guide is sampled through the model with its data")

@@ -108,7 +108,12 @@ class SWAGCollector:
     def flat_parameters(self, module: torch.nn.Module | None = None) -> torch.Tensor:
         module = module if module is not None else self.module
         self._check(module)
-        return torch.cat([p.detach().reshape(-1) for _, p in self._params(module)])
+        params = list(self._params(module))
+        flat = torch.cat([p.detach().reshape(-1) for _, p in params])
+        if flat.device.type != "meta" and not torch.isfinite(flat).all():  # (meta tensors have no values)
+            bad = [name for name, p in params if not torch.isfinite(p.detach()).all()]
+            raise ValueError(f"the module's parameters {bad} contain NaN or inf (did SGD diverge?)")
+        return flat
 
     @torch.no_grad()
     def collect(self, module: torch.nn.Module | None = None) -> None:

@@ -126,11 +126,12 @@ class AutoSWAG(AutoContinuous):
             )
 
     def _setup_prototype(self, *args, **kwargs):
-        if self._moments is None:
+        # the prototype's trace draws from the RNG (init values, random subsamples): keep it as it was, so that
+        # collecting does not change the user's SGD run (a same-seed run without collecting ended elsewhere)
+        # and a reloaded guide draws what the saved one did under the same seed
+        with _rng_kept():
             super()._setup_prototype(*args, **kwargs)
-        else:  # statistics loaded before the model ran: keep the RNG as it was, so that a reloaded
-            with _rng_kept():  # guide draws what the saved one did under the same seed
-                super()._setup_prototype(*args, **kwargs)
+        if self._moments is not None:  # statistics loaded before the model ran
             with _untraced_on_error(self):
                 self._check_shapes()
 
@@ -149,6 +150,8 @@ class AutoSWAG(AutoContinuous):
                     f"value of {name!r} has unconstrained shape {tuple(unconstrained.shape)}; "
                     f"expected {tuple(self._unconstrained_shapes[name])}"
                 )
+            if not torch.isfinite(unconstrained).all():  # e.g. a negative value of a positive site
+                raise ValueError(f"value of {name!r} is not finite, or outside its support {site['fn'].support}")
             parts.append(unconstrained.reshape(-1))
         return torch.cat(parts)
 

@@ -6,7 +6,7 @@ import pyro
 import pyro.poutine as poutine
 import pytest
 import torch
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from pyro.nn import PyroModule
 from torch import nn
@@ -19,6 +19,7 @@ from pyro_gpx.bll import (
     ImplicitWeightPrior,
     LastLayerELBO,
     LastLayerNormal,
+    exact_posterior,
     predict,
 )
 
@@ -211,6 +212,26 @@ def test_predict_refuses_samples_without_the_weight_site(data):
     implicit = BayesianLastLayer(None, 3, GaussianHead(0.1), ImplicitWeightPrior(nn.Linear(2, 4), latent_dim=2))
     with pytest.raises(ValueError, match="no draws of the site 'weights_latent'"):
         predict(implicit, {"weights": torch.zeros(10, 1, 4)}, X)  # W alone: z would come from the prior
+
+
+def test_predict_refuses_another_layers_guide_and_takes_predictive_draws(data, float64):
+    """Another layer's guide (same shapes) silently gave the prior predictive (variance 126 against 0.01);
+    Predictive's draws of the weights, padded to (S, 1, C, D), failed with an expand error."""
+    X = torch.linspace(-1, 1, 50)[:, None]
+    y = 2 * X[:, 0] + 1
+    a = BayesianLastLayer(None, 1, GaussianHead(0.01, learn_noise=False), GaussianWeightPrior(10.0), name="a")
+    b = BayesianLastLayer(None, 1, GaussianHead(0.01, learn_noise=False), GaussianWeightPrior(10.0), name="b")
+    guide_a = LastLayerNormal(a)
+    guide_a(X, y)
+    guide_a.set_posterior(exact_posterior(a, X, y))
+    with pytest.raises(ValueError, match="guide of the site 'a.weights'; this model's weights are 'b.weights'"):
+        predict(b, guide_a, X[:3])
+    draws = Predictive(a, guide=guide_a, num_samples=400, return_sites=["a.weights"])(X, y)
+    assert draws["a.weights"].shape == (400, 1, 1, 2)
+    out = predict(a, draws, X[:3])
+    torch.testing.assert_close(out["mean"], 2 * X[:3, 0] + 1, rtol=0, atol=0.02)
+    with pytest.raises(ValueError, match="init_scale must be a finite positive number"):
+        LastLayerNormal(a, init_scale=float("inf"))
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("nan"), 0.0, -1.0])

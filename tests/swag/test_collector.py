@@ -283,3 +283,12 @@ def test_schedule_decays_every_parameter_group_to_the_swa_rate_as_swalr_does():
         expected = [swag_learning_rate(epoch + 1, lr, 0.01, 10) for lr in (0.5, 0.05)]
         assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(expected)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01, 0.01])
+
+
+def test_a_non_finite_parameter_is_named():
+    net = torch.nn.Linear(2, 1)
+    collector = SWAGCollector(net)
+    with torch.no_grad():
+        net.weight[0, 0] = float("nan")  # SGD diverged: 'theta contains NaN or inf' named nothing
+    with pytest.raises(ValueError, match=r"parameters \['weight'\] contain NaN or inf"):
+        collector.collect()

@@ -92,6 +92,8 @@ def test_collect_errors(float64):
     swag = AutoSWAG(regression)
     with pytest.raises(ValueError, match="'sigma'"):
         swag.collect({"w": torch.zeros(2)}, X)
+    with pytest.raises(ValueError, match="value of 'sigma' is not finite, or outside its support"):
+        swag.collect({"w": torch.zeros(2), "sigma": torch.tensor(-1.0)}, X)  # was 'theta contains NaN or inf'
     with pytest.raises(ValueError, match="collected nothing"):
         swag.median()
 
@@ -316,3 +318,15 @@ def test_multiswag_guide_predicts_at_new_inputs(float64):
         Predictive(other_model, guide=single, num_samples=8)(X_new)
     single(X, y)  # traces again, with the training data
     assert Predictive(other_model, guide=single, num_samples=8)(X_new)["y"].shape == (8, 4)
+
+
+def test_the_first_collect_leaves_the_random_stream_alone(float64):
+    """The guide's prototype trace drew from the global RNG (init values, the random subsample), so a run that
+    collected SWAG statistics took other minibatches than the same-seed run without (the SWA peer)."""
+    X = torch.randn(30, 2, generator=torch.Generator().manual_seed(0))
+    y = X @ torch.tensor([1.0, -0.5]) + 0.1
+    swag = AutoSWAG(regression)
+    pyro.set_rng_seed(1)
+    state = torch.get_rng_state()
+    swag.collect({"w": torch.zeros(2), "sigma": torch.tensor(1.0)}, X, y, 10)
+    assert torch.equal(torch.get_rng_state(), state)
