@@ -18,12 +18,12 @@ import matplotlib
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer import MCMC, NUTS, Predictive
+from pyro.infer import Predictive
 from pyro.infer.autoguide import AutoNormal
 
+from .bnn import run_chains
 from .datasets import gap_regression
 from .diagnostics import (
-    SampleStatsRecorder,
     from_netcdf,
     get_group,
     loo_elpd,
@@ -97,13 +97,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"data: {len(x)} points on [-2, 2] with no data in (-0.5, 0.8)")
     t0 = time.perf_counter()
-    recorder = SampleStatsRecorder()
-    kernel = NUTS(basis_regression, full_mass=True, jit_compile=True, ignore_jit_warnings=True)
-    mcmc = MCMC(kernel, num_samples=args.num_samples, warmup_steps=args.num_samples, num_chains=2,
-                hook_fn=recorder, disable_progbar=args.no_progress)  # fmt: skip
-    mcmc.run(x, y)
+    # two chains in this process, each recording its per-draw statistics (Pyro's MCMC(num_chains=2) runs them in
+    # worker processes on machines with 3 or more cores, where a hook's records stay behind)
+    nuts_options = {"full_mass": True, "jit_compile": True, "ignore_jit_warnings": True}
+    chains = run_chains(basis_regression, (x, y), num_chains=2, num_samples=args.num_samples,
+                        warmup_steps=args.num_samples, kernel_kwargs=nuts_options, seed=args.seed, processes=1,
+                        progress=not args.no_progress)  # fmt: skip
     nuts_seconds = time.perf_counter() - t0
-    idata_nuts = to_inference_data(mcmc, posterior_predictive=True, constant_data={"x": x})
+    idata_nuts = to_inference_data(chains.samples, model=basis_regression, model_args=(x, y), group_by_chain=True,
+                                   sample_stats=chains.sample_stats, posterior_predictive=True,
+                                   constant_data={"x": x})  # fmt: skip
 
     t0 = time.perf_counter()
     guide = AutoNormal(basis_regression)
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.axvspan(-0.5, 0.8, color="0.93", label="no data")
     ax.plot(x_grid, data.f_grid, "k--", lw=1, label="truth")
-    nuts_samples = {k: v for k, v in mcmc.get_samples().items()}
+    nuts_samples = chains.get_samples()
     svi_samples = {k: torch.as_tensor(get_group(idata_svi, "posterior")[k].values[0]) for k in nuts_samples}
     for label, samples, color in (("NUTS", nuts_samples, "C0"), ("AutoNormal", svi_samples, "C1")):
         mean, lo, hi = _bands(basis_regression, samples, x_grid)

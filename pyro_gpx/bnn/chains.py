@@ -24,6 +24,7 @@ import torch
 from pyro.infer import HMC, MCMC, NUTS
 from tqdm import tqdm
 
+from .._validation import check_positive_int, is_integer
 from ..diagnostics import SampleStatsRecorder, mcmc_sample_stats, to_inference_data
 from .jittered_hmc import JitteredHMC
 from .repriorise import _default_data
@@ -91,7 +92,7 @@ def _run_one(job: dict) -> dict:
         return _run_chain(job)
     except Exception as error:  # name the chain (the type is kept; the note travels back from a worker)
         if hasattr(error, "add_note"):
-            error.add_note(f"in chain {job['chain']} of {job['num_chains']} (seed {job['seed']})")
+            error.add_note(f"in chain {job['chain'] + 1} of {job['num_chains']} (seed {job['seed']})")  # as its bar
         raise
 
 
@@ -158,7 +159,9 @@ def run_chains(
         meant to be independent need seeds at least ``num_chains`` apart (seeds 0 and 1 share 3 of 4 chains).
     :param processes: concurrent chains (default: the CPU count, at most ``num_chains``); 1 runs
         them one after another in this process. A chain that fails stops the others at once, and its
-        exception (type and message kept) names the chain and its seed.
+        exception (type and message kept) names the chain and its seed. More than one process starts
+        fresh Python processes (``spawn``), which import the calling script: a script must then run
+        this under ``if __name__ == "__main__":``, or its processes start it again.
     :param threads_per_chain: torch threads in each chain's process.
     :param progress: show a progress bar per chain (``chain i/n warmup`` / ``sample``, with the step
         size and acceptance probability).
@@ -170,8 +173,12 @@ def run_chains(
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {kernel!r}")
-    if num_chains < 1 or num_samples < 1 or warmup_steps < 0:
-        raise ValueError("num_chains and num_samples must be >= 1 and warmup_steps >= 0")
+    num_chains, num_samples = (
+        check_positive_int("num_chains", num_chains),
+        check_positive_int("num_samples", num_samples),
+    )
+    if not is_integer(warmup_steps) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
     processes = min(num_chains, processes or os.cpu_count() or 1)
     set_training_data = getattr(model, "set_training_data", None)
     if callable(set_training_data) and (model_args or "X" in (model_kwargs or {})):

@@ -81,7 +81,9 @@ class CollapsedModel:
     those of the first call with targets, or of :meth:`set_training_data` (which replaces them); a call
     with other targets raises ``ValueError``, since the marginal likelihood of held-out targets is no
     held-out score (predict instead, or score with :attr:`repriorised` on draws with readouts).
-    Picklable, so :func:`~pyro_gpx.bnn.chains.run_chains` can run it in other processes.
+    Without posterior draws of the hidden weights, ``model(X_new)`` still draws the readout given the
+    training data: not the prior predictive, which the plain :class:`~pyro_gpx.bnn.mlp.BayesianMLP`
+    gives. Picklable, so :func:`~pyro_gpx.bnn.chains.run_chains` can run it in other processes.
 
     :param model: a :class:`~pyro_gpx.bnn.mlp.BayesianMLP` with a Gaussian likelihood.
     :param integrate_noise: integrate the latent noise variance out too (the model's noise must be

@@ -29,7 +29,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.nn import PyroModule
 
-from .._validation import check_finite, is_finite_at_least
+from .._validation import check_finite, check_positive_int, is_finite_at_least
 from .repriorise import RepriorisedReadout, readout_map
 
 __all__ = ["BayesianMLP", "RepriorisedModel"]
@@ -47,10 +47,12 @@ class BayesianMLP(PyroModule):
     :param parameterization: ``"ntk"`` or ``"standard"``.
     :param weight_scale: :math:`\\sigma_w`; :param bias_scale: :math:`\\sigma_b`.
     :param activation: ``"relu"``, ``"gelu"``, ``"tanh"`` or ``"erf"``.
-    :param residual: add skip connections between equal-width hidden layers.
+    :param residual: add skip connections wherever a hidden layer's width equals its input's (the
+        first layer's too, when ``in_dim`` equals ``widths[0]``).
     :param likelihood: ``"gaussian"`` or ``"categorical"``.
     :param noise: Gaussian noise variance; ``None`` makes it a latent site with ``noise_prior``.
     :param noise_prior: prior of the latent noise variance (default ``LogNormal(log 0.1, 1)``).
+    :param dtype: the weights' and inputs' dtype (the priors and the features are built in it).
     """
 
     def __init__(
@@ -76,8 +78,10 @@ class BayesianMLP(PyroModule):
             raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
         if likelihood not in ("gaussian", "categorical"):
             raise ValueError(f"likelihood must be 'gaussian' or 'categorical', got {likelihood!r}")
-        if in_dim < 1 or out_dim < 1 or any(int(w) < 1 for w in widths):
-            raise ValueError(f"layer sizes must be positive: in_dim={in_dim}, widths={list(widths)}, out_dim={out_dim}")
+        in_dim, out_dim = check_positive_int("in_dim", in_dim), check_positive_int("out_dim", out_dim)
+        widths = [check_positive_int("widths", w) for w in widths]  # 4.7 was truncated to 4
+        if likelihood == "categorical" and out_dim < 2:  # one class: log p(y) = 0 whatever the data
+            raise ValueError(f"a categorical likelihood needs out_dim >= 2 classes, got {out_dim}")
         if noise is not None and not is_finite_at_least(noise, 0.0, strict=True):
             raise ValueError(f"noise must be a finite positive number or None, got {noise}")
         for name, value in (("weight_scale", weight_scale), ("bias_scale", bias_scale)):
@@ -136,7 +140,9 @@ class BayesianMLP(PyroModule):
         h = X.to(self.dtype)
         act = _ACTIVATIONS[self.activation]
         for k, fan_in in enumerate(self.fan_ins[: len(self.widths)]):
-            W, b = params[f"layers.{k}.weight"], params[f"layers.{k}.bias"]
+            # in the model's dtype: a sampler's momenta follow the potential's dtype, which Pyro's plates
+            # can promote to the default (a float32 model under a float64 default failed in its first step)
+            W, b = params[f"layers.{k}.weight"].to(self.dtype), params[f"layers.{k}.bias"].to(self.dtype)
             if self.parameterization == "ntk":
                 a = self.weight_scale / math.sqrt(fan_in) * h @ W.transpose(-1, -2) + self.bias_scale * b.unsqueeze(-2)
             else:
@@ -291,7 +297,7 @@ class BayesianMLP(PyroModule):
             dist.Normal(torch.zeros(self.out_dim, self.feature_dim, dtype=self.dtype), readout_scale).to_event(2),
         )
         self._current_features = None  # read by the readout's reparameterisation only; holds the autograd graph
-        f = Phi @ theta.transpose(-1, -2)  # (..., n, out)
+        f = Phi @ theta.to(self.dtype).transpose(-1, -2)  # (..., n, out); the draw in the model's dtype, as features
         with pyro.plate("data", X.shape[0]):
             if self.likelihood == "gaussian":
                 assert noise is not None  # drawn above for a Gaussian likelihood
@@ -310,7 +316,10 @@ class RepriorisedModel:
     ``model(X, y)`` is the repriorised model; the readout is mapped with the training data, those
     of the first call with targets or of :meth:`set_training_data`. ``model(X_new)`` predicts with
     them, and ``model(X_test, y_test)`` scores held-out targets with them (see
-    :class:`~pyro_gpx.bnn.repriorise.RepriorisedReadout`).
+    :class:`~pyro_gpx.bnn.repriorise.RepriorisedReadout`). Without posterior draws of the hidden
+    weights (``Predictive(model, num_samples=...)``), the readout is still drawn from its posterior
+    given the training data and prior hidden weights: that is not the prior predictive, which the
+    plain :class:`BayesianMLP` gives.
 
     :param model: a :class:`BayesianMLP` with a Gaussian likelihood.
     """

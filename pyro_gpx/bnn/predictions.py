@@ -121,6 +121,8 @@ def _predict(bnn: BayesianMLP, samples, readout, X_new, generator, draw_batch: i
     batch, num = readout.shape[:2], readout.shape[0] * readout.shape[1]
     flat = {k: v.reshape((num,) + v.shape[2:]) for k, v in samples.items() if k.startswith("layers.")}
     flat_readout = readout.reshape((num,) + readout.shape[2:])
+    for name, value in [*flat.items(), ("readout", flat_readout)]:
+        check_finite(f"the draws of {name!r}", value)  # a NaN draw gave NaN predictions silently
     f = torch.empty(num, X_new.shape[0], bnn.out_dim, dtype=bnn.dtype)
     with torch.no_grad():
         for start in range(0, num, draw_batch):
@@ -133,6 +135,8 @@ def _predict(bnn: BayesianMLP, samples, readout, X_new, generator, draw_batch: i
         else:
             if bnn.noise is None:
                 noise = samples["noise"].reshape(num).to(bnn.dtype)
+                if not (torch.isfinite(noise).all() and (noise > 0).all()):
+                    raise ValueError("the draws of 'noise' must be positive and finite")
             else:
                 noise = torch.full((num,), bnn.noise, dtype=bnn.dtype)
             eps = torch.randn(f.shape, generator=generator, dtype=bnn.dtype)

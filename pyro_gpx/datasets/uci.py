@@ -77,8 +77,8 @@ def list_uci(data_dir: str | Path) -> dict[str, tuple[str, Path]]:
     """Data sets found under ``data_dir``: ``{name: (layout, path)}``.
 
     ``data_dir`` may be the root holding ``uci-gal/`` and ``uci-large/``, one layout directory,
-    or a single data set's directory. Names present in both layouts are also listed qualified, as
-    ``"uci-gal/<name>"`` and ``"uci-large/<name>"``.
+    or a single data set's directory. Every data set is also listed qualified, as
+    ``"uci-gal/<name>"`` or ``"uci-large/<name>"``.
     """
     root = Path(data_dir).expanduser()
     if not root.is_dir():

@@ -55,9 +55,10 @@ class SampleStatsRecorder:
       counter is installed on the kernel's potential function at the first hook call, and removed
       when the run ends).
 
-    Chains run in worker processes (Pyro's parallel mode) record in those processes, so nothing
-    comes back; run chains sequentially (the default when ``num_chains`` exceeds the free cores)
-    to keep the statistics.
+    Chains run in worker processes (Pyro's parallel mode, whenever ``num_chains`` is below the CPU
+    count) record in those processes, so nothing comes back: use
+    :func:`~pyro_gpx.bnn.chains.run_chains`, which records in each chain's process (or, with
+    ``processes=1``, runs them here) and returns the statistics with the samples.
 
     :param hook_fn: another hook to call after recording, with the same arguments.
 

@@ -119,6 +119,7 @@ class FlowKernel(PyroModule):
         lengthscales latent sites (fully Bayesian flow).
     :param outputscale_prior: the same for the output scales. Requires an RBF or
         Matérn kernel inside a ``ScaleKernel``; the kernel's values are then only the initial point.
+    :param dtype: of the default kernel (a given kernel keeps its own); the model's inputs must match.
     """
 
     def __init__(self, dim: int, kernel: gpytorch.kernels.Kernel | None = None, *, dtype: torch.dtype = torch.float64,

@@ -161,7 +161,9 @@ def refit_outputscale_noise(
     :param noise: the current noise variance (with multiplier 1): the search starts at
         :math:`\tau = \sigma^2`.
     :param num_probes: Gaussian probe vectors of the trace estimator.
-    :param tol: relative residual of each CG solve.
+    :param tol: relative residual of each CG solve; :param max_iter: CG iterations per solve.
+    :param max_evaluations: values of :math:`\tau` tried (each a block CG solve); when they run out
+        the result is the best one tried and ``converged`` is ``False``.
     :param log_tol: stop when the bracket on :math:`\log\tau` is this narrow.
     :param bounds: the multipliers of the starting :math:`\tau` searched over.
     :param min_noise: a floor for the noise (e.g. the model's jitter).
@@ -338,7 +340,7 @@ def subset_refit_outputscale_noise(
     :param noise: the current noise variance; the search runs over ``bounds`` times it.
     :param num_points: points per subset; :param num_subsets: subsets averaged over.
     :param bounds: the search interval for the noise variance, as multiples of ``noise``.
-    :param min_noise: a floor added to the noise variance (e.g. the model's jitter).
+    :param min_noise: a floor for the noise (e.g. the model's jitter): the result is at least this.
     :param generator: draws the subsets.
     """
     low, high = _check_search(noise, bounds)

@@ -117,7 +117,7 @@ class ComputationAwareGP(GPModel):
         whose number of actions follows ``set_data``; with ``objective="exact"``,
         ``UnitVectorPolicy()`` (all points), so that the posterior is the exact GP's too.
     :param mean_function: callable ``X -> (n,)``; zero by default (``nn.Module``\ s are trained).
-    :param noise: initial observation noise variance (a positive ``PyroParam``).
+    :param noise: initial observation noise variance (a positive ``PyroParam``; ``None``: 1.0).
     :param objective: ``"elbo"`` (CaGP), ``"projected"`` (IterGP) or ``"exact"`` (dense reference).
     :param jitter: added to the noise for numerical stability.
 

@@ -71,7 +71,7 @@ def test_a_failing_chain_is_named():
     with pytest.raises(ValueError, match="model broke") as info:  # the type and message are kept
         run_chains(broken, num_chains=2, num_samples=2, warmup_steps=2, processes=1, progress=False, seed=5)
     if sys.version_info >= (3, 11):  # exception notes
-        assert info.value.__notes__ == ["in chain 0 of 2 (seed 5)"]
+        assert info.value.__notes__ == ["in chain 1 of 2 (seed 5)"]
 
 
 def _fails_in_chain_0():
@@ -89,4 +89,4 @@ def test_a_failing_chain_stops_the_others():
                    progress=False, seed=5)  # fmt: skip
     assert time.perf_counter() - start < 60  # chain 1 alone: > 2000 model calls x 0.05 s
     if sys.version_info >= (3, 11):
-        assert info.value.__notes__ == ["in chain 0 of 2 (seed 5)"]
+        assert info.value.__notes__ == ["in chain 1 of 2 (seed 5)"]

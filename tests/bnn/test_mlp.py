@@ -92,3 +92,29 @@ def test_activations_against_a_hand_computed_forward(float64, activation):
     torch.testing.assert_close(bnn.features(X, {"layers.0.weight": W0, "layers.0.bias": b0}), expected)
     with pytest.raises(ValueError, match="activation"):
         BayesianMLP(2, [4], activation="softsign")
+
+
+def test_layer_sizes_are_integers_and_a_categorical_net_has_two_classes():
+    for kwargs, name in (({"widths": [4.7]}, "widths"), ({"out_dim": 2.5}, "out_dim"), ({"in_dim": 2.5}, "in_dim")):
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+            BayesianMLP(**{"in_dim": 2, "widths": [4], **kwargs})  # 4.7 became 4; 2.5 failed in torch.zeros
+    with pytest.raises(ValueError, match="out_dim >= 2"):  # one class: log p(y) = 0 whatever the data
+        BayesianMLP(2, [4], 1, likelihood="categorical")
+
+
+def test_a_float32_net_samples_under_a_float64_default():
+    """Pyro's plates score in the default dtype, so the potential (and the momenta) were float64 and the first
+    leapfrog step failed on a float32 product."""
+    from pyro.infer import MCMC, NUTS
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        X = torch.randn(15, 2, dtype=torch.float32)
+        y = torch.sin(X[:, 0])
+        for model in (BayesianMLP(2, [4], dtype=torch.float32), BayesianMLP(2, [4], dtype=torch.float32).repriorised()):
+            mcmc = MCMC(NUTS(model, max_tree_depth=3), num_samples=3, warmup_steps=3, disable_progbar=True)
+            mcmc.run(X, y)
+            assert all(torch.isfinite(v).all() for v in mcmc.get_samples().values())
+    finally:
+        torch.set_default_dtype(previous)

@@ -107,3 +107,10 @@ def test_bad_input(data):
             predictions_to_inference_data(latent_noise, {k: v for k, v in noisy.items() if k != site}, X)
     with pytest.raises(ValueError, match="training targets"):  # never ran, no set_training_data
         predictions_to_inference_data(bnn.repriorised(), {"readout_whitened": torch.zeros(2, 5, 1), **samples}, X)
+    broken = {**samples, "readout": samples["readout"].clone()}
+    broken["readout"][0, 0] = float("nan")  # NaN predictions, silently
+    with pytest.raises(ValueError, match="the draws of 'readout' contains NaN"):
+        predictions_to_inference_data(bnn, broken, X)
+    negative = {**noisy, "noise": -noisy["noise"]}
+    with pytest.raises(ValueError, match="the draws of 'noise' must be positive"):
+        predictions_to_inference_data(latent_noise, negative, X)

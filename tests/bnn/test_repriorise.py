@@ -140,7 +140,7 @@ def test_bad_input(data):
         poutine.trace(BayesianMLP(3, [4])).get_trace(X, y[:-1])
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
         poutine.trace(BayesianMLP(3, [4], out_dim=3, likelihood="categorical")).get_trace(X, torch.full((40,), 5))
-    with pytest.raises(ValueError, match="layer sizes must be positive"):
+    with pytest.raises(ValueError, match="widths must be a positive integer"):
         BayesianMLP(3, [0])
     for name, value in (("noise", float("inf")), ("noise", float("nan")), ("weight_scale", 0.0),
                         ("bias_scale", float("nan"))):  # fmt: skip
