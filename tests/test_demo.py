@@ -6,11 +6,17 @@ from pyro_gpx.demo import main
 from pyro_gpx.diagnostics import from_netcdf, get_group, group_names
 
 
-def test_demo_runs_and_saves(tmp_path, capsys):
+def test_demo_runs_and_saves(tmp_path, capsys, monkeypatch):
+    # as on a machine with 8 cores, where Pyro's MCMC(num_chains=2) ran the chains in worker processes and the
+    # sampler statistics stayed there (KeyError 'n_steps')
+    import pyro.infer.mcmc.api
+
+    monkeypatch.setattr(pyro.infer.mcmc.api.mp, "cpu_count", lambda: 8)
     out = tmp_path / "demo"
     result = main(["--out", str(out), "--num-samples", "30", "--svi-steps", "50", "--no-progress"])
     printed = capsys.readouterr().out
     assert "PSIS-LOO elpd: NUTS" in printed and "reloaded identical: True" in printed
+    assert "gradient evaluations after warm-up" in printed
     assert {p.name for p in out.iterdir()} == {"demo_nuts.nc", "demo_predictive.png", "demo_trace.png"}
     assert get_group(result["nuts"], "posterior").sizes["draw"] == 30
     back = from_netcdf(out / "demo_nuts.nc")
