@@ -57,14 +57,16 @@ def _one_draw(site, i: int, mpn: int, shape: torch.Size) -> torch.Tensor:
 
 def _log_density_per_draw(trace, num_draws: int, mpn: int) -> torch.Tensor:
     """Each draw's guide log-density in a trace batched over draws (the draws plate at ``-mpn - 1``)."""
-    total = torch.zeros(num_draws, dtype=torch.float64)
+    total: torch.Tensor | None = None
     for site in _sample_sites(trace).values():
         lp = torch.as_tensor(scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"]))
+        if total is None:  # on the guide's device
+            total = torch.zeros(num_draws, dtype=torch.float64, device=lp.device)
         if lp.dim() > mpn + 1:
             raise ValueError(f"the log-density of {site['name']!r} has dims left of the draws")
         plates = lp.shape[max(lp.dim() - mpn, 0) :]  # summed; what is left of them is the draws (or 1)
         total += lp.double().reshape(-1, math.prod(plates)).sum(1)
-    return total
+    return total if total is not None else torch.zeros(num_draws, dtype=torch.float64)
 
 
 def _batched_draws_differ(guide, args, kwargs, trace, unbatched, samples, mpn: int) -> str:

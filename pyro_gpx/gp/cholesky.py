@@ -40,7 +40,7 @@ def _rejects_non_finite(exception: BaseException) -> bool:
     while seen is not None:
         if isinstance(seen, (NonFiniteError, CholeskyError)):
             return True
-        seen = seen.__cause__ or seen.__context__
+        seen = seen.__cause__  # raised "from" it, as Pyro's trace does; not any error met while handling one
     return False
 
 

@@ -150,7 +150,9 @@ class ComputationAwareMarginal(TorchDistribution):
         if actions is None:
             # through the module's call, so that a learned policy's parameters are Pyro parameters of this
             # evaluation (SVI.step captures those of the whole loss, the scoring after the model run included)
-            actions = self.policy(PolicyContext(self.X, residual, self.kernel, self.noise))
+            context = PolicyContext(self.X, residual, self.kernel, self.noise)
+            # a Policy module is called (not .actions) for its Pyro context; a plain object needs only .actions
+            actions = self.policy(context) if isinstance(self.policy, torch.nn.Module) else self.policy.actions(context)
         self.last_projection = project(actions, self.kernel, self.X, residual, self.noise)
         return self.last_projection
 

@@ -7,9 +7,11 @@ model with one observed site (the targets, scored by a
 point estimates or latent sites:
 
 * ``pyro.contrib.gp`` kernels: ``PyroParam`` / ``PyroSample`` attributes as usual;
-* GPyTorch kernels: parameters are registered with ``pyro.module`` (point estimates); parameters
-  with a GPyTorch prior (``lengthscale_prior=...``) become latent sample sites drawn with
-  GPyTorch's ``pyro_sample_from_prior``, so ``MCMC(NUTS(gp.model))`` samples them;
+* GPyTorch kernels and mean functions: parameters are registered with ``pyro.module`` (point
+  estimates); parameters with a GPyTorch prior (``lengthscale_prior=...``, ``constant_prior=...``)
+  become latent sample sites (the mean's named ``mean_function.<prior name>``), so
+  ``MCMC(NUTS(gp.model))`` samples them; under SVI they need a guide for those sites (an autoguide,
+  e.g. ``AutoDelta`` for MAP): ``guide()`` covers ``PyroSample`` attributes only;
 * the noise: ``gp.noise`` is a positive ``PyroParam``; assign a ``PyroSample`` to make it latent.
 
 Numerical failures are not hidden: a Gram matrix that stays indefinite after jitter escalation

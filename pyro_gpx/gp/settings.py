@@ -10,7 +10,7 @@ Example::
 
 from __future__ import annotations
 
-from .._validation import check_positive_int, is_finite_at_least, is_integer
+from .._validation import check_positive_int, is_finite_at_least
 
 __all__ = ["chunk_size", "cholesky_jitter", "cg_tolerance"]
 
@@ -78,8 +78,9 @@ class cholesky_jitter(_Setting):
     @classmethod
     def _validate(cls, value):
         jitter, tries = value if isinstance(value, tuple) else (value, cls._default[1])
-        if not (is_finite_at_least(jitter, 0.0, strict=True) and is_integer(tries) and tries >= 0):
-            raise ValueError(f"cholesky_jitter needs a finite jitter > 0 and an integer tries >= 0, got {value}")
+        whole = is_finite_at_least(tries, 0.0) and float(tries) == int(tries)  # 3 and 3.0, not 2.5 or NaN
+        if not (is_finite_at_least(jitter, 0.0, strict=True) and whole):
+            raise ValueError(f"cholesky_jitter needs a finite jitter > 0 and a whole number tries >= 0, got {value}")
         return float(jitter), int(tries)
 
 

@@ -452,6 +452,23 @@ def test_a_learned_policy_inside_a_users_model_is_trained(float64):
     assert not torch.equal(before, pyro.get_param_store()["blocks"].detach()) and last < first
 
 
+def test_a_plain_object_with_actions_serves_as_a_policy(float64):
+    """Policies are called as modules (for their Pyro context); an object with only ``actions`` still works."""
+    from pyro_gpx.gp import ComputationAwareMarginal
+
+    class Plain:
+        def actions(self, context):
+            return UnitVectorPolicy().actions(context)
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(20, 1, generator=gen)
+    y = torch.sin(4 * X[:, 0])
+    kernel = KernelFn(gpytorch.kernels.RBFKernel().double())
+    plain = ComputationAwareMarginal(X, kernel, torch.tensor(0.01), torch.zeros(20), Plain()).log_prob(y)
+    module = ComputationAwareMarginal(X, kernel, torch.tensor(0.01), torch.zeros(20), UnitVectorPolicy()).log_prob(y)
+    assert float(plain) == pytest.approx(float(module), rel=1e-12)
+
+
 def test_gpytorch_mean_priors_are_sample_sites(float64):
     """A GPyTorch mean's prior was dropped (its constant trained as a plain parameter); it is a sample site
     now, as a kernel's are, and predictions use the same draw."""
@@ -481,6 +498,9 @@ def test_settings_refuse_non_finite_values_and_survive_out_of_order_exits():
                         (settings.cholesky_jitter, float("nan")), (settings.chunk_size, 2.7)):  # fmt: skip
         with pytest.raises(ValueError):
             make(value)  # NaN switched the CG tolerance off; 2.7 became 2
+    assert settings.cholesky_jitter((1e-6, 3.0))._value == (1e-6, 3)  # a whole float is a count, as chunk_size's
+    with pytest.raises(ValueError):
+        settings.cholesky_jitter((1e-6, 2.5))
     outer, inner = settings.chunk_size(100), settings.chunk_size(200)
     outer.__enter__()
     inner.__enter__()
