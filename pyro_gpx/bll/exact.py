@@ -37,10 +37,12 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import pyro.distributions as dist
 import torch
+from torch import nn
 
 from .._validation import check_positive_int
 from .heads import GaussianHead
@@ -48,6 +50,9 @@ from .model import BayesianLastLayer, _check_batch, evaluation_mode
 from .priors import GaussianWeightPrior
 
 __all__ = ["exact_posterior", "log_evidence"]
+
+#: layers whose output depends on the training mode
+_MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
 
 def _design_chunks(model: BayesianLastLayer, X: torch.Tensor, y: torch.Tensor, chunk_size: int):
@@ -71,6 +76,15 @@ def _statistics(model: BayesianLastLayer, X: torch.Tensor, y: torch.Tensor, chun
         )
     chunk_size = check_positive_int("chunk_size", chunk_size)
     _check_batch("X", X)
+    mode_dependent = [m for m in model.modules() if m.training and isinstance(m, _MODE_DEPENDENT)]
+    if mode_dependent:
+        warnings.warn(
+            f"the exact last layer reads the features in eval mode, but {type(mode_dependent[0]).__name__} in the "
+            "feature network is in training mode, where its features differ (batch statistics, dropout): compare "
+            "with a LastLayerELBO evaluated under model.eval()",
+            UserWarning,
+            stacklevel=3,
+        )
     y = model.head.check_targets(y, X.shape[0])
     D = model.weight_shape[1]
     # float64 whatever the model's dtype: P can be ill-conditioned

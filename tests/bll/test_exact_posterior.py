@@ -1,6 +1,7 @@
 """The exact last-layer posterior and evidence against dense Bayesian linear regression."""
 
 import math
+import warnings
 
 import pyro
 import pytest
@@ -73,7 +74,10 @@ def test_batchnorm_features_are_read_in_eval_mode_and_left_as_they_were(float64)
     model(X, y)  # a training-mode run: the running statistics move away from their start
     state = {k: v.clone() for k, v in net.state_dict().items()}
     assert model.training
-    whole = log_evidence(model, X, y)
+    # its ELBO in training mode sees other features (215 nats apart on a reviewer's example): a warning
+    with pytest.warns(UserWarning, match="BatchNorm1d in the feature network is in training mode"):
+        whole = log_evidence(model, X, y)
+    warnings.simplefilter("ignore", UserWarning)
     assert log_evidence(model, X, y, chunk_size=7) == pytest.approx(whole, rel=1e-12)  # memory only
     q = exact_posterior(model, X, y, chunk_size=3)
     guide = LastLayerNormal(model)
