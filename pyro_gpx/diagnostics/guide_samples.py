@@ -9,12 +9,11 @@ from collections.abc import Callable, Mapping
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
-from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 
 from .._validation import check_positive_int
-from .conditioned import _CHECK_DRAWS
+from .conditioned import _CHECK_DRAWS, _WRAPPERS
 from .model_structure import ModelStructure, inspect_model, vectorize_plate
 
 __all__ = ["sample_guide"]
@@ -98,7 +97,7 @@ def _batched_draws_differ(guide, args, kwargs, trace, unbatched, samples, mpn: i
 
 
 def _is_delta(fn) -> bool:
-    while isinstance(fn, (dist.Independent, ExpandedDistribution, MaskedDistribution)):
+    while isinstance(fn, _WRAPPERS):
         fn = fn.base_dist
     return isinstance(fn, dist.Delta)
 

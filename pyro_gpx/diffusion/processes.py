@@ -169,30 +169,29 @@ class ReferenceProcess:
         return z_next, log_f_minus_noise, self.backward_log_density(k, z, z_next)
 
     @functools.cached_property
-    def _path_coefficients(self) -> tuple[int, float, list[float], list[float], float]:
-        """The first backward step that counts (PIS's step to the point 0 cancels), the sum of the forward
-        kernels' log standard deviations, the backward kernels' mean factors and variances, and the sum
-        of their log normalisers :math:`\\tfrac12\\log(2\\pi v_k)` per dimension."""
+    def _path_coefficients(self) -> tuple[int, list[float], list[float], float]:
+        """The first backward step that counts (PIS's step to the point 0 cancels), the backward kernels'
+        mean factors and variances, and the sum of their log normalisers :math:`\\tfrac12\\log(2\\pi v_k)`
+        per dimension (the forward kernels' log standard deviations: :meth:`_log_forward_stds`)."""
         first = 1 if self.kind == "pis" else 0
         moments = [self._backward_moments(k, torch.ones((), dtype=torch.float64)) for k in range(first, self.num_steps)]
-        log_stds = sum(math.log(self.forward_std(k)) for k in range(self.num_steps))
         variances = [float(v) for _, v in moments]
         log_norm = 0.5 * sum(math.log(2 * math.pi * v) for v in variances)
-        return first, log_stds, [float(m) for m, _ in moments], variances, log_norm
+        return first, [float(m) for m, _ in moments], variances, log_norm
 
     def path_backward_log_density(self, states: torch.Tensor) -> torch.Tensor:
         """:math:`\\sum_k \\log p_B(z_k\\mid z_{k+1})` of whole paths ``states`` ``(B, K+1, D)``: the sum of
         :meth:`backward_log_density` over the steps, in one vectorised evaluation (the backward kernels'
         means are fixed multiples of the next state), summed in float64."""
         d = states.shape[-1]
-        log_norm = self._path_coefficients[4]
+        log_norm = self._path_coefficients[3]
         return (-0.5 * self._backward_quadratic(states) - d * log_norm).to(states.dtype)
 
     def _backward_quadratic(self, states: torch.Tensor) -> torch.Tensor:
         """:math:`\\sum_k \\|z_k - c_k z_{k+1}\\|^2 / v_k` in float64, ``(B,)``: a sum of about :math:`KD`
         terms that float32 would round by more than the log weights' own size."""
         K = self.num_steps
-        first, _, coefs, variances, _ = self._path_coefficients
+        first, coefs, variances, _ = self._path_coefficients
         if first == K:
             return torch.zeros(states.shape[:-2], dtype=torch.float64, device=states.device)
         coef = torch.tensor(coefs, dtype=states.dtype, device=states.device)[:, None]
@@ -211,7 +210,7 @@ class ReferenceProcess:
         cast: in float32 with :math:`KD = 2.6 \\cdot 10^5`, separate sums left log weights of 0.05 where
         they are 0."""
         K, d = self.num_steps, states.shape[-1]
-        log_norm = self._path_coefficients[4]
+        log_norm = self._path_coefficients[3]
         constant = d * (log_norm - self._log_forward_stds(states.dtype) - K * 0.5 * math.log(2 * math.pi))
         quadratic = 0.5 * (self._backward_quadratic(states) - eps.double().square().sum((-2, -1)))
         return (quadratic + constant).to(states.dtype)
