@@ -50,6 +50,16 @@ class KernelFn:
             # values, not a replay: under NUTS the recorded sites are themselves conditioned
             self._values = {name: site["value"] for name, site in tr.trace.nodes.items() if site["type"] == "sample"}
 
+    def __getstate__(self) -> dict[str, Any]:
+        """With fused products the hyperparameters are all of the kernel, so a pickle (e.g. of an
+        :class:`~pyro_gpx.gp.mll_refit.MLLRefit`) holds them and not the module: a GPyTorch module trained
+        under Pyro cannot be pickled (Pyro's parameter store puts weak references on its parameters).
+        The unpickled ``kernel`` attribute is then ``None``; everything else works as before."""
+        state = dict(self.__dict__)
+        if self.spec is not None:
+            state["kernel"] = None
+        return state
+
     def _call(self, X1: torch.Tensor, X2: torch.Tensor | None, diag: bool) -> torch.Tensor:
         if self.is_gpytorch:
             if diag:

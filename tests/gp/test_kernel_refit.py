@@ -140,3 +140,30 @@ def test_repeated_rows_are_dropped_so_the_noise_stays_away_from_zero(data):
     repeated = subset_refit_kernel_noise(KernelFn(kernel), Xd, yd, noise=0.3, num_points=len(yd))
     assert repeated.noise == pytest.approx(clean.noise, rel=1e-6) and repeated.noise > 0.01
     torch.testing.assert_close(repeated.kernel.spec.lengthscale, clean.kernel.spec.lengthscale)
+
+
+def test_a_refit_after_svi_pickles_and_reloads_to_the_same_posterior(data):
+    """A GPyTorch kernel trained under Pyro cannot be pickled (the parameter store's weak references);
+    the re-selected kernel holds its hyperparameters, so the refit saves, reloads and predicts the same."""
+    import pickle
+
+    import pyro
+    from pyro.infer import SVI, Trace_ELBO
+
+    X, y, kernel = data
+    gp = ComputationAwareGP(X, y, kernel, policy=BlockSparsePolicy(8), noise=0.3)
+    svi = SVI(gp.model, lambda: None, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    svi.step()
+    with pytest.raises(TypeError, match="weakref"):
+        pickle.dumps(kernel)
+    fit = gp.refit_mll("subset-kernel", num_points=100, max_evaluations=5)
+    loaded = pickle.loads(pickle.dumps(fit))
+    assert loaded.kernel is not None and loaded.kernel.kernel is None
+    X_new = X[:5] + 0.01
+    refine = CGPolicy(20)
+    before, after = (
+        gp.posterior(X_new, refine=refine, refit_mll=fit),
+        gp.posterior(X_new, refine=refine, refit_mll=loaded),
+    )
+    torch.testing.assert_close(after.mean, before.mean, rtol=0, atol=0)
+    torch.testing.assert_close(after.covariance, before.covariance, rtol=0, atol=0)
