@@ -21,6 +21,7 @@ import torch
 from pyro.infer import Predictive
 from pyro.infer.autoguide import AutoNormal
 
+from ._random import seeded
 from .bnn import run_chains
 from .datasets import gap_regression
 from .diagnostics import (
@@ -72,7 +73,9 @@ def _seed(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run the demo; returns the NUTS and SVI ``InferenceData`` and the divergence count."""
+    """Run the demo; returns the NUTS and SVI ``InferenceData`` and the divergence count. It runs in a
+    param store scope of its own and gives the caller's random states back; plots use matplotlib's
+    non-interactive ``Agg`` backend."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_output", help="directory for plots and the netCDF file")
     parser.add_argument(
@@ -85,12 +88,16 @@ def main(argv: list[str] | None = None) -> dict:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"--out {args.out} exists and is not a directory")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pyro.set_rng_seed(args.seed)
-    pyro.clear_param_store()
+    with pyro.get_param_store().scope(), seeded(args.seed):
+        return _run(args, out)
+
+
+def _run(args: argparse.Namespace, out: Path) -> dict:
+    import matplotlib.pyplot as plt
+
     data = gap_regression(n=60, seed=args.seed)
     x, y = data.X[:, 0], data.y
     x_grid = data.X_grid[:, 0]

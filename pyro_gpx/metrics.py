@@ -8,7 +8,9 @@ probabilities that sum to one) and raise ``ValueError`` naming the argument inst
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
+import numpy as np
 import torch
 
 from ._validation import check_finite, check_positive_int, is_finite_at_least
@@ -29,7 +31,10 @@ def _as_float(name: str, x) -> torch.Tensor:
     """``x`` (a tensor, NumPy array, sequence or number) as a float64 tensor (metrics are computed in float64:
     a float32 squared residual of 1e20 would overflow)."""
     try:
-        x = torch.tensor(float(x), dtype=torch.float64) if isinstance(x, int | float) else torch.as_tensor(x)
+        if isinstance(x, int | float):
+            x = torch.tensor(float(x), dtype=torch.float64)
+        elif not torch.is_tensor(x):  # a list through torch.as_tensor would be rounded to float32 first
+            x = torch.as_tensor(np.asarray(x))
     except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"{name} must be a tensor or array of numbers, got {type(x).__name__}") from None
     if x.dtype.is_complex:
@@ -110,7 +115,7 @@ def gaussian_coverage(mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor, le
     mean, y = _check("mean", mean, y)
     var = _check_variance("var", var, y)
     level = _check_level(level)
-    z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + level / 2)).item()
+    z = NormalDist().inv_cdf(0.5 + level / 2)
     return float(((y - mean).abs() <= z * var.sqrt()).double().mean())
 
 
@@ -148,7 +153,7 @@ def _check_probs(probs, labels) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"labels must be integer class indices, got {labels.dtype}")
     if labels.min() < 0 or labels.max() >= probs.shape[-1]:
         raise ValueError(f"labels must lie in [0, {probs.shape[-1]}), got values in [{labels.min()}, {labels.max()}]")
-    return probs, labels
+    return probs, labels.long()  # gather needs int64 (uint8 / int16 labels)
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> float:

@@ -17,7 +17,7 @@ from ._validation import check_positive_int, is_finite_at_least, is_integer
 
 __all__ = ["CollapseGuard", "fit_svi", "fit_lbfgs"]
 
-_BAD_LOSS = 1e10  # not larger: L-BFGS's line search squares it, in the parameters' (maybe float32) dtype
+_BAD_LOSS = 1e10  # at least; not far larger: L-BFGS's line search squares it, in the parameters' (maybe float32) dtype
 
 
 def _numerical_failure(error: BaseException | None) -> bool:
@@ -96,16 +96,19 @@ class CollapseGuard:
             self.best = value
             self._saved = ({name: p.detach().clone() for name, p in store.named_parameters()},
                            {p: _optimizer_state(opt) for p, opt in optimizers.items()})  # fmt: skip
-        elif self._saved is not None and not value > self.best - self.drop:
-            self.rollback()
+        elif self._saved is not None and (not math.isfinite(value) or not value > self.best - self.drop):
+            self.rollback()  # +inf too: e.g. an ELBO whose guide's log density fell to -inf
         return value
 
     def rollback(self) -> bool:
-        """Restore the best saved state at a lower learning rate; ``False`` if nothing is saved yet."""
+        """Restore the best saved state at a lower learning rate; ``False`` if nothing is saved yet, or
+        if a parameter created after the best save is not finite (there is nothing to restore it to)."""
         if self._saved is None:
             return False
         store, optimizers = pyro.get_param_store(), self.svi.optim.optim_objs
         values, states = self._saved
+        if not all(name in values or bool(torch.isfinite(p).all()) for name, p in store.named_parameters()):
+            return False
         with torch.no_grad():
             for name, p in store.named_parameters():
                 if name in values:
@@ -143,7 +146,8 @@ def fit_svi(
 
     This is plain Pyro (``SVI(model, guide, optim, loss).step(*args, **kwargs)`` in a loop),
     with a tqdm bar and a :class:`FloatingPointError` naming the step when the loss stops being
-    finite, instead of silently training on NaN.
+    finite, or naming the parameters a step made non-finite (a finite loss with an infinite
+    gradient), instead of silently training on NaN.
 
     :param optim: a Pyro optimiser; ``Adam(lr=0.01)`` by default.
     :param loss: an ELBO; ``Trace_ELBO()`` by default.
@@ -176,9 +180,17 @@ def fit_svi(
             watch()
         try:
             value = svi.step(*args, **kwargs)
-        except FloatingPointError:  # a loss that checks itself (e.g. LogVarianceLoss) raises this
+        except (FloatingPointError, ValueError) as error:
+            # FloatingPointError: a loss that checks itself (e.g. LogVarianceLoss). ValueError: Pyro's
+            # validation of a distribution whose parameter the previous step made NaN (a finite loss with
+            # an infinite gradient)
+            bad = _non_finite_parameters()
+            if isinstance(error, ValueError) and not bad:
+                raise
             if watch is not None and watch.rollback():
                 continue
+            if bad:
+                raise FloatingPointError(f"SVI parameter(s) {bad} became non-finite before step {step}") from error
             raise
         if not math.isfinite(value):
             if watch is not None and watch.rollback():
@@ -187,7 +199,15 @@ def fit_svi(
         losses.append(value)
         if step % 50 == 0 or step == num_steps - 1:  # the bar ends on the last loss
             bar.set_postfix(loss=f"{value:.4g}")
+    bad = _non_finite_parameters()  # the last step's update (finite loss, infinite gradient)
+    if bad and not (watch is not None and watch.rollback()):
+        raise FloatingPointError(f"SVI parameter(s) {bad} became non-finite at the last step")
     return losses
+
+
+def _non_finite_parameters() -> list[str]:
+    """Names of the param store's parameters holding NaN or infinite values."""
+    return [name for name, p in pyro.get_param_store().named_parameters() if not bool(torch.isfinite(p).all())]
 
 
 def fit_lbfgs(
@@ -232,6 +252,8 @@ def fit_lbfgs(
     history_size = check_positive_int("history_size", history_size)
     if not is_finite_at_least(tolerance_change, 0.0):
         raise ValueError(f"tolerance_change must be a finite number >= 0, got {tolerance_change!r}")
+    if not is_finite_at_least(lr, 0.0, strict=True):
+        raise ValueError(f"lr must be a finite positive number, got {lr!r}")
     if not is_integer(restart_after) or restart_after < 0:
         raise ValueError(f"restart_after must be an integer >= 0, got {restart_after!r}")
     elbo = loss or Trace_ELBO()
@@ -247,7 +269,11 @@ def fit_lbfgs(
     optimizer = torch.optim.LBFGS(params, lr=lr, max_iter=max_eval, max_eval=max_eval, history_size=history_size,
                                   tolerance_change=tolerance_change, line_search_fn="strong_wolfe")  # fmt: skip
 
+    failed: list[bool] = []  # per loss evaluation: whether it left the numerically valid region
+    bad_loss = _BAD_LOSS
+
     def closure():
+        nonlocal bad_loss
         optimizer.zero_grad()
         try:
             value = loss_fn(model, guide, *args, **kwargs)
@@ -255,10 +281,12 @@ def fit_lbfgs(
             if not _numerical_failure(e):
                 raise
             value = None
-        if value is None or not torch.isfinite(value):
+        failed.append(value is None or not bool(torch.isfinite(value)))
+        if failed[-1]:
             # a trial point of the line search left the numerically valid region: report it as
             # very bad (zero gradient) so the search steps back, instead of a NaN that derails it
-            return torch.tensor(_BAD_LOSS)
+            return torch.tensor(bad_loss)
+        bad_loss = max(bad_loss, 4.0 * abs(float(value)))  # worse than every loss seen
         value.backward()
         return value
 
@@ -267,8 +295,9 @@ def fit_lbfgs(
     for step in bar:
         if restart_after and step == restart_after:
             optimizer.state.clear()
+        first = len(failed)
         value = float(optimizer.step(closure).detach())  # the closure's loss still holds its graph
-        if not math.isfinite(value) or value >= _BAD_LOSS:
+        if failed[first] or not math.isfinite(value):  # LBFGS.step returns its first evaluation
             raise FloatingPointError(f"L-BFGS started from a point where the loss is not finite (step {len(losses)})")
         losses.append(value)
         bar.set_postfix(loss=f"{losses[-1]:.5g}")

@@ -136,3 +136,29 @@ def test_a_true_class_of_probability_zero_gives_an_infinite_nll(dtype):
     """It was floored at the dtype's smallest normal number: 44 nats in float32, 355 in float64."""
     probs = torch.tensor([[1.0, 0.0], [0.5, 0.5]], dtype=dtype)
     assert classification_metrics(probs, torch.tensor([1, 0]))["nll"] == math.inf
+
+
+def test_lists_are_float64_and_coverage_quantiles_exact():
+    """A list went through float32 first (a 0.04 residual at 1e6 read as 0.044); the coverage
+    quantile was a float32 icdf (z = 5.29 at level 1 - 1e-7, scipy's 5.33)."""
+    y = [1e6, 2e6]
+    mean = [1e6 + 0.04, 2e6 + 0.04]
+    assert rmse(mean, y) == pytest.approx(0.04, rel=1e-9)
+    assert rmse(mean, y) == rmse(np.asarray(mean), np.asarray(y))
+    assert gaussian_nll(mean, [1e-4, 1e-4], y) == pytest.approx(0.5 * math.log(2 * math.pi * 1e-4) + 8.0)
+    assert auroc([1.00000001], [1.0]) == 0.0
+    assert expected_calibration_error([[0.2, 0.8]], [1]) == pytest.approx(0.2, abs=1e-15)
+    for level in (0.5, 0.9999999, 1 - 1e-8, 1e-8):
+        z = stats.norm.ppf(0.5 + level / 2)
+        inside, outside = (
+            gaussian_coverage([0.0], [1.0], [z * (1 - 1e-9)], level),
+            gaussian_coverage([0.0], [1.0], [z * (1 + 1e-9)], level),
+        )
+        assert (inside, outside) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_small_integer_labels_are_labels(dtype):
+    probs = torch.tensor([[0.7, 0.3], [0.2, 0.8], [0.6, 0.4]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 1])
+    assert classification_metrics(probs, labels.to(dtype)) == classification_metrics(probs, labels)

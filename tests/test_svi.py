@@ -203,3 +203,90 @@ def test_collapse_guard_with_a_pyro_scheduler_and_an_optimiser_made_after_the_sa
         guard()  # the optimiser goes back to a fresh state at half its first rate, every time
         (optimizer,) = svi.optim.optim_objs.values()
         assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05) and not optimizer.state
+
+
+def _kinked_model(calls, at):
+    """Normal(x, 1) at y = 3, with one evaluation (number ``at``) of value 0 and gradient inf: Adam then
+    writes NaN into x, and with validation on the next step raises Pyro's ValueError."""
+
+    def model():
+        calls[0] += 1
+        x = pyro.param("x", torch.tensor(0.0, dtype=torch.float64))
+        pyro.sample("obs", dist.Normal(x, 1.0), obs=torch.tensor(3.0, dtype=torch.float64))
+        pyro.factor("kink", torch.sqrt((x - x.detach()).abs()) if calls[0] == at else torch.tensor(0.0))
+
+    return model
+
+
+@pytest.mark.parametrize("validation", [True, False])
+def test_a_step_that_makes_a_parameter_nan_is_rolled_back_or_named(validation):
+    with pyro.validation_enabled(validation):
+        pyro.clear_param_store()
+        calls = [0]
+
+        def guard(svi):
+            return CollapseGuard(svi, lambda: -((float(pyro.param("x")) - 3.0) ** 2), every=5)
+
+        losses = fit_svi(_kinked_model(calls, 16), lambda: None, num_steps=30, optim=pyro.optim.Adam({"lr": 0.1}),
+                         guard=guard, progress=False)  # fmt: skip
+        assert len(losses) == 29 and math.isfinite(float(pyro.param("x")))
+        pyro.clear_param_store()
+        calls[0] = 0
+        with pytest.raises(FloatingPointError, match=r"\['x'\]|step 16"):
+            fit_svi(_kinked_model(calls, 16), lambda: None, num_steps=30, progress=False)
+        pyro.clear_param_store()
+        calls[0] = 0
+        with pytest.raises(FloatingPointError, match=r"\['x'\] became non-finite at the last step"):
+            fit_svi(_kinked_model(calls, 5), lambda: None, num_steps=5, progress=False)
+
+
+def test_a_guard_with_nothing_saved_for_a_nan_parameter_does_not_go_on():
+    """Saved before the parameter existed, the guard had nothing to restore it to: it 'rolled back'
+    every later NaN step and fit_svi returned with x = NaN."""
+    pyro.clear_param_store()
+    calls = [0]
+
+    def model():
+        calls[0] += 1
+        x = pyro.param("x", torch.tensor(0.0, dtype=torch.float64))
+        pyro.factor("q", -((x - 3.0) ** 2) * (math.nan if calls[0] == 5 else 1.0))
+
+    with pyro.validation_enabled(False), pytest.raises(FloatingPointError, match="step 4"):
+        fit_svi(model, lambda: None, num_steps=100, optim=pyro.optim.Adam({"lr": 0.1}),
+                guard=lambda svi: CollapseGuard(svi, lambda: 0.0, every=1), progress=False)  # fmt: skip
+
+
+def test_a_score_of_plus_infinity_is_rolled_back():
+    pyro.clear_param_store()
+    scores = iter([1.0, math.inf])
+
+    def model():
+        pyro.factor("q", -((pyro.param("x", torch.tensor(0.0)) - 1.0) ** 2))
+
+    svi = SVI(model, lambda: None, pyro.optim.Adam({"lr": 0.1}), Trace_ELBO())
+    guard = CollapseGuard(svi, lambda: next(scores), every=1)
+    svi.step()
+    guard()
+    svi.step()
+    guard()
+    assert guard.rollbacks == 1 and guard.best == 1.0
+
+
+def test_fit_lbfgs_starts_from_a_huge_finite_loss_and_checks_lr():
+    """A starting loss of 5e11 was refused as 'not finite' (the failure marker was 1e10)."""
+    pyro.clear_param_store()
+    y = 100.0 + 10.0 * torch.randn(10_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def model(y):
+        m = pyro.param("m", torch.tensor(0.0, dtype=torch.float64))
+        s = pyro.param("s", torch.tensor(0.01, dtype=torch.float64), constraint=dist.constraints.positive)
+        with pyro.plate("n", len(y)):
+            pyro.sample("y", dist.Normal(m, s), obs=y)
+
+    losses = fit_lbfgs(model, lambda y: None, y, num_steps=50, progress=False)
+    assert losses[0] > 1e11
+    assert float(pyro.param("m")) == pytest.approx(float(y.mean()), rel=1e-7)
+    assert float(pyro.param("s")) == pytest.approx(float(y.std(unbiased=False)), rel=1e-6)
+    for lr in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="lr must be"):
+            fit_lbfgs(model, lambda y: None, y, lr=lr, progress=False)

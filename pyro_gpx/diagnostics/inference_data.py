@@ -8,10 +8,8 @@ has no Pyro converter. :func:`to_inference_data` computes every group itself and
 
 from __future__ import annotations
 
-import contextlib
-import random
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +19,7 @@ import torch
 from pyro.distributions import constraints
 from pyro.infer import MCMC
 
+from .._random import seeded
 from .arviz_compat import build_inference_data
 from .conditioned import evaluate_draws
 from .guide_samples import sample_guide
@@ -245,29 +244,11 @@ def to_inference_data(
         >>> tuple(idata.log_likelihood["y"].dims)
         ('chain', 'draw', 'data')
     """
-    with _seeded(seed):
+    with seeded(seed):
         return _to_inference_data(
             posterior, model, model_args, model_kwargs, num_samples, group_by_chain, log_likelihood,
             posterior_predictive, observed_data, constant_data, sample_stats, coords, dims, vectorize, draw_batch,
         )  # fmt: skip
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None) -> Iterator[None]:
-    """Seed Pyro's random streams within the block, and give the caller's torch, NumPy and Python
-    random states back afterwards."""
-    if seed is None:
-        yield
-        return
-    numpy_state, python_state = np.random.get_state(), random.getstate()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            pyro.set_rng_seed(seed)
-            yield
-    finally:
-        np.random.set_state(numpy_state)
-        random.setstate(python_state)
 
 
 def _to_inference_data(
