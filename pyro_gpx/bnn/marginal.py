@@ -23,6 +23,7 @@ import torch
 from torch.distributions import constraints
 
 from .._linalg import gram
+from .._validation import check_finite
 from ..gp.cholesky import safe_cholesky
 
 __all__ = ["GaussianLinearMarginal"]
@@ -35,6 +36,8 @@ def readout_event_shape(features: torch.Tensor, out_dim: int | None) -> torch.Si
     if out_dim is not None and out_dim < 1:
         raise ValueError(f"out_dim must be None or positive, got {out_dim}")
     n = features.shape[0]
+    if n < 1:
+        raise ValueError("features must have at least one row (data point)")
     return torch.Size((n,) if out_dim is None else (n, out_dim))
 
 
@@ -42,6 +45,7 @@ def target_columns(value: torch.Tensor, event_shape: torch.Size, dtype: torch.dt
     """Targets of shape ``event_shape`` as an ``(n, d)`` matrix of ``dtype``."""
     if value.shape != event_shape:
         raise ValueError(f"value must have shape {tuple(event_shape)}, got {tuple(value.shape)}")
+    check_finite("value (the targets)", value)
     return value.reshape(value.shape[0], -1).to(dtype)
 
 
@@ -75,6 +79,8 @@ class GaussianLinearMarginal(dist.TorchDistribution):
         noise = torch.as_tensor(noise, dtype=features.dtype)
         if noise.dim() != 0:
             raise NotImplementedError(f"noise must be a scalar, got shape {tuple(noise.shape)}")
+        if bool(noise <= 0):  # an infinite one (an overflowing trajectory) has zero density instead
+            raise ValueError(f"noise must be positive, got {float(noise)}")
         self.features, self.noise, self.out_dim = features, noise, out_dim
         super().__init__(torch.Size(), event_shape, validate_args=validate_args)
 

@@ -225,6 +225,12 @@ class NoiseIntegratedMarginal(dist.TorchDistribution):
 
     def __init__(self, features: torch.Tensor, grid: NoiseGrid, out_dim: int | None = None, validate_args=None):
         event_shape = readout_event_shape(features, out_dim)
+        num_obs = event_shape.numel()
+        if grid.spacing > math.sqrt(2.0 / num_obs):  # 4x the default: the trapezoid rule's error exceeds ~1e-9
+            raise ValueError(
+                f"the grid's spacing {grid.spacing:.3g} is too coarse for {num_obs} targets (at most "
+                f"{math.sqrt(2.0 / num_obs):.3g}); build it with NoiseGrid.from_prior(prior, num_obs={num_obs})"
+            )
         self.features, self.grid, self.out_dim = features, grid, out_dim
         super().__init__(torch.Size(), event_shape, validate_args=validate_args)
 

@@ -40,6 +40,7 @@ import torch
 from pyro.infer.reparam.reparam import Reparam
 
 from .._linalg import gram
+from .._validation import check_finite
 from ..gp.cholesky import safe_cholesky
 from .matrix_function import whitening_terms
 
@@ -77,8 +78,15 @@ def readout_map(
     :param noise: :math:`\lambda > 0`.
     :param whitened: :math:`\phi`, ``(D, d_out)``.
     """
+    if Phi_scaled.dim() != 2:
+        raise ValueError(f"Phi_scaled must be an (n, D) matrix, got shape {tuple(Phi_scaled.shape)}")
     n, D = Phi_scaled.shape
+    if whitened.dim() != 2 or whitened.shape[0] != D:
+        raise ValueError(f"whitened must have shape ({D}, d_out) for {D} features, got {tuple(whitened.shape)}")
     d_out = whitened.shape[-1]
+    if tuple(y.shape) != (n, d_out):
+        raise ValueError(f"y must have shape ({n}, {d_out}) (Phi_scaled's rows by whitened's columns), got {y.shape}")
+    check_finite("y", y)
     noise = torch.as_tensor(noise, dtype=Phi_scaled.dtype)
     _check_noise(noise)
     if 2 * n >= D:  # the eigendecomposition costs several Cholesky factorisations of its size

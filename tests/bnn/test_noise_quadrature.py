@@ -185,3 +185,19 @@ def test_a_prior_narrower_than_the_data_spacing_gets_its_own_nodes(float64):
     assert value == pytest.approx(peak + math.log(area), abs=1e-8)
     with pytest.raises(ValueError, match="noise prior must be a distribution on \\(0, inf\\)"):
         NoiseGrid.from_prior(dist.Normal(torch.tensor(0.0), torch.tensor(1.0)), 10)  # was 'cannot convert NaN'
+
+
+def test_direct_use_refuses_a_coarse_grid_nan_targets_and_no_data(float64):
+    """A grid built for 20 targets on 2000 was 1e-2 off quadrature, one for 1 target 0.36 nats off,
+    silently; NaN targets gave a NaN density; no data a reshape error."""
+    Phi, y = _problem(2000, 3, None)
+    with pytest.raises(ValueError, match="too coarse for 2000 targets"):
+        NoiseIntegratedMarginal(Phi, NoiseGrid.from_prior(PRIOR, 20))
+    marginal = NoiseIntegratedMarginal(Phi[:20], NoiseGrid.from_prior(PRIOR, 20))
+    for d in (marginal, GaussianLinearMarginal(Phi[:20], torch.tensor(0.3))):
+        with pytest.raises(ValueError, match="targets.*NaN"):
+            d.log_prob(torch.full((20,), math.nan))
+        with pytest.raises(ValueError, match="at least one row"):
+            type(d)(Phi[:0], *((NoiseGrid.from_prior(PRIOR, 1),) if d is marginal else (torch.tensor(0.3),)))
+    with pytest.raises(ValueError, match="noise must be positive"), pyro.validation_enabled(False):
+        GaussianLinearMarginal(Phi[:20], torch.tensor(-0.3))

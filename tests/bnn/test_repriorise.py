@@ -1,5 +1,6 @@
 """Repriorisation: Jacobian against autograd, the change-of-variables identity, exact N(0, I)."""
 
+import math
 import re
 
 import numpy as np
@@ -288,3 +289,18 @@ def test_a_non_positive_noise_is_refused_and_an_underflowing_one_has_zero_densit
                 X, y
             )
         assert trace.nodes["readout"]["fn"].log_density == -float("inf")
+
+
+@pytest.mark.parametrize("n", [3, 8], ids=["dual", "primal"])
+def test_readout_map_names_mismatched_shapes(float64, n):
+    """y with 2 columns and whitened with 1 gave a (D, 2) theta and a log-determinant for one output."""
+    Phi, lam = torch.randn(n, 5), torch.tensor(0.5)
+    y, phi = torch.randn(n, 1), torch.randn(5, 1)
+    with pytest.raises(ValueError, match=rf"y must have shape \({n}, 1\)"):
+        readout_map(Phi, torch.randn(n, 2), lam, phi)
+    with pytest.raises(ValueError, match=r"y must have shape"):
+        readout_map(Phi, torch.randn(n + 1, 1), lam, phi)
+    with pytest.raises(ValueError, match=r"whitened must have shape \(5, d_out\)"):
+        readout_map(Phi, y, lam, torch.randn(4, 1))
+    with pytest.raises(ValueError, match="y contains NaN"):
+        readout_map(Phi, torch.full((n, 1), math.nan), lam, phi)
