@@ -303,7 +303,7 @@ def main(argv=None):
                         pyro.set_rng_seed(args.seed)
                         out = run_config(split, dataset, depth, width, method, args)
                         name = f"{method}{' (noise integrated)' if out['integrate_noise'] else ''} ({depth}x{width})"
-                        role = "peer" if method in KERNEL_OF else "ours"
+                        role = "peer" if method in ("NUTS", "HMC") else "ours"  # jittered / split HMC are ours
                         records.append(harness.record("bnn_mcmc", dataset, split_id, name, role,
                                                       n_train=split.n_train, **out))  # fmt: skip
                         print(f"{dataset:>14} {name:>26}: ESS/grad min {out['ess_per_grad_min']:.2e} "

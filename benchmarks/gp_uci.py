@@ -363,10 +363,15 @@ def _train_exact_like(model, likelihood, X, y, budget, max_steps, lr, optimizer=
     return _train(_plain(step), budget, max_steps)
 
 
-def _predict(model, likelihood, X):
+def _predict(model, likelihood, X, exact_variance: bool = False):
+    """Predictive mean and variance. ``exact_variance``: the exact GP's variance from a Cholesky factor of
+    the training covariance (LOVE, ``fast_pred_var``, gave variances about 2x the dense ones on elevators:
+    95% coverage 0.97 against 0.90 at the same model); SGPR ignores the setting, SVGP needs neither."""
     model.eval()
     likelihood.eval()
-    with torch.no_grad(), gpytorch.settings.fast_pred_var():
+    fast = gpytorch.settings.fast_pred_var(not exact_variance)
+    exact = gpytorch.settings.max_cholesky_size(len(model.train_targets) + 1 if exact_variance else 800)
+    with torch.no_grad(), fast, exact:
         pred = likelihood(model(X))
     return pred.mean, pred.variance
 
@@ -381,7 +386,7 @@ def run_exact(split, budget, max_steps, lr, max_n: int, seed: int) -> dict:
     model = _ExactGP(X, y, likelihood, make_kernel(split.dim)).to(DTYPE)
     with harness.measure() as m:
         steps, seconds, loss = _train_exact_like(model, likelihood, X, y, budget, max_steps, lr)
-        mean, var = _predict(model, likelihood, split.X_test)
+        mean, var = _predict(model, likelihood, split.X_test, exact_variance=True)
     return {**_metrics(split, mean, var), "train_seconds": seconds, "peak_rss_mb": m.peak_rss_mb, "steps": steps,
             "n_used": len(y), "final_loss": loss}  # fmt: skip
 

@@ -220,11 +220,21 @@ def markdown_table(records: Sequence[dict], metrics: Sequence[str], time_metric:
 
     The best value shown per data set (for metrics with a direction, time excepted) is bold. A cell
     with failed splits (NaN, or ``null`` in a reloaded file) shows the mean of the finite ones, says how
-    many those are, and is never bold.
+    many those are, and is never bold; so is a method that did not run on every split another method of
+    its data set ran on (a crashed or partial run), which says how many it ran on.
+
+    :raises ValueError: for two records of one (dataset, split, method).
     """
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     order: list[str] = []
+    seen: set[tuple] = set()
+    splits_of: dict[str, set] = defaultdict(set)
     for r in records:
+        key = (r["dataset"], r["split"], r["method"])
+        if key in seen:
+            raise ValueError(f"two records of dataset {key[0]!r}, split {key[1]}, method {key[2]!r}")
+        seen.add(key)
+        splits_of[r["dataset"]].add(r["split"])
         groups[(r["dataset"], r["method"])].append(r)
         if r["dataset"] not in order:
             order.append(r["dataset"])
@@ -239,7 +249,7 @@ def markdown_table(records: Sequence[dict], metrics: Sequence[str], time_metric:
             complete = [
                 m
                 for m in methods
-                if len(_finite(r.get(metric) for r in groups[(dataset, m)])) == len(groups[(dataset, m)])
+                if len(_finite(r.get(metric) for r in groups[(dataset, m)])) == len(splits_of[dataset])
             ]
             means = {m: _shown(metric, time_metric, groups[(dataset, m)]) for m in complete}
             means = {m: v for m, v in means.items() if math.isfinite(v)}
@@ -261,6 +271,8 @@ def markdown_table(records: Sequence[dict], metrics: Sequence[str], time_metric:
                     text = fmt.format(mean) + ("" if math.isnan(se) else " ± " + fmt.format(se))
                 if len(values) < len(rows):
                     text += f" ({len(values)} of {len(rows)} splits finite)"
+                if len(rows) < len(splits_of[dataset]):
+                    text += f" ({len(rows)} of {len(splits_of[dataset])} splits run)"
                 cells.append(f"**{text}**" if best.get(metric) == method else text)
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -36,3 +36,16 @@ def test_a_measurement_can_be_entered_again():
         with m:
             assert not m._stop.is_set()
         assert m.seconds >= 0 and m.peak_rss_mb > 0
+
+
+def test_a_method_missing_splits_is_marked_and_never_best_and_duplicates_are_refused():
+    """A [0.50, 0.60] was bold over B [0.55, 0.65, 2.0], which also ran the hard split; a repeated
+    record counted as one more split."""
+    records = [dict(dataset="d", split=s, method="A", role="ours", nll=v) for s, v in enumerate([0.5, 0.6])]
+    records += [dict(dataset="d", split=s, method="B", role="peer", nll=v) for s, v in enumerate([0.55, 0.65, 2.0])]
+    records += [dict(dataset="d", split=s, method="C", role="peer", nll=v) for s, v in enumerate([0.9, 0.9, 0.9])]
+    lines = harness.markdown_table(records, ["nll"]).splitlines()
+    assert lines[2] == "| d | A (ours) | 2 | 0.550 ± 0.050 (2 of 3 splits run) |"
+    assert lines[4] == "| d | C (peer) | 3 | **0.900 ± 0.000** |"
+    with pytest.raises(ValueError, match="two records of dataset 'd', split 1, method 'A'"):
+        harness.markdown_table(records + [records[1]], ["nll"])
