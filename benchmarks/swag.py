@@ -2,8 +2,10 @@
 
 One-hidden-layer ReLU network (50 units; 100 for protein) with a learned homoscedastic noise,
 trained with minibatch SGD (momentum 0.9, weight decay) on the SWA learning-rate schedule; SWAG
-statistics are collected once per epoch over the averaging phase. Every method uses the same
-split; predictive metrics are in original units; the collection overhead is timed directly.
+statistics are collected once per epoch over the averaging phase. MAP is its own SGD run from the
+same initialisation with the rate decayed to 0.01 times its start (the SGD baseline of the SWA
+papers). Every method uses the same split; predictive metrics are in original units; the collection
+overhead is timed directly.
 
     python benchmarks/swag.py --out benchmarks/results/swag.json [--quick]
 """
@@ -165,7 +167,12 @@ def run_split(dataset: str, split_id: int, args, records: list) -> None:
     cfg = _config(dataset, split.n_train, args.quick, args.swa_lr, args.swa_start, args.protocol)
     cfg["heteroscedastic"] = args.heteroscedastic
     num_samples, ensemble = (10, 3) if args.quick else (30, 5)
-    net, swag, timing = train_swag(split, cfg, seed=args.seed)
+    # the MAP peer: its own SGD run, same initialisation, the rate decayed to 0.01 x its start by 90% of the
+    # epochs and no averaging (the SWA papers' SGD baseline); the last iterate of the SWA run, at the constant
+    # SWA rate, is a noisier network (energy NLL 1.45 against 0.75 for this one, mean of splits 0-4)
+    sgd_cfg = {**cfg, "swa_start": cfg["epochs"], "swa_lr": 0.01 * cfg["lr"]}
+    net, _, sgd_timing = train_swag(split, sgd_cfg, seed=args.seed)
+    _, swag, timing = train_swag(split, cfg, seed=args.seed)
     overhead = timing["collect_seconds"] / (timing["train_seconds"] - timing["collect_seconds"])
     members, multi_seconds = [swag], timing["train_seconds"]
     for k in range(1, ensemble):
@@ -197,7 +204,9 @@ def run_split(dataset: str, split_id: int, args, records: list) -> None:
             multiplier, _ = _noise_multiplier(*predictions(method, split.X_train, scale, 100 + i), split.y_train)
         m, v = predictions(method, split.X_test, scale, i - 1)  # seeds 1, 2, 3 for the SWAG rows
         metrics = _evaluate(split, m, multiplier * v)
-        seconds = multi_seconds if method == "MultiSWAG" else timing["train_seconds"]
+        seconds = {"MultiSWAG": multi_seconds, "MAP (SGD)": sgd_timing["train_seconds"]}.get(
+            method, timing["train_seconds"]
+        )
         records.append(harness.record("swag", dataset, split_id, method, "ours" if "SWAG" in method else "peer",
                                       n_train=split.n_train, train_seconds=seconds, swa_start_fraction=args.swa_start,
                                       protocol=args.protocol, heteroscedastic=args.heteroscedastic,
