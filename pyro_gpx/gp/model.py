@@ -240,7 +240,7 @@ class ComputationAwareGP(GPModel):
         kernel = self._kernel_fn(sample_priors)
         noise = self.noise + self.jitter
         if self.X.dtype != torch.float64 and not self._resolution_warned:
-            self._warn_below_resolution(kernel, float(noise))
+            self._warn_below_resolution(kernel, float(noise.detach()))
         mean_fn = self._mean_fn(sample_priors)
         prior_mean = self._prior_mean(self.X, mean_fn)
         actions = None

@@ -182,3 +182,9 @@ def test_a_noise_below_float32_resolution_warns_once():
         warnings.simplefilter("error", NumericalWarning)
         with torch.no_grad():
             fine.marginal()
+    # with gradients on (SVI, L-BFGS) the check read the noise with float(), and torch warned about it
+    pyro.clear_param_store()
+    fitted = ComputationAwareGP(problem.X.float(), problem.y.float(), kernel, policy=CGPolicy(30), noise=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fitted.marginal()
