@@ -288,6 +288,7 @@ class AutoDiffusion(AutoContinuous):
         self._observed_sites: frozenset = frozenset()
         self._missing_by_pattern: dict = {}
         self._checked_data: tuple | None = None  # the arguments whose observed values were last checked
+        self._quick_checks: dict[str, bool] | None = None  # UnconstrainedTarget.check_observed's record
         self._data_changed = False  # gradient calls saw different data objects (minibatches?)
         self._setting_data = False  # inside set_training_data
 
@@ -328,6 +329,7 @@ class AutoDiffusion(AutoContinuous):
         self._train_call = (_none_pattern(args, kwargs), args, kwargs)
         self._missing_by_pattern = {}
         self._checked_data = None
+        self._quick_checks = None
         self._data_changed = False
         flow = self._flow_spec[0]
         if flow is not None and not isinstance(flow, torch.distributions.Transform):
@@ -465,12 +467,17 @@ class AutoDiffusion(AutoContinuous):
         # with Pyro's validation on, the observed values are checked once per data set, not every step
         stamp = _argument_stamp(args, kwargs) if is_validation_enabled() else None
         checked = stamp is None or _same_stamp(self._checked_data, stamp)
-        target = UnconstrainedTarget(
-            self, self._raw_model[0], args, kwargs, info.get("nesting"), vectorized, observed_checked=checked
-        )
+        # new data (a minibatch) after a first full check: that check recorded which observed sites can be
+        # checked from the target's own batched run, which then needs no extra model run
+        quick = None if checked else self._quick_checks
+        target = UnconstrainedTarget(self, self._raw_model[0], args, kwargs, info.get("nesting"), vectorized,
+                                     observed_checked=checked or quick is not None)  # fmt: skip
         info["nesting"] = target.max_plate_nesting
-        if not checked:
-            target.check_observed()
+        if quick is not None:  # these data count as checked once the first batched run has passed
+            target.quick_checks = quick
+            target.on_quick_checked = lambda: setattr(self, "_checked_data", stamp)
+        elif not checked:
+            self._quick_checks = target.check_observed()
             self._checked_data = stamp
         return target
 

@@ -16,6 +16,7 @@ from contextlib import nullcontext
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.distributions import constraints
 from pyro.distributions.transforms import biject_to
 from pyro.distributions.util import is_validation_enabled
 from pyro.poutine.runtime import _DIM_ALLOCATOR
@@ -85,6 +86,10 @@ class UnconstrainedTarget:
         self.max_plate_nesting = max_plate_nesting
         self.vectorized = vectorized
         self._observed_checked = observed_checked or not is_validation_enabled()
+        #: set by the guide: observed sites checkable from the first batched run (see :meth:`check_observed`)
+        self.quick_checks: dict[str, bool] | None = None
+        self.quick_checks_done = False
+        self.on_quick_checked: Callable[[], None] | None = None  # called once the quick check has passed
         self.context = plate_context()  # the enclosing plates under which `vectorized` holds
         taken = [-(i + 1) for i, name in enumerate(self.context[:max_plate_nesting]) if name is not None]
         if taken:  # the model's own plates would move to other dims, and its density would be wrong
@@ -95,11 +100,16 @@ class UnconstrainedTarget:
                 "AutoDiffusion(..., use_score=False)"
             )
 
-    def check_observed(self) -> None:
+    def check_observed(self) -> dict[str, bool] | None:
         """With Pyro's validation on, score the observed sites once as ``Trace_ELBO`` would, at the guide's
         prototype point: a value outside its distribution's support raises ``ValueError`` naming the site.
         (The batched runs switch validation off, for sampled points where a parameter over- or underflows;
-        a distribution built with ``validate_args=False``, or one that does not validate, passes here too.)"""
+        a distribution built with ``validate_args=False``, or one that does not validate, passes here too.)
+
+        :returns: per observed site, whether its values can be checked later from a batched run alone
+            (:attr:`quick_checks`): its distribution validates and its support is a fixed constraint
+            (``positive``, ``simplex``, ...; not one of parameters); ``None`` if the model failed to run.
+        """
         self._observed_checked = True
         prototype = {name: site["value"] for name, site in self.guide.prototype_trace.iter_stochastic_nodes()}
         try:
@@ -107,19 +117,46 @@ class UnconstrainedTarget:
             with poutine.block(expose_types=["param"]):
                 trace = poutine.trace(conditioned).get_trace(*self.args, **self.kwargs)
         except Exception:  # e.g. invalid parameters at the prototype: the batched runs report what they find
-            return
+            return None
         sites: dict = trace.nodes  # plain dicts: Pyro's typed Message hides fn.log_prob from mypy
+        quick = {}
         for name, site in sites.items():
             if site["type"] != "sample" or not site["is_observed"] or site["infer"].get("_deterministic"):
                 continue
             value = site["value"]
-            if torch.is_tensor(value) and not torch.isfinite(value).all():
-                raise ValueError(f"the observed values of site {name!r} contain NaN or inf")
+            _check_finite_observed(name, value)
             try:
                 site["fn"].log_prob(value)
             except ValueError as error:
                 message = f"the observed values of site {name!r} are not valid for its distribution: {error}"
                 raise ValueError(message) from error
+            quick[name] = bool(getattr(site["fn"], "_validate_args", False)) and _fixed_support(site["fn"]) is not None
+        return quick
+
+    def _quick_check(self, trace) -> None:
+        """Check new observed values from a batched run's trace against the supports recorded by an earlier
+        :meth:`check_observed` on other data of the same model (:attr:`quick_checks`), instead of tracing
+        the model once more per data set: that trace was a quarter of an implicit-BLL minibatch step. A site
+        the record does not know gets the full check."""
+        assert self.quick_checks is not None
+        self.quick_checks_done = True
+        sites: dict = trace.nodes
+        for name, site in sites.items():
+            if site["type"] != "sample" or not site["is_observed"] or site["infer"].get("_deterministic"):
+                continue
+            if name not in self.quick_checks:
+                self.check_observed()
+                break
+            value = site["value"]
+            _check_finite_observed(name, value)
+            support = _fixed_support(site["fn"]) if self.quick_checks[name] else None
+            if support is not None and torch.is_tensor(value) and not bool(support.check(value).all()):
+                raise ValueError(
+                    f"the observed values of site {name!r} are not valid for its distribution: some lie outside "
+                    f"its support {support}"
+                )
+        if self.on_quick_checked is not None:
+            self.on_quick_checked()
 
     def _conditioned(self, z: torch.Tensor, batch: int | None):
         """Constrained site values and the log-Jacobian: ``z`` is ``(B, 1, ..., D)`` with ``batch=B``
@@ -148,7 +185,10 @@ class UnconstrainedTarget:
         # non-finite densities are reported by _trace_log_prob, with the site
         with poutine.block(expose_types=["param"]), pyro.validation_enabled(False):
             with pyro.plate("_pyro_gpx_particles", batch, dim=dim) if batch is not None else nullcontext():
-                return poutine.trace(poutine.condition(self.model, data=data)).get_trace(*self.args, **self.kwargs)
+                trace = poutine.trace(poutine.condition(self.model, data=data)).get_trace(*self.args, **self.kwargs)
+        if self.quick_checks is not None and not self.quick_checks_done:
+            self._quick_check(trace)
+        return trace
 
     def _trace_log_prob(self, trace, batch: int | None, dim: int | None = None, strict: bool = True) -> torch.Tensor:
         total: torch.Tensor | float = 0.0
@@ -250,3 +290,21 @@ class UnconstrainedTarget:
                     "use_score=False"
                 ) from error
         return grad.detach()
+
+
+def _check_finite_observed(name: str, value) -> None:
+    if torch.is_tensor(value) and not torch.isfinite(value).all():
+        raise ValueError(f"the observed values of site {name!r} contain NaN or inf")
+
+
+def _fixed_support(fn):
+    """The distribution's support if it is one of Pyro's fixed constraints (possibly made independent),
+    else ``None`` (a support that depends on parameters, or none declared)."""
+    try:
+        support = fn.support
+    except NotImplementedError:
+        return None
+    base = support
+    while isinstance(base, constraints.independent):
+        base = base.base_constraint
+    return support if any(base is c for c in vars(constraints).values()) else None
