@@ -139,7 +139,6 @@ class UnconstrainedTarget:
         the model once more per data set: that trace was a quarter of an implicit-BLL minibatch step. A site
         the record does not know gets the full check."""
         assert self.quick_checks is not None
-        self.quick_checks_done = True
         sites: dict = trace.nodes
         for name, site in sites.items():
             if site["type"] != "sample" or not site["is_observed"] or site["infer"].get("_deterministic"):
@@ -155,6 +154,9 @@ class UnconstrainedTarget:
                     f"the observed values of site {name!r} are not valid for its distribution: some lie outside "
                     f"its support {support}"
                 )
+        # only now: an error raised inside log_density's batching probe, which reads errors as "not batched",
+        # is raised again by the evaluation after it
+        self.quick_checks_done = True
         if self.on_quick_checked is not None:
             self.on_quick_checked()
 

@@ -207,3 +207,8 @@ def test_new_minibatches_are_checked_without_another_model_run():
     bad[0] = 2.0
     with pytest.raises(ValueError, match="observed values of site 'y' are not valid"):
         guide.target(X[:3], bad).log_density(z)
+    target = guide.target(X[:3], bad.clone())
+    target.vectorized = None  # a new plate context: the batching probe reads errors as "not batched"
+    with pytest.raises(ValueError, match="observed values of site 'y' are not valid"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        target.log_density(z)
