@@ -67,8 +67,7 @@ def run_nuts(split, num_samples: int, seed: int) -> dict:
         chains = run_chains(linear_model, (split.X_train, split.y_train), num_chains=2, num_samples=num_samples,
                             warmup_steps=num_samples, kernel_kwargs=options, seed=seed, processes=1,
                             progress=False)  # fmt: skip
-    idata = to_inference_data(chains.samples, model=linear_model, model_args=(split.X_train, split.y_train),
-                              group_by_chain=True, sample_stats=chains.sample_stats, log_likelihood=False)  # fmt: skip
+    idata = chains.to_inference_data(linear_model, (split.X_train, split.y_train), log_likelihood=False)
     summary = az.summary(idata, var_names=["w", "b", "sigma"], kind="diagnostics")
     grads = float(get_group(idata, "sample_stats")["n_steps"].sum())
     ess_min = float(summary["ess_bulk"].min())

@@ -111,9 +111,7 @@ def _run(args: argparse.Namespace, out: Path) -> dict:
                         warmup_steps=args.num_samples, kernel_kwargs=nuts_options, seed=args.seed, processes=1,
                         progress=not args.no_progress)  # fmt: skip
     nuts_seconds = time.perf_counter() - t0
-    idata_nuts = to_inference_data(chains.samples, model=basis_regression, model_args=(x, y), group_by_chain=True,
-                                   sample_stats=chains.sample_stats, posterior_predictive=True,
-                                   constant_data={"x": x})  # fmt: skip
+    idata_nuts = chains.to_inference_data(basis_regression, (x, y), posterior_predictive=True, constant_data={"x": x})
 
     t0 = time.perf_counter()
     guide = AutoNormal(basis_regression)

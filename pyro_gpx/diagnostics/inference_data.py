@@ -16,14 +16,13 @@ import numpy as np
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.distributions import constraints
 from pyro.infer import MCMC
 
 from .._random import seeded
 from .arviz_compat import build_inference_data
 from .conditioned import evaluate_draws
 from .guide_samples import sample_guide
-from .model_structure import ModelStructure, SiteSpec, first_draw, inspect_model, quiet_trace
+from .model_structure import ModelStructure, SiteSpec, first_draw, fixed_constraint, inspect_model, quiet_trace
 from .sample_stats import SampleStatsRecorder, mcmc_sample_stats
 
 __all__ = ["to_inference_data"]
@@ -375,10 +374,8 @@ def _in_support(site, value: torch.Tensor) -> torch.Tensor | None:
     """Whether each draw of ``value`` lies in the support of the site's distribution, where that support
     is one of Pyro's fixed constraints (``positive``, ``simplex``, ...: not one of parameters, such as an
     ``interval`` whose bounds are other latents); ``None`` where it is not."""
-    support = site["fn"].support
-    while isinstance(support, constraints.independent):
-        support = support.base_constraint
-    if not any(support is c for c in vars(constraints).values()):
+    support = fixed_constraint(site["fn"].support)
+    if support is None:
         return None
     return support.check(value).reshape(value.shape[:2] + (-1,)).all(-1)
 

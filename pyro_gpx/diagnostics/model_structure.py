@@ -15,6 +15,7 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
+from pyro.distributions import constraints
 from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.poutine.runtime import Message
 from pyro.poutine.util import site_is_subsample
@@ -35,6 +36,15 @@ def quiet_trace(model: Callable, args: tuple = (), kwargs: Mapping | None = None
     graph, no density validation, and the caller's random stream left as it was."""
     with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
         return poutine.trace(model).get_trace(*args, **dict(kwargs or {}))
+
+
+def fixed_constraint(support: constraints.Constraint) -> constraints.Constraint | None:
+    """The base of ``support`` (inside any ``independent``) if it is one of Pyro's fixed constraints
+    (``positive``, ``simplex``, ...), else ``None`` (a constraint of parameters, such as an ``interval``
+    whose bounds are other latents)."""
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support if any(support is c for c in vars(constraints).values()) else None
 
 
 def is_factor(site: Mapping[str, Any]) -> bool:

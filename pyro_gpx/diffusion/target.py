@@ -16,11 +16,12 @@ from contextlib import nullcontext
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.distributions import constraints
 from pyro.distributions.transforms import biject_to
 from pyro.distributions.util import is_validation_enabled
 from pyro.poutine.runtime import _DIM_ALLOCATOR
 from pyro.poutine.util import site_is_subsample
+
+from ..diagnostics.model_structure import fixed_constraint
 
 __all__ = ["UnconstrainedTarget"]
 
@@ -118,11 +119,8 @@ class UnconstrainedTarget:
                 trace = poutine.trace(conditioned).get_trace(*self.args, **self.kwargs)
         except Exception:  # e.g. invalid parameters at the prototype: the batched runs report what they find
             return None
-        sites: dict = trace.nodes  # plain dicts: Pyro's typed Message hides fn.log_prob from mypy
         quick = {}
-        for name, site in sites.items():
-            if site["type"] != "sample" or not site["is_observed"] or site["infer"].get("_deterministic"):
-                continue
+        for name, site in _observed_nodes(trace):
             value = site["value"]
             _check_finite_observed(name, value)
             try:
@@ -139,10 +137,7 @@ class UnconstrainedTarget:
         the model once more per data set: that trace was a quarter of an implicit-BLL minibatch step. A site
         the record does not know gets the full check."""
         assert self.quick_checks is not None
-        sites: dict = trace.nodes
-        for name, site in sites.items():
-            if site["type"] != "sample" or not site["is_observed"] or site["infer"].get("_deterministic"):
-                continue
+        for name, site in _observed_nodes(trace):
             if name not in self.quick_checks:
                 self.check_observed()
                 break
@@ -216,9 +211,8 @@ class UnconstrainedTarget:
             for site, lp in terms:
                 if torch.isfinite(lp).all():
                     continue
-                value = site["value"]
-                if site["is_observed"] and torch.is_tensor(value) and not torch.isfinite(value).all():
-                    raise ValueError(f"the observed values of site {site['name']!r} contain NaN or inf")
+                if site["is_observed"]:
+                    _check_finite_observed(site["name"], site["value"])
                 raise FloatingPointError(f"log density of site {site['name']!r} is not finite at a sampled point")
         return torch.as_tensor(total)  # a tensor also when no site has a density (total still 0.0)
 
@@ -294,6 +288,14 @@ class UnconstrainedTarget:
         return grad.detach()
 
 
+def _observed_nodes(trace):
+    """``(name, site)`` of the trace's observed sample sites that carry data (not deterministic ones)."""
+    sites: dict = trace.nodes  # plain dicts: Pyro's typed Message hides fn.log_prob from mypy
+    for name, site in sites.items():
+        if site["type"] == "sample" and site["is_observed"] and not site["infer"].get("_deterministic"):
+            yield name, site
+
+
 def _check_finite_observed(name: str, value) -> None:
     if torch.is_tensor(value) and not torch.isfinite(value).all():
         raise ValueError(f"the observed values of site {name!r} contain NaN or inf")
@@ -306,7 +308,4 @@ def _fixed_support(fn):
         support = fn.support
     except NotImplementedError:
         return None
-    base = support
-    while isinstance(base, constraints.independent):
-        base = base.base_constraint
-    return support if any(base is c for c in vars(constraints).values()) else None
+    return support if fixed_constraint(support) is not None else None
