@@ -52,12 +52,15 @@ def _update_bn(bn_loader, module: torch.nn.Module) -> None:
 
 
 class SWAGCollector:
-    """Running SWAG statistics of a module's trainable parameters.
+    r"""Running SWAG statistics of a module's trainable parameters.
 
-    :param module: the network (its ``parameters()`` with ``requires_grad`` are tracked).
+    :param module: the network: its parameters with ``requires_grad`` at construction are tracked (by
+        name; sampling into a copy with frozen parameters is fine).
     :param max_rank: :math:`K`, the number of deviation columns kept (20 in [1]).
     :param dtype: dtype of the statistics (float64 keeps the variance's cancellation negligible; see
-        :mod:`~pyro_gpx.swag.moments`).
+        :mod:`~pyro_gpx.swag.moments`). In float32 the diagonal of a weight a few hundred times its SGD
+        spread is lost (relative error :math:`\epsilon(\bar\theta/\sigma)^2 \approx 1`) and floored at
+        :data:`~pyro_gpx.swag.moments.MIN_VARIANCE`, which makes ``distribution().log_prob`` meaningless.
 
     The statistics live on the parameters' device (the device at the first :meth:`collect`, so
     moving the module with ``.to(device)`` before collecting is fine); samples come back on the
@@ -66,28 +69,30 @@ class SWAGCollector:
 
     def __init__(self, module: torch.nn.Module, max_rank: int = 20, dtype: torch.dtype = torch.float64):
         self.module = module
-        self._shapes = self._param_shapes(module)
+        self._shapes = {name: p.shape for name, p in module.named_parameters() if p.requires_grad}
+        if not self._shapes:
+            raise ValueError("module has no trainable parameters (requires_grad=True) to collect")
         num = sum(s.numel() for s in self._shapes.values())
         self.moments: SWAGMoments = init_moments(num, max_rank, dtype, self._device(module))
 
-    @staticmethod
-    def _params(module: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
-        return ((n, p) for n, p in module.named_parameters() if p.requires_grad)
+    def _params(self, module: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+        """The tracked parameters (those trainable when the collector was built), by name, whether or not
+        they are trainable now: a frozen evaluation copy of the network takes samples too."""
+        return ((n, p) for n, p in module.named_parameters() if n in self._shapes)
 
-    @classmethod
-    def _param_shapes(cls, module) -> dict[str, torch.Size]:
-        return {name: p.shape for name, p in cls._params(module)}
-
-    @classmethod
-    def _device(cls, module: torch.nn.Module) -> torch.device | None:
-        return next((p.device for _, p in cls._params(module)), None)
+    def _device(self, module: torch.nn.Module) -> torch.device | None:
+        return next((p.device for _, p in self._params(module)), None)
 
     def _check(self, module: torch.nn.Module) -> None:
-        shapes = self._param_shapes(module)
-        if shapes.keys() != self._shapes.keys():
+        params = dict(module.named_parameters())
+        missing = [name for name in self._shapes if name not in params]
+        untracked = [name for name, p in params.items() if p.requires_grad and name not in self._shapes]
+        if missing or untracked:
             raise ValueError(
-                f"the module's parameters changed: {sorted(set(shapes) ^ set(self._shapes))} added or removed"
+                f"the module's parameters changed: SWAG tracks the parameters that were trainable when it was "
+                f"built; {missing} are missing, {untracked} are trainable and not tracked"
             )
+        shapes = {name: p.shape for name, p in self._params(module)}
         for name, shape in shapes.items():
             if shape != self._shapes[name]:
                 collected = tuple(self._shapes[name])

@@ -163,20 +163,28 @@ class AutoSWAG(AutoContinuous):
         """
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        flat = self._pack(values)
+            with _untraced_on_error(self):  # e.g. called without the targets: a later call traces again
+                flat = self._pack(values)
+        else:
+            flat = self._pack(values)
         if self._moments is None:
             self._moments = init_moments(flat.numel(), self.max_rank, torch.float64, flat.device)
             self._swag_shapes = self._latent_shapes()
         self._moments = update_moments(self._moments, flat)
+
+    def __call__(self, *args, **kwargs):
+        self.moments  # noqa: B018  (before the first call traces the model: without statistics there is
+        # nothing to draw, and a first call without the targets would make the observed sites look latent)
+        return super().__call__(*args, **kwargs)
 
     def get_posterior(self, *args, **kwargs):
         dtype, device = self._latent_dtype_device()  # sample in the model's dtype, on its device
         return swag_distribution(self.moments, self.scale, self.diag_only, dtype, device)
 
     def _loc_scale(self, *args, **kwargs):
+        m = self.moments  # (raises before the model is traced, as __call__)
         if self.prototype_trace is None:  # e.g. median() right after load_state_dict
             self._setup_prototype(*args, **kwargs)
-        m = self.moments
         variance = self.scale * diagonal_variance(m)
         if not self.diag_only and m.rank >= 2:
             variance = variance + self.scale * (m.deviations**2).sum(0) / (m.rank - 1)

@@ -56,7 +56,8 @@ __all__ = [
 #: the entries of :func:`moments_state_dict`
 STATE_KEYS = ("num_snapshots", "mean", "sq_mean", "deviations", "max_rank")
 
-#: floor on the diagonal variance (parameters that never moved), as in the reference implementation
+#: floor on the diagonal variance, as in the reference implementation: for parameters that never moved,
+#: and for those whose spread the statistics' dtype cannot resolve (cancellation, see above)
 MIN_VARIANCE = 1e-30
 
 

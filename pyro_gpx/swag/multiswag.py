@@ -18,6 +18,7 @@ import pyro.distributions as dist
 import torch
 from pyro.infer.autoguide import AutoContinuous
 
+from .._validation import check_positive_int, is_integer
 from .collector import SWAGCollector
 from .guide import AutoSWAG, _latent_mismatch, _rng_kept, _untraced_on_error
 from .moments import swag_distribution
@@ -40,8 +41,7 @@ def swag_predict(
 
     The module's parameters are restored afterwards.
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    num_samples = check_positive_int("num_samples", num_samples)
     module = module if module is not None else collector.module
     saved = {k: v.clone() for k, v in module.state_dict().items()}
     try:
@@ -81,6 +81,9 @@ class MultiSWAG:
         :param seed: if given, run ``i`` draws from its own generator seeded ``seed + i`` (so calls that
             differ only in ``scale`` use common random numbers); otherwise all runs share ``generator``.
         """
+        samples_per_model = check_positive_int("samples_per_model", samples_per_model)
+        if seed is not None and not is_integer(seed):
+            raise ValueError(f"seed must be an integer or None, got {seed!r}")
         loaders = list(bn_loaders) if bn_loaders is not None else [None] * len(self.collectors)
         if len(loaders) != len(self.collectors):
             raise ValueError(f"bn_loaders has {len(loaders)} entries for {len(self.collectors)} SWAG runs")
@@ -135,7 +138,8 @@ class AutoMultiSWAG(AutoContinuous):
     def _check_members(self) -> None:
         shapes = {name: tuple(shape) for name, shape in self._unconstrained_shapes.items()}
         for i, g in enumerate(self._members):
-            g.moments  # noqa: B018  (raises a clear error if member i collected nothing)
+            if g._moments is None:
+                raise ValueError(f"guides[{i}] has collected nothing yet; call its collect(values, *model_args)")
             if g._swag_shapes is not None and list(g._swag_shapes.items()) != list(shapes.items()):
                 raise ValueError(f"guides[{i}] {_latent_mismatch(g._swag_shapes, shapes)}")
             if g.moments.mean.numel() != self.latent_dim:

@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .._validation import is_finite_at_least, is_integer
@@ -47,7 +48,7 @@ def select_scale(
     num_samples: int = 30,
     diag_only: bool = False,
     bn_loaders: Sequence | None = None,
-    seed: int = 0,
+    seed: int | None = 0,
 ) -> ScaleSelection:
     """The scale in ``scales`` with the lowest ``loss`` of the SWAG (or, for a list of collectors,
     MultiSWAG) predictions on held-out data.
@@ -59,7 +60,8 @@ def select_scale(
     :param bn_loaders: one BatchNorm loader per collector (or ``None``).
     :param scales: the candidate scales; :param num_samples: SWAG draws per scale;
         :param diag_only: SWAG-diagonal; :param seed: the draws' seed, shared by every scale (common
-        random numbers, so the comparison is not decided by sampling noise).
+        random numbers, so the comparison is not decided by sampling noise); ``None``: one seed drawn
+        from torch's global generator, shared by every scale all the same.
 
     Example::
 
@@ -78,11 +80,16 @@ def select_scale(
     group = [collectors] if isinstance(collectors, SWAGCollector) else list(collectors)
     if not group or not all(isinstance(c, SWAGCollector) for c in group):
         raise TypeError("collectors must be a SWAGCollector or a non-empty sequence of them")
-    if not scales or not all(not isinstance(s, bool) and is_finite_at_least(s, 0.0, strict=True) for s in scales):
+    grid = scales.reshape(-1).tolist() if isinstance(scales, torch.Tensor | np.ndarray) else list(scales)
+    if not grid or not all(is_finite_at_least(s, 0.0, strict=True) for s in grid):
         raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales}")
-    scales = [float(s) for s in scales]  # NumPy and 0-d tensor scales too
+    scales = [float(s) for s in grid]  # NumPy and 0-d tensor scales too
     if not is_integer(num_samples) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if seed is None:  # one seed for every scale all the same: the comparison needs common random numbers
+        seed = int(torch.randint(2**31, ()))
+    elif not is_integer(seed):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}")
     per_model, left_over = divmod(int(num_samples), len(group))
     if per_model < 1 or left_over:
         raise ValueError(

@@ -196,6 +196,36 @@ def test_errors_on_too_few_iterates_and_changed_shapes():
         swag.collect(other)
 
 
+def test_samples_load_into_a_frozen_copy_and_the_tracked_set_is_named():
+    net = _net()
+    swag = SWAGCollector(net, max_rank=3)
+    _train(net, 4, [swag])
+    frozen = copy.deepcopy(net).requires_grad_(False)  # an evaluation copy (was: "added or removed")
+    gen = torch.Generator().manual_seed(0)
+    swag.sample_into(frozen, generator=gen)
+    expected = swag.sample(generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(torch.cat([p.reshape(-1) for p in frozen.parameters()]), expected, rtol=0, atol=0)
+    torch.testing.assert_close(swag.flat_parameters(swag.swa_into(frozen)), swag.moments.mean, rtol=0, atol=0)
+    grown = torch.nn.Sequential(*net, torch.nn.Linear(1, 1)).double()
+    with pytest.raises(ValueError, match=r"\['3.weight', '3.bias'\] are trainable and not tracked"):
+        swag.collect(grown)
+    with pytest.raises(ValueError, match=r"\['2.weight', '2.bias'\] are missing"):
+        swag.collect(net[:1])
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        SWAGCollector(torch.nn.ReLU())  # was: "num_params must be a positive integer"
+
+
+@pytest.mark.parametrize("num_samples", [2.5, True, 0])
+def test_swag_predict_sample_count_is_checked(num_samples):
+    net = _net()
+    swag = SWAGCollector(net, max_rank=3)
+    _train(net, 3, [swag])
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        swag_predict(swag, lambda m: m.weight.sum(), num_samples)
+    with pytest.raises(ValueError, match="samples_per_model must be a positive integer"):
+        MultiSWAG([swag]).predict(lambda m: m.weight.sum(), num_samples)
+
+
 class _Pair(torch.nn.Module):
     """Two vectors registered in the given order."""
 

@@ -98,6 +98,21 @@ def test_collect_errors(float64):
         swag.median()
 
 
+def test_a_failed_first_call_does_not_fix_the_observed_sites_as_latent(float64):
+    X, y = torch.randn(10, 2), torch.randn(10)
+    values = {"w": torch.zeros(2), "sigma": torch.tensor(1.0)}
+    swag = AutoSWAG(regression)
+    with pytest.raises(ValueError, match="latent site 'y'"):
+        swag.collect(values, X)  # the targets forgotten: 'y' looks latent
+    with pytest.raises(ValueError, match="collected nothing"):
+        Predictive(regression, guide=swag, num_samples=2)(X)  # before any collect, without targets
+    with pytest.raises(ValueError, match="collected nothing"):
+        swag.median(X)
+    for _ in range(3):
+        swag.collect(values, X, y)  # was: "needs a value for latent site 'y'" forever
+    assert swag.moments.num_snapshots == 3 and set(swag.median(X)) == {"w", "sigma"}
+
+
 def _same_samples(a, b, *args):
     pyro.set_rng_seed(3)
     x = a(*args)
@@ -285,7 +300,7 @@ def test_multiswag_guide_state_and_errors():
         AutoMultiSWAG([AutoSWAG(latent5) for _ in range(3)]).load_state_dict(guide.state_dict())
     with pytest.raises(TypeError, match="non-empty sequence of AutoSWAG"):
         AutoMultiSWAG([])
-    with pytest.raises(ValueError, match="collected nothing"):
+    with pytest.raises(ValueError, match=r"guides\[1\] has collected nothing"):
         AutoMultiSWAG([_latent5_swag(walks[2]), AutoSWAG(latent5)])()
     X = torch.randn(4, 2, dtype=torch.float64)
     other = AutoSWAG(other_model)

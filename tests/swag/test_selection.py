@@ -86,3 +86,27 @@ def test_bad_input_is_named(kwargs, match):
 def test_collectors_must_be_swag():
     with pytest.raises(TypeError, match="collectors"):
         select_scale([], lambda m: m, lambda out: 0.0)
+
+
+@pytest.mark.parametrize("seed", [None, 7])
+def test_every_scale_shares_the_draws_without_a_seed_too(seed):
+    net, swag = _linear_swag()
+    X = torch.randn(10, 3, dtype=torch.float64)
+    mean = swag.swa_into(torch.nn.Linear(3, 1).double())(X)[:, 0].detach()
+    seen = []
+    select_scale(swag, lambda m: m(X)[:, 0], lambda out: seen.append(out) or 0.0, scales=(0.5, 2.0), seed=seed)
+    torch.testing.assert_close(seen[1] - mean, 2 * (seen[0] - mean), rtol=1e-9, atol=1e-12)  # was fresh draws
+
+
+@pytest.mark.parametrize("scales", [np.logspace(-1, 0, 3), torch.tensor([0.1, 0.5])])
+def test_array_and_tensor_grids(scales):
+    net, swag = _linear_swag()
+    X = torch.randn(10, 3, dtype=torch.float64)
+    choice = select_scale(swag, lambda m: m(X)[:, 0], lambda out: float(out.var(0).mean()), scales=scales)
+    assert list(choice.losses) == pytest.approx([float(s) for s in scales]) and choice.scale == pytest.approx(0.1)
+
+
+def test_seed_must_be_an_integer():
+    net, swag = _linear_swag()
+    with pytest.raises(ValueError, match="seed must be an integer or None"):
+        select_scale(swag, lambda m: m.weight.sum(), lambda out: 0.0, seed=1.5)
