@@ -253,17 +253,19 @@ def refit_outputscale_noise(
         t = fa / (fa - fb)  # the root by linear interpolation in log tau, the multiplier in log a
         u_best = a + t * (b - a)
         multiplier = math.exp((1 - t) * math.log(values[a][1]) + t * math.log(values[b][1]))
-    else:  # the likelihood peaks at a bound of the search (or it ran out of evaluations)
-        u_best = min(values, key=lambda v: abs(values[v][0]))
+    else:  # no sign change: the likelihood rose all the way, so the best point tried is the last one reached
+        # (a bound of the search, or where the evaluations ran out), not the one of smallest slope
+        u_best = max(values, key=lambda v: direction * v)
         multiplier = values[u_best][1]
     tau = math.exp(u_best)
     noise_hat = max(multiplier * tau, min_noise)
     return MLLRefit(multiplier, noise_hat, len(values), products, converged)
 
 
-def _profile_maximiser(evals: torch.Tensor, rho: torch.Tensor, log_tau: torch.Tensor) -> tuple[float, float]:
-    """(tau, multiplier) maximising the profile likelihood of ``rho`` = Q^T r over a grid of log tau,
-    refined by golden-section search between the grid neighbours of the best point."""
+def _profile_maximiser(evals: torch.Tensor, rho: torch.Tensor, log_tau: torch.Tensor) -> tuple[float, float, bool]:
+    """(tau, multiplier, interior) maximising the profile likelihood of ``rho`` = Q^T r over a grid of log
+    tau, refined by golden-section search between the grid neighbours of the best point; ``interior``:
+    whether the maximiser lies inside the grid, not at an end of it."""
     m = rho.shape[0]
 
     def profile(u: float) -> tuple[float, float]:
@@ -273,7 +275,8 @@ def _profile_maximiser(evals: torch.Tensor, rho: torch.Tensor, log_tau: torch.Te
 
     lo, hi = grid_golden_bracket(lambda u: profile(u)[0], log_tau.tolist(), 1e-3)
     u = 0.5 * (lo + hi)
-    return math.exp(u), profile(u)[1]
+    interior = min(u - float(log_tau[0]), float(log_tau[-1]) - u) > 2e-3  # golden search ends within 1e-3
+    return math.exp(u), profile(u)[1], interior
 
 
 def distinct_rows(X: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -346,12 +349,13 @@ def subset_refit_outputscale_noise(
     low, high = _check_search(noise, bounds)
     subsets = random_subsets(X, residual, num_points, num_subsets, generator)
     log_tau = torch.linspace(math.log(noise * low), math.log(noise * high), 61, dtype=torch.float64)
-    log_taus, log_as = [], []
+    log_taus, log_as, interior = [], [], True
     for index in subsets:
         Xm = X[index].double()
         evals, evecs = torch.linalg.eigh(kernel(Xm, Xm).double())
-        tau, a = _profile_maximiser(evals.clamp_min(0), evecs.T @ residual[index].double(), log_tau)
+        tau, a, inside = _profile_maximiser(evals.clamp_min(0), evecs.T @ residual[index].double(), log_tau)
         log_taus.append(math.log(tau))
         log_as.append(math.log(a))
+        interior = interior and inside
     tau, multiplier = math.exp(sum(log_taus) / len(subsets)), math.exp(sum(log_as) / len(subsets))
-    return MLLRefit(multiplier, max(multiplier * tau, min_noise), len(subsets), 0, True)
+    return MLLRefit(multiplier, max(multiplier * tau, min_noise), len(subsets), 0, interior)

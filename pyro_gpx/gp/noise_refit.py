@@ -13,7 +13,7 @@ maximises the same ELBO over the noise alone with the extended actions fixed:
 
 Only :math:`G = S^\top K S + \sigma^2 S^\top S` depends on :math:`\sigma^2`, so every trial costs an
 :math:`i \times i` Cholesky factorisation and :math:`O(ni)` work, with no new kernel product
-(:math:`S^\top K K S` is formed once). With complete actions the ELBO is the exact log marginal
+(a triangular factor of :math:`KS` is formed once). With complete actions the ELBO is the exact log marginal
 likelihood, and :math:`\hat\sigma^2` is its maximiser in the noise at the given kernel.
 
 References:
@@ -29,14 +29,13 @@ import math
 
 import torch
 
-from .._linalg import gram
 from ._search import grid_golden_bracket
 from .projection import ActionProjection, _factorise, _sym
 
 __all__ = ["refit_noise"]
 
 
-def _elbo_at(projection: ActionProjection, diag_K: torch.Tensor, KSKS: torch.Tensor, noise: float) -> float:
+def _elbo_at(projection: ActionProjection, diag_K: torch.Tensor, KS_factor: torch.Tensor, noise: float) -> float:
     """The CaGP ELBO of ``projection``'s actions at noise variance ``noise`` (``-inf`` where :math:`G`
     is not numerically positive-definite: no jitter, which would bias the score)."""
     noise_t = torch.tensor(noise, dtype=torch.float64)
@@ -45,7 +44,7 @@ def _elbo_at(projection: ActionProjection, diag_K: torch.Tensor, KSKS: torch.Ten
         return -math.inf
     weights = torch.cholesky_solve(projection.Str[:, None], L)[:, 0]
     trial = dataclasses.replace(projection, noise=noise_t, chol_G=L, weights=weights)
-    value = float(trial.elbo(diag_K, KSKS=KSKS))
+    value = float(trial.elbo(diag_K, KS_factor=KS_factor))
     return value if math.isfinite(value) else -math.inf
 
 
@@ -94,18 +93,18 @@ def refit_noise(
     diag_K = diag_K.double()
     # float64 copies made once, not in every trial's ELBO (a float32 KS would be converted each time)
     trials = dataclasses.replace(projection, KS=projection.KS.double(), residual=projection.residual.double())
-    KSKS = _sym(gram(trials.KS))
+    KS_factor = torch.linalg.qr(trials.KS, mode="r")[1]  # R^T R = (KS)^T KS, without forming it
     cache: dict[float, float] = {}
 
     def score(t: float) -> float:  # t = log multiplier
         if t not in cache:
-            cache[t] = _elbo_at(trials, diag_K, KSKS, max(noise0 * math.exp(t), min_noise))
+            cache[t] = _elbo_at(trials, diag_K, KS_factor, max(noise0 * math.exp(t), min_noise))
         return cache[t]
 
     a, b = math.log(low), math.log(high)
     grid_golden_bracket(score, [a + (b - a) * k / 14 for k in range(15)], rtol)
     t_best = max(cache, key=cache.__getitem__)
-    if cache[t_best] <= _elbo_at(trials, diag_K, KSKS, noise0):
+    if cache[t_best] <= _elbo_at(trials, diag_K, KS_factor, noise0):
         return projection
     noise = torch.tensor(max(noise0 * math.exp(t_best), min_noise), dtype=torch.float64)
     return _factorise(projection.actions, projection.residual, noise, projection.KS, projection.StKS,

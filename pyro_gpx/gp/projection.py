@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .._linalg import gram
 from .actions import Actions, DenseActions, IndexActions, StackedActions
 from .cholesky import safe_cholesky
 from .kernel_fn import KernelFn
@@ -82,7 +81,7 @@ class ActionProjection:
     def logdet_StS(self) -> torch.Tensor:
         return torch.linalg.slogdet(self.StS)[1]
 
-    def elbo(self, diag_K: torch.Tensor, KSKS: torch.Tensor | None = None) -> torch.Tensor:
+    def elbo(self, diag_K: torch.Tensor, KS_factor: torch.Tensor | None = None) -> torch.Tensor:
         r"""The CaGP evidence lower bound [2] (float64):
 
         .. math::
@@ -95,22 +94,33 @@ class ActionProjection:
         The first bracket is :math:`\mathbb{E}_q[\log N(y \mid f, \sigma^2 I)]` under
         :math:`q(f) = N(\mu + KSw,\ K - KSG^{-1}S^\top K)`, the second :math:`\mathrm{KL}(q \,\|\, p)`.
         It never exceeds :math:`\log N(y; \mu, \hat K)` and equals it when :math:`S` spans
-        :math:`\mathbb{R}^n`. ``KSKS``: :math:`S^\top K K S` if already formed (it does not depend on
-        the noise).
+        :math:`\mathbb{R}^n`.
+
+        The traces are formed stably at small noise, where :math:`G` is ill-conditioned:
+        :math:`\operatorname{tr}(G^{-1}S^\top KKS) = \|L^{-1}(KS)^\top\|_F^2` with :math:`G = LL^\top` (a
+        solve against :math:`S^\top K K S`, which squares the conditioning, put the bound 21 nats above
+        :math:`\log p(y)` at noise 1e-7) and :math:`\operatorname{tr}(G^{-1}S^\top K S) = i -
+        \sigma^2\operatorname{tr}(G^{-1}S^\top S)`. ``KS_factor``: any :math:`F` with :math:`F^\top F =
+        (KS)^\top KS`, e.g. the triangular factor of a QR decomposition of :math:`KS`, which does not
+        depend on the noise (:func:`~pyro_gpx.gp.noise_refit.refit_noise` forms it once).
         """
         n, i = self.num_data, self.num_actions
         noise = self.noise
         KS = self.KS.double()
         r = self.residual.double()
         fit = r - KS @ self.weights
-        KSKS = gram(KS) if KSKS is None else KSKS
-        trace_reduction = torch.trace(self.solve_G(_sym(KSKS)))
+        F = KS if KS_factor is None else KS_factor.double()
+        # ||F L^{-T}||_F^2 through L's explicit inverse: one GEMM, as accurate here as a triangular solve of
+        # F^T (1e-8 noise: 4e-4 nats apart) and as fast as forming F^T F
+        L_inv = torch.linalg.solve_triangular(self.chol_G, torch.eye(i, dtype=F.dtype, device=F.device), upper=False)
+        trace_reduction = (F @ L_inv.T).square().sum()
+        trace_StKS = i - noise * torch.trace(self.solve_G(self.StS))
         expected = -0.5 * (
             n * torch.log(2 * math.pi * noise) + (fit @ fit + diag_K.double().sum() - trace_reduction) / noise
         )
         kl = 0.5 * (
             self.weights @ (self.StKS @ self.weights)
-            - torch.trace(self.solve_G(self.StKS))
+            - trace_StKS
             + self.logdet_G()
             - i * torch.log(noise)
             - self.logdet_StS()

@@ -97,6 +97,23 @@ def _sqdist(Z1: torch.Tensor, Z2: torch.Tensor) -> torch.Tensor:
     return d.clamp_min_(0)
 
 
+#: multiple of eps * (|z|^2 + |z'|^2) below which Matern-1/2's rho is rounding and is set to 0
+_SNAP = 8.0
+
+
+def _matern12_rho(Z1: torch.Tensor, Z2: torch.Tensor) -> torch.Tensor:
+    r""":math:`\rho` for Matern-1/2, whose :math:`e^{-\sqrt\rho}` turns the expansion's rounding,
+    :math:`\epsilon\|z\|^2` in :math:`\rho`, into :math:`\sqrt{\epsilon}\|z\|` in the kernel (2e-3 on
+    its diagonal in float32): formed in float64, and distances within rounding of zero (the diagonal,
+    repeated inputs) set to exactly zero, where the kernel is flat in the other families."""
+    Z1, Z2c = centred(Z1.double(), Z2.double())
+    assert Z2c is not None
+    sq1, sq2 = (Z1 * Z1).sum(-1, keepdim=True), (Z2c * Z2c).sum(-1)
+    d = sq1 - 2 * Z1 @ Z2c.T + sq2
+    floor = (_SNAP * torch.finfo(torch.float64).eps) * (sq1 + sq2)
+    return torch.where(d > floor, d, torch.zeros((), dtype=d.dtype))
+
+
 @dataclass(frozen=True)
 class StationarySpec:
     r""":math:`k(x, x') = s^2 \kappa(\|x/\ell - x'/\ell\|^2)`: family, lengthscales and scale."""
@@ -117,7 +134,10 @@ class StationarySpec:
         return self.columns(X) / self.lengthscale.to(X.dtype)
 
     def dense(self, X1: torch.Tensor, X2: torch.Tensor) -> torch.Tensor:
-        return self.outputscale.to(X1.dtype) * _profile(self.family, _sqdist(self.scale(X1), self.scale(X2)))
+        Z1, Z2 = self.scale(X1), self.scale(X2)
+        if self.family == "matern12":
+            return self.outputscale.to(X1.dtype) * _profile(self.family, _matern12_rho(Z1, Z2)).to(X1.dtype)
+        return self.outputscale.to(X1.dtype) * _profile(self.family, _sqdist(Z1, Z2))
 
     def diag(self, X: torch.Tensor) -> torch.Tensor:
         return self.outputscale.to(X.dtype).expand(X.shape[0])
@@ -203,7 +223,21 @@ def _chunk_profile(family, Z1c, Z2, half_sq1c, half_sq2, derivative, work: _Work
         return (k, None) if derivative else k  # kappa' = -kappa / 2, applied by the caller
     if family in _MATERN_ROOT:
         return _matern_inplace(family, A, derivative, work)
+    if family == "matern12":  # (see _matern12_rho: the chunk's rho again, in float64 and snapped at zero)
+        rho = _matern12_chunk_rho(Z1c, Z2)
+        out = _profile(family, rho, derivative)
+        return tuple(t.to(Z1c.dtype) for t in out) if derivative else out.to(Z1c.dtype)
     return _profile(family, A.mul_(-2.0), derivative)
+
+
+def _matern12_chunk_rho(Z1c, Z2):
+    """:func:`_matern12_rho` on a chunk of the fused products (inputs centred by the caller; the squared
+    norms again in float64, not the callers' float32 ones)."""
+    Z1c, Z2 = Z1c.double(), Z2.double()
+    sq1, sq2 = (Z1c * Z1c).sum(-1)[:, None], (Z2 * Z2).sum(-1)[None, :]
+    d = torch.addmm(sq1 + sq2, Z1c, Z2.T, alpha=-2.0)
+    floor = (_SNAP * torch.finfo(torch.float64).eps) * (sq1 + sq2)
+    return torch.where(d > floor, d, torch.zeros((), dtype=d.dtype))
 
 
 _MATERN_ROOT = {"matern32": 6.0, "matern52": 10.0}  # t = sqrt(nu') r = sqrt(-c A) with A = -rho/2

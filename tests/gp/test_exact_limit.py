@@ -1,5 +1,7 @@
 """Complete actions reproduce the exact GP (dense Cholesky and GPyTorch) to ~1e-8 relative."""
 
+import gpytorch
+import pyro
 import pyro.contrib.gp as contrib_gp
 import pytest
 import torch
@@ -67,3 +69,30 @@ def test_pyro_contrib_kernel_equals_gpytorch_kernel(problem):
     assert float(ours.marginal().log_prob(problem.y)) == pytest.approx(float(ref.marginal().log_prob(problem.y)),
                                                                        rel=1e-10)  # fmt: skip
     torch.testing.assert_close(ours(problem.X_new)[0], ref(problem.X_new)[0])
+
+
+@pytest.mark.parametrize("noise", [1e-6, 1e-7, 1e-8])
+def test_the_elbo_stays_a_lower_bound_at_small_noise(noise):
+    """tr(G^-1 S^T K K S) by a solve against the formed S^T K K S squared G's conditioning: at noise 1e-7
+    the bound was 21 nats above log p(y) with 150 block actions and 74 with 150 unit vectors, 3 with all n."""
+    n = 300
+    X = torch.rand(n, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel()).double()
+    kernel.base_kernel.lengthscale, kernel.outputscale = 0.1, 1.5
+    with torch.no_grad():
+        K_hat = kernel(X, X).to_dense() + noise * torch.eye(n, dtype=torch.float64)
+    y = torch.linalg.cholesky(K_hat) @ torch.randn(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    exact = float(torch.distributions.MultivariateNormal(torch.zeros(n, dtype=torch.float64), K_hat).log_prob(y))
+    for policy, complete in (
+        (BlockSparsePolicy(150), False),
+        (UnitVectorPolicy(150), False),
+        (UnitVectorPolicy(), True),
+    ):
+        pyro.clear_param_store()
+        gp = ComputationAwareGP(X, y, kernel, policy=policy, noise=noise, jitter=0.0)
+        with torch.no_grad():
+            elbo = float(gp.marginal().log_prob(y))
+        if complete:  # the exact log marginal likelihood
+            assert elbo == pytest.approx(exact, abs=1e-3)
+        else:
+            assert elbo < exact

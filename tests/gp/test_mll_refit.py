@@ -133,3 +133,21 @@ def test_model_stochastic_refit_agrees_with_the_exact_subset_refit(data):
     assert stochastic.products > 0 and exact.products == 0
     assert stochastic.multiplier == pytest.approx(exact.multiplier, rel=0.05)
     assert stochastic.noise == pytest.approx(exact.noise, rel=0.05)
+
+
+def test_an_optimum_outside_the_search_returns_the_bound_and_says_so(data):
+    """The likelihood's maximiser (tau = noise / multiplier near 0.01) lies below the searched tau in
+    [0.1, 10]: every slope tried has one sign, so the best point tried is the last one reached, the
+    lower bound (the smallest |slope| was picked instead: 162 nats worse in the review's case)."""
+    X, y, kernel, K = data
+    L, _ = partial_cholesky(KernelFn(kernel), X, 60, pivoting="rpcholesky", generator=torch.Generator().manual_seed(0))
+    fit = refit_outputscale_noise(lambda V: K @ V, y, L, noise=1.0, bounds=(0.1, 10.0),
+                                  generator=torch.Generator().manual_seed(1))  # fmt: skip
+    assert not fit.converged
+    assert fit.noise / fit.multiplier == pytest.approx(0.1, rel=1e-9)
+    at_start = _log_likelihood(K, y, fit.multiplier, fit.multiplier * 1.0)  # tau = 1, same multiplier
+    assert _log_likelihood(K, y, fit.multiplier, fit.noise) > at_start
+    subset = subset_refit_outputscale_noise(KernelFn(kernel), X, y, noise=1.0, num_points=len(y), bounds=(0.1, 10.0))
+    assert not subset.converged  # was True at the bound
+    assert subset.noise / subset.multiplier == pytest.approx(0.1, rel=1e-2)
+    assert subset_refit_outputscale_noise(KernelFn(kernel), X, y, noise=0.3, num_points=len(y)).converged

@@ -10,7 +10,7 @@ import torch
 
 from pyro_gpx.gp import ComputationAwareGP, KernelFn, UnitVectorPolicy, kd_partition, settings
 from pyro_gpx.gp.actions import BlockSparseActions
-from pyro_gpx.gp.kernel_ops import kernel_matmul, kernel_matmul_accumulate
+from pyro_gpx.gp.kernel_ops import kernel_matmul, kernel_matmul_accumulate, training_matmul
 from pyro_gpx.gp.stationary import stationary_block_matmul, stationary_matmul, stationary_spec
 from pyro_gpx.gp.symmetric import symmetric_matmul, training_block_matmul, training_stacked_matmul
 
@@ -123,15 +123,12 @@ def test_symmetric_training_product_matches_row_chunked(float64, family, tile):
     with settings.chunk_size(tile):
         out = training_block_matmul(stationary_spec(kernel), X, index, mask, blocks)
     grads = torch.autograd.grad((out * weight).sum(), params)
-    # Matern-1/2: kappa(rho) = exp(-sqrt(rho)) has an infinite slope at rho = 0, so the self-distances,
-    # which both products round differently (~1e-16; which way depends on the CPU's vector path), show
-    # as ~1e-8 in the values, and kappa'(rho) ~ 1/sqrt(rho) amplifies it in the gradients
-    tol = 1e-7 if family == "matern12" else 1e-12
-    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    # (Matern-1/2's self-distances are exactly zero in both products: they used to round differently, ~1e-8
+    # in the values through exp(-sqrt(rho)), and needed tolerances of 1e-7 here)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     grads[-1].mul_(mask), ref_grads[-1].mul_(mask)  # padding entries are masked out of the actions
-    rtol = 1e-6 if family == "matern12" else 1e-9
     for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=rtol, atol=1e-11)
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
 def test_symmetric_training_product_is_used_for_training_and_matches_dense(float64):
@@ -193,3 +190,27 @@ def test_float32_entries_accumulate_in_float64(kernel_kind):
     for product in pieces:
         assert product.dtype == torch.float64
         assert error(product) < min(1.5e-6, error(float32_sums))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-13), (torch.float32, 2e-6)])
+def test_matern12_entries_do_not_carry_the_square_root_of_the_rounding(dtype, tol):
+    """exp(-sqrt(rho)) turned the expansion's rounding, eps |z|^2 in rho, into sqrt(eps) |z| in the
+    entries: 2e-3 on float32's diagonal and 4e-3 in its products (8e-8 in float64), against a kernel
+    from explicit differences."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(300, 4, generator=gen, dtype=torch.float64)
+    X = torch.cat([X, X[:10]])  # repeated inputs
+    V = torch.randn(310, 3, generator=gen, dtype=torch.float64)
+    kernel = gpytorch.kernels.MaternKernel(nu=0.5).to(dtype)
+    kernel.lengthscale = torch.tensor(0.7, dtype=dtype)
+    ell = float(kernel.lengthscale.detach())
+    exact = torch.exp(-torch.cdist(X / ell, X / ell, compute_mode="donot_use_mm_for_euclid_dist"))
+    kfn = KernelFn(kernel)
+    K = kfn(X.to(dtype), X.to(dtype)).double()
+    assert torch.equal(K.diagonal(), torch.ones(310, dtype=torch.float64))
+    torch.testing.assert_close(K, exact, rtol=0, atol=tol)
+    for product in (
+        training_matmul(kfn, X.to(dtype), V.to(dtype)),
+        kernel_matmul(kfn, X.to(dtype), X.to(dtype), V.to(dtype)),
+    ):
+        torch.testing.assert_close(product.double(), exact @ V, rtol=0, atol=20 * tol)
