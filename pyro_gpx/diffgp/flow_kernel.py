@@ -34,6 +34,8 @@ def draw_shape(batch: torch.Size, name: str) -> torch.Size:
     as ``Predictive(parallel=True)`` does (it pads samples to the plate nesting counting event dims)."""
     if len(batch) <= 1:
         return torch.Size(batch)
+    if len(batch) == 2 and batch[-1] == 1 and batch[0] != 1:  # Predictive's padding of a one-event-dim site
+        return batch[:1]
     if any(s != 1 for s in batch[-2:]):
         raise ValueError(
             f"{name} has batch shape {tuple(batch)}; a global site's draws must end in the model's two size-1 "
@@ -194,10 +196,13 @@ class FlowKernel(PyroModule):
         # a prior (and so its guide) may be in another dtype, e.g. built from Python floats: the kernel's counts
         dtype = point["outputscale"].dtype
         ls, os_ = ls.to(dtype), os_.to(dtype)
-        batch = torch.broadcast_shapes(ls.shape[:-2], os_.shape[:-1])
-        ls = ls.expand(batch + (Dk, D)).reshape(-1, Dk, D)
-        os_ = os_.expand(batch + (Dk,)).reshape(-1, Dk)
-        lead = draw_shape(batch, "the flow hyperparameters")
+        # each site's draws on their own (Predictive(parallel=True) pads a (Dk,) site's to (N, 1), a (Dk, D)
+        # site's to (N,): broadcast together they made (N, N))
+        ls_lead = draw_shape(ls.shape[:-2], f"site {self._pyro_get_fullname('lengthscale')!r}")
+        os_lead = draw_shape(os_.shape[:-1], f"site {self._pyro_get_fullname('outputscale')!r}")
+        lead = torch.broadcast_shapes(ls_lead, os_lead)
+        ls = ls.reshape(ls_lead + (Dk, D)).expand(lead + (Dk, D)).reshape(-1, Dk, D)
+        os_ = os_.reshape(os_lead + (Dk,)).expand(lead + (Dk,)).reshape(-1, Dk)
         return KernelState(family=self.family, lengthscale=ls, outputscale=os_, lead=lead)
 
 

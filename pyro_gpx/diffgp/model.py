@@ -157,8 +157,8 @@ class DifferentialGP(PyroModule):
                 f"init_inputs must be an (n, D) tensor, got shape {tuple(getattr(init_inputs, 'shape', ()))}"
             )
         check_finite("init_inputs", init_inputs)
-        if not (isinstance(horizon, (int, float)) and math.isfinite(horizon) and horizon > 0):
-            raise ValueError(f"horizon must be a positive number, got {horizon}")
+        if not is_finite_at_least(horizon, 0.0, strict=True):  # NumPy and 0-d tensor numbers too, not a bool
+            raise ValueError(f"horizon must be a positive number, got {horizon!r}")
         num_steps, num_paths = check_positive_int("num_steps", num_steps), check_positive_int("num_paths", num_paths)
         num_inducing = check_positive_int("num_inducing", num_inducing)
         if output_inducing is not None:
@@ -171,8 +171,8 @@ class DifferentialGP(PyroModule):
             raise ValueError(f"a categorical likelihood needs num_classes >= 2, got {num_classes}")
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError(f"name must be a non-empty string or None, got {name!r}")
-        if not (noise > 0 and math.isfinite(noise)):
-            raise ValueError(f"noise must be positive, got {noise}")
+        if not is_finite_at_least(noise, 0.0, strict=True):
+            raise ValueError(f"noise must be a positive number, got {noise!r}")
         X = init_inputs.detach()
         self.dim, self.dtype = X.shape[1], X.dtype
         self.likelihood = likelihood
@@ -257,8 +257,8 @@ class DifferentialGP(PyroModule):
 
     # -- the pieces ------------------------------------------------------------------------------
     def _check_inputs(self, X: torch.Tensor, y: torch.Tensor | None) -> None:
-        if X.dim() != 2 or X.shape[1] != self.dim:
-            raise ValueError(f"X must be (n, {self.dim}) (the flow's dimension), got shape {tuple(X.shape)}")
+        if X.dim() != 2 or X.shape[1] != self.dim or X.shape[0] == 0:
+            raise ValueError(f"X must be (n, {self.dim}) with n >= 1 (the flow's dimension), got {tuple(X.shape)}")
         check_finite("X", X)
         if y is None:
             return
@@ -285,8 +285,9 @@ class DifferentialGP(PyroModule):
         kernel, Z = KernelState(kernel=self.output_kernel), self.output_Z
         L = jittered_cholesky(kernel.gram(Z), self.jitter)  # (1, C?, M, M)
         Kxz, kxx = kernel.cross(x, Z), kernel.diag(x)  # (B, C?, n, M), (B, C?, n)
-        loc, var = whitened_conditional(Kxz, kxx, L, u)  # (B, C, n)
-        return loc.transpose(-1, -2), var.transpose(-1, -2)
+        loc, var = whitened_conditional(Kxz, kxx, L, u)  # (B, C, n); var (B, 1, n) for one shared kernel
+        loc = loc.transpose(-1, -2)
+        return loc, var.transpose(-1, -2).expand_as(loc)
 
     # -- the model -------------------------------------------------------------------------------
     def forward(
@@ -315,7 +316,10 @@ class DifferentialGP(PyroModule):
         B = lead.numel()
         field = GPVectorField(state, self.flow_Z, u_f, self.jitter)
         x0 = X.to(self.dtype).unsqueeze(0).expand(B * S, n, self.dim).reshape(B, S * n, self.dim)
-        path = integrate_flow(field, x0, self.horizon, self.num_steps, keep_path=keep_path)
+        num_steps = check_positive_int("model.num_steps", self.num_steps)  # an attribute users may set (see loading)
+        if not is_finite_at_least(self.horizon, 0.0, strict=True):
+            raise ValueError(f"model.horizon must be a positive number, got {self.horizon!r}")
+        path = integrate_flow(field, x0, float(self.horizon), num_steps, keep_path=keep_path)
         x_T = path[-1] if keep_path else path
         loc, var = self._output_moments(x_T, u_g)
         shape = lead + (S, n)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pyro.poutine as poutine
 import torch
 
-from .._validation import check_positive_int
+from .._validation import check_finite, check_positive_int
 
 __all__ = ["DiffGPPrediction", "predict"]
 
@@ -69,6 +69,7 @@ class DiffGPPrediction:
             if ((y < 0) | (y >= C)).any():
                 raise ValueError(f"labels must lie in [0, {C}), got values in [{y.min()}, {y.max()}]")
             return self.probs.gather(-1, y.long().unsqueeze(-1)).squeeze(-1).clamp_min(1e-300).log()
+        check_finite("y", y)
         loc, var = self._moments()
         lp = -0.5 * (math.log(2 * math.pi) + var.log() + (y - loc) ** 2 / var)
         return torch.logsumexp(lp, 0) - math.log(lp.shape[0])

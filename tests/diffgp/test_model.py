@@ -4,6 +4,7 @@ likelihood, gradients, shapes, seeds and bad input (float64)."""
 import math
 
 import gpytorch
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
@@ -383,3 +384,64 @@ def test_predictive_parallel_draws_the_same_predictive_as_the_loop(float64):
         assert ((draws.std(0) / sd - 1).abs() < 0.15).all()
     parallel = Predictive(model, guide=guide, num_samples=3, parallel=True, return_sites=["y"])(X)["y"]
     assert parallel.shape == (3, 2, 8)
+
+
+@pytest.mark.parametrize("num_paths", [2, 3])
+def test_one_shared_output_kernel_for_several_classes(float64, num_paths):
+    """A batch-() output kernel with C = 3 gave var (S, n, 1): predict reshaped it to (-1, n, C), which mixed
+    the variances of other points and paths into the class columns (probabilities 0.044 off) or crashed."""
+    gen = torch.Generator().manual_seed(0)
+    X = 3 * torch.randn(20, 2, generator=gen, dtype=torch.float64)
+    labels = (X[:, 0] > 0).long()
+    kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel(ard_num_dims=2)).double()
+    kernel.outputscale = 4.0
+    model = DifferentialGP(X, num_inducing=4, num_paths=num_paths, num_steps=2, likelihood="categorical",
+                           num_classes=3, output_kernel=kernel)  # fmt: skip
+    guide = InducingNormal(model, init_scale=1e-6)
+    guide(X, labels)
+    with torch.no_grad():
+        guide.locs.output_inducing.copy_(torch.randn(3, 4, generator=gen, dtype=torch.float64))
+    pyro.set_rng_seed(0)
+    probs = predict(model, guide, X, num_samples=1, mc_samples=20000).probs
+    pyro.set_rng_seed(0)
+    out = poutine.block(poutine.replay(model, trace=poutine.trace(guide).get_trace(X)))(X)
+    assert out.var.shape == out.loc.shape == (num_paths, 20, 3)
+    draws = out.loc.unsqueeze(1) + out.var.sqrt().unsqueeze(1) * torch.randn(
+        (num_paths, 20000, 20, 3), generator=gen, dtype=torch.float64)  # fmt: skip
+    torch.testing.assert_close(probs, torch.softmax(draws, -1).mean((0, 1)), rtol=0, atol=0.01)
+
+
+@pytest.mark.parametrize("priors", ["outputscale", "both"])
+def test_parallel_predictive_of_a_fully_bayesian_model(float64, priors):
+    """Predictive(parallel=True) pads the (Dk,) outputscale's draws to (N, 1) and the (Dk, D) lengthscale's to
+    (N,): they were refused, or broadcast together to (N, N)."""
+    X, y = _data(n=12, d=2)
+    lengthscale_prior = dist.LogNormal(0.0, 1.0) if priors == "both" else None
+    flow = FlowKernel(2, outputscale_prior=dist.LogNormal(-2.0, 1.0), lengthscale_prior=lengthscale_prior)
+    model = DifferentialGP(X, num_inducing=4, num_paths=2, num_steps=3, flow=flow)
+    guide = AutoNormal(model)
+    guide(X, y)
+    out = Predictive(model, guide=guide, num_samples=3, parallel=True, return_sites=["y"])(X)["y"]
+    assert out.shape == (3, 2, 12) and torch.isfinite(out).all()
+
+
+def test_more_bad_input_is_named(float64):
+    X, y = _data()
+    for bad in (True, None, "0.1"):
+        with pytest.raises(ValueError, match="horizon must be a positive number"):
+            DifferentialGP(X, horizon=bad)
+        with pytest.raises(ValueError, match="noise must be a positive number"):
+            DifferentialGP(X, noise=bad)
+    assert DifferentialGP(X, horizon=np.float32(0.5), num_steps=2).horizon == 0.5  # was refused
+    model = DifferentialGP(X, num_inducing=4, num_paths=1, num_steps=2)
+    with pytest.raises(ValueError, match="n >= 1"):
+        model(X[:0])  # was a reshape error
+    model.num_steps = 0
+    with pytest.raises(ValueError, match="model.num_steps must be a positive integer"):
+        model(X, y)  # was ZeroDivisionError
+    model.num_steps = 2
+    guide = InducingNormal(model)
+    guide(X, y)
+    prediction = predict(model, guide, X, num_samples=2)
+    with pytest.raises(ValueError, match="y contains NaN"):
+        prediction.log_density(torch.full_like(y, float("nan")))  # was NaN
