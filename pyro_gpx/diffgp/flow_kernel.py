@@ -35,7 +35,7 @@ def draw_shape(batch: torch.Size, name: str) -> torch.Size:
     if len(batch) <= 1:
         return torch.Size(batch)
     if len(batch) == 2 and batch[-1] == 1 and batch[0] != 1:  # Predictive's padding of a one-event-dim site
-        return batch[:1]
+        return torch.Size(batch[:1])
     if any(s != 1 for s in batch[-2:]):
         raise ValueError(
             f"{name} has batch shape {tuple(batch)}; a global site's draws must end in the model's two size-1 "
