@@ -147,28 +147,60 @@ def _none_pattern(args: tuple, kwargs: dict) -> tuple:
 
 
 def _argument_stamp(args: tuple, kwargs: dict) -> tuple:
-    """The arguments with each tensor's version counter: equal stamps (compared by identity) mean
-    the same, unmodified data. Holding the objects keeps their ids from being reused."""
-    items = list(args) + [kwargs[k] for k in sorted(kwargs)]
-    return tuple(sorted(kwargs)), tuple((a, a._version if torch.is_tensor(a) else None) for a in items)
+    """The arguments with each tensor's version counter, into tuples, lists and dicts (a dict or list
+    argument changed in place is new data): equal stamps (tensors compared by identity) mean the same,
+    unmodified data. Holding the objects keeps their ids from being reused."""
+    return tuple(sorted(kwargs)), _stamp_item(list(args) + [kwargs[k] for k in sorted(kwargs)])
+
+
+def _stamp_item(a):
+    if torch.is_tensor(a):
+        return ("tensor", a, a._version)
+    if isinstance(a, list | tuple):
+        return ("sequence", type(a), tuple(_stamp_item(x) for x in a))
+    if isinstance(a, dict):
+        return ("dict", type(a), tuple((k, _stamp_item(v)) for k, v in a.items()))
+    return ("item", a)
+
+
+def _same_stamped(a: tuple, b: tuple) -> bool:
+    if a[0] != b[0]:
+        return False
+    if a[0] == "tensor":
+        return a[1] is b[1] and a[2] == b[2]
+    if a[0] == "sequence":
+        return a[1] is b[1] and len(a[2]) == len(b[2]) and all(map(_same_stamped, a[2], b[2]))
+    if a[0] == "dict":
+        return (a[1] is b[1] and len(a[2]) == len(b[2])
+                and all(k == q and _same_stamped(v, w) for (k, v), (q, w) in zip(a[2], b[2])))  # fmt: skip
+    return _same_item(a[1], b[1])
 
 
 def _same_stamp(stamp: tuple | None, other: tuple) -> bool:
-    if stamp is None or stamp[0] != other[0] or len(stamp[1]) != len(other[1]):
-        return False
-    return all(_same_item(a, b) and u == v for (a, u), (b, v) in zip(stamp[1], other[1], strict=True))
+    return stamp is not None and stamp[0] == other[0] and _same_stamped(stamp[1], other[1])
 
 
 def _same_item(a, b) -> bool:
     """The same object, or equal plain values (a tensor only as the same object)."""
     if a is b:
         return True
-    if torch.is_tensor(a) or torch.is_tensor(b):
+    if torch.is_tensor(a) or torch.is_tensor(b) or isinstance(a, list | dict):  # (mutable: compared by stamp)
         return False
     try:
         return type(a) is type(b) and bool(a == b)
     except Exception:  # e.g. an array's elementwise comparison
         return False
+
+
+def _effective_settings(settings: dict) -> dict:
+    """The settings in effect: the default horizon (1) for ``None``, and no beta schedule for PIS nor time
+    grid for DDS and DIS (their values there change nothing, so loading must not compare them)."""
+    out = dict(settings)
+    if "horizon" in out and out["horizon"] is None:
+        out["horizon"] = 1.0
+    for key in ("beta_min", "beta_max") if out.get("process") == "pis" else ("grid_power",):
+        out.pop(key, None)
+    return out
 
 
 class AutoDiffusion(AutoContinuous):
@@ -269,10 +301,11 @@ class AutoDiffusion(AutoContinuous):
         self._flow_spec = (flow,)  # a tuple: the module is registered only once the prototype is set up
         self.process = make_process(process, num_steps, sigma, horizon, beta_min, beta_max, grid_power)
         # the settings a trained drift belongs to that no parameter shape records: saved with the state
-        self._settings = {"process": process, "num_steps": int(num_steps), "sigma": float(sigma),
-                          "horizon": None if horizon is None else float(horizon), "beta_min": float(beta_min),
-                          "beta_max": float(beta_max), "grid_power": float(grid_power),
-                          "drift_clip": None if drift_clip is None else float(drift_clip)}  # fmt: skip
+        self._settings = _effective_settings({
+            "process": process, "num_steps": int(num_steps), "sigma": float(sigma),
+            "horizon": None if horizon is None else float(horizon), "beta_min": float(beta_min),
+            "beta_max": float(beta_max), "grid_power": float(grid_power),
+            "drift_clip": None if drift_clip is None else float(drift_clip)})  # fmt: skip
         self._net_config = {"hidden": hidden, "depth": depth, "use_score": use_score, "drift_clip": drift_clip}
         super().__init__(model, init_loc_fn=init_loc_fn)
         # self.model is wrapped in an InitMessenger, which costs at every trace; a tuple keeps a PyroModule
@@ -288,7 +321,7 @@ class AutoDiffusion(AutoContinuous):
         self._observed_sites: frozenset = frozenset()
         self._missing_by_pattern: dict = {}
         self._checked_data: tuple | None = None  # the arguments whose observed values were last checked
-        self._quick_checks: dict[str, bool] | None = None  # UnconstrainedTarget.check_observed's record
+        self._quick_checks: dict[str, str] | None = None  # UnconstrainedTarget.check_observed's record
         self._data_changed = False  # gradient calls saw different data objects (minibatches?)
         self._setting_data = False  # inside set_training_data
 
@@ -362,6 +395,7 @@ class AutoDiffusion(AutoContinuous):
         return dict(self._settings)
 
     def set_extra_state(self, state: dict) -> None:
+        state = _effective_settings(state)
         different = {k: (v, self._settings.get(k)) for k, v in state.items() if self._settings.get(k) != v}
         if different:
             listed = ", ".join(f"{k}={saved!r} (this guide: {own!r})" for k, (saved, own) in different.items())
@@ -478,7 +512,8 @@ class AutoDiffusion(AutoContinuous):
             target.on_quick_checked = lambda: setattr(self, "_checked_data", stamp)
         elif not checked:
             self._quick_checks = target.check_observed()
-            self._checked_data = stamp
+            # a check of one minibatch of a subsampled plate does not vouch for the rest of the data
+            self._checked_data = None if target.checked_subsample else stamp
         return target
 
     def set_training_data(self, *args, **kwargs) -> None:

@@ -17,7 +17,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.transforms import biject_to
-from pyro.distributions.util import is_validation_enabled
+from pyro.distributions.util import is_validation_enabled, scale_and_mask
 from pyro.poutine.runtime import _DIM_ALLOCATOR
 from pyro.poutine.util import site_is_subsample
 
@@ -79,6 +79,8 @@ class UnconstrainedTarget:
         if guide.prototype_trace is None:
             raise ValueError("set up the guide's prototype first (call it once)")
         self.guide, self.model, self.args, self.kwargs = guide, model, tuple(args), dict(kwargs or {})
+        # the guide's latents: conditioned in every run, they show as observed but are not data
+        self._latents = frozenset(name for name, _ in guide.prototype_trace.iter_stochastic_nodes())
         if max_plate_nesting is None:
             with poutine.block(expose_types=["param"]), pyro.validation_enabled(False):
                 prototype = {name: site["value"] for name, site in guide.prototype_trace.iter_stochastic_nodes()}
@@ -87,8 +89,11 @@ class UnconstrainedTarget:
         self.max_plate_nesting = max_plate_nesting
         self.vectorized = vectorized
         self._observed_checked = observed_checked or not is_validation_enabled()
-        #: set by the guide: observed sites checkable from the first batched run (see :meth:`check_observed`)
-        self.quick_checks: dict[str, bool] | None = None
+        #: set by the guide: how each observed site is checked from the first batched run (see :meth:`check_observed`)
+        self.quick_checks: dict[str, str] | None = None
+        #: whether the last check saw a subsample of a plate only (a minibatch): the data are then never
+        #: taken as checked, and every later run checks its own minibatch
+        self.checked_subsample = False
         self.quick_checks_done = False
         self.on_quick_checked: Callable[[], None] | None = None  # called once the quick check has passed
         self.context = plate_context()  # the enclosing plates under which `vectorized` holds
@@ -101,15 +106,17 @@ class UnconstrainedTarget:
                 "AutoDiffusion(..., use_score=False)"
             )
 
-    def check_observed(self) -> dict[str, bool] | None:
+    def check_observed(self) -> dict[str, str] | None:
         """With Pyro's validation on, score the observed sites once as ``Trace_ELBO`` would, at the guide's
         prototype point: a value outside its distribution's support raises ``ValueError`` naming the site.
         (The batched runs switch validation off, for sampled points where a parameter over- or underflows;
         a distribution built with ``validate_args=False``, or one that does not validate, passes here too.)
 
-        :returns: per observed site, whether its values can be checked later from a batched run alone
-            (:attr:`quick_checks`): its distribution validates and its support is a fixed constraint
-            (``positive``, ``simplex``, ...; not one of parameters); ``None`` if the model failed to run.
+        :returns: per observed site, how its values can be checked later from a batched run
+            (:attr:`quick_checks`): ``"support"`` where its distribution validates and its support is a fixed
+            constraint (``positive``, ``simplex``, ...), ``"full"`` where the support depends on parameters
+            (new values take this full check again), ``"finite"`` where the distribution does not validate;
+            ``None`` if the model failed to run.
         """
         self._observed_checked = True
         prototype = {name: site["value"] for name, site in self.guide.prototype_trace.iter_stochastic_nodes()}
@@ -120,7 +127,8 @@ class UnconstrainedTarget:
         except Exception:  # e.g. invalid parameters at the prototype: the batched runs report what they find
             return None
         quick = {}
-        for name, site in _observed_nodes(trace):
+        self.checked_subsample = _subsampled(trace)
+        for name, site in _observed_nodes(trace, self._latents):
             value = site["value"]
             _check_finite_observed(name, value)
             try:
@@ -128,7 +136,10 @@ class UnconstrainedTarget:
             except ValueError as error:
                 message = f"the observed values of site {name!r} are not valid for its distribution: {error}"
                 raise ValueError(message) from error
-            quick[name] = bool(getattr(site["fn"], "_validate_args", False)) and _fixed_support(site["fn"]) is not None
+            if not getattr(site["fn"], "_validate_args", False):
+                quick[name] = "finite"
+            else:
+                quick[name] = "support" if _fixed_support(site["fn"]) is not None else "full"
         return quick
 
     def _quick_check(self, trace) -> None:
@@ -137,13 +148,13 @@ class UnconstrainedTarget:
         the model once more per data set: that trace was a quarter of an implicit-BLL minibatch step. A site
         the record does not know gets the full check."""
         assert self.quick_checks is not None
-        for name, site in _observed_nodes(trace):
-            if name not in self.quick_checks:
+        for name, site in _observed_nodes(trace, self._latents):
+            if self.quick_checks.get(name, "full") == "full":  # a support of parameters, or a site not recorded
                 self.check_observed()
                 break
             value = site["value"]
             _check_finite_observed(name, value)
-            support = _fixed_support(site["fn"]) if self.quick_checks[name] else None
+            support = _fixed_support(site["fn"]) if self.quick_checks[name] == "support" else None
             if support is not None and torch.is_tensor(value) and not bool(support.check(value).all()):
                 raise ValueError(
                     f"the observed values of site {name!r} are not valid for its distribution: some lie outside "
@@ -152,7 +163,7 @@ class UnconstrainedTarget:
         # only now: an error raised inside log_density's batching probe, which reads errors as "not batched",
         # is raised again by the evaluation after it
         self.quick_checks_done = True
-        if self.on_quick_checked is not None:
+        if self.on_quick_checked is not None and not _subsampled(trace):
             self.on_quick_checked()
 
     def _conditioned(self, z: torch.Tensor, batch: int | None):
@@ -195,9 +206,9 @@ class UnconstrainedTarget:
                 continue  # a deterministic site's density is masked out: zero
             lp = site["fn"].log_prob(site["value"])
             terms.append((site, lp))
-            if site["mask"] is not None:
-                lp = lp * torch.as_tensor(site["mask"], dtype=lp.dtype)
-            lp = lp * site["scale"]
+            mask = site["mask"]
+            # as Pyro scores a site: masked-out entries are zero even where their density is NaN (placeholders)
+            lp = scale_and_mask(lp, site["scale"], None if mask is None else torch.as_tensor(mask, dtype=torch.bool))
             if batch is None:
                 total = total + lp.sum()
                 continue
@@ -211,7 +222,7 @@ class UnconstrainedTarget:
             for site, lp in terms:
                 if torch.isfinite(lp).all():
                     continue
-                if site["is_observed"]:
+                if site["is_observed"] and site["name"] not in self._latents:  # data, not a diverged latent
                     _check_finite_observed(site["name"], site["value"])
                 raise FloatingPointError(f"log density of site {site['name']!r} is not finite at a sampled point")
         return torch.as_tensor(total)  # a tensor also when no site has a density (total still 0.0)
@@ -288,12 +299,25 @@ class UnconstrainedTarget:
         return grad.detach()
 
 
-def _observed_nodes(trace):
-    """``(name, site)`` of the trace's observed sample sites that carry data (not deterministic ones)."""
+def _observed_nodes(trace, latents: frozenset = frozenset()):
+    """``(name, site)`` of the trace's observed sample sites that carry data: not deterministic ones, nor
+    the guide's ``latents`` (conditioned on the guide's values, they look observed)."""
     sites: dict = trace.nodes  # plain dicts: Pyro's typed Message hides fn.log_prob from mypy
     for name, site in sites.items():
-        if site["type"] == "sample" and site["is_observed"] and not site["infer"].get("_deterministic"):
+        if site["type"] != "sample" or not site["is_observed"] or site["infer"].get("_deterministic"):
+            continue
+        if name not in latents:
             yield name, site
+
+
+def _subsampled(trace) -> bool:
+    """Whether the trace ran on a subsample of some plate (its observed values are a minibatch only)."""
+    for site in trace.nodes.values():
+        if site["type"] == "sample" and site_is_subsample(site):
+            size = getattr(site["fn"], "size", None)
+            if size is not None and torch.as_tensor(site["value"]).numel() < size:
+                return True
+    return False
 
 
 def _check_finite_observed(name: str, value) -> None:

@@ -649,6 +649,11 @@ def test_a_state_loaded_into_a_guide_with_other_process_settings_is_refused(floa
     pyro.clear_param_store()
     same = AutoDiffusion(_conditioned_gaussian, num_steps=3, hidden=4)
     same.load_state_dict(state)
+    # settings in effect, not as passed: the default horizon given explicitly, and a beta schedule, which
+    # a PIS guide has none of (both were refused)
+    for kwargs in ({"horizon": 1.0}, {"beta_max": 10.0}):
+        pyro.clear_param_store()
+        AutoDiffusion(_conditioned_gaussian, **{"num_steps": 3, "hidden": 4, **kwargs}).load_state_dict(state)
 
 
 def test_a_reloaded_guide_first_evaluated_without_gradients_warns_unless_given_its_data(float64, tmp_path):

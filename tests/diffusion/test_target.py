@@ -212,3 +212,93 @@ def test_new_minibatches_are_checked_without_another_model_run():
     with pytest.raises(ValueError, match="observed values of site 'y' are not valid"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         target.log_density(z)
+
+
+def test_a_support_of_parameters_gets_the_full_check_on_new_data():
+    """Binomial(10)'s support depends on its parameters: the quick check skipped it (a count of 4.5 was
+    scored), where Trace_ELBO and the guide's first full check refuse it."""
+
+    def counts(y):
+        w = pyro.sample("w", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 1.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Binomial(10, logits=w), obs=y)
+
+    guide = AutoDiffusion(counts, num_steps=2, hidden=8)
+    guide(torch.tensor([3.0, 4.0, 5.0, 6.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="observed values of site 'y' are not valid"):
+        guide.sample_paths(4, torch.tensor([3.0, 4.5, 5.0, 6.0], dtype=torch.float64))
+
+
+def test_a_minibatch_check_does_not_vouch_for_the_rest_of_the_data():
+    """The first check traced one random minibatch and stamped the whole data set as checked: a label 2
+    outside that minibatch was scored for 300 steps (Trace_ELBO + AutoNormal raises at step 26)."""
+    N = 60
+    x = torch.linspace(-1, 1, N, dtype=torch.float64)
+    y = (x > 0).to(x.dtype)
+    y[37] = 2.0
+
+    def model(x, y):
+        w = pyro.sample("w", dist.Normal(torch.tensor(0.0, dtype=x.dtype), 1.0))
+        with pyro.plate("data", N, subsample_size=10) as idx:
+            pyro.sample("y", dist.Bernoulli(logits=w * x[idx]), obs=y[idx])
+
+    pyro.set_rng_seed(0)
+    guide = AutoDiffusion(model, num_steps=2, hidden=8)
+    with pytest.raises(ValueError, match="observed values of site 'y' are not valid"):
+        for _ in range(100):  # row 37 is drawn with probability 1/6 per minibatch
+            guide.sample_paths(2, x, y)
+
+
+def test_a_dict_argument_changed_in_place_is_checked_again():
+    def model(batch):
+        w = pyro.sample("w", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0))
+        with pyro.plate("d", len(batch["y"])):
+            pyro.sample("y", dist.Bernoulli(logits=w * batch["X"]), obs=batch["y"])
+
+    x = torch.linspace(-1, 1, 8, dtype=torch.float64)
+    batch = {"X": x, "y": (x > 0).to(x.dtype)}
+    guide = AutoDiffusion(model, num_steps=2, hidden=8)
+    guide(batch)
+    bad = batch["y"].clone()
+    bad[0] = 2.0
+    batch["y"] = bad  # the same dict object (its tensors were not version-stamped)
+    with pytest.raises(ValueError, match="observed values of site 'y' are not valid"):
+        guide.sample_paths(2, batch)
+
+
+def test_latents_are_not_data():
+    """A latent on the edge of its support after the first data (exp underflow) was blamed on the data by
+    the quick check, even with strict=False; a diverged latent was reported as NaN in the observed values."""
+
+    def model(y):
+        s = pyro.sample("s", dist.LogNormal(torch.tensor(0.0, dtype=y.dtype), 1.0))
+        with pyro.plate("d", len(y)):
+            pyro.sample("y", dist.Normal(0.0, s), obs=y)
+
+    y = torch.randn(8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    guide = AutoDiffusion(model, num_steps=2, hidden=8)
+    guide(y)
+    z = torch.tensor([[0.0], [-800.0]], dtype=torch.float64)
+    same = guide.target(y).log_density(z, strict=False)
+    assert torch.isfinite(same[0]) and same[1] == -math.inf
+    torch.testing.assert_close(guide.target(y.clone()).log_density(z, strict=False), same)  # was ValueError on 's'
+    with pytest.raises(FloatingPointError, match="log density of site 's' is not finite"):
+        guide.target(y).log_density(torch.tensor([[0.0], [800.0]], dtype=torch.float64))
+
+
+def test_masked_out_placeholders_are_zero_as_in_pyro():
+    """poutine.mask was applied by multiplication: a NaN placeholder under a False mask gave NaN * 0."""
+    y = torch.tensor([0.5, float("nan"), -0.3, 1.0], dtype=torch.float64)
+    keep = ~torch.isnan(y)
+
+    def model(y, keep):
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 1.0))
+        with pyro.plate("d", 4), pyro.poutine.mask(mask=keep):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    with pyro.validation_enabled(False):  # (the score, a gradient through NaN placeholders, is NaN as in Pyro)
+        guide = AutoDiffusion(model, num_steps=2, hidden=8, use_score=False)
+        guide(y, keep)
+        value = guide.target(y, keep).log_density(torch.zeros(1, 1, dtype=torch.float64))
+    expected = dist.Normal(0.0, 1.0).log_prob(torch.tensor(0.0)) + dist.Normal(0.0, 1.0).log_prob(y[keep]).sum()
+    torch.testing.assert_close(value, expected.double().reshape(1))  # mu = 0: prior + three observations
