@@ -19,6 +19,7 @@ import torch
 from pyro.infer import MCMC
 
 from .._random import seeded
+from .._validation import is_integer
 from .arviz_compat import build_inference_data
 from .conditioned import evaluate_draws
 from .guide_samples import sample_guide
@@ -58,8 +59,8 @@ def _resolve_posterior(
             model_kwargs = getattr(posterior, "_kwargs", None) or {}
         samples = posterior.get_samples(group_by_chain=True)
         stats = mcmc_sample_stats(posterior)
-    elif isinstance(posterior, Mapping):
-        samples = {k: torch.as_tensor(v) for k, v in posterior.items()}
+    elif isinstance(posterior, Mapping):  # (an xarray Dataset of a saved posterior too: its values as arrays)
+        samples = {k: v if torch.is_tensor(v) else torch.as_tensor(np.asarray(v)) for k, v in posterior.items()}
         lead = ("chain", "draw") if group_by_chain else ("draw",)
         for name, value in samples.items():
             if value.dim() < len(lead) or 0 in value.shape[: len(lead)]:
@@ -243,11 +244,36 @@ def to_inference_data(
         >>> tuple(idata.log_likelihood["y"].dims)
         ('chain', 'draw', 'data')
     """
+    _check_arguments(model_args, model_kwargs, constant_data, coords, dims, seed,
+                     log_likelihood=log_likelihood, posterior_predictive=posterior_predictive,
+                     observed_data=observed_data, group_by_chain=group_by_chain)  # fmt: skip
     with seeded(seed):
         return _to_inference_data(
             posterior, model, model_args, model_kwargs, num_samples, group_by_chain, log_likelihood,
             posterior_predictive, observed_data, constant_data, sample_stats, coords, dims, vectorize, draw_batch,
         )  # fmt: skip
+
+
+def _check_arguments(model_args, model_kwargs, constant_data, coords, dims, seed, **flags) -> None:
+    """Name a malformed argument up front (they failed deep inside, e.g. a tensor as ``model_args`` with
+    "Boolean value of Tensor ... is ambiguous", or ``dims={"y": "obs"}`` split into letters)."""
+    if model_args is not None and (
+        torch.is_tensor(model_args) or isinstance(model_args, np.ndarray | str | Mapping)
+        or not isinstance(model_args, Sequence)
+    ):  # fmt: skip
+        raise TypeError(f"model_args must be a tuple or list of the model's arguments, got {type(model_args).__name__}")
+    for name, value in (("model_kwargs", model_kwargs), ("constant_data", constant_data), ("coords", coords),
+                        ("dims", dims)):  # fmt: skip
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(f"{name} must be a dict (mapping), got {type(value).__name__}")
+    for name, value in (dims or {}).items():
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            raise TypeError(f"dims[{name!r}] must be a list of dimension names, got {value!r}")
+    if seed is not None and (not is_integer(seed) or seed < 0):
+        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+    for name, value in flags.items():
+        if not isinstance(value, bool | np.bool_):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
 def _to_inference_data(
@@ -277,7 +303,7 @@ def _to_inference_data(
         from_numpy = (
             {k for k, v in posterior.items() if not torch.is_tensor(v)} if isinstance(posterior, Mapping) else set()
         )
-        samples = _match_model_sites(samples, model, args, kwargs, group_by_chain, from_numpy)
+        samples, given_deterministic = _match_model_sites(samples, model, args, kwargs, group_by_chain, from_numpy)
     num_chains, num_draws = next(iter(samples.values())).shape[:2]
     flat = {k: v.reshape((num_chains * num_draws,) + v.shape[2:]) for k, v in samples.items()}
     needs_model = log_likelihood or posterior_predictive or observed_data
@@ -306,10 +332,13 @@ def _to_inference_data(
         group_dims["posterior"] = {s.name: _site_dims(s) for s in structure.sites.values()}
         for name, value in evaluation.values.items():
             groups["posterior"][name] = _numpy(value).reshape((num_chains, num_draws) + tuple(value.shape[1:]))
+        _check_given_deterministic(given_deterministic, groups["posterior"])
         keep_masks = _constant_masks(evaluation)
         all_coords.update(_points_coords(keep_masks))
         if log_likelihood:
             ll, ll_dims = _pointwise_log_likelihood(structure, evaluation, keep_masks, num_chains, num_draws)
+            nan = [name for name, value in ll.items() if np.isnan(value).any()]
+            _check_observed_finite(model, flat, structure, args, kwargs, nan)
             groups["log_likelihood"] = ll
             group_dims["log_likelihood"] = ll_dims
         observed = [s.name for s in structure.of_kind("observed")]
@@ -380,21 +409,61 @@ def _in_support(site, value: torch.Tensor) -> torch.Tensor | None:
     return support.check(value).reshape(value.shape[:2] + (-1,)).all(-1)
 
 
+def _check_observed_finite(model, flat, structure, args, kwargs, names: list[str]) -> None:
+    """Name an observed site whose (kept) values hold NaN or inf, where its log-likelihood came out NaN (with
+    Pyro's validation off; on, Pyro's own error names the distribution, not the site)."""
+    names = [name for name in names if name in structure.sites]
+    if not names:
+        return
+    once = evaluate_draws(model, {k: v[:1] for k, v in flat.items()}, structure, args, kwargs, sites=names,
+                          vectorize=False)  # fmt: skip
+    for name in names:
+        value = once.values.get(name)
+        mask = once.masks.get(name)
+        if value is None or not torch.is_tensor(value) or not value.is_floating_point():
+            continue
+        spec = structure.sites[name]
+        finite = torch.isfinite(value[0]).reshape(tuple(spec.batch_shape) + (-1,)).all(-1)
+        if mask is not None:
+            finite = finite | ~mask[0].expand(finite.shape).bool()
+        if not bool(finite.all()):
+            raise ValueError(f"the observed values of site {name!r} contain NaN or inf")
+
+
+def _check_given_deterministic(given: Mapping[str, torch.Tensor], recomputed: Mapping[str, np.ndarray]) -> None:
+    """Deterministic sites in the samples (``Predictive`` returns them) are recomputed from the latents, not
+    conditioned on (a value there replaced what the model computes, silently); the given ones must agree."""
+    for name, value in given.items():
+        ours = recomputed.get(name)
+        theirs = _numpy(value)
+        if ours is not None and theirs.size == ours.size:
+            theirs = theirs.reshape(ours.shape)  # (Predictive's leading singleton dims)
+        if ours is None or theirs.shape != ours.shape or not np.allclose(theirs, ours, rtol=1e-4, atol=1e-6):
+            raise ValueError(
+                f"samples of the deterministic site {name!r} disagree with the model's value recomputed from the "
+                "latents (other inputs, or edited values?); leave it out of the samples: it is recomputed"
+            )
+
+
 def _match_model_sites(
     samples, model, args, kwargs, group_by_chain: bool, from_numpy: set[str]
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Check ``(chain, draw, ...)`` samples against the latent sites of a prior run of ``model`` (not one
     conditioned on the samples, which would take their shape): the per-draw shape, dropping the leading
     singleton dims that ``Predictive`` adds; finite values in the site's support. Floating samples given
-    as arrays (``from_numpy``: NumPy's float64 whatever the model's dtype) take the site's dtype."""
+    as arrays (``from_numpy``: NumPy's float64 whatever the model's dtype) take the site's dtype.
+    Deterministic sites are set apart (second dict): the model recomputes them."""
     try:
         prior = quiet_trace(model, args, kwargs)
     except Exception:  # noqa: BLE001 -- a prior that cannot be drawn from (improper): a run at the first draw
         first = {k: v[0, 0] for k, v in samples.items()}
         prior = quiet_trace(poutine.condition(model, data=first), args, kwargs)
-    out = {}
+    out, deterministic = {}, {}
     for name, value in samples.items():
         site = prior.nodes.get(name)
+        if site is not None and site["type"] == "sample" and site["infer"].get("_deterministic"):
+            deterministic[name] = value
+            continue
         if site is None or site["type"] != "sample" or site["is_observed"]:  # refused by inspect_model
             out[name] = value
             continue
@@ -421,7 +490,7 @@ def _match_model_sites(
                 chain, draw = (int(i) for i in bad.nonzero()[0])
                 raise ValueError(f"samples of {name!r} have {kind} (first at chain {chain}, draw {draw})")
         out[name] = value
-    return out
+    return out, deterministic
 
 
 def _without(group_dims, user_dims):

@@ -166,7 +166,10 @@ def _deterministic_shapes(
     frames = [f for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None and -f.dim <= len(value_shape)]
     if any(-f.dim > len(batch) for f in frames) and all(value_shape[f.dim] == f.size for f in frames):
         return value_shape, ()
-    return batch, event
+    # a value of size 1 along a plate it lies in (e.g. (A, 1) in plates of A and B) is broadcast as Pyro
+    # broadcasts the Delta: read with the value's size, that plate's coordinate became 1 long
+    plated = tuple(getattr(site["fn"], "batch_shape", ()))[-len(batch) :] if batch else ()
+    return tuple(torch.broadcast_shapes(plated, batch)), event
 
 
 def _integrates_out_latents(fn) -> bool:

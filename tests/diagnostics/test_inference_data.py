@@ -8,7 +8,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
+from pyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 from pyro_gpx.diagnostics import (
@@ -397,3 +397,95 @@ def test_random_states_are_left_alone(float64, batch_size, seed):
     if seed is not None:  # and reproducible
         pp = get_group(idata, "posterior_predictive")["y"].values
         np.testing.assert_array_equal(get_group(convert(), "posterior_predictive")["y"].values, pp)
+
+
+def _mean_model(y):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    s = pyro.sample("s", dist.HalfNormal(1.0))
+    pyro.deterministic("prec", s**-2)
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mu, s), obs=y)
+
+
+def test_a_size_one_deterministic_along_a_plate_is_broadcast_as_pyro_does():
+    """(A, 1) in plates of A and B: read with the value's size, the 'items' coordinate became 1 long and the
+    observed site was refused ("coords['items'] has shape (1,)")."""
+    A, B = 3, 4
+    y = torch.randn(A, B)
+
+    def nested(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("groups", A, dim=-2):
+            g = pyro.sample("g", dist.Normal(mu, 1.0))
+            with pyro.plate("items", B, dim=-1):
+                pyro.deterministic("centered", g - mu, event_dim=0)
+                pyro.sample("y", dist.Normal(g, 0.5), obs=y)
+
+    samples = {"mu": torch.randn(5), "g": torch.randn(5, A, 1)}
+    centered = to_inference_data(samples, model=nested, model_args=(y,)).posterior["centered"]
+    assert centered.dims == ("chain", "draw", "groups", "items")
+    np.testing.assert_array_equal(centered.values[0], (samples["g"] - samples["mu"][:, None, None]).expand(5, A, B))
+
+
+def test_deterministic_samples_are_recomputed_and_must_agree():
+    """Predictive's deterministic sites were conditioned into the model (an edited value replaced what the
+    model computes) and kept Predictive's singleton dim ('prec_dim_0') where the latents lost theirs."""
+    y = torch.randn(6, generator=torch.Generator().manual_seed(0))
+    guide = AutoNormal(_mean_model)
+    guide(y)
+    draws = {k: v.detach() for k, v in Predictive(_mean_model, guide=guide, num_samples=20)(y).items() if k != "y"}
+    assert draws["prec"].shape == (20, 1)
+    data = to_inference_data(draws, model=_mean_model, model_args=(y,))
+    assert data.posterior["prec"].dims == data.posterior["mu"].dims == ("chain", "draw")
+    np.testing.assert_allclose(data.posterior["prec"].values[0], draws["s"][:, 0].numpy() ** -2, rtol=1e-6)
+    with pytest.raises(ValueError, match="deterministic site 'prec' disagree"):
+        to_inference_data({**draws, "prec": draws["prec"] + 1.0}, model=_mean_model, model_args=(y,))
+
+
+def test_a_saved_posterior_dataset_is_rescored():
+    y = torch.randn(6, generator=torch.Generator().manual_seed(0))
+    samples = {
+        "mu": np.random.default_rng(0).normal(size=(2, 5)),
+        "s": np.random.default_rng(1).uniform(0.5, 1, (2, 5)),
+    }
+    first = to_inference_data(samples, model=_mean_model, model_args=(y,), group_by_chain=True)
+    again = to_inference_data(first.posterior, model=_mean_model, model_args=(y,), group_by_chain=True)  # TypeError
+    np.testing.assert_array_equal(again.log_likelihood["y"].values, first.log_likelihood["y"].values)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"model_args": torch.randn(6)}, TypeError, "model_args must be a tuple or list"),
+        ({"seed": "a"}, ValueError, "seed must be a non-negative integer"),
+        ({"seed": 1.5}, ValueError, "seed must be a non-negative integer"),
+        ({"coords": [1, 2]}, TypeError, "coords must be a dict"),
+        ({"constant_data": [1, 2]}, TypeError, "constant_data must be a dict"),
+        ({"dims": {"y": "obs"}}, TypeError, r"dims\['y'\] must be a list"),
+        ({"log_likelihood": "no"}, TypeError, "log_likelihood must be a bool"),
+    ],
+)
+def test_malformed_arguments_are_named(kwargs, error, match):
+    y = torch.randn(6)
+    with pytest.raises(error, match=match):
+        to_inference_data(
+            {"mu": torch.randn(5), "s": torch.rand(5) + 0.5}, model=_mean_model, **{"model_args": (y,), **kwargs}
+        )
+
+
+def test_nan_observed_values_are_named_unless_masked_out():
+    y = torch.randn(6)
+    y[2] = float("nan")
+    samples = {"mu": torch.randn(5), "s": torch.rand(5) + 0.5}
+    with pyro.validation_enabled(False):
+        with pytest.raises(ValueError, match="observed values of site 'y' contain NaN"):  # was a NaN log-likelihood
+            to_inference_data(samples, model=_mean_model, model_args=(y,))
+
+        def masked(y):
+            mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+            with pyro.plate("data", 6), pyro.poutine.mask(mask=~torch.isnan(y)):
+                pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+        data = to_inference_data({"mu": samples["mu"]}, model=masked, model_args=(y,))
+    assert data.log_likelihood["y"].dims == ("chain", "draw", "y_observed_id")
+    assert np.isfinite(data.log_likelihood["y"].values).all()
