@@ -30,7 +30,8 @@ def to_pyro_params_(module: nn.Module) -> nn.Module:
 
     Frozen (``requires_grad=False``) parameters become buffers of the same name (fixed module state,
     saved by ``state_dict``: a plain parameter of a ``PyroModule`` would enter the parameter store,
-    which makes it trainable), and shared trainable ones stay plain ``nn.Parameter`` s."""
+    which makes it trainable), and shared trainable ones stay plain ``nn.Parameter`` s. Converting a module
+    again changes nothing (a feature network given to a second layer, e.g. a notebook cell run twice)."""
     for sub in module.modules():
         for name, p in list(sub._parameters.items()):
             if p is not None and not p.requires_grad:
@@ -48,6 +49,8 @@ def to_pyro_params_(module: nn.Module) -> nn.Module:
         for name, p in list(sub._parameters.items()):
             if p is None or not p.requires_grad or counts[id(p)] > 1:
                 continue
+            if name.endswith("_unconstrained") and name[: -len("_unconstrained")] in sub._pyro_params:
+                continue  # a PyroParam's storage: converted already (the module was given to another layer)
             setattr(sub, name, PyroParam(p.detach(), constraints.real))
     return module
 

@@ -7,7 +7,7 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
-from .._validation import check_finite
+from .._validation import check_finite, check_positive_int
 from .positive import register_positive
 
 __all__ = ["GaussianHead", "CategoricalHead"]
@@ -48,6 +48,7 @@ class CategoricalHead(PyroModule):
 
     def __init__(self, num_classes: int):
         super().__init__()
+        num_classes = check_positive_int("num_classes", num_classes)
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         self.num_outputs = num_classes

@@ -27,11 +27,16 @@ def _latent_draws(model, posterior, num_samples, X, y) -> dict[str, torch.Tensor
         if site not in posterior:  # the model would draw it from the prior
             raise ValueError(f"posterior has no draws of the site {site!r}; its keys are {sorted(posterior)}")
         # Predictive pads each draw to the plate nesting, (S, 1, C, D): the draws of a site of event_ndim dims
-        event_ndim = 1 if isinstance(model.prior, ImplicitWeightPrior) else 2
+        implicit = isinstance(model.prior, ImplicitWeightPrior)
+        shape = (model.prior.latent_dim,) if implicit else tuple(model.weight_shape)
         draws = torch.as_tensor(posterior[site])
-        while draws.dim() > 1 + event_ndim and draws.shape[1] == 1:
+        while draws.dim() > 1 + len(shape) and draws.shape[1] == 1:
             draws = draws.squeeze(1)
-        return {**posterior, site: draws}
+        if draws.dim() != 1 + len(shape) or tuple(draws.shape[1:]) != shape:
+            raise ValueError(f"posterior[{site!r}] has shape {tuple(draws.shape)}; expected (draws,) + {shape}")
+        # the weights alone: Predictive(model, guide) also returns the deterministic f (and weights) and the
+        # observed y of the training inputs, which conditioned the model at the new inputs
+        return {site: draws}
     if isinstance(posterior, LastLayerNormal):
         if posterior.site != model.weight_site:  # another layer's guide: the model would draw from its prior
             raise ValueError(

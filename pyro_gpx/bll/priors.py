@@ -181,6 +181,15 @@ class ImplicitWeightPrior(PyroModule):
             freeze_to_buffers_(generator).eval()  # fixed module state: no Pyro parameters, no warnings
         self.generator = generator
         self.latent_dim = latent_dim
+        self._fixed_generator = not learn_generator
+
+    def train(self, mode: bool = True):
+        """As ``nn.Module.train``, except that a fixed generator stays in eval mode (dropout off, BatchNorm on
+        its running statistics): ``model.train()`` switched it back, so one z gave other weights each call."""
+        super().train(mode)
+        if self._fixed_generator:
+            self.generator.eval()
+        return self
 
     @classmethod
     def mlp(
@@ -196,7 +205,8 @@ class ImplicitWeightPrior(PyroModule):
         """An implicit prior with a :func:`generator_mlp` (default :math:`k = CD`), wrapped in a
         :class:`StandardizedGenerator` if ``standardize`` (then learn the scale, ``learn_scale=True``,
         as :class:`GaussianWeightPrior` does)."""
-        latent_dim = latent_dim or num_weights
+        num_weights = check_positive_int("num_weights", num_weights)
+        latent_dim = num_weights if latent_dim is None else check_positive_int("latent_dim", latent_dim)
         generator: nn.Module = generator_mlp(latent_dim, num_weights, hidden, depth, center)
         if standardize:
             generator = StandardizedGenerator(generator, latent_dim)

@@ -123,3 +123,52 @@ def test_bad_batch_size_dtype_and_design(digits_like):
     with pytest.raises(ValueError, match="feature_dim"):
         BayesianLastLayer(None, 2.5, GaussianHead())
     assert model(X[:6], y[:6], num_data=torch.tensor(24)).shape == (6, 3)  # an integer tensor is fine
+
+
+def test_predict_takes_predictives_whole_dict_and_checks_the_draws(float64):
+    """Predictive(model, guide) also returns f, weights and y at the training inputs: they conditioned the
+    model at the new inputs (an expand error); draws of another shape broadcast (uniform probabilities)."""
+    from pyro.infer import Predictive
+
+    from pyro_gpx.bll import LastLayerNormal, exact_posterior, predict
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(20, 2, generator=gen)
+    model = BayesianLastLayer(None, 2, GaussianHead(0.1, learn_noise=False))
+    guide = LastLayerNormal(model)
+    guide.set_posterior(exact_posterior(model, X, X[:, 0]))
+    draws = Predictive(model, guide=guide, num_samples=50)(X, X[:, 0])
+    X_new = torch.randn(7, 2, generator=gen)
+    out = predict(model, draws, X_new)
+    W = draws["weights"].reshape(50, 3)  # (2 features and the bias)
+    torch.testing.assert_close(out["f"][..., 0], W @ torch.cat([X_new, torch.ones(7, 1)], 1).T)
+    classifier = BayesianLastLayer(None, 2, CategoricalHead(3))
+    for bad in (torch.randn(100, 1, 2), torch.randn(10, 3, 5)):
+        with pytest.raises(ValueError, match=r"posterior\['weights'\] has shape"):
+            predict(classifier, {"weights": bad}, X_new)
+
+
+def test_a_feature_network_given_twice_reloads(float64):
+    """A second layer on the same module wrapped its PyroParams' storage again: load_state_dict failed on
+    'features.0.weight_unconstrained_unconstrained'."""
+    net = nn.Sequential(nn.Linear(3, 2), nn.Tanh()).double()
+    first = BayesianLastLayer(net, 2, GaussianHead(0.2))
+    state = first.state_dict()
+    pyro.clear_param_store()
+    second = BayesianLastLayer(net, 2, GaussianHead(0.2))
+    second.load_state_dict(state)
+    assert set(second.state_dict()) == set(state)
+
+
+def test_constructor_counts_are_checked_and_a_fixed_generator_stays_in_eval_mode(float64):
+    for bad in (2.5, "3"):
+        with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+            CategoricalHead(bad)
+    with pytest.raises(ValueError, match="latent_dim must be a positive integer"):
+        ImplicitWeightPrior.mlp(6, latent_dim=0)  # was a prior of latent_dim 6
+    generator = nn.Sequential(nn.Linear(2, 8), nn.Dropout(0.5), nn.Linear(8, 3)).double()
+    model = BayesianLastLayer(None, 2, GaussianHead(0.1), ImplicitWeightPrior(generator, 2, learn_generator=False))
+    model.train()
+    z = torch.ones(2)
+    assert not generator.training
+    torch.testing.assert_close(generator(z), generator(z), rtol=0, atol=0)
