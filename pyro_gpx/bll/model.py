@@ -88,6 +88,9 @@ class BayesianLastLayer(PyroModule):
 
     :param features: any ``nn.Module`` (converted in place to a ``PyroModule``; its trainable
         parameters become ``PyroParam`` s, read from Pyro's parameter store); ``None`` for the identity.
+        One module given to two layers is one set of Pyro parameters, named under the layer that took
+        it last: for several heads on shared features, compute the features in your model and give
+        each head ``features=None``.
     :param feature_dim: its output width.
     :param head: :class:`~pyro_gpx.bll.heads.GaussianHead` or :class:`~pyro_gpx.bll.heads.CategoricalHead`.
     :param prior: :class:`~pyro_gpx.bll.priors.GaussianWeightPrior` (default, unit scale) or
