@@ -21,11 +21,24 @@ import functools
 
 import torch
 
+from .._validation import check_positive_int
 from .kernel_fn import KernelFn
 from .kernel_ops import block_sparse_kernel_matmul, kernel_matmul, kernel_matmul_accumulate
 from .symmetric import training_block_matmul, training_stacked_matmul
 
 __all__ = ["Actions", "IndexActions", "DenseActions", "BlockSparseActions", "StackedActions"]
+
+
+def _checked_indices(name: str, indices, num_data: int) -> torch.Tensor:
+    """``indices`` as a long tensor of row numbers in ``[0, num_data)`` (float indices were truncated, and
+    out-of-range ones accepted, failing later with a raw IndexError or silently acting on other rows)."""
+    indices = torch.as_tensor(indices)
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer row numbers, got dtype {indices.dtype}")
+    indices = indices.long()
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_data):
+        raise ValueError(f"{name} must lie in [0, {num_data}), got [{int(indices.min())}, {int(indices.max())}]")
+    return indices
 
 
 class Actions:
@@ -67,7 +80,10 @@ class IndexActions(Actions):
     """Unit-vector actions :math:`S = [e_{k_1}, \\dots, e_{k_i}]`; all ``n`` indices give the exact GP."""
 
     def __init__(self, indices: torch.Tensor, num_data: int, dtype: torch.dtype = torch.float64):
-        self.indices = torch.as_tensor(indices, dtype=torch.long)
+        num_data = check_positive_int("num_data", num_data)
+        self.indices = _checked_indices("indices", indices, num_data)
+        if len(torch.unique(self.indices)) != len(self.indices):  # dependent columns: a singular G
+            raise ValueError("indices must not repeat")
         self.num_data = num_data
         self.num_actions = len(self.indices)
         self.dtype = dtype
@@ -145,6 +161,8 @@ class BlockSparseActions(Actions):
     def __init__(self, index: torch.Tensor, blocks: torch.Tensor, mask: torch.Tensor, num_data: int):
         if index.shape != blocks.shape or mask.shape != blocks.shape:
             raise ValueError("index, blocks and mask must have the same (actions, block) shape")
+        num_data = check_positive_int("num_data", num_data)
+        _checked_indices("index", index[mask.bool()], num_data)
         self.index = index
         self.mask = mask
         self.blocks = blocks * mask

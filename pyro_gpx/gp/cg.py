@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._validation import check_positive_or_none
+from .._validation import check_positive_int, check_positive_or_none
+from ._checks import check_tolerance
 from .cholesky import NonFiniteError
 
 __all__ = ["CGResult", "conjugate_gradients"]
@@ -97,6 +98,10 @@ def conjugate_gradients(
     :raises RuntimeError: if the first curvature :math:`s^\top \hat K s` is not positive (the
         input is not positive-definite).
     """
+    max_iter = check_positive_int("max_iter", max_iter)  # (True ran one iteration, inf was accepted)
+    check_tolerance("tol", tol)
+    if b.numel() == 0:
+        raise ValueError("b is empty")
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     check_positive_or_none("max_seconds", max_seconds)

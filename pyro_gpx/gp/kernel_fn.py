@@ -20,6 +20,8 @@ import pyro.poutine as poutine
 import torch
 from pyro.nn import PyroModule
 
+from .._validation import is_finite_at_least
+from ._checks import _check_dtype
 from .stationary import StationarySpec, stationary_spec
 
 __all__ = ["KernelFn"]
@@ -85,8 +87,8 @@ class KernelFn:
 
     def scaled(self, multiplier: float) -> KernelFn:
         """The kernel times ``multiplier`` (a new outputscale), sharing everything else."""
-        if not multiplier > 0:
-            raise ValueError(f"multiplier must be positive, got {multiplier}")
+        if not is_finite_at_least(multiplier, 0.0, strict=True):
+            raise ValueError(f"multiplier must be a positive finite number, got {multiplier!r}")
         spec = self.spec
         if spec is not None:
             spec = dataclasses.replace(spec, outputscale=spec.outputscale * float(multiplier))
@@ -127,11 +129,14 @@ class KernelFn:
         return new
 
     def __call__(self, X1: torch.Tensor, X2: torch.Tensor) -> torch.Tensor:
+        _check_dtype("X1", X1)  # (integer inputs gave NaN from the fused path, or truncated entries)
+        _check_dtype("X2", X2)
         if self.spec is not None:
             return self.spec.dense(X1, X2)
         return self._evaluate(X1, X2, diag=False)
 
     def diag(self, X: torch.Tensor) -> torch.Tensor:
+        _check_dtype("X", X)
         if self.spec is not None:
             return self.spec.diag(X)
         return self._evaluate(X, None, diag=True)

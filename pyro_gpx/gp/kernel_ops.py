@@ -13,6 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from . import settings
+from ._checks import check_inputs
 from .kernel_fn import KernelFn
 from .stationary import stationary_block_matmul, stationary_matmul, stationary_matmul_accumulate
 from .symmetric import symmetric_matmul
@@ -38,6 +39,8 @@ def kernel_matmul(
     kernel: KernelFn, X1: torch.Tensor, X2: torch.Tensor, V: torch.Tensor, chunk: int | None = None
 ) -> torch.Tensor:
     """:math:`K(X_1, X_2) V` for dense ``V`` of shape ``(n2, m)``, in ``X1``'s dtype."""
+    for name, t in (("X1", X1), ("X2", X2), ("V", V)):
+        check_inputs(name, t)
     if V.shape[0] != X2.shape[0]:
         raise ValueError(f"V has {V.shape[0]} rows; X2 has {X2.shape[0]}")
     V = V.to(X1.dtype)
@@ -82,6 +85,8 @@ def block_sparse_kernel_matmul(
     with entries ``blocks[j]``; ``X_blocks`` holds those points as ``(actions, block, d)``. Each row
     of the result costs one kernel evaluation per training point: :math:`O(n_1 n)` work in all.
     """
+    for name, t in (("X1", X1), ("X_blocks", X_blocks), ("blocks", blocks)):
+        check_inputs(name, t)
     num_actions, block, dim = X_blocks.shape
     if blocks.shape != (num_actions, block):
         raise ValueError(f"blocks has shape {tuple(blocks.shape)}; expected {(num_actions, block)}")
@@ -99,4 +104,5 @@ def block_sparse_kernel_matmul(
 
 def kernel_diag(kernel: KernelFn, X: torch.Tensor) -> torch.Tensor:
     """The diagonal :math:`k(x_i, x_i)` (cheap for stationary kernels)."""
+    check_inputs("X", X)
     return kernel.diag(X)

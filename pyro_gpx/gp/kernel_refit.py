@@ -42,6 +42,7 @@ import time
 import torch
 
 from .._validation import check_positive_int
+from ._checks import check_tolerance
 from .kernel_fn import KernelFn
 from .mll_refit import MLLRefit, check_noise, random_subsets
 from .stationary import _profile, _sqdist
@@ -91,8 +92,7 @@ def subset_refit_kernel_noise(
     spec = kernel.stationary()
     check_positive_int("max_evaluations", max_evaluations)
     check_noise(noise)
-    if not (math.isfinite(min_noise) and min_noise >= 0):
-        raise ValueError(f"min_noise must be non-negative and finite, got {min_noise}")
+    check_tolerance("min_noise", min_noise)
     subsets = random_subsets(X, residual, num_points, num_subsets, generator)  # repeated inputs dropped
     data = [(spec.columns(X[i]).detach().double(), residual[i].detach().double()) for i in subsets]
     params = [

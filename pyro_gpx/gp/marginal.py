@@ -27,6 +27,7 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 
 from .._validation import check_finite
+from ._checks import _check_dtype, check_inputs, check_noise
 from .actions import Actions
 from .cholesky import NonFiniteError, safe_cholesky
 from .kernel_fn import KernelFn
@@ -76,21 +77,15 @@ def exact_log_marginal_likelihood(
     r""":math:`\log N(r; 0, K + \sigma^2 I)` by dense Cholesky, in float64; the gradient with
     respect to :math:`K + \sigma^2 I` is formed in closed form from its inverse (first derivatives
     only)."""
+    check_inputs("X", X)
+    check_inputs("residual", residual)
+    check_noise("noise", noise)
     n = X.shape[0]
+    if residual.shape != (n,):
+        raise ValueError(f"residual has shape {tuple(residual.shape)}; expected ({n},) for X's {n} rows")
     K = kernel(X, X).double()
     K = K + torch.as_tensor(noise).double() * torch.eye(n, dtype=torch.float64)
     return _GaussianLogDensity.apply(K, residual.double())
-
-
-def _check_dtype(name: str, t: torch.Tensor) -> None:
-    r"""float32 and float64 only: kernel products run in the inputs' dtype, and bfloat16/float16
-    products cannot resolve :math:`K + \sigma^2 I`."""
-    if t.dtype not in (torch.float32, torch.float64):
-        raise TypeError(
-            f"{name} has dtype {t.dtype}; computation-aware GPs need float32 or float64 {name} (kernel "
-            "products run in its dtype, and bfloat16/float16 products cannot resolve K + noise I: with "
-            "8-11 mantissa bits their rounding error exceeds typical noise variances)"
-        )
 
 
 class ComputationAwareMarginal(TorchDistribution):

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from .._validation import check_positive_int
+from ._checks import check_inputs, check_tolerance
 from ._search import grid_golden_bracket
 from .kernel_fn import KernelFn
 
@@ -185,6 +186,11 @@ def refit_outputscale_noise(
         (True, True, True)
     """
     check_positive_int("num_probes", num_probes)
+    check_positive_int("max_iter", max_iter)  # (0 gave ZeroDivisionError)
+    check_inputs("residual", residual)
+    check_tolerance("tol", tol, strict=True)
+    check_tolerance("log_tol", log_tol, strict=True)
+    check_tolerance("min_noise", min_noise)
     check_positive_int("max_evaluations", max_evaluations)
     low, high = _check_search(noise, bounds)
     r = residual.double().reshape(-1)
@@ -303,6 +309,8 @@ def random_subsets(
     (:func:`distinct_rows`); checks the arguments, ``residual`` (``(n,)``) for its shape."""
     check_positive_int("num_points", num_points)
     check_positive_int("num_subsets", num_subsets)
+    check_inputs("X", X)  # (a NaN residual gave multiplier and noise NaN with converged=True)
+    check_inputs("residual", residual)
     n = X.shape[0]
     if residual.shape != (n,):
         raise ValueError(f"residual has shape {tuple(residual.shape)}; expected ({n},)")

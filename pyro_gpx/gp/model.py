@@ -148,6 +148,12 @@ class ComputationAwareGP(GPModel):
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if policy is not None and not isinstance(policy, Policy):
             raise TypeError(f"policy must be a Policy, got {type(policy).__name__}")
+        if not callable(kernel):  # (a string failed at the first posterior: 'str' object is not callable)
+            raise TypeError(f"kernel must be a kernel (callable), got {type(kernel).__name__}")
+        if mean_function is not None and not callable(mean_function):
+            raise TypeError(f"mean_function must be callable or None, got {type(mean_function).__name__}")
+        if isinstance(noise, bool):
+            raise ValueError(f"noise must be a positive finite number, got {noise!r}")
         _check_dtype("X", X)
         if not is_finite_at_least(jitter, 0.0):
             raise ValueError(f"jitter must be a finite number >= 0, got {jitter}")
@@ -336,7 +342,9 @@ class ComputationAwareGP(GPModel):
         """
         if self.y is None:
             raise ValueError("the model has no targets y; call set_data(X, y) first")
-        self._check_Xnew_shape(Xnew)
+        if not torch.is_tensor(Xnew) or Xnew.dim() != self.X.dim() or Xnew.shape[1:] != self.X.shape[1:]:
+            shape = tuple(Xnew.shape) if torch.is_tensor(Xnew) else type(Xnew).__name__
+            raise ValueError(f"Xnew must be a tensor of shape (m, {self.X.shape[1]}) like X, got {shape}")
         check_finite("Xnew", Xnew)
         Xnew = Xnew.to(self.X.dtype)  # forward() returns the moments in the caller's dtype
         marginal = self.marginal(sample_priors=am_i_wrapped())

@@ -29,6 +29,8 @@ import math
 
 import torch
 
+from .._validation import is_finite_at_least
+from ._checks import check_inputs, check_tolerance
 from ._search import grid_golden_bracket
 from .projection import ActionProjection, _factorise, _sym
 
@@ -87,8 +89,12 @@ def refit_noise(
     low, high = bounds
     if not (0 < low < high and math.isfinite(high)):
         raise ValueError(f"bounds must satisfy 0 < low < high < inf, got {bounds}")
-    if not (0 < rtol < 1):
-        raise ValueError(f"rtol must be in (0, 1), got {rtol}")
+    if not (is_finite_at_least(rtol, 0.0, strict=True) and rtol < 1):
+        raise ValueError(f"rtol must be in (0, 1), got {rtol!r}")
+    check_tolerance("min_noise", min_noise)
+    check_inputs("diag_K", diag_K)
+    if diag_K.shape != (projection.num_data,):
+        raise ValueError(f"diag_K has shape {tuple(diag_K.shape)}; expected ({projection.num_data},)")
     noise0 = float(projection.noise)
     diag_K = diag_K.double()
     # float64 copies made once, not in every trial's ELBO (a float32 KS would be converted each time)

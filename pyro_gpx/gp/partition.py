@@ -31,12 +31,13 @@ import math
 
 import torch
 
-from .._validation import check_finite
+from .._validation import check_finite, check_positive_int, is_integer
 
 __all__ = ["random_partition", "kd_partition"]
 
 
 def _check(n: int, num_blocks: int) -> None:
+    num_blocks = check_positive_int("num_blocks", num_blocks)  # (True gave one block, 2.5 a slice error)
     if not 1 <= num_blocks <= n:
         raise ValueError(f"num_blocks must be in [1, {n}] for {n} points, got {num_blocks}")
 
@@ -51,6 +52,8 @@ def _pad(blocks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 def random_partition(n: int, num_blocks: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``num_blocks`` blocks of a seeded random permutation of ``range(n)``."""
     _check(n, num_blocks)
+    if not is_integer(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     size = math.ceil(n / num_blocks)
     short = size * num_blocks - n  # the last ``short`` blocks hold size - 1 points

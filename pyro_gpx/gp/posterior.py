@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._checks import check_inputs, check_noise
 from .cholesky import safe_cholesky
 from .kernel_fn import KernelFn
 from .projection import ActionProjection
@@ -67,6 +68,8 @@ def posterior_moments(
     full_cov: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Combined posterior mean and covariance (or variance) at ``X_new``, in float64."""
+    check_inputs("X_new", X_new)
+    check_inputs("prior_mean_new", prior_mean_new)
     KxS = projection.actions.kernel_product(kernel, X_new, X).double()
     mean = prior_mean_new.double() + KxS @ projection.weights
     root = torch.linalg.solve_triangular(projection.chol_G, KxS.T, upper=False)  # (i, m)
@@ -85,6 +88,9 @@ def exact_posterior_variance(
     :raises ValueError: above :data:`MAX_DENSE` training points (the point of computation-aware
         inference is not to form :math:`\hat K`).
     """
+    check_inputs("X", X)
+    check_inputs("X_new", X_new)
+    check_noise("noise", noise)
     n = X.shape[0]
     if n > MAX_DENSE:
         raise ValueError(

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._validation import check_positive_int
+from ._checks import check_inputs, check_tolerance
 from .cholesky import safe_cholesky
 from .kernel_fn import KernelFn
 
@@ -71,10 +72,12 @@ def partial_cholesky(
     if pivoting not in ("greedy", "rpcholesky"):
         raise ValueError(f"pivoting must be 'greedy' or 'rpcholesky', got {pivoting!r}")
     block_size = check_positive_int("block_size", block_size)
+    check_inputs("X", X)
+    check_tolerance("tol", tol)
     n = X.shape[0]
-    rank = min(int(rank), n)
+    rank = min(check_positive_int("rank", rank), n)  # (True gave rank 1, 2.5 rank 2)
     if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
+        raise ValueError(f"rank must be >= 1, got {rank} (X has {n} rows)")
     if pivoting == "rpcholesky" and block_size > 1:
         return _block_rpcholesky(kernel, X, rank, tol, generator, block_size)
     diag = kernel.diag(X).double().clone()

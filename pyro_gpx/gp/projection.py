@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._checks import check_inputs, check_noise, check_tolerance
 from .actions import Actions, DenseActions, IndexActions, StackedActions
 from .cholesky import safe_cholesky
 from .kernel_fn import KernelFn
@@ -244,6 +245,9 @@ def project(
 
     CG directions and sketches with float64 products pass both checks unchanged.
     """
+    check_inputs("X", X)
+    check_inputs("residual", residual)
+    check_noise("noise", noise)
     noise = torch.as_tensor(noise).double()
     if not (isinstance(actions, DenseActions) and actions.num_actions > 0):
         return _factorise(actions, residual, noise, *_products(actions, kernel, X, residual))
@@ -278,6 +282,9 @@ def project_extended(
     (:func:`pivoted_independent_columns`, chosen before :math:`G` is factorised, from the same kernel
     pass); partly kept parts other than unit vectors are stored densely. Dense base actions go through
     :func:`project` with the extra ones as one dense matrix (orthonormalised where needed)."""
+    check_inputs("X", X)
+    check_inputs("residual", residual)
+    check_noise("noise", noise)
     extras = extra.parts if isinstance(extra, StackedActions) else [extra]
     if isinstance(base, DenseActions):
         # dense base actions (pseudo-inputs, sketches, CG) can be nearly dependent on the new ones in ways a
@@ -380,6 +387,9 @@ def independent_columns(
         >>> independent_columns(G).tolist()  # column 3 is the sum of the first two
         [0, 1]
     """
+    check_tolerance("rtol", rtol)
+    if not torch.is_tensor(atol):
+        check_tolerance("atol", atol)
     m = G.shape[0]
     if not 0 <= start <= m:
         raise ValueError(f"start must be in [0, {m}], got {start}")

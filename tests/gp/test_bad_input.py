@@ -1,0 +1,75 @@
+"""The GP package's public helpers name a malformed argument (from a sweep of the public API: integer
+inputs gave NaN kernels, NaN residuals NaN refits with converged=True, bools counted as 1, 2.5 as 2)."""
+
+import gpytorch
+import pytest
+import torch
+
+from pyro_gpx.gp import (
+    ComputationAwareGP,
+    IndexActions,
+    KernelFn,
+    UnitVectorPolicy,
+    conjugate_gradients,
+    exact_log_marginal_likelihood,
+    independent_columns,
+    kernel_diag,
+    kernel_matmul,
+    partial_cholesky,
+    random_partition,
+    refit_outputscale_noise,
+    subset_refit_outputscale_noise,
+)
+
+GEN = torch.Generator().manual_seed(0)
+X = torch.rand(20, 2, generator=GEN, dtype=torch.float64)
+Y = torch.sin(X.sum(1))
+KFN = KernelFn(gpytorch.kernels.RBFKernel().double())
+NAN_Y = Y.clone()
+NAN_Y[3] = float("nan")
+NAN_X = X.clone()
+NAN_X[0, 0] = float("nan")
+
+
+def _gram(V):
+    return (KFN(X, X) + 0.1 * torch.eye(20, dtype=torch.float64)) @ V
+
+
+CASES = [
+    (lambda: KFN(X.long(), X.long()), TypeError, "X1 has dtype torch.int64"),
+    (lambda: kernel_diag(KFN, X.long()), TypeError, "X has dtype torch.int64"),
+    (lambda: kernel_matmul(KFN, NAN_X, X, torch.ones(20, 1, dtype=torch.float64)), ValueError, "X1 contains NaN"),
+    (
+        lambda: kernel_matmul(KFN, X, X, torch.full((20, 1), float("nan"), dtype=torch.float64)),
+        ValueError,
+        "V contains",
+    ),
+    (lambda: KFN.scaled(True), ValueError, "multiplier must be a positive finite number"),
+    (lambda: partial_cholesky(KFN, X, True), ValueError, "rank must be a positive integer"),
+    (lambda: partial_cholesky(KFN, X, 2.5), ValueError, "rank must be a positive integer"),
+    (lambda: partial_cholesky(KFN, X, 5, tol=-1.0), ValueError, "tol must be a finite number >= 0"),
+    (lambda: partial_cholesky(KFN, NAN_X, 5), ValueError, "X contains NaN"),
+    (lambda: conjugate_gradients(_gram, Y, True), ValueError, "max_iter must be a positive integer"),
+    (lambda: conjugate_gradients(_gram, Y, 5, tol=float("nan")), ValueError, "tol must be a finite number"),
+    (lambda: exact_log_marginal_likelihood(KFN, X, NAN_Y, torch.tensor(0.1)), ValueError, "residual contains NaN"),
+    (lambda: exact_log_marginal_likelihood(KFN, X, Y[:-1], torch.tensor(0.1)), ValueError, r"residual has shape"),
+    (lambda: exact_log_marginal_likelihood(KFN, X, Y, True), ValueError, "noise must be a positive finite"),
+    (lambda: subset_refit_outputscale_noise(KFN, X, NAN_Y, 0.1), ValueError, "residual contains NaN"),
+    (lambda: refit_outputscale_noise(_gram, Y, X, 0.1, max_iter=0), ValueError, "max_iter must be a positive"),
+    (lambda: IndexActions(torch.tensor([0, 25]), 20), ValueError, r"indices must lie in \[0, 20\)"),
+    (lambda: IndexActions(torch.tensor([0.0, 2.5]), 20), TypeError, "indices must hold integer row numbers"),
+    (lambda: IndexActions(torch.tensor([1, 1]), 20), ValueError, "indices must not repeat"),
+    (lambda: IndexActions(torch.tensor([1]), True), ValueError, "num_data must be a positive integer"),
+    (lambda: random_partition(20, True), ValueError, "num_blocks must be a positive integer"),
+    (lambda: independent_columns(torch.eye(3, dtype=torch.float64), rtol=float("nan")), ValueError, "rtol must"),
+    (lambda: ComputationAwareGP(X, Y, "rbf"), TypeError, "kernel must be a kernel"),
+    (lambda: ComputationAwareGP(X, Y, KFN.kernel, mean_function=1.0), TypeError, "mean_function must be callable"),
+    (lambda: ComputationAwareGP(X, Y, KFN.kernel, noise=True), ValueError, "noise must be a positive finite"),
+    (lambda: ComputationAwareGP(X, Y, KFN.kernel, policy=UnitVectorPolicy())(None), ValueError, "Xnew must be a"),
+]
+
+
+@pytest.mark.parametrize("call, error, match", CASES, ids=range(len(CASES)))
+def test_malformed_arguments_are_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
