@@ -9,7 +9,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
-from .._validation import check_positive_int
+from .._validation import check_finite, check_positive_int
 from ..diagnostics import sample_guide
 from .guide import LastLayerNormal
 from .heads import GaussianHead
@@ -126,4 +126,10 @@ def predict(
 
 def predictive_entropy(probs: torch.Tensor) -> torch.Tensor:
     """:math:`-\\sum_c p_c \\log p_c` of ``(..., C)`` probabilities (an out-of-distribution score)."""
+    if not (isinstance(probs, torch.Tensor) and probs.is_floating_point()):
+        raise TypeError(f"probs must be a floating-point tensor, got {getattr(probs, 'dtype', type(probs).__name__)}")
+    check_finite("probs", probs)
+    tol = max(1e-4, probs.shape[-1] * torch.finfo(probs.dtype).eps) if probs.dim() else 1e-4  # float32 round-off
+    if (probs < 0).any() or (probs > 1).any() or ((probs.sum(-1) - 1).abs() > tol).any():
+        raise ValueError("probs must lie in [0, 1] and sum to 1 along the last dimension")
     return -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(-1)

@@ -64,6 +64,9 @@ def generator_mlp(
     random network's output biases give each weight a prior mean of about :math:`\\pm 0.5`
     (mean absolute value 0.5 at 16 latent dimensions and 64 hidden units), which a zero-mean
     Gaussian prior does not have."""
+    latent_dim = check_positive_int("latent_dim", latent_dim)
+    num_weights = check_positive_int("num_weights", num_weights)
+    hidden, depth = check_positive_int("hidden", hidden), check_positive_int("depth", depth)
     layers: list[nn.Module] = []
     width = latent_dim
     for _ in range(depth):

@@ -47,7 +47,7 @@ import torch
 from pyro.poutine.messenger import Messenger
 
 from .._validation import check_finite
-from .marginal import GaussianLinearMarginal
+from .marginal import _TrajectoryMarginal
 from .mlp import BayesianMLP, RepriorisedModel
 from .noise_quadrature import NoiseGrid, NoiseIntegratedMarginal
 
@@ -220,6 +220,6 @@ class CollapsedModel:
             marginal = NoiseIntegratedMarginal(self._scaled_features(X), self.noise_grid(y.numel()), out_dim)
         else:
             noise = bnn.noise_variance()
-            marginal = GaussianLinearMarginal(self._scaled_features(X), noise, out_dim)
+            marginal = _TrajectoryMarginal(self._scaled_features(X), noise, out_dim)
         pyro.sample("y", marginal, obs=y.to(bnn.dtype))
         return None

@@ -23,7 +23,7 @@ import torch
 from torch.distributions import constraints
 
 from .._linalg import gram
-from .._validation import check_finite
+from .._validation import check_finite, check_positive_int, is_finite_at_least
 from ..gp.cholesky import safe_cholesky
 
 __all__ = ["GaussianLinearMarginal"]
@@ -31,10 +31,12 @@ __all__ = ["GaussianLinearMarginal"]
 
 def readout_event_shape(features: torch.Tensor, out_dim: int | None) -> torch.Size:
     """The targets' shape, ``(n,)`` or ``(n, out_dim)``, for readout inputs ``features`` ``(n, D)``."""
+    if not (isinstance(features, torch.Tensor) and features.is_floating_point()):
+        raise TypeError(f"features must be a floating-point tensor, got {getattr(features, 'dtype', type(features))}")
     if features.dim() != 2:
         raise NotImplementedError(f"features must be an (n, D) matrix (no batch), got shape {tuple(features.shape)}")
-    if out_dim is not None and out_dim < 1:
-        raise ValueError(f"out_dim must be None or positive, got {out_dim}")
+    if out_dim is not None:
+        out_dim = check_positive_int("out_dim", out_dim)
     n = features.shape[0]
     if n < 1:
         raise ValueError("features must have at least one row (data point)")
@@ -68,6 +70,8 @@ class GaussianLinearMarginal(dist.TorchDistribution):
 
     #: draws integrate the latents over their prior: not posterior predictive draws (see to_inference_data)
     integrates_out_latents = True
+    #: refuse non-finite features (bad input); a sampler's potential energy uses :class:`_TrajectoryMarginal`
+    _check_features = True
 
     arg_constraints = {"noise": constraints.positive}
     support = constraints.real
@@ -76,6 +80,11 @@ class GaussianLinearMarginal(dist.TorchDistribution):
     def __init__(self, features: torch.Tensor, noise: torch.Tensor | float, out_dim: int | None = None,
                  validate_args=None):  # fmt: skip
         event_shape = readout_event_shape(features, out_dim)
+        out_dim = None if out_dim is None else event_shape[-1]
+        if self._check_features:
+            check_finite("features", features)
+        if not isinstance(noise, torch.Tensor) and not is_finite_at_least(noise, 0.0, strict=True):
+            raise ValueError(f"noise must be a finite positive number, got {noise!r}")
         noise = torch.as_tensor(noise, dtype=features.dtype)
         if noise.dim() != 0:
             raise NotImplementedError(f"noise must be a scalar, got shape {tuple(noise.shape)}")
@@ -119,3 +128,10 @@ class GaussianLinearMarginal(dist.TorchDistribution):
         if torch.Size(batch_shape) != torch.Size():
             raise NotImplementedError("GaussianLinearMarginal has no batch shape (vectorised draws are not supported)")
         return self
+
+
+class _TrajectoryMarginal(GaussianLinearMarginal):
+    """For a sampler's model: features that overflow (an unstable leapfrog trajectory) give zero density
+    in :meth:`log_prob`, which HMC/NUTS reject, instead of raising."""
+
+    _check_features = False

@@ -51,6 +51,7 @@ import torch
 from torch.distributions import constraints
 
 from .._linalg import gram
+from .._validation import is_finite_at_least
 from .marginal import readout_event_shape, target_columns
 
 __all__ = ["NoiseGrid", "NoiseIntegratedMarginal"]
@@ -88,6 +89,10 @@ class NoiseGrid:
     nodes: torch.Tensor
     log_weights: torch.Tensor
     spacing: float
+
+    def __post_init__(self):
+        if not is_finite_at_least(self.spacing, 0.0, strict=True):
+            raise ValueError(f"spacing must be a finite positive number, got {self.spacing!r}")
 
     @classmethod
     def from_prior(cls, prior: dist.TorchDistribution, num_obs: int, spacing: float | None = None,

@@ -23,6 +23,12 @@ class Standardizer:
     mean: torch.Tensor
     std: torch.Tensor
 
+    def __post_init__(self):
+        check_finite("mean", self.mean)
+        check_finite("std", self.std)
+        if not (torch.as_tensor(self.std) > 0).all():
+            raise ValueError("std must be positive")
+
     @classmethod
     def fit(cls, x: torch.Tensor) -> Standardizer:
         """Column means and standard deviations (``ddof=1``) of ``x``, ``(n,)`` or ``(n, d)``, floating, finite."""

@@ -22,6 +22,7 @@ import torch
 import torchsde
 from torchsde._brownian import BaseBrownian  # the documented base class of `bm` objects
 
+from .._validation import check_positive_int, is_finite_at_least
 from .flow_kernel import KernelState
 from .inducing import jittered_cholesky
 
@@ -79,7 +80,9 @@ class GridBrownian(BaseBrownian):
     points); ``size`` is ``(batch, channels)``. Queries on grid points are exact Brownian increments."""
 
     def __init__(self, horizon: float, num_steps: int, size: tuple[int, int], dtype=torch.float64, device=None):
-        self._T, self._K = float(horizon), int(num_steps)
+        if not is_finite_at_least(horizon, 0.0, strict=True):
+            raise ValueError(f"horizon must be a finite positive number, got {horizon!r}")
+        self._T, self._K = float(horizon), check_positive_int("num_steps", num_steps)
         self._size, self._dtype, self._device = torch.Size(size), dtype, device
         dt = self._T / self._K
         steps = torch.randn((self._K,) + self._size, dtype=dtype, device=device) * dt**0.5

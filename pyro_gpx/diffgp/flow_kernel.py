@@ -23,6 +23,7 @@ import torch
 from pyro.distributions import constraints
 from pyro.nn import PyroModule, pyro_method
 
+from .._validation import check_positive_int, is_finite_at_least
 from ..gp.stationary import _gpytorch_family, _profile, centred
 
 __all__ = ["FlowKernel", "KernelState", "default_flow_kernel", "draw_shape"]
@@ -49,6 +50,9 @@ def default_flow_kernel(
 ) -> gpytorch.kernels.Kernel:
     """ARD RBF in a ``ScaleKernel``, one per state dimension unless ``shared``; lengthscales
     :math:`\\sqrt{D}` on standardised inputs, a small output scale (a gentle initial flow)."""
+    dim = check_positive_int("dim", dim)
+    if not is_finite_at_least(outputscale, 0.0, strict=True):
+        raise ValueError(f"outputscale must be a finite positive number, got {outputscale!r}")
     batch = torch.Size() if shared else torch.Size([dim])
     kernel = gpytorch.kernels.ScaleKernel(
         gpytorch.kernels.RBFKernel(ard_num_dims=dim, batch_shape=batch), batch_shape=batch
@@ -128,6 +132,7 @@ class FlowKernel(PyroModule):
                  lengthscale_prior: dist.TorchDistribution | None = None,
                  outputscale_prior: dist.TorchDistribution | None = None):  # fmt: skip
         super().__init__()
+        dim = check_positive_int("dim", dim)
         kernel = default_flow_kernel(dim, dtype=dtype) if kernel is None else kernel
         if not isinstance(kernel, gpytorch.kernels.Kernel):
             raise TypeError(f"kernel must be a gpytorch Kernel, got {type(kernel).__name__}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import check_finite
+from .._validation import check_finite, check_positive_int, is_finite_at_least
 from ..gp.cholesky import safe_cholesky
 
 __all__ = ["kmeans_inducing", "jittered_cholesky", "whitened_conditional"]
@@ -31,6 +31,7 @@ def kmeans_inducing(X: torch.Tensor, num_inducing: int, *, iters: int = 25, seed
     """
     if X.dim() != 2:
         raise ValueError(f"X must be (n, d), got shape {tuple(X.shape)}")
+    num_inducing, iters = check_positive_int("num_inducing", num_inducing), check_positive_int("iters", iters)
     if not 1 <= num_inducing <= X.shape[0]:
         raise ValueError(f"num_inducing must be in [1, {X.shape[0]}] (the number of rows of X), got {num_inducing}")
     check_finite("X", X)
@@ -51,6 +52,8 @@ def kmeans_inducing(X: torch.Tensor, num_inducing: int, *, iters: int = 25, seed
 def jittered_cholesky(K: torch.Tensor, jitter: float) -> torch.Tensor:
     """Cholesky factor of ``K + jitter I`` (batched): the fixed SVGP jitter, then the escalation and
     the non-finite check of :func:`~pyro_gpx.gp.cholesky.safe_cholesky` if that still fails."""
+    if not is_finite_at_least(jitter, 0.0):  # a Python number: cheap per step
+        raise ValueError(f"jitter must be a finite number >= 0, got {jitter!r}")
     eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
     return safe_cholesky(K + jitter * eye, name="inducing kernel matrix")
 

@@ -40,7 +40,7 @@ from collections.abc import Callable
 
 import torch
 
-from .._validation import is_finite_at_least, is_integer
+from .._validation import check_finite, is_finite_at_least, is_integer
 
 __all__ = ["ReplayBuffer", "langevin_search"]
 
@@ -88,6 +88,9 @@ class ReplayBuffer:
     def add(self, z: torch.Tensor, log_target: torch.Tensor) -> None:
         """Append the rows of ``z`` ``(B, D)`` with ``log_target`` ``(B,)``; rows with a non-finite value
         are skipped (they are points the target rules out, not data)."""
+        z, log_target = torch.as_tensor(z), torch.as_tensor(log_target)  # NumPy arrays too
+        if not (z.is_floating_point() and log_target.is_floating_point()):
+            raise TypeError(f"z and log_target must be floating-point, got {z.dtype} and {log_target.dtype}")
         if z.dim() != 2 or log_target.shape != z.shape[:1]:
             shapes = f"{tuple(z.shape)} and {tuple(log_target.shape)}"
             raise ValueError(f"z must be (B, D) and log_target (B,), got {shapes}")
@@ -139,6 +142,8 @@ class ReplayBuffer:
 
     def sample_index(self, num: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Indices of ``num`` points drawn (with replacement) by rank priority."""
+        if not is_integer(num) or num < 1:
+            raise ValueError(f"num must be an integer >= 1, got {num!r}")
         if len(self) == 0:
             raise RuntimeError("the replay buffer is empty: add points before sampling")
         n = len(self)
@@ -193,6 +198,11 @@ def langevin_search(
     def log_proposal(to, frm, grad_frm):  # log q(to | frm) up to a constant
         return -(to - frm - 0.5 * step_size * grad_frm).square().sum(-1) / (2 * step_size)
 
+    if not (isinstance(z, torch.Tensor) and z.is_floating_point()):
+        raise TypeError(f"z must be a floating-point tensor, got {getattr(z, 'dtype', type(z).__name__)}")
+    if z.dim() != 2 or z.numel() == 0:
+        raise ValueError(f"z must be a non-empty (B, D) tensor, got shape {tuple(z.shape)}")
+    check_finite("z", z)
     z = z.detach()
     value, grad = value_and_grad(z)
     accepted = 0.0

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validation import check_positive_int, check_positive_or_none
+
 __all__ = ["DriftNet"]
 
 
@@ -38,7 +40,7 @@ class DriftNet(nn.Module):
     """:param dim: latent dimension; :param hidden: MLP width; :param depth: hidden layers;
     :param use_score: add the score term; :param time_features: number of Fourier time features;
     :param score_clip: the score is clipped to ``[-score_clip, score_clip]`` per coordinate (as PIS
-        does): targets such as Neal's funnel have scores that explode in their narrow regions.
+        does): targets such as Neal's funnel have scores that explode in their narrow regions (``None``: no clip).
     :param drift_clip: if given, the drift is softly bounded, :math:`c\\tanh(b / c)` per coordinate, so
         that a poorly trained network cannot throw a path to overflowing values."""
 
@@ -55,11 +57,12 @@ class DriftNet(nn.Module):
         drift_clip: float | None = None,
     ):
         super().__init__()
-        if dim < 1 or hidden < 1 or depth < 1:
-            raise ValueError(f"dim, hidden and depth must be >= 1, got {dim}, {hidden}, {depth}")
-        if drift_clip is not None and not drift_clip > 0:
-            raise ValueError(f"drift_clip must be positive, got {drift_clip}")
-        self.dim, self.use_score, self.score_clip = dim, use_score, float(score_clip)
+        dim, hidden = check_positive_int("dim", dim), check_positive_int("hidden", hidden)
+        depth, time_features = check_positive_int("depth", depth), check_positive_int("time_features", time_features)
+        check_positive_or_none("score_clip", score_clip)
+        check_positive_or_none("drift_clip", drift_clip)
+        self.dim, self.use_score = dim, use_score
+        self.score_clip = None if score_clip is None else float(score_clip)  # None: no clipping
         self.drift_clip = drift_clip
         self.register_buffer("frequencies", torch.arange(1, time_features // 2 + 1, dtype=torch.float32) * math.pi)
         layers, width = [], dim + 2 * (time_features // 2)
@@ -120,6 +123,8 @@ class DriftNet(nn.Module):
             if float(t) in cached:
                 hidden_t, gate_t = cached[float(t)]
             else:
+                if not math.isfinite(float(t)):  # a Python number: cheap, and off the cached path
+                    raise ValueError(f"t must be a finite number, got {t!r}")
                 hidden_t, gate_t = time_terms(torch.tensor([float(t)], dtype=z.dtype))
             h = F.silu(_affine(z, weight_z_t, hidden_t))
             for layer in rest:
@@ -129,7 +134,7 @@ class DriftNet(nn.Module):
                 if score is None:
                     raise ValueError("this drift uses the target's score; pass score=")
                 assert gate_t is not None  # time_terms returns the gate whenever use_score
-                drift = drift + gate_t * score.clamp(-score_clip, score_clip)
+                drift = drift + gate_t * (score if score_clip is None else score.clamp(-score_clip, score_clip))
             if drift_clip is not None:
                 drift = drift_clip * torch.tanh(drift / drift_clip)
             return drift

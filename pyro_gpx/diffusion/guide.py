@@ -109,6 +109,8 @@ def importance_estimate(log_weights: torch.Tensor) -> dict:
         raise ValueError(
             f"log_weights must be a non-empty (N,) tensor, got {getattr(log_weights, 'shape', log_weights)}"
         )
+    if not log_weights.is_floating_point():  # integer log weights: exact in float64
+        log_weights = log_weights.double()
     if torch.isnan(log_weights).any() or (log_weights == math.inf).any():
         raise ValueError("log_weights holds NaN or +inf: the weights of these paths are undefined")
     n = log_weights.numel()

@@ -149,6 +149,8 @@ class LogVarianceLoss(_BatchedPathLoss):
             raise ValueError(f"search_steps must be an integer >= 0, got {search_steps!r}")
         if not is_integer(search_every) or search_every < 1:
             raise ValueError(f"search_every must be an integer >= 1, got {search_every!r}")
+        if buffer is not None and not isinstance(buffer, ReplayBuffer):
+            raise TypeError(f"buffer must be a ReplayBuffer or None, got {type(buffer).__name__}")
         if buffer is None and search_steps:
             raise ValueError("search_steps needs a buffer to search from and add to")
         self.exploration = float(exploration)

@@ -78,6 +78,10 @@ __all__ = ["ReferenceProcess", "make_process", "gaussian_log_density"]
 
 def gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor | float) -> torch.Tensor:
     """:math:`\\log N(x; \\text{mean}, \\text{var}\\,I)` summed over the last dimension."""
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point()):  # var would be cast to x's dtype
+        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if not isinstance(var, torch.Tensor) and not is_finite_at_least(var, 0.0, strict=True):  # cheap: a number
+        raise ValueError(f"var must be a positive finite number, got {var!r}")
     var = torch.as_tensor(var, dtype=x.dtype)
     d = x.shape[-1]
     return -0.5 * (((x - mean) ** 2).sum(-1) / var + d * torch.log(2 * math.pi * var))
@@ -102,6 +106,38 @@ class ReferenceProcess:
     alphas: torch.Tensor | None = None
     betas: torch.Tensor | None = None
     grid: torch.Tensor | None = None
+
+    def __post_init__(self):  # the checks of make_process, for processes built directly
+        if self.kind not in ("pis", "dds", "dis"):
+            raise ValueError(f"kind must be 'pis', 'dds' or 'dis', got {self.kind!r}")
+        K = self.num_steps
+        if not is_integer(K) or K < 1:
+            raise ValueError(f"num_steps must be an integer >= 1, got {K!r}")
+        for name, value in (("sigma", self.sigma), ("horizon", self.horizon)):
+            if not is_finite_at_least(value, 0.0, strict=True):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        if self.kind != "pis" and self.horizon != 1.0:
+            raise ValueError(f"horizon applies to the PIS process only, got horizon={self.horizon!r}")
+        needed = {"dds": "alphas", "dis": "betas"}.get(self.kind)
+        for name in ("alphas", "betas", "grid"):
+            value, size = getattr(self, name), K + 1 if name == "grid" else K
+            if value is None:
+                if name == needed:
+                    raise ValueError(f"a {self.kind!r} process needs {name}")
+                continue
+            if name != needed and not (name == "grid" and self.kind == "pis"):
+                raise ValueError(f"{name} does not apply to a {self.kind!r} process")
+            if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == (size,)):
+                raise ValueError(f"{name} must be a floating-point tensor of shape ({size},), got {value!r}")
+            if not torch.isfinite(value).all():
+                raise ValueError(f"{name} contains NaN or inf")
+        if self.alphas is not None and not ((self.alphas > 0) & (self.alphas <= 1)).all():
+            raise ValueError("alphas must lie in (0, 1]")
+        if self.betas is not None and not ((self.betas > 0) & (self.betas * self.dt < 2)).all():
+            raise ValueError("betas must be positive with betas * dt / 2 < 1 (every DIS step contracts)")
+        grid = self.grid
+        if grid is not None and not (grid[0] == 0 and (grid.diff() > 0).all() and math.isclose(grid[-1], self.horizon)):
+            raise ValueError("grid must increase strictly from 0 to horizon")
 
     @property
     def dt(self) -> float:

@@ -68,6 +68,8 @@ class SWAGCollector:
     """
 
     def __init__(self, module: torch.nn.Module, max_rank: int = 20, dtype: torch.dtype = torch.float64):
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         self.module = module
         self._shapes = {name: p.shape for name, p in module.named_parameters() if p.requires_grad}
         if not self._shapes:

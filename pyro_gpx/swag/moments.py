@@ -92,6 +92,8 @@ def init_moments(
     parameters: the default ``None`` is the default device)."""
     num_params = check_positive_int("num_params", num_params)
     max_rank = check_positive_int("max_rank", max_rank)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):  # an integer dtype truncates iterates
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     zeros = torch.zeros(num_params, dtype=dtype, device=device)
     return SWAGMoments(0, zeros, zeros.clone(), zeros.new_zeros(0, num_params), max_rank)
 
@@ -106,7 +108,7 @@ def update_moments(moments: SWAGMoments, theta: torch.Tensor) -> SWAGMoments:
 
     ``theta`` is moved to the statistics' device and dtype.
     """
-    theta = theta.detach().reshape(-1).to(device=moments.mean.device, dtype=moments.mean.dtype)
+    theta = torch.as_tensor(theta).detach().reshape(-1).to(device=moments.mean.device, dtype=moments.mean.dtype)
     if theta.shape != moments.mean.shape:
         raise ValueError(f"theta has {theta.numel()} entries; these moments track {moments.mean.numel()}")
     _check_finite("theta", theta)
@@ -142,6 +144,8 @@ def swag_distribution(
         raise ValueError(f"SWAG needs at least 2 collected iterates to sample; have {moments.num_snapshots}")
     if not is_finite_at_least(scale, 0.0, strict=True):
         raise ValueError(f"scale must be a finite positive number, got {scale}")
+    if not isinstance(diag_only, bool):
+        raise TypeError(f"diag_only must be a bool, got {diag_only!r}")
     variance = scale * diagonal_variance(moments)
 
     def cast(x: torch.Tensor) -> torch.Tensor:
@@ -175,6 +179,8 @@ def moments_from_state(
     missing = [k for k in STATE_KEYS if k not in state]
     if missing:
         raise ValueError(f"{name} lacks the SWAG entries {missing}")
+    if num_params is not None:
+        num_params = check_positive_int("num_params", num_params)
     count, max_rank = state["num_snapshots"], state["max_rank"]
     if not isinstance(count, numbers.Integral) or count < 0:
         raise ValueError(f"{name}['num_snapshots'] must be an int >= 0, got {count!r}")

@@ -12,7 +12,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import pyro.distributions as dist
 import torch
@@ -58,9 +58,14 @@ class MultiSWAG:
     """An ensemble of :class:`SWAGCollector` runs (independent initialisations), sampled equally."""
 
     def __init__(self, collectors: Sequence[SWAGCollector]):
+        if not isinstance(collectors, Iterable):  # a single run is not a list of them
+            raise TypeError(f"collectors must be a sequence of SWAGCollector runs, got {type(collectors).__name__}")
+        collectors = list(collectors)
         if not collectors:
             raise ValueError("MultiSWAG needs at least one SWAG run")
-        self.collectors = list(collectors)
+        if not all(isinstance(c, SWAGCollector) for c in collectors):
+            raise TypeError(f"collectors must all be SWAGCollector runs, got {[type(c).__name__ for c in collectors]}")
+        self.collectors = collectors
 
     def predict(
         self,
@@ -110,6 +115,8 @@ class AutoMultiSWAG(AutoContinuous):
     """
 
     def __init__(self, guides: Sequence[AutoSWAG]):
+        if not isinstance(guides, Iterable):  # a single guide is not a list of them
+            raise TypeError(f"guides must be a non-empty sequence of AutoSWAG guides, got {type(guides).__name__}")
         guides = tuple(guides)
         if not guides or not all(isinstance(g, AutoSWAG) for g in guides):
             raise TypeError("guides must be a non-empty sequence of AutoSWAG guides")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import is_finite_at_least
+from .._validation import check_positive_int, is_finite_at_least
 
 __all__ = ["swag_learning_rate", "swag_scheduler"]
 
@@ -33,8 +33,8 @@ def swag_learning_rate(epoch: float, lr_init: float, swa_lr: float, swa_start: f
     for name, value in (("swa_start", swa_start), ("lr_init", lr_init), ("swa_lr", swa_lr)):
         if not is_finite_at_least(value, 0.0, strict=True):
             raise ValueError(f"{name} must be a finite positive number, got {value}")
-    if not is_finite_at_least(epoch, float("-inf")):
-        raise ValueError(f"epoch must be a finite number, got {epoch}")
+    if not is_finite_at_least(epoch, 0.0):
+        raise ValueError(f"epoch must be a finite number >= 0, got {epoch}")
     t = epoch / swa_start
     ratio = swa_lr / lr_init
     if t <= 0.5:
@@ -52,6 +52,7 @@ def swag_scheduler(
     """A per-epoch ``LambdaLR`` implementing :func:`swag_learning_rate` from each parameter group's
     initial rate: every group decays from its own rate to ``swa_lr``, as ``SWALR(swa_lr=...)`` sets
     every group to ``swa_lr``."""
+    swa_start = check_positive_int("swa_start", swa_start)  # epochs, counted by LambdaLR
 
     def factor(lr_init: float):
         return lambda epoch: swag_learning_rate(epoch, lr_init, swa_lr, swa_start) / lr_init

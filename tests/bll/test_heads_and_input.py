@@ -14,6 +14,7 @@ from pyro_gpx.bll import (
     GaussianHead,
     ImplicitWeightPrior,
     LastLayerNormal,
+    generator_mlp,
     predict,
     predictive_entropy,
 )
@@ -58,6 +59,25 @@ def test_minibatch_likelihood_is_scaled(digits_like):
 def test_predictive_entropy_of_uniform_and_certain():
     probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]])
     torch.testing.assert_close(predictive_entropy(probs), torch.tensor([torch.log(torch.tensor(4.0)), 0.0]))
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: predictive_entropy(torch.tensor([[-0.5, 1.5]])), ValueError, "probs"),
+        (lambda: predictive_entropy(torch.tensor([[0.2, 0.2]])), ValueError, "probs"),
+        (lambda: predictive_entropy(torch.tensor([[float("nan"), 1.0]])), ValueError, "probs"),
+        (lambda: predictive_entropy(torch.tensor([[0, 1]])), TypeError, "probs"),
+        (lambda: generator_mlp(2, 3, hidden=0), ValueError, "hidden"),
+        (lambda: generator_mlp(2, 3, depth=2.5), ValueError, "depth"),
+        (lambda: generator_mlp(True, 3), ValueError, "latent_dim"),
+        (lambda: generator_mlp(2, -1), ValueError, "num_weights"),
+    ],
+)
+def test_entropy_and_generator_refuse_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+    predictive_entropy(torch.tensor([[0.3, 0.7]], dtype=torch.float32).softmax(-1))  # round-off is accepted
 
 
 def test_bad_input(digits_like):

@@ -12,7 +12,8 @@ import pytest
 import torch
 from pyro.infer import MCMC, NUTS, Predictive
 
-from pyro_gpx.bnn import BayesianMLP, GaussianLinearMarginal
+from pyro_gpx.bnn import BayesianMLP, GaussianLinearMarginal, NoiseGrid
+from pyro_gpx.bnn.marginal import _TrajectoryMarginal
 from pyro_gpx.diagnostics import to_inference_data
 
 
@@ -187,3 +188,25 @@ def test_training_data_taken_from_an_evaluation_warn(data, kind):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")
         poutine.trace(model).get_trace(X, y)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: GaussianLinearMarginal(torch.full((4, 2), float("nan")), 0.1), ValueError, "features"),
+        (lambda: GaussianLinearMarginal(torch.ones(4, 2, dtype=torch.int64), 0.1), TypeError, "features"),
+        (lambda: GaussianLinearMarginal(torch.randn(4, 2), 0.1, out_dim=2.5), ValueError, "out_dim"),
+        (lambda: GaussianLinearMarginal(torch.randn(4, 2), True), ValueError, "noise"),
+        (lambda: NoiseGrid(torch.zeros(3), torch.zeros(3), float("nan")), ValueError, "spacing"),
+        (lambda: NoiseGrid(torch.zeros(3), torch.zeros(3), -0.1), ValueError, "spacing"),
+    ],
+)
+def test_marginal_and_grid_refuse_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_overflowing_features_in_a_sampler_have_zero_density():
+    # the collapsed model's marginal: an unstable leapfrog trajectory is rejected, not an error
+    marginal = _TrajectoryMarginal(torch.full((4, 2), float("inf")), torch.tensor(0.1))
+    assert marginal.log_prob(torch.zeros(4)) == -math.inf

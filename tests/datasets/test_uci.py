@@ -123,6 +123,20 @@ def test_standardizer_round_trip():
         Standardizer.fit(torch.arange(4))
 
 
+@pytest.mark.parametrize(
+    "mean, std, match",
+    [
+        (torch.tensor([float("nan")]), torch.ones(1), "mean"),
+        (torch.zeros(1), torch.tensor([float("inf")]), "std"),
+        (torch.zeros(1), torch.zeros(1), "std must be positive"),
+        (torch.zeros(1), -torch.ones(1), "std must be positive"),
+    ],
+)
+def test_standardizer_refuses_bad_statistics(mean, std, match):
+    with pytest.raises(ValueError, match=match):
+        Standardizer(mean, std)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_constant_column_with_a_rounding_spread_maps_to_zero(dtype):
     """0.1 is not a binary fraction: the computed std of a column of 0.1s is rounding noise (7.5e-9 in

@@ -11,6 +11,7 @@ from pyro_gpx.diffgp import (
     GridBrownian,
     default_flow_kernel,
     integrate_flow,
+    jittered_cholesky,
     kmeans_inducing,
 )
 
@@ -231,3 +232,25 @@ def test_flow_kernel_validation():
     with pytest.raises(ValueError, match="outputscale_prior must have positive support"):
         FlowKernel(2, outputscale_prior=dist.Normal(0.0, 1.0))
     FlowKernel(2, lengthscale_prior=dist.HalfNormal(1.0), outputscale_prior=dist.Gamma(2.0, 1.0))  # accepted
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: jittered_cholesky(3 * torch.eye(2), -1.0), "jitter"),
+        (lambda: jittered_cholesky(torch.eye(2), True), "jitter"),
+        (lambda: GridBrownian(0.0, 4, (2, 1)), "horizon"),
+        (lambda: GridBrownian(float("nan"), 4, (2, 1)), "horizon"),
+        (lambda: GridBrownian(1.0, 0, (2, 1)), "num_steps"),
+        (lambda: GridBrownian(1.0, True, (2, 1)), "num_steps"),
+        (lambda: GridBrownian(1.0, 2.5, (2, 1)), "num_steps"),
+        (lambda: kmeans_inducing(torch.randn(5, 2), 2.5), "num_inducing"),
+        (lambda: kmeans_inducing(torch.randn(5, 2), 2, iters=0), "iters"),
+        (lambda: default_flow_kernel(0), "dim"),
+        (lambda: default_flow_kernel(2, outputscale=-0.1), "outputscale"),
+        (lambda: FlowKernel(2.5), "dim"),
+    ],
+)
+def test_bad_input_is_refused_by_name(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

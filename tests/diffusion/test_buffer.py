@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -9,7 +10,17 @@ import torch
 from pyro.infer import SVI
 from pyro.infer.autoguide.initialization import init_to_mean
 
-from pyro_gpx.diffusion import AutoDiffusion, LogVarianceLoss, ReplayBuffer, langevin_search, make_process
+from pyro_gpx.diffusion import (
+    AutoDiffusion,
+    DriftNet,
+    LogVarianceLoss,
+    ReferenceProcess,
+    ReplayBuffer,
+    gaussian_log_density,
+    importance_estimate,
+    langevin_search,
+    make_process,
+)
 
 
 def gaussian_model(scale=1.0, dim=3):
@@ -277,3 +288,59 @@ def test_local_search_rejects_points_where_the_density_is_not_finite(float64):
     exact = dist.Normal(0.0, 1.0).log_prob(buffer.z[moved]).sum(-1)
     torch.testing.assert_close(buffer.log_target[moved], exact)
     assert loss.search_step_size < 2.0  # most proposals were rejected: the step shrinks
+
+
+def _pis(**changes):
+    fields = dict(kind="pis", num_steps=4, sigma=1.0, horizon=1.0) | changes
+    return ReferenceProcess(**fields)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: gaussian_log_density(torch.zeros(2, 3), torch.zeros(3), 0.0), ValueError, "var"),
+        (lambda: gaussian_log_density(torch.zeros(2, 3), torch.zeros(3), -1.0), ValueError, "var"),
+        (lambda: gaussian_log_density(torch.zeros(2, 3), torch.zeros(3), float("nan")), ValueError, "var"),
+        (lambda: gaussian_log_density(torch.zeros(2, 3), torch.zeros(3), True), ValueError, "var"),
+        (lambda: gaussian_log_density(torch.zeros(2, 3, dtype=torch.long), torch.zeros(3), 0.5), TypeError, "x"),
+        (lambda: _pis(kind="xyz"), ValueError, "kind"),
+        (lambda: _pis(num_steps=0), ValueError, "num_steps"),
+        (lambda: _pis(num_steps=2.5), ValueError, "num_steps"),
+        (lambda: _pis(sigma=float("nan")), ValueError, "sigma"),
+        (lambda: _pis(horizon=-1.0), ValueError, "horizon"),
+        (lambda: _pis(grid=torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)), ValueError, "grid"),
+        (lambda: _pis(grid=torch.tensor([0.0, 0.5, 0.4, 0.8, 1.0], dtype=torch.float64)), ValueError, "grid"),
+        (lambda: ReferenceProcess("dds", 4, 1.0, 1.0, torch.full((3,), 0.1)), ValueError, "alphas"),
+        (lambda: ReferenceProcess("dds", 4, 1.0), ValueError, "alphas"),
+        (lambda: DriftNet(2.5), ValueError, "dim"),
+        (lambda: DriftNet(2, hidden=True), ValueError, "hidden"),
+        (lambda: DriftNet(2, depth=0), ValueError, "depth"),
+        (lambda: DriftNet(2, time_features=-1), ValueError, "time_features"),
+        (lambda: DriftNet(2, score_clip=float("nan")), ValueError, "score_clip"),
+        (lambda: DriftNet(2, use_score=False)(torch.zeros(3, 2), float("nan")), ValueError, "t"),
+        (lambda: langevin_search(lambda z: -z.square().sum(-1), torch.full((2, 2), float("nan")), 1, 0.1), ValueError,
+         "z"),
+        (lambda: langevin_search(lambda z: -z.square().sum(-1), torch.zeros(0, 2), 1, 0.1), ValueError, "z"),
+        (lambda: langevin_search(lambda z: -z.square().sum(-1), [[0.0, 1.0]], 1, 0.1), TypeError, "z"),
+        (lambda: _filled_buffer().sample(0), ValueError, "num"),
+        (lambda: _filled_buffer().sample(-1), ValueError, "num"),
+        (lambda: LogVarianceLoss(buffer="x"), TypeError, "buffer"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_refused_by_name(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def _filled_buffer():
+    buffer = ReplayBuffer(capacity=4)
+    buffer.add(torch.zeros(2, 1), torch.zeros(2))
+    return buffer
+
+
+def test_numpy_and_integer_inputs_are_accepted():
+    buffer = ReplayBuffer(capacity=4)
+    buffer.add(np.zeros((2, 1)), np.zeros(2))
+    assert len(buffer) == 2 and torch.is_tensor(buffer.z)
+    assert importance_estimate(torch.tensor([0, 0]))["log_z"] == 0.0
+    assert DriftNet(2, score_clip=None)(torch.zeros(3, 2), 0.5, torch.full((3, 2), 1e9)).shape == (3, 2)

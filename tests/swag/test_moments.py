@@ -6,11 +6,17 @@ import pytest
 import torch
 
 from pyro_gpx.swag import (
+    AutoMultiSWAG,
+    AutoSWAG,
+    MultiSWAG,
+    SWAGCollector,
     diagonal_variance,
     init_moments,
     moments_from_state,
     moments_state_dict,
     swag_distribution,
+    swag_learning_rate,
+    swag_scheduler,
     update_moments,
 )
 
@@ -114,3 +120,38 @@ def test_state_round_trip_and_validation():
             moments_from_state(s)
     with pytest.raises(ValueError, match=r"state\['mean'\] has shape \(3,\); expected \(4,\)"):
         moments_from_state(state, 4)
+
+
+def _two_snapshots():
+    m = init_moments(3, max_rank=2)
+    for t in _iterates(3, P=3):
+        m = update_moments(m, torch.as_tensor(t))
+    return m
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: init_moments(3, dtype=torch.int64), TypeError, "dtype"),
+        (lambda: SWAGCollector(torch.nn.Linear(2, 1), dtype=torch.int32), TypeError, "dtype"),
+        (lambda: SWAGCollector(None), TypeError, "module"),
+        (lambda: MultiSWAG([1, 2]), TypeError, "collectors"),
+        (lambda: MultiSWAG(SWAGCollector(torch.nn.Linear(2, 1))), TypeError, "collectors"),
+        (lambda: AutoMultiSWAG(AutoSWAG(lambda: None)), TypeError, "guides"),
+        (lambda: moments_from_state(moments_state_dict(_two_snapshots()), True), ValueError, "num_params"),
+        (lambda: moments_from_state(moments_state_dict(_two_snapshots()), 0), ValueError, "num_params"),
+        (lambda: moments_from_state(moments_state_dict(_two_snapshots()), 2.5), ValueError, "num_params"),
+        (lambda: swag_distribution(_two_snapshots(), diag_only="yes"), TypeError, "diag_only"),
+        (lambda: swag_scheduler(torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), 0.1), 0.01, 2.5), ValueError,
+         "swa_start"),
+        (lambda: swag_learning_rate(-1, 0.1, 0.01, 20), ValueError, "epoch"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_refused_by_name(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_update_moments_accepts_numpy():
+    m = update_moments(init_moments(3), np.array([1.0, 2.0, 3.0]))
+    assert torch.equal(m.mean, torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
