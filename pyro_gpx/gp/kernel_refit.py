@@ -42,9 +42,9 @@ import time
 import torch
 
 from .._validation import check_positive_int
-from ._checks import check_tolerance
+from ._checks import check_noise, check_tolerance
 from .kernel_fn import KernelFn
-from .mll_refit import MLLRefit, check_noise, random_subsets
+from .mll_refit import MLLRefit, random_subsets
 from .stationary import _profile, _sqdist
 
 __all__ = ["subset_refit_kernel_noise"]
@@ -91,7 +91,7 @@ def subset_refit_kernel_noise(
     """
     spec = kernel.stationary()
     check_positive_int("max_evaluations", max_evaluations)
-    check_noise(noise)
+    check_noise("noise", noise)
     check_tolerance("min_noise", min_noise)
     subsets = random_subsets(X, residual, num_points, num_subsets, generator)  # repeated inputs dropped
     data = [(spec.columns(X[i]).detach().double(), residual[i].detach().double()) for i in subsets]

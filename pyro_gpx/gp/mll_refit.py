@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from .._validation import check_positive_int
-from ._checks import check_inputs, check_tolerance
+from ._checks import check_inputs, check_noise, check_tolerance
 from ._search import grid_golden_bracket
 from .kernel_fn import KernelFn
 
@@ -99,13 +99,8 @@ class _ShiftedPreconditioner:
         return (n - self.s.numel()) / tau + float((1.0 / (self.s + tau)).sum())
 
 
-def check_noise(noise: float) -> None:
-    if not (math.isfinite(noise) and noise > 0):
-        raise ValueError(f"noise must be positive and finite, got {noise}")
-
-
 def _check_search(noise: float, bounds: tuple[float, float]) -> tuple[float, float]:
-    check_noise(noise)
+    check_noise("noise", noise)
     low, high = bounds
     if not 0 < low < 1 < high:
         raise ValueError(f"bounds must satisfy 0 < low < 1 < high, got {bounds}")

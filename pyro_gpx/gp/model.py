@@ -51,11 +51,12 @@ from pyro.nn import PyroModule, PyroParam, pyro_method
 from pyro.poutine.runtime import am_i_wrapped
 
 from .._validation import check_finite, is_finite_at_least
+from ._checks import _check_dtype
 from .cholesky import NonFiniteError, NumericalWarning, safe_cholesky
 from .kernel_fn import KernelFn
 from .kernel_ops import training_matmul
 from .kernel_refit import subset_refit_kernel_noise
-from .marginal import OBJECTIVES, ComputationAwareMarginal, _check_dtype
+from .marginal import OBJECTIVES, ComputationAwareMarginal
 from .mll_refit import MLLRefit, refit_outputscale_noise, subset_refit_outputscale_noise
 from .noise_refit import refit_noise as refit_projection_noise
 from .policies import BlockSparsePolicy, Policy, PolicyContext, UnitVectorPolicy

@@ -108,10 +108,7 @@ def _matern12_rho(Z1: torch.Tensor, Z2: torch.Tensor) -> torch.Tensor:
     repeated inputs) set to exactly zero, where the kernel is flat in the other families."""
     Z1, Z2c = centred(Z1.double(), Z2.double())
     assert Z2c is not None
-    sq1, sq2 = (Z1 * Z1).sum(-1, keepdim=True), (Z2c * Z2c).sum(-1)
-    d = sq1 - 2 * Z1 @ Z2c.T + sq2
-    floor = (_SNAP * torch.finfo(torch.float64).eps) * (sq1 + sq2)
-    return torch.where(d > floor, d, torch.zeros((), dtype=d.dtype))
+    return _matern12_chunk_rho(Z1, Z2c)
 
 
 @dataclass(frozen=True)
