@@ -186,7 +186,7 @@ def _same_item(a, b) -> bool:
     """The same object, or equal plain values (a tensor only as the same object)."""
     if a is b:
         return True
-    if torch.is_tensor(a) or torch.is_tensor(b) or isinstance(a, list | dict):  # (mutable: compared by stamp)
+    if torch.is_tensor(a) or torch.is_tensor(b):
         return False
     try:
         return type(a) is type(b) and bool(a == b)
