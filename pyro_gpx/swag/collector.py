@@ -57,10 +57,9 @@ class SWAGCollector:
     :param module: the network: its parameters with ``requires_grad`` at construction are tracked (by
         name; sampling into a copy with frozen parameters is fine).
     :param max_rank: :math:`K`, the number of deviation columns kept (20 in [1]).
-    :param dtype: dtype of the statistics (float64 keeps the variance's cancellation negligible; see
-        :mod:`~pyro_gpx.swag.moments`). In float32 the diagonal of a weight a few hundred times its SGD
-        spread is lost (relative error :math:`\epsilon(\bar\theta/\sigma)^2 \approx 1`) and floored at
-        :data:`~pyro_gpx.swag.moments.MIN_VARIANCE`, which makes ``distribution().log_prob`` meaningless.
+    :param dtype: dtype of the statistics (float64 by default; float32 halves their memory, and the
+        variance, updated from deviations, keeps its relative accuracy there too: see
+        :mod:`~pyro_gpx.swag.moments`).
 
     The statistics live on the parameters' device (the device at the first :meth:`collect`, so
     moving the module with ``.to(device)`` before collecting is fine); samples come back on the

@@ -6,8 +6,8 @@ SWA-Gaussian [1] keeps
 .. math::
 
     \bar\theta = \frac1T\sum_t \theta_t, \qquad
-    \overline{\theta^2} = \frac1T\sum_t \theta_t^2, \qquad
-    \Sigma_{\text{diag}} = \overline{\theta^2} - \bar\theta^2, \qquad
+    \Sigma_{\text{diag}} = \frac1T\sum_t (\theta_t - \bar\theta)^2
+        = \overline{\theta^2} - \bar\theta^2, \qquad
     \hat D = [\theta_t - \bar\theta_t]_{t = T-K+1}^{T},
 
 where :math:`\bar\theta_t` is the running mean after iterate :math:`t` and :math:`\hat D` holds the
@@ -18,16 +18,28 @@ default scale :math:`s = 1/2` have exactly that covariance. With fewer than :mat
 :math:`K` is the number collected.
 
 The statistics live on the device of the iterates they were created for (:func:`init_moments`'s
-``device``) and accumulate in their own dtype (float64 by default: :math:`\Sigma_{\text{diag}} =
-\overline{\theta^2} - \bar\theta^2`, the paper's form, which the state stores, loses a relative
-:math:`\epsilon\,(\bar\theta/\sigma_\theta)^2` to cancellation, 1e-10 in float64 for a weight a thousand
-times its SGD spread, but 6% at 1e7 times: the low-rank deviations, kept exactly, are unaffected);
+``device``) and accumulate in their own dtype (float64 by default). The paper keeps
+:math:`\overline{\theta^2}` and subtracts :math:`\bar\theta^2`, which loses a relative
+:math:`\epsilon\,(\bar\theta/\sigma_\theta)^2` of the variance to cancellation: all of it in float32 for
+a weight a few thousand times its SGD spread. The state keeps :math:`\Sigma_{\text{diag}}` itself,
+updated from deviations as in Welford's algorithm [2],
+
+.. math::
+
+    \bar\theta_t = \bar\theta_{t-1} + \frac{\theta_t - \bar\theta_{t-1}}t, \qquad
+    \Sigma_t = \Sigma_{t-1} + \frac{(\theta_t - \bar\theta_{t-1})(\theta_t - \bar\theta_t) - \Sigma_{t-1}}t,
+
+whose error is relative to :math:`\sigma_\theta^2`, so float32 statistics serve as well (the paper's
+:math:`\overline{\theta^2}` remains available as :attr:`SWAGMoments.sq_mean`).
 :func:`swag_distribution` can cast its parameters to the model's dtype.
 
 References:
 
 [1] W. Maddox, T. Garipov, P. Izmailov, D. Vetrov, A. Wilson. A simple baseline for Bayesian
     uncertainty in deep learning. NeurIPS 2019.
+
+[2] B. P. Welford. Note on a method for calculating corrected sums of squares and products.
+    Technometrics 4(3), 1962.
 """
 
 from __future__ import annotations
@@ -54,10 +66,9 @@ __all__ = [
 ]
 
 #: the entries of :func:`moments_state_dict`
-STATE_KEYS = ("num_snapshots", "mean", "sq_mean", "deviations", "max_rank")
+STATE_KEYS = ("num_snapshots", "mean", "variance", "deviations", "max_rank")
 
-#: floor on the diagonal variance, as in the reference implementation: for parameters that never moved,
-#: and for those whose spread the statistics' dtype cannot resolve (cancellation, see above)
+#: floor on the diagonal variance, as in the reference implementation: for parameters that never moved
 MIN_VARIANCE = 1e-30
 
 
@@ -67,19 +78,24 @@ class SWAGMoments:
 
     :ivar num_snapshots: iterates collected so far.
     :ivar mean: :math:`\\bar\\theta`, shape ``(P,)``.
-    :ivar sq_mean: :math:`\\overline{\\theta^2}`, shape ``(P,)``.
+    :ivar variance: :math:`\\Sigma_{\\text{diag}}`, the iterates' (biased) variance, shape ``(P,)``.
     :ivar deviations: the last ``max_rank`` deviations, oldest first, shape ``(k, P)``.
     """
 
     num_snapshots: int
     mean: torch.Tensor
-    sq_mean: torch.Tensor
+    variance: torch.Tensor
     deviations: torch.Tensor
     max_rank: int
 
     @property
     def rank(self) -> int:
         return self.deviations.shape[0]
+
+    @property
+    def sq_mean(self) -> torch.Tensor:
+        r""":math:`\overline{\theta^2} = \Sigma_{\text{diag}} + \bar\theta^2`, the paper's statistic."""
+        return self.variance + self.mean**2
 
 
 def init_moments(
@@ -113,15 +129,17 @@ def update_moments(moments: SWAGMoments, theta: torch.Tensor) -> SWAGMoments:
         raise ValueError(f"theta has {theta.numel()} entries; these moments track {moments.mean.numel()}")
     _check_finite("theta", theta)
     n = moments.num_snapshots + 1
-    mean = moments.mean + (theta - moments.mean) / n
-    sq_mean = moments.sq_mean + (theta**2 - moments.sq_mean) / n
-    deviations = torch.cat([moments.deviations, (theta - mean)[None]])[-moments.max_rank :]
-    return SWAGMoments(n, mean, sq_mean, deviations, moments.max_rank)
+    step = theta - moments.mean
+    mean = moments.mean + step / n
+    deviation = theta - mean
+    variance = moments.variance + (step * deviation - moments.variance) / n  # Welford: no cancellation
+    deviations = torch.cat([moments.deviations, deviation[None]])[-moments.max_rank :]
+    return SWAGMoments(n, mean, variance, deviations, moments.max_rank)
 
 
 def diagonal_variance(moments: SWAGMoments) -> torch.Tensor:
-    r""":math:`\Sigma_{\text{diag}} = \overline{\theta^2} - \bar\theta^2`, floored at :data:`MIN_VARIANCE`."""
-    return (moments.sq_mean - moments.mean**2).clamp_min(MIN_VARIANCE)
+    r""":math:`\Sigma_{\text{diag}}`, floored at :data:`MIN_VARIANCE`."""
+    return moments.variance.clamp_min(MIN_VARIANCE)
 
 
 def swag_distribution(
@@ -160,8 +178,15 @@ def swag_distribution(
 def moments_state_dict(moments: SWAGMoments) -> dict:
     """The statistics as a dict of ints and tensors (copies), saveable with ``torch.save``."""
     m = moments
-    return {"num_snapshots": m.num_snapshots, "mean": m.mean.clone(), "sq_mean": m.sq_mean.clone(),
+    return {"num_snapshots": m.num_snapshots, "mean": m.mean.clone(), "variance": m.variance.clone(),
             "deviations": m.deviations.clone(), "max_rank": m.max_rank}  # fmt: skip
+
+
+def _legacy_variance(state: Mapping, name: str) -> torch.Tensor:
+    mean, sq_mean = state.get("mean"), state["sq_mean"]
+    if not (isinstance(mean, torch.Tensor) and isinstance(sq_mean, torch.Tensor) and mean.shape == sq_mean.shape):
+        raise ValueError(f"{name}['sq_mean'] and {name}['mean'] must be tensors of one shape")
+    return (sq_mean - mean**2).clamp_min(0.0)
 
 
 def moments_from_state(
@@ -176,6 +201,8 @@ def moments_from_state(
     """
     if not isinstance(state, Mapping):
         raise TypeError(f"{name} must be a dict from a SWAG state_dict(), got {type(state).__name__}")
+    if "variance" not in state and "sq_mean" in state:  # saved before the state kept the variance
+        state = {**state, "variance": _legacy_variance(state, name)}
     missing = [k for k in STATE_KEYS if k not in state]
     if missing:
         raise ValueError(f"{name} lacks the SWAG entries {missing}")
@@ -187,20 +214,22 @@ def moments_from_state(
     if not isinstance(max_rank, numbers.Integral) or max_rank < 1:
         raise ValueError(f"{name}['max_rank'] must be an int >= 1, got {max_rank!r}")
     count, max_rank = int(count), int(max_rank)
-    tensors = {k: state[k] for k in ("mean", "sq_mean", "deviations")}
+    tensors = {k: state[k] for k in ("mean", "variance", "deviations")}
     for key, value in tensors.items():
         if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
             raise ValueError(f"{name}[{key!r}] must be a floating-point tensor, got {type(value).__name__}")
         if value.dtype != tensors["mean"].dtype:
             raise ValueError(f"{name}[{key!r}] has dtype {value.dtype}; {name}['mean'] has {tensors['mean'].dtype}")
         _check_finite(f"{name}[{key!r}]", value)
+    if tensors["variance"].device.type != "meta" and (tensors["variance"] < 0).any():
+        raise ValueError(f"{name}['variance'] has negative entries")
     P = tensors["mean"].numel() if num_params is None else num_params
-    expected = {"mean": (P,), "sq_mean": (P,), "deviations": (min(count, max_rank), P)}
+    expected = {"mean": (P,), "variance": (P,), "deviations": (min(count, max_rank), P)}
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape:
             raise ValueError(
                 f"{name}[{key!r}] has shape {tuple(tensors[key].shape)}; expected {shape} "
                 f"({P} parameters, {count} snapshots, max_rank {max_rank})"
             )
-    mean, sq_mean, deviations = (tensors[k].detach().clone().to(device) for k in ("mean", "sq_mean", "deviations"))
-    return SWAGMoments(count, mean, sq_mean, deviations, max_rank)
+    mean, variance, deviations = (tensors[k].detach().clone().to(device) for k in ("mean", "variance", "deviations"))
+    return SWAGMoments(count, mean, variance, deviations, max_rank)

@@ -76,8 +76,8 @@ def test_errors():
 
 def test_moments_live_on_the_given_device_and_dtype():
     m = init_moments(4, max_rank=3, dtype=torch.float32, device="meta")  # meta: a device other than the CPU
-    assert {t.device.type for t in (m.mean, m.sq_mean, m.deviations)} == {"meta"}
-    assert {t.dtype for t in (m.mean, m.sq_mean, m.deviations)} == {torch.float32}
+    assert {t.device.type for t in (m.mean, m.variance, m.deviations)} == {"meta"}
+    assert {t.dtype for t in (m.mean, m.variance, m.deviations)} == {torch.float32}
     m = update_moments(m, torch.ones(4, dtype=torch.float64))  # a CPU float64 iterate is moved and cast
     assert m.mean.device.type == "meta" and m.deviations.shape == (1, 4) and m.mean.dtype == torch.float32
 
@@ -108,18 +108,49 @@ def test_state_round_trip_and_validation():
     back = moments_from_state(state, 3)
     assert back.num_snapshots == 4 and back.max_rank == 2 and torch.equal(back.deviations, m.deviations)
     bad = [
-        ({k: v for k, v in state.items() if k != "sq_mean"}, r"lacks the SWAG entries \['sq_mean'\]"),
+        ({k: v for k, v in state.items() if k != "variance"}, r"lacks the SWAG entries \['variance'\]"),
         (state | {"deviations": state["deviations"][:1]}, r"deviations.\] has shape \(1, 3\); expected \(2, 3\)"),
         (state | {"num_snapshots": 1}, r"expected \(1, 3\)"),
-        (state | {"mean": state["mean"].float()}, r"state\[.sq_mean.\] has dtype torch.float64; state\[.mean.\] has"),
+        (state | {"mean": state["mean"].float()}, r"state\[.variance.\] has dtype torch.float64; state\[.mean.\] has"),
         (state | {"max_rank": 0}, r"state\['max_rank'\] must be an int >= 1"),
-        (state | {"sq_mean": torch.full((3,), float("nan"), dtype=torch.float64)}, "NaN"),
+        (state | {"variance": torch.full((3,), float("nan"), dtype=torch.float64)}, "NaN"),
+        (state | {"variance": -state["variance"]}, r"state\['variance'\] has negative entries"),
     ]  # fmt: skip
     for s, match in bad:
         with pytest.raises(ValueError, match=match):
             moments_from_state(s)
     with pytest.raises(ValueError, match=r"state\['mean'\] has shape \(3,\); expected \(4,\)"):
         moments_from_state(state, 4)
+
+
+@pytest.mark.parametrize("offset", [0.3, 1.0])
+def test_float32_statistics_keep_the_variance_of_weights_far_from_zero(offset):
+    # iterates of weights about 10^3 to 10^4 times their spread: the paper's E[theta^2] - E[theta]^2
+    # loses all of the variance to cancellation in float32 (eps (mean / sd)^2 >= 1); updates from
+    # deviations err by about eps (mean / sd)
+    rng = np.random.default_rng(3)
+    thetas = (offset * rng.choice([-1.0, 1.0], size=50) + 1e-3 * _iterates(40, P=50, seed=3)).astype(np.float32)
+    m32, m64 = init_moments(50, max_rank=5, dtype=torch.float32), init_moments(50, max_rank=5)
+    for t in thetas:
+        m32, m64 = update_moments(m32, torch.as_tensor(t)), update_moments(m64, torch.as_tensor(t))
+    exact = thetas.astype(np.float64).var(0)
+    np.testing.assert_allclose(diagonal_variance(m64).numpy(), exact, rtol=1e-9)
+    np.testing.assert_allclose(diagonal_variance(m32).numpy(), exact, rtol=1e-2)
+    np.testing.assert_allclose(m32.deviations.numpy(), m64.deviations.numpy(), rtol=0, atol=1e-2 * exact.min() ** 0.5)
+    np.testing.assert_allclose(m64.sq_mean.numpy(), (thetas.astype(np.float64) ** 2).mean(0), rtol=1e-12)
+
+
+def test_a_state_saved_with_the_second_moment_loads():
+    m = init_moments(3, max_rank=2)
+    for t in _iterates(4, P=3):
+        m = update_moments(m, torch.as_tensor(t))
+    state = moments_state_dict(m)
+    legacy = {k: v for k, v in state.items() if k != "variance"} | {"sq_mean": m.sq_mean}
+    back = moments_from_state(legacy, 3)
+    torch.testing.assert_close(back.variance, m.variance, rtol=1e-12, atol=0)
+    assert torch.equal(back.mean, m.mean) and torch.equal(back.deviations, m.deviations)
+    with pytest.raises(ValueError, match=r"state\['sq_mean'\] and state\['mean'\] must be tensors of one shape"):
+        moments_from_state(legacy | {"sq_mean": m.sq_mean[:2]})
 
 
 def _two_snapshots():
