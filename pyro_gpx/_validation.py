@@ -57,6 +57,8 @@ def is_finite_at_least(value, bound: float, strict: bool = False) -> bool:
     ``bool`` (and strings such as ``"1"``) fail."""
     if _is_bool(value) or isinstance(value, str | bytes):
         return False
+    if isinstance(value, torch.Tensor):
+        value = value.detach()  # a learnable parameter: float() of it would warn
     try:
         value = float(value)
     except (TypeError, ValueError):

@@ -151,7 +151,22 @@ def plot_trace(idata, var_names=None, **kwargs):
 
 def loo_elpd(idata, **kwargs) -> tuple[float, float]:
     """PSIS-LOO's expected log pointwise predictive density and its standard error, computed by the
-    installed ArviZ (``az.loo``; keywords go to it): 0.x names the estimate ``elpd_loo``, 1.x ``elpd``."""
+    installed ArviZ (``az.loo``; keywords go to it): 0.x names the estimate ``elpd_loo``, 1.x ``elpd``.
+
+    :raises ValueError: when the log-likelihood holds one joint value per draw (a marginal likelihood:
+        a GP, a collapsed BNN, any observation with a multivariate event), where PSIS-LOO would treat
+        the whole data set as one observation.
+    """
+    if "log_likelihood" in group_names(idata):
+        log_lik = get_group(idata, "log_likelihood")
+        name = kwargs.get("var_name")
+        names = [name] if name is not None else list(log_lik.data_vars)
+        joint = [n for n in names if n in log_lik and set(log_lik[n].dims) <= {"chain", "draw"}]
+        if joint and len(joint) == len(names):
+            raise ValueError(
+                f"the log-likelihood of {joint} is one joint value per draw, not one per data point (a "
+                "marginal likelihood or a multivariate observation): PSIS-LOO needs pointwise values"
+            )
     result = az.loo(idata, **kwargs)
     elpd = result.elpd if ARVIZ_MAJOR >= 1 else result.elpd_loo
     return float(elpd), float(result.se)

@@ -489,3 +489,17 @@ def test_nan_observed_values_are_named_unless_masked_out():
         data = to_inference_data({"mu": samples["mu"]}, model=masked, model_args=(y,))
     assert data.log_likelihood["y"].dims == ("chain", "draw", "y_observed_id")
     assert np.isfinite(data.log_likelihood["y"].values).all()
+
+
+def test_loo_refuses_a_joint_log_likelihood():
+    # a multivariate observation (a GP's marginal likelihood): one value per draw, which az.loo would
+    # take as a single observation and return an elpd with Pareto k > 1, silently
+    def model(y):
+        s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+        pyro.sample("y", dist.MultivariateNormal(torch.zeros(5), s * torch.eye(5)), obs=y)
+
+    samples = {"s": dist.LogNormal(0.0, 0.3).sample((40,))}
+    idata = to_inference_data(samples, model=model, model_args=(torch.randn(5),))
+    assert get_group(idata, "log_likelihood")["y"].dims == ("chain", "draw")
+    with pytest.raises(ValueError, match=r"log-likelihood of \['y'\] is one joint value per draw"):
+        loo_elpd(idata)

@@ -184,7 +184,7 @@ def test_linear_drift_matches_closed_form_ode(float64):
         xT = integrate_flow(field, x0, T, K)
         euler = x0 @ torch.linalg.matrix_power(torch.eye(D) + A * T / K, K).T  # the discrete recursion, exactly
         torch.testing.assert_close(xT, euler, rtol=1e-6, atol=1e-8)
-        errors.append(float((xT - exact).abs().max()))
+        errors.append(float((xT - exact).abs().max().detach()))
     # Euler-Maruyama is first order: halving the step halves the error
     assert 1.7 < errors[0] / errors[1] < 2.3 and 1.7 < errors[1] / errors[2] < 2.3
 

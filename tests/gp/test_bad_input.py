@@ -1,11 +1,15 @@
 """The GP package's public helpers name a malformed argument (from a sweep of the public API: integer
 inputs gave NaN kernels, NaN residuals NaN refits with converged=True, bools counted as 1, 2.5 as 2)."""
 
+import warnings
+
 import gpytorch
+import pyro
 import pytest
 import torch
 
 from pyro_gpx.gp import (
+    CGPolicy,
     ComputationAwareGP,
     IndexActions,
     KernelFn,
@@ -73,3 +77,17 @@ CASES = [
 def test_malformed_arguments_are_named(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_the_checks_of_a_learnable_noise_do_not_warn():
+    # float() of a parameter that requires grad warns on every step ('Converting a tensor with
+    # requires_grad=True to a scalar'): the checks read it detached
+    X = torch.linspace(0, 1, 30, dtype=torch.float64)[:, None]
+    y = torch.sin(6 * X[:, 0])
+    kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel()).double()
+    gp = ComputationAwareGP(X, y, kernel, policy=CGPolicy(num_actions=10), noise=0.01)
+    svi = pyro.infer.SVI(gp.model, gp.guide, pyro.optim.Adam({"lr": 0.05}), pyro.infer.Trace_ELBO())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        svi.step()
+        gp(X[:3])
