@@ -281,7 +281,8 @@ class BayesianMLP(PyroModule):
         # kept for this run: the repriorisation reparam reads the hidden weights and noise from here
         self._current = self.sample_hidden()
         # size-1 batch dims broadcast (as in Predictive's prior draws); a batch of draws does not
-        batched = [k for k, v in self._current.items() if v.shape[: -2 if k.endswith("weight") else -1].numel() > 1]
+        # math.prod: under pyro.render_model the values are ProvenanceTensors, whose shape is a plain tuple
+        batched = [k for k, v in self._current.items() if math.prod(v.shape[: -2 if k.endswith("weight") else -1]) > 1]
         if batched:
             raise NotImplementedError(
                 f"BayesianMLP runs one draw of its weights at a time, but {batched[0]!r} has shape "

@@ -213,6 +213,12 @@ def inspect_model(
         if site_is_subsample(site):
             fn: Any = site["fn"]  # pyro's _Subsample distribution
             indices: Any = site["value"]
+            if fn.subsample_size is None and len(indices) < fn.size:  # Pyro draws indices only with a size
+                raise ValueError(
+                    f"plate {name!r} runs on {len(indices)} of its {fn.size} indices given by the model "
+                    "(pyro.plate(..., subsample=...), as a minibatch call with num_data= makes): its data are "
+                    "that minibatch, and the log-likelihood needs them all; call the model with the full data"
+                )
             sub = fn.subsample_size if fn.subsample_size is not None else len(indices)
             if sub < fn.size:
                 plate_sizes[name] = (int(fn.size), int(sub))

@@ -48,7 +48,7 @@ from pyro.contrib.gp.kernels import WhiteNoise
 from pyro.contrib.gp.models.model import GPModel
 from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam, pyro_method
-from pyro.poutine.runtime import am_i_wrapped
+from pyro.poutine.runtime import am_i_wrapped, get_plates
 
 from .._validation import check_finite, is_finite_at_least
 from ._checks import _check_dtype
@@ -244,6 +244,13 @@ class ComputationAwareGP(GPModel):
         :param sample_priors: make hyperparameters with a GPyTorch prior sample sites (else the
             kernel's stored values are used).
         """
+        batched = [f"{f.name}({f.size})" for f in get_plates() if f.size > 1]
+        if batched:  # the marginal has no batch shape: a plate's draws would be read as ARD values
+            raise NotImplementedError(
+                f"ComputationAwareGP runs one draw of its hyperparameters at a time, but it runs inside the "
+                f"plates {batched} (vectorised ELBO particles, Predictive(parallel=True), or a plate of the "
+                "model's): use vectorize_particles=False or Predictive(..., parallel=False)"
+            )
         kernel = self._kernel_fn(sample_priors)
         noise = self.noise + self.jitter
         if self.X.dtype != torch.float64 and not self._resolution_warned:

@@ -171,7 +171,7 @@ def stationary_spec(kernel) -> StationarySpec | None:
         family = _gpytorch_family(base)
         if family is None:
             return None
-        lengthscale = base.lengthscale.reshape(-1)
+        lengthscale = _one_draw("lengthscale", base.lengthscale, (1, base.ard_num_dims or 1))
         if outputscale is None:
             outputscale = torch.ones((), dtype=lengthscale.dtype)
         return StationarySpec(family, lengthscale, outputscale.reshape(()))
@@ -180,7 +180,20 @@ def stationary_spec(kernel) -> StationarySpec | None:
         return None
     active = getattr(kernel, "active_dims", None)  # Pyro's default: the first input_dim columns
     active = tuple(int(i) for i in (active if active is not None else range(kernel.input_dim)))
-    return StationarySpec(family, kernel.lengthscale.reshape(-1), kernel.variance.reshape(()), active)
+    lengthscale = _one_draw("lengthscale", kernel.lengthscale, (1, len(active)))
+    return StationarySpec(family, lengthscale, kernel.variance.reshape(()), active)
+
+
+def _one_draw(name: str, value: torch.Tensor, sizes: tuple[int, int]) -> torch.Tensor:
+    """The hyperparameter as a vector, refusing a batch of draws (read as ARD values, they would give
+    another kernel, silently)."""
+    if value.numel() not in sizes:
+        expected = " or ".join(str(k) for k in sorted(set(sizes)))
+        raise ValueError(
+            f"the kernel's {name} has shape {tuple(value.shape)}: expected {expected} value(s) (a batch of "
+            "hyperparameter draws is not supported; run one draw at a time)"
+        )
+    return value.reshape(-1)
 
 
 def _exp_(t: torch.Tensor) -> torch.Tensor:

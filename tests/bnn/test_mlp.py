@@ -118,3 +118,15 @@ def test_a_float32_net_samples_under_a_float64_default():
             assert all(torch.isfinite(v).all() for v in mcmc.get_samples().values())
     finally:
         torch.set_default_dtype(previous)
+
+
+def test_model_relations_for_render_model():
+    # pyro.render_model traces with ProvenanceTensors, whose .shape is a plain tuple (no .numel())
+    from pyro.infer.inspect import get_model_relations
+
+    X = torch.randn(12, 2, dtype=torch.float64)
+    y = X.sum(-1)
+    net = BayesianMLP(2, [4], noise=None)
+    for model in (net, net.repriorised()):
+        relations = get_model_relations(model, model_args=(X, y))
+        assert set(relations["sample_sample"]["y"]) >= {"noise", "layers.0.weight", "layers.0.bias"}

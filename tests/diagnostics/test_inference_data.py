@@ -503,3 +503,22 @@ def test_loo_refuses_a_joint_log_likelihood():
     assert get_group(idata, "log_likelihood")["y"].dims == ("chain", "draw")
     with pytest.raises(ValueError, match=r"log-likelihood of \['y'\] is one joint value per draw"):
         loo_elpd(idata)
+
+
+def test_a_plate_with_indices_given_by_the_model_is_refused():
+    # the minibatch idiom pyro.plate(..., subsample=idx): walking the plate replaced idx but not the
+    # batch's data, so the 10 points were scored four times and labelled as 40 (silently)
+    X, Y = torch.randn(40), torch.randn(40)
+    x, y, idx = X[:10], Y[:10], torch.arange(10)
+
+    def model(x, y, idx):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", 40, subsample=idx):
+            pyro.sample("y", dist.Normal(w * x, 0.3), obs=y)
+
+    with pytest.raises(ValueError, match=r"plate 'data' runs on 10 of its 40 indices given by the model"):
+        to_inference_data({"w": torch.tensor([1.9, 2.0])}, model=model, model_args=(x, y, idx))
+    w = torch.tensor([1.9, 2.0])
+    full = to_inference_data({"w": w}, model=model, model_args=(X, Y, torch.arange(40)))  # all indices: fine
+    expected = dist.Normal(w[:, None] * X, 0.3).log_prob(Y).numpy()
+    np.testing.assert_allclose(get_group(full, "log_likelihood")["y"].values[0], expected, rtol=1e-6)

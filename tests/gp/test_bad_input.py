@@ -91,3 +91,34 @@ def test_the_checks_of_a_learnable_noise_do_not_warn():
         warnings.simplefilter("error")
         svi.step()
         gp(X[:3])
+
+
+def _latent_lengthscale_gp(d=1):
+    from pyro.contrib.gp.kernels import RBF
+    from pyro.nn import PyroSample
+
+    X2 = torch.rand(20, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    kernel = RBF(d)
+    kernel.lengthscale = PyroSample(pyro.distributions.LogNormal(-1.0, 0.5))
+    return ComputationAwareGP(X2, torch.sin(6 * X2[:, 0]), kernel, policy=UnitVectorPolicy(), noise=0.01)
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_batched_hyperparameter_draws_are_refused(d):
+    # P draws of a lengthscale were read as P ARD lengthscales (a product kernel) and the scalar
+    # marginal counted once: with 8 vectorised particles the loss read -7.8 against 141.4, silently;
+    # with d = 2 inputs and 2 particles the shapes even fit
+    pyro.clear_param_store()
+    gp = _latent_lengthscale_gp(d)
+    guide = pyro.infer.autoguide.AutoNormal(gp.model)
+    loss = pyro.infer.Trace_ELBO(num_particles=2, max_plate_nesting=0).loss(gp.model, guide)
+    assert torch.isfinite(torch.tensor(loss))
+    with pytest.raises(NotImplementedError, match=r"vectorize_particles=False or Predictive\(\.\.\., parallel=False\)"):
+        pyro.infer.Trace_ELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=0).loss(gp.model, guide)
+    samples = {"kernel.lengthscale": torch.tensor([0.1, 0.3, 1.0])}
+    with pytest.raises(NotImplementedError, match=r"_num_predictive_samples\(3\)"):
+        pyro.infer.Predictive(gp.model, samples, parallel=True)()
+    assert pyro.infer.Predictive(gp.model, samples)()["y"].shape == (3, 20)
+    conditioned = pyro.poutine.condition(gp.forward, data={"kernel.lengthscale": torch.tensor([0.1, 0.3, 1.0])})
+    with pytest.raises(ValueError, match=r"lengthscale has shape \(3,\): expected 1 or 2 value|expected 1 value"):
+        conditioned(gp.X[:4])
