@@ -17,6 +17,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions import constraints
 from pyro.distributions.torch_distribution import MaskedDistribution
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
 from pyro.poutine.util import site_is_subsample
 
@@ -181,6 +182,19 @@ def _integrates_out_latents(fn) -> bool:
     return False
 
 
+class _GivenIndices(Messenger):
+    """Records the plates whose subsample indices the model gives (``pyro.plate(..., subsample=idx)``):
+    their sites arrive with a value, where Pyro draws the indices of the others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def _pyro_sample(self, msg: Message) -> None:
+        if site_is_subsample(msg) and msg["value"] is not None:
+            self.names.add(str(msg["name"]))
+
+
 def inspect_model(
     model: Callable,
     draw: Mapping[str, torch.Tensor],
@@ -194,8 +208,9 @@ def inspect_model(
         deterministic site without the dims of its subsampled plates, or a sequential subsampled plate.
     """
     kwargs = dict(kwargs or {})
+    given = _GivenIndices()
     with torch.no_grad(), poutine.block(), torch.random.fork_rng(devices=[]):  # subsampling draws indices
-        trace = poutine.trace(poutine.condition(model, data=dict(draw))).get_trace(*args, **kwargs)
+        trace = poutine.trace(poutine.condition(given(model), data=dict(draw))).get_trace(*args, **kwargs)
     unknown = sorted(k for k in draw if trace.nodes.get(k, {}).get("type") != "sample")
     if unknown:
         raise ValueError(f"the samples hold {unknown}, which are not sample sites of the model")
@@ -213,7 +228,7 @@ def inspect_model(
         if site_is_subsample(site):
             fn: Any = site["fn"]  # pyro's _Subsample distribution
             indices: Any = site["value"]
-            if fn.subsample_size is None and len(indices) < fn.size:  # Pyro draws indices only with a size
+            if name in given.names and len(indices) < fn.size:
                 raise ValueError(
                     f"plate {name!r} runs on {len(indices)} of its {fn.size} indices given by the model "
                     "(pyro.plate(..., subsample=...), as a minibatch call with num_data= makes): its data are "

@@ -244,7 +244,7 @@ class ComputationAwareGP(GPModel):
         :param sample_priors: make hyperparameters with a GPyTorch prior sample sites (else the
             kernel's stored values are used).
         """
-        batched = [f"{f.name}({f.size})" for f in get_plates() if f.size > 1]
+        batched = [f"{f.name}({f.size})" for f in get_plates() if f.vectorized and f.size > 1]
         if batched:  # the marginal has no batch shape: a plate's draws would be read as ARD values
             raise NotImplementedError(
                 f"ComputationAwareGP runs one draw of its hyperparameters at a time, but it runs inside the "

@@ -505,7 +505,8 @@ def test_loo_refuses_a_joint_log_likelihood():
         loo_elpd(idata)
 
 
-def test_a_plate_with_indices_given_by_the_model_is_refused():
+@pytest.mark.parametrize("with_size", [False, True])
+def test_a_plate_with_indices_given_by_the_model_is_refused(with_size):
     # the minibatch idiom pyro.plate(..., subsample=idx): walking the plate replaced idx but not the
     # batch's data, so the 10 points were scored four times and labelled as 40 (silently)
     X, Y = torch.randn(40), torch.randn(40)
@@ -513,7 +514,7 @@ def test_a_plate_with_indices_given_by_the_model_is_refused():
 
     def model(x, y, idx):
         w = pyro.sample("w", dist.Normal(0.0, 1.0))
-        with pyro.plate("data", 40, subsample=idx):
+        with pyro.plate("data", 40, subsample=idx, subsample_size=len(idx) if with_size else None):
             pyro.sample("y", dist.Normal(w * x, 0.3), obs=y)
 
     with pytest.raises(ValueError, match=r"plate 'data' runs on 10 of its 40 indices given by the model"):

@@ -122,3 +122,18 @@ def test_batched_hyperparameter_draws_are_refused(d):
     conditioned = pyro.poutine.condition(gp.forward, data={"kernel.lengthscale": torch.tensor([0.1, 0.3, 1.0])})
     with pytest.raises(ValueError, match=r"lengthscale has shape \(3,\): expected 1 or 2 value|expected 1 value"):
         conditioned(gp.X[:4])
+
+
+def test_independent_gps_in_a_sequential_plate_run():
+    # a sequential plate adds no batch dim: only vectorised ones are refused
+    from pyro.contrib.autoname import scope
+
+    gps = [_latent_lengthscale_gp() for _ in range(2)]
+
+    def model():
+        for i in pyro.plate("tasks", 2):
+            with scope(prefix=f"task{i}"):
+                gps[i].model()
+
+    trace = pyro.poutine.trace(model).get_trace()
+    assert {"task0/y", "task1/y"} <= set(trace.nodes)
