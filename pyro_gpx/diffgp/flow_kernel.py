@@ -15,6 +15,7 @@ batched over draws (particles), so every forward pass of the flow uses the curre
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import gpytorch
 import pyro
@@ -22,6 +23,7 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 from pyro.nn import PyroModule, pyro_method
+from torch.autograd.function import once_differentiable
 
 from .._validation import check_positive_int, is_finite_at_least
 from ..gp.stationary import _gpytorch_family, _profile, centred
@@ -62,6 +64,33 @@ def default_flow_kernel(
     return kernel
 
 
+class _AugmentedRows(torch.autograd.Function):
+    """``x_aug = [xs, 1, -|xs|^2 / 2]`` ``(B, D_k, n, D + 2)`` with ``xs = x.unsqueeze(1) / ls`` for ``x``
+    ``(B, n, D)`` and ``ls`` ``(Bk, D_k, 1, D)``: the plain expressions forward, and a backward written out
+    in a few passes over ``(B, D_k, n, D)`` (autograd's takes twice as many, for every flow step)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, ls: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        xs = x.unsqueeze(1) / ls
+        ctx.save_for_backward(xs, ls)
+        ctx.x_shape = x.shape
+        return torch.cat([xs, torch.ones_like(xs[..., :1]), -0.5 * (xs * xs).sum(-1, keepdim=True)], -1)
+
+    @staticmethod
+    @once_differentiable  # xs is saved from the forward pass: no second derivatives
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        xs, ls = ctx.saved_tensors
+        D = xs.shape[-1]
+        g_xs = torch.addcmul(g[..., :D], g[..., D + 1 :], xs, value=-1.0)  # d(-|xs|^2 / 2) = -xs
+        g_x = g_ls = None
+        if ctx.needs_input_grad[0]:
+            B, n, _ = ctx.x_shape
+            g_x = (g_xs / ls).sum_to_size(B, 1, n, D).squeeze(1)
+        if ctx.needs_input_grad[1]:
+            g_ls = -(g_xs * xs).sum_to_size(ls.shape) / ls  # d(x / ls) / d ls = -xs / ls
+        return g_x, g_ls
+
+
 class KernelState:
     """The flow kernels for one model run. ``cross(x, Z)`` is ``(Bk, D_k, n, M)`` for ``x`` of shape
     ``(B, n, D)``, ``gram(Z)`` is ``(Bk, D_k, M, M)`` and ``diag(x)`` is ``(Bk, D_k, n)`` broadcastable
@@ -87,20 +116,38 @@ class KernelState:
             K = self.kernel(x.reshape(B * n, D), Z).to_dense()  # (D_k, B n, M) or (B n, M)
             K = K.reshape(-1, B, n, Z.shape[0])
             return K.transpose(0, 1)
+        rbf = self.rbf_features(Z)
+        if rbf is not None:
+            z_aug, x_features = rbf
+            return torch.exp(x_features(x) @ z_aug.transpose(-1, -2))
         family, lengthscale, outputscale = self._stationary()
         ls = lengthscale.unsqueeze(-2)  # (Bk, D_k, 1, D)
         x, Z_c = centred(x, Z)  # the expansions below cancel for inputs far from the origin
         assert Z_c is not None
         xs, zs = x.unsqueeze(1) / ls, Z_c / ls  # (B, D_k, n, D), (Bk, D_k, M, D)
-        if family == "rbf":
-            # log k = log s^2 - |xs|^2 / 2 - |zs|^2 / 2 + xs.zs as one product of augmented rows: two passes
-            # over the (n, M) block instead of eight
-            log_s2 = outputscale.log()[..., None, None]
-            x_aug = torch.cat([xs, torch.ones_like(xs[..., :1]), -0.5 * (xs * xs).sum(-1, keepdim=True)], -1)
-            z_aug = torch.cat([zs, log_s2 - 0.5 * (zs * zs).sum(-1, keepdim=True), torch.ones_like(zs[..., :1])], -1)
-            return torch.exp(x_aug @ z_aug.transpose(-1, -2))
         rho = (xs * xs).sum(-1, keepdim=True) - 2 * xs @ zs.transpose(-1, -2) + (zs * zs).sum(-1).unsqueeze(-2)
         return outputscale[..., None, None] * _profile(family, rho.clamp_min(0))
+
+    def rbf_features(self, Z: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None:
+        """For the RBF family, ``z_aug`` ``(Bk, D_k, M, D + 2)`` and a map ``x_features`` from ``x`` ``(B, n, D)``
+        to ``(B, D_k, n, D + 2)`` with ``cross(x, Z) = exp(x_features(x) @ z_aug^T)``: ``Z``'s half once for
+        many ``x`` (a flow's steps). ``None`` for other kernels (and for ``M = 0``)."""
+        if self.kernel is not None or self.family != "rbf" or Z.shape[0] == 0:
+            return None
+        _, lengthscale, outputscale = self._stationary()
+        ls = lengthscale.unsqueeze(-2)  # (Bk, D_k, 1, D)
+        # centred: the expansions below cancel for inputs far from the origin
+        c = Z.detach().mean(0)
+        zs = (Z - c) / ls  # (Bk, D_k, M, D)
+        # log k = log s^2 - |xs|^2 / 2 - |zs|^2 / 2 + xs.zs as one product of augmented rows: two passes
+        # over the (n, M) block instead of eight
+        log_s2 = outputscale.log()[..., None, None]
+        z_aug = torch.cat([zs, log_s2 - 0.5 * (zs * zs).sum(-1, keepdim=True), torch.ones_like(zs[..., :1])], -1)
+
+        def x_features(x: torch.Tensor) -> torch.Tensor:
+            return _AugmentedRows.apply(x - c, ls)
+
+        return z_aug, x_features
 
     def gram(self, Z: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:

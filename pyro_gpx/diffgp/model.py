@@ -319,7 +319,7 @@ class DifferentialGP(PyroModule):
         num_steps = check_positive_int("model.num_steps", self.num_steps)  # an attribute users may set (see loading)
         if not is_finite_at_least(self.horizon, 0.0, strict=True):
             raise ValueError(f"model.horizon must be a positive number, got {self.horizon!r}")
-        path = integrate_flow(field, x0, float(self.horizon), num_steps, keep_path=keep_path)
+        path = integrate_flow(field, x0, float(self.horizon), num_steps, keep_path=keep_path, copies=S)
         x_T = path[-1] if keep_path else path
         loc, var = self._output_moments(x_T, u_g)
         shape = lead + (S, n)

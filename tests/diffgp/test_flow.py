@@ -9,6 +9,7 @@ from pyro_gpx.diffgp import (
     FlowKernel,
     GPVectorField,
     GridBrownian,
+    KernelState,
     default_flow_kernel,
     integrate_flow,
     jittered_cholesky,
@@ -155,6 +156,106 @@ def test_generic_gpytorch_kernel_path(float64):
     ref_mean, ref_var = _dense_moments(lambda a, b, d: kernel(a, b).to_dense()[d], x, Z, u)
     torch.testing.assert_close(mean[0], ref_mean, rtol=1e-7, atol=1e-8)
     torch.testing.assert_close(var[0], ref_var, rtol=1e-6, atol=1e-7)
+
+
+def _plain_moments(state, Z, u, x, jitter=1e-6):
+    """The conditional moments as plain autograd expressions (what GPVectorField.moments computes); an RBF
+    state's kernel from the squared distances, independently of its fused rows."""
+    cross, gram = state.cross, state.gram(Z)
+    if state.family == "rbf":
+
+        def cross(a, b):
+            ls = state.lengthscale.unsqueeze(-2)  # (Bk, D_k, 1, D)
+            r2 = ((a.unsqueeze(1) / ls).unsqueeze(-2) - (b / ls).unsqueeze(-3)).square().sum(-1)
+            return state.outputscale[..., None, None] * torch.exp(-0.5 * r2)
+
+        gram = cross(Z.expand(state.lengthscale.shape[0], -1, -1), Z)
+    L = jittered_cholesky(gram, jitter)
+    L_inv_T = torch.linalg.solve_triangular(L, torch.eye(Z.shape[0]), upper=False).transpose(-1, -2)
+    A = cross(x, Z) @ L_inv_T
+    var = (state.diag(x) - torch.linalg.vector_norm(A, dim=-1).square()).clamp_min(0.0)
+    if A.shape[1] == 1:
+        mean = A[:, 0] @ u.transpose(-1, -2)
+    else:
+        mean = (A @ u.unsqueeze(-1)).squeeze(-1).transpose(-1, -2)
+    return mean, var.transpose(-1, -2).expand_as(mean)
+
+
+@pytest.mark.parametrize("case", ["rbf", "rbf-draws", "shared", "shared-draws", "matern", "gpytorch"])
+def test_moments_gradients_match_plain_autograd(float64, case):
+    """The written-out backward passes (fused moments, RBF rows) give autograd's gradients for every
+    kernel path: per-dimension and shared kernels, point and drawn hyperparameters, Matérn, GPyTorch."""
+    import pyro.poutine as poutine
+
+    torch.manual_seed(5)
+    draws = 2 if case.endswith("draws") else 1
+    if case == "matern":
+        kernel = gpytorch.kernels.ScaleKernel(
+            gpytorch.kernels.MaternKernel(ard_num_dims=D, batch_shape=torch.Size([D])), batch_shape=torch.Size([D])
+        ).double()
+    elif case == "gpytorch":
+        kernel = (gpytorch.kernels.RBFKernel(batch_shape=torch.Size([D])) + gpytorch.kernels.LinearKernel(
+            batch_shape=torch.Size([D]))).double()  # fmt: skip
+    else:
+        kernel = default_flow_kernel(D, shared=case.startswith("shared"))
+    priors = {"lengthscale_prior": dist.LogNormal(0.0, 1.0)} if draws > 1 else {}
+    flow = FlowKernel(D, kernel, **priors)
+    Dk = flow.num_kernels
+    ls = (torch.rand(draws, 1, 1, Dk, D) + 0.5).requires_grad_()
+    Z = torch.randn(M, D, requires_grad=True)
+    u = torch.randn(draws, D, M, requires_grad=True)
+    x = torch.randn(draws, 9, D, requires_grad=True)
+    leaves = [Z, u, x] + ([ls] if draws > 1 else list(kernel.parameters()))
+    g_mean, g_var = torch.randn(draws, 9, D), torch.rand(draws, 9, D)
+
+    def grads(moments):
+        state = poutine.condition(flow.state, {"lengthscale": ls})() if draws > 1 else flow.state()
+        mean, var = moments(state)
+        return [mean, var] + list(torch.autograd.grad((mean * g_mean + var * g_var).sum(), leaves))
+
+    fused = grads(lambda state: GPVectorField(state, Z, u).moments(x))
+    plain = grads(lambda state: _plain_moments(state, Z, u, x))
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_paths_from_one_start_evaluate_the_field_once(float64):
+    """copies=S: the first step evaluates the field on one block of inputs and gives the same path (and
+    gradients) as evaluating it on all S identical blocks."""
+    torch.manual_seed(6)
+    S, n, B = 3, 5, 2
+    Z, u = torch.randn(M, D, requires_grad=True), torch.randn(B, D, M, requires_grad=True)
+    X = torch.randn(n, D)
+    x0 = X.expand(B * S, n, D).reshape(B, S * n, D)
+    runs = []
+    for copies in (1, S):
+        field = GPVectorField(FlowKernel(D).state(), Z, u)
+        rows = []
+        inner = field.moments
+        field.moments = lambda x, rows=rows, inner=inner: rows.append(x.shape[1]) or inner(x)
+        torch.manual_seed(7)
+        path = integrate_flow(field, x0, 1.0, 4, keep_path=True, copies=copies)
+        runs.append([path, *torch.autograd.grad(path.sin().sum(), [Z, u])])
+        assert rows == [S * n // copies] + [S * n] * 3
+        assert field._start is None
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="multiple of copies"):
+        integrate_flow(field, torch.randn(B, 7, D), 1.0, 2, copies=S)
+    with pytest.raises(ValueError, match="copies"):
+        integrate_flow(field, x0, 1.0, 2, copies=0)
+
+
+def test_rbf_features_give_the_cross_kernel(float64):
+    state = FlowKernel(D).state()
+    Z, x = torch.randn(M, D) + 3, torch.randn(2, 6, D) + 3
+    z_aug, x_features = state.rbf_features(Z)
+    K = torch.exp(x_features(x) @ z_aug.transpose(-1, -2))
+    ref = torch.stack([_rbf(torch.full((D, D), 3**0.5), torch.full((D,), 0.1))(x[b], Z, d) for b in range(2)
+                       for d in range(D)]).reshape(2, D, 6, M)  # fmt: skip
+    torch.testing.assert_close(K, ref, rtol=1e-10, atol=1e-12)
+    assert state.rbf_features(Z[:0]) is None
+    assert KernelState(kernel=gpytorch.kernels.RBFKernel()).rbf_features(Z) is None
 
 
 def _linear_field(A):
