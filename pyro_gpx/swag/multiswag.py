@@ -39,7 +39,9 @@ def swag_predict(
 ) -> torch.Tensor:
     """Stack ``predict(module)`` over ``num_samples`` SWAG weight samples: ``(num_samples, ...)``.
 
-    The module's parameters are restored afterwards.
+    Each output is copied before the next sample is loaded, so ``predict`` may return the module's
+    own tensors (``lambda m: m.weight.detach()``, a BatchNorm ``running_mean``). The module's
+    parameters are restored afterwards.
     """
     num_samples = check_positive_int("num_samples", num_samples)
     module = module if module is not None else collector.module
@@ -48,7 +50,8 @@ def swag_predict(
         outputs = []
         for _ in range(num_samples):
             collector.sample_into(module, scale, diag_only, bn_loader, generator)
-            outputs.append(predict(module))
+            # a copy: an output that is a view of the weights or buffers would be overwritten by the next sample
+            outputs.append(torch.as_tensor(predict(module)).clone())
         return torch.stack(outputs)
     finally:
         module.load_state_dict(saved)

@@ -322,3 +322,20 @@ def test_a_non_finite_parameter_is_named():
         net.weight[0, 0] = float("nan")  # SGD diverged: 'theta contains NaN or inf' named nothing
     with pytest.raises(ValueError, match=r"parameters \['weight'\] contain NaN or inf"):
         collector.collect()
+
+
+def test_predict_copies_outputs_that_alias_the_module():
+    # predict returning the module's own tensors (a view of the weights, a BatchNorm buffer) gave every
+    # row the last sample's values: each row must be its own draw
+    net = _net(bn=True)
+    swag = SWAGCollector(net, max_rank=4)
+    X = _train(net, 6, [swag])
+    draws = swag_predict(swag, lambda m: m[0].weight.detach(), 4, generator=torch.Generator().manual_seed(0))
+    copies = swag_predict(swag, lambda m: m[0].weight.clone(), 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(draws, copies, rtol=0, atol=0)
+    assert not torch.equal(draws[0], draws[1])
+    stats = swag_predict(swag, lambda m: m[1].running_mean, 3, bn_loader=[X[:64], X[64:]],
+                         generator=torch.Generator().manual_seed(1))  # fmt: skip
+    assert not torch.equal(stats[0], stats[1])
+    seeded = MultiSWAG([swag]).predict(lambda m: m[0].weight.detach(), 3, seed=2)
+    assert not torch.equal(seeded[0], seeded[1])
