@@ -326,6 +326,7 @@ class AutoDiffusion(AutoContinuous):
         self._quick_checks: dict[str, str] | None = None  # UnconstrainedTarget.check_observed's record
         self._data_changed = False  # gradient calls saw different data objects (minibatches?)
         self._setting_data = False  # inside set_training_data
+        self._masked_non_finite: set[str] = set()  # observed sites with NaN placeholders seen by this call's score
 
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
@@ -576,6 +577,7 @@ class AutoDiffusion(AutoContinuous):
         return self._trained_arguments() if missing or evaluating else (args, kwargs)
 
     def _remember(self, target: UnconstrainedTarget) -> None:
+        self._masked_non_finite.update(target.masked_non_finite)
         if target.vectorized is not None:
             self._target_info["vectorized"][target.context] = target.vectorized
 
@@ -661,7 +663,16 @@ class AutoDiffusion(AutoContinuous):
         flat = eps.reshape((-1,) + self._noise_shape())
         if self.drift.use_score:
             args, kwargs = self._target_arguments(args, kwargs, guide_call=True)
+        self._masked_non_finite = set()
         path = self._simulate(flat, args, kwargs)
+        if self._masked_non_finite and torch.is_grad_enabled():
+            sites = ", ".join(map(repr, sorted(self._masked_non_finite)))
+            raise ValueError(
+                f"the observed values of site(s) {sites} hold NaN or inf in masked-out entries: their weight is "
+                "zero, but the gradient of their log density is NaN, so a Pyro ELBO (Trace_ELBO ...) would make "
+                "the guide's parameters NaN, as for any Pyro guide. Replace the placeholders by finite values in "
+                "the support (e.g. y.nan_to_num()), or train with PathELBO, which scores them at a point of it"
+            )
         # the Delta carries log q(z) minus the noise site's log density, which the ELBO adds back: computed as
         # the noise site's own log_prob, and in float64, the two cancel to rounding of log q(z), not of the
         # noise's much larger (K D terms) density (float32, K D = 2.6e5: 0.07 nats per particle)

@@ -96,6 +96,8 @@ class UnconstrainedTarget:
         self.checked_subsample = False
         self.quick_checks_done = False
         self.on_quick_checked: Callable[[], None] | None = None  # called once the quick check has passed
+        #: observed sites found with NaN or inf values in masked-out entries (scored at a draw instead)
+        self.masked_non_finite: set[str] = set()
         self.context = plate_context()  # the enclosing plates under which `vectorized` holds
         taken = [-(i + 1) for i, name in enumerate(self.context[:max_plate_nesting]) if name is not None]
         if taken:  # the model's own plates would move to other dims, and its density would be wrong
@@ -205,8 +207,13 @@ class UnconstrainedTarget:
             if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("_deterministic"):
                 continue  # a deterministic site's density is masked out: zero
             lp = site["fn"].log_prob(site["value"])
-            terms.append((site, lp))
             mask = site["mask"]
+            if mask is not None and site["is_observed"] and site["name"] not in self._latents:
+                rescored = _rescore_masked_out(site["fn"], site["value"], lp, mask)
+                if rescored is not lp and torch.is_tensor(site["value"]) and not torch.isfinite(site["value"]).all():
+                    self.masked_non_finite.add(site["name"])
+                lp = rescored
+            terms.append((site, lp))
             # as Pyro scores a site: masked-out entries are zero even where their density is NaN (placeholders)
             lp = scale_and_mask(lp, site["scale"], None if mask is None else torch.as_tensor(mask, dtype=torch.bool))
             if batch is None:
@@ -318,6 +325,24 @@ def _subsampled(trace) -> bool:
             if size is not None and torch.as_tensor(site["value"]).numel() < size:
                 return True
     return False
+
+
+def _rescore_masked_out(fn, value: torch.Tensor, lp: torch.Tensor, mask) -> torch.Tensor:
+    """``lp`` with the masked-out entries whose density is not finite (NaN placeholders, values outside the
+    support) scored at a draw of ``fn`` instead: their weight is zero, but the gradient of a NaN density
+    is NaN (``torch.where`` passes 0 * NaN), which would make the score NaN."""
+    keep = torch.as_tensor(mask, dtype=torch.bool, device=lp.device)
+    bad = ~keep & ~torch.isfinite(lp)
+    if not bool(bad.any()):
+        return lp
+    devices = [lp.device.index] if lp.device.type == "cuda" else []
+    try:  # the caller's random stream left as it was
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            fill = fn.sample()
+    except (NotImplementedError, RuntimeError, ValueError):  # no sampler: as Pyro, a NaN gradient
+        return lp
+    bad = bad.reshape(bad.shape + (1,) * fn.event_dim)
+    return fn.log_prob(torch.where(bad, fill, value))
 
 
 def _check_finite_observed(name: str, value) -> None:

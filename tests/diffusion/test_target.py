@@ -7,8 +7,9 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.infer import SVI, Trace_ELBO
 
-from pyro_gpx.diffusion import AutoDiffusion
+from pyro_gpx.diffusion import AutoDiffusion, PathELBO
 
 X = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(6, 2)
 Y = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
@@ -296,9 +297,38 @@ def test_masked_out_placeholders_are_zero_as_in_pyro():
         with pyro.plate("d", 4), pyro.poutine.mask(mask=keep):
             pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
 
-    with pyro.validation_enabled(False):  # (the score, a gradient through NaN placeholders, is NaN as in Pyro)
+    with pyro.validation_enabled(False):  # Pyro's validation refuses NaN observations, masked or not
         guide = AutoDiffusion(model, num_steps=2, hidden=8, use_score=False)
         guide(y, keep)
         value = guide.target(y, keep).log_density(torch.zeros(1, 1, dtype=torch.float64))
     expected = dist.Normal(0.0, 1.0).log_prob(torch.tensor(0.0)) + dist.Normal(0.0, 1.0).log_prob(y[keep]).sum()
     torch.testing.assert_close(value, expected.double().reshape(1))  # mu = 0: prior + three observations
+
+
+def test_masked_out_nan_placeholders_give_the_score_and_refuse_trace_elbo():
+    """The gradient of a NaN placeholder's density is NaN even under a False mask (0 * NaN): the score is
+    taken with those entries scored at a draw instead, and a Pyro ELBO, whose gradient is NaN there (as for
+    AutoNormal), is refused before its first step."""
+    y = torch.tensor([0.5, float("nan"), -0.3, 1.0], dtype=torch.float64)
+    keep = ~torch.isnan(y)
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 1.0))
+        with pyro.plate("d", 4), pyro.poutine.mask(mask=keep):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    with pyro.validation_enabled(False):
+        guide = AutoDiffusion(model, num_steps=2, hidden=8)
+        guide.set_training_data(y)
+        z = torch.tensor([[0.3], [-1.0]], dtype=torch.float64)
+        torch.testing.assert_close(guide.target(y).score(z), -z + y[keep].sum() - 3 * z)  # prior + three observations
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), PathELBO(num_paths=8))
+        assert math.isfinite(svi.step(y))
+        assert all(torch.isfinite(p).all() for p in guide.parameters())
+        with torch.no_grad():
+            assert torch.isfinite(guide(y)["mu"])
+        before = [p.detach().clone() for p in guide.parameters()]
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+        with pytest.raises(ValueError, match=r"site\(s\) 'y' hold NaN or inf in masked-out entries.*nan_to_num"):
+            svi.step(y)
+        assert all(torch.equal(p, q) for p, q in zip(guide.parameters(), before))  # no step was taken
