@@ -12,6 +12,7 @@ import math
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
+from itertools import zip_longest
 
 import pyro
 import pyro.poutine as poutine
@@ -21,9 +22,13 @@ from pyro.distributions.util import is_validation_enabled, scale_and_mask
 from pyro.poutine.runtime import _DIM_ALLOCATOR
 from pyro.poutine.util import site_is_subsample
 
-from ..diagnostics.model_structure import fixed_constraint
+from ..diagnostics.model_structure import fixed_constraint, quiet_trace
 
 __all__ = ["UnconstrainedTarget"]
+
+
+class LatentShapeError(ValueError):
+    """A latent site's shape in a model run differs from the guide's (fixed at its first call)."""
 
 
 def plate_context() -> tuple:
@@ -128,6 +133,7 @@ class UnconstrainedTarget:
                 trace = poutine.trace(conditioned).get_trace(*self.args, **self.kwargs)
         except Exception:  # e.g. invalid parameters at the prototype: the batched runs report what they find
             return None
+        self.check_latent_shapes(trace)
         quick = {}
         self.checked_subsample = _subsampled(trace)
         for name, site in _observed_nodes(trace, self._latents):
@@ -195,10 +201,47 @@ class UnconstrainedTarget:
         # non-finite densities are reported by _trace_log_prob, with the site
         with poutine.block(expose_types=["param"]), pyro.validation_enabled(False):
             with pyro.plate("_pyro_gpx_particles", batch, dim=dim) if batch is not None else nullcontext():
-                trace = poutine.trace(poutine.condition(self.model, data=data)).get_trace(*self.args, **self.kwargs)
+                try:
+                    trace = poutine.trace(poutine.condition(self.model, data=data)).get_trace(*self.args, **self.kwargs)
+                except (RuntimeError, ValueError, IndexError, TypeError) as error:
+                    if isinstance(error, LatentShapeError):
+                        raise
+                    self._check_prior_shapes(error)  # a latent of another shape than the guide's, broadcast with data?
+                    raise
+        self.check_latent_shapes(trace)
         if self.quick_checks is not None and not self.quick_checks_done:
             self._quick_check(trace)
         return trace
+
+    def check_latent_shapes(self, trace) -> None:
+        """Raise :class:`LatentShapeError` naming a latent site whose shape in ``trace`` differs from the guide's,
+        as Pyro's ELBOs compare model and guide (dims left of the model's plates, such as the plate over paths,
+        are not compared): the guide's shapes are fixed at its first call, and these arguments change one."""
+        prototype = self.guide.prototype_trace.nodes
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or name not in self._latents:
+                continue
+            keep = self.max_plate_nesting + site["fn"].event_dim
+            got = tuple(site["fn"].shape())[-keep:] if keep else ()
+            expected = tuple(prototype[name]["value"].shape)[-keep:] if keep else ()
+            if any(a != b for a, b in zip_longest(reversed(got), reversed(expected), fillvalue=1)):
+                raise LatentShapeError(
+                    f"Model and guide shapes disagree at site {name!r}: {got} vs {expected} (the guide's latent "
+                    "shapes are fixed at its first call, and these model arguments change this one: build a new "
+                    "guide for them)"
+                )
+
+    def _check_prior_shapes(self, error: Exception) -> None:
+        """After a failed model run: :class:`LatentShapeError` from ``error`` if a run at prior draws shows a
+        latent of another shape than the guide's (the run failed broadcasting it against the data)."""
+        try:
+            trace = quiet_trace(self.model, self.args, self.kwargs)
+        except Exception:  # the model fails anyway: its own error is the one to see
+            return
+        try:
+            self.check_latent_shapes(trace)
+        except LatentShapeError as shape_error:
+            raise shape_error from error
 
     def _trace_log_prob(self, trace, batch: int | None, dim: int | None = None, strict: bool = True) -> torch.Tensor:
         total: torch.Tensor | float = 0.0
@@ -271,6 +314,8 @@ class UnconstrainedTarget:
                     looped = self._looped(probe, subsample, strict=False)  # the same minibatch of a subsampled plate
                 rtol = 1e-4 if z.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
                 self.vectorized = torch.allclose(batched, looped, rtol=rtol, atol=rtol, equal_nan=True)
+            except LatentShapeError:
+                raise
             except (RuntimeError, ValueError, TypeError, IndexError):
                 self.vectorized = False
             if not self.vectorized:

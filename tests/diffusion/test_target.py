@@ -332,3 +332,31 @@ def test_masked_out_nan_placeholders_give_the_score_and_refuse_trace_elbo():
         with pytest.raises(ValueError, match=r"site\(s\) 'y' hold NaN or inf in masked-out entries.*nan_to_num"):
             svi.step(y)
         assert all(torch.equal(p, q) for p, q in zip(guide.parameters(), before))  # no step was taken
+
+
+@pytest.mark.parametrize("vectorized", [None, False])
+def test_a_latent_whose_shape_changes_with_the_data_is_named(vectorized):
+    """A latent sized by the data: the score guide named neither the site nor the shapes (torch's broadcasting
+    error), whether the shape clashes in a site's log_prob or inside the model's own code."""
+
+    def in_log_prob(y):
+        z = pyro.sample("z", dist.Normal(torch.zeros(len(y)), 1.0).to_event(1))
+        pyro.sample("y", dist.Normal(z, 1.0).to_event(1), obs=y)
+
+    def in_the_model(X, y):
+        w = pyro.sample("w", dist.Normal(torch.zeros(X.shape[1]), 1.0).to_event(1))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal((X * w).sum(-1), 1.0), obs=y)
+
+    y = torch.randn(4)
+    for model, first, second, match in [
+        (in_log_prob, (torch.randn(3),), (torch.randn(5),), r"site 'z': \(5,\) vs \(3,\)"),
+        (in_the_model, (torch.randn(4, 2), y), (torch.randn(4, 3), y), r"site 'w': \(3,\) vs \(2,\)"),
+    ]:
+        pyro.clear_param_store()
+        guide = AutoDiffusion(model, num_steps=2, hidden=8, vectorized=vectorized)
+        guide(*first)
+        with pytest.raises(ValueError, match="Model and guide shapes disagree at " + match):
+            guide(*second)
+        with pytest.raises(ValueError, match="Model and guide shapes disagree at " + match):
+            guide.sample_paths(4, *second)
