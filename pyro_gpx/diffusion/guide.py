@@ -746,6 +746,13 @@ class AutoDiffusion(AutoContinuous):
         """The current sampler's log density ``log_path``, the end points ``z``, ``log_target`` and
         ``log_weight`` of given process states ``(B, K+1, D)`` (e.g. from :meth:`explore_paths`);
         differentiable in the drift and the frame (the log-variance loss)."""
+        if self.prototype_trace is None:
+            raise RuntimeError("rescore_paths needs a set-up guide: simulate or train it once first")
+        expected = self._noise_shape()
+        if states.dim() != 3 or tuple(states.shape[1:]) != expected:
+            raise ValueError(
+                f"states must have shape (num_paths, {', '.join(map(str, expected))}), got {tuple(states.shape)}"
+            )
         self._sync_params()
         process = self.process
         target = self.target(*args, **kwargs)

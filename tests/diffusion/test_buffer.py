@@ -136,6 +136,18 @@ def test_backward_paths_bad_input(float64):
         guide.backward_paths(torch.tensor([[0.0, math.nan, 0.0]]))
 
 
+def test_rescore_paths_bad_input(float64):
+    """States of another number of steps or dimension gave an IndexError or torch's broadcasting error."""
+    guide = AutoDiffusion(gaussian_model(), num_steps=4, hidden=8)
+    with pytest.raises(RuntimeError, match="set-up guide"):
+        guide.rescore_paths(torch.zeros(2, 5, 3))
+    guide()
+    for shape in [(2, 3, 3), (2, 9, 3), (2, 5, 4), (5, 3)]:
+        with pytest.raises(ValueError, match=r"shape \(num_paths, 5, 3\)"):
+            guide.rescore_paths(torch.zeros(shape))
+    assert guide.rescore_paths(torch.zeros(2, 5, 3)).log_weight.shape == (2,)
+
+
 def test_replay_buffer_priority_capacity_and_state(float64):
     buffer = ReplayBuffer(capacity=5, rank_weight=0.5)
     buffer.add(torch.arange(4.0)[:, None], torch.tensor([0.0, 3.0, math.nan, 1.0]))  # the NaN row is skipped
