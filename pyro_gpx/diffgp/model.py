@@ -156,6 +156,11 @@ class DifferentialGP(PyroModule):
             raise ValueError(
                 f"init_inputs must be an (n, D) tensor, got shape {tuple(getattr(init_inputs, 'shape', ()))}"
             )
+        if init_inputs.shape[0] == 0 or not init_inputs.is_floating_point():  # else a num_inducing or .to() error
+            raise ValueError(
+                f"init_inputs must hold at least one row of floating-point inputs, got shape "
+                f"{tuple(init_inputs.shape)} and {init_inputs.dtype}"
+            )
         check_finite("init_inputs", init_inputs)
         if not is_finite_at_least(horizon, 0.0, strict=True):  # NumPy and 0-d tensor numbers too, not a bool
             raise ValueError(f"horizon must be a positive number, got {horizon!r}")

@@ -433,6 +433,9 @@ def test_more_bad_input_is_named(float64):
         with pytest.raises(ValueError, match="noise must be a positive number"):
             DifferentialGP(X, noise=bad)
     assert DifferentialGP(X, horizon=np.float32(0.5), num_steps=2).horizon == 0.5  # was refused
+    for bad in (X[:0], torch.ones(5, 2, dtype=torch.long)):  # "num_inducing must be ..., got 0", a Module.to error
+        with pytest.raises(ValueError, match="init_inputs must hold at least one row of floating-point inputs"):
+            DifferentialGP(bad, num_inducing=4)
     model = DifferentialGP(X, num_inducing=4, num_paths=1, num_steps=2)
     with pytest.raises(ValueError, match="n >= 1"):
         model(X[:0])  # was a reshape error
