@@ -91,6 +91,22 @@ def test_batchnorm_features_are_read_in_eval_mode_and_left_as_they_were(float64)
     assert whole == pytest.approx(_dense(Phi.detach(), y, 0.1, 1.0)[2], rel=1e-10)
 
 
+def test_a_float64_model_keeps_its_fixed_noise_and_prior_scale_exact():
+    # torch's default dtype float32, a float64 network: the noise and scale were made in float32 and converted,
+    # so noise 0.1 was 0.10000000149 and the evidence was off the dense value by 3e-6 nats
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh()).double()
+    model = BayesianLastLayer(net, 6, GaussianHead(0.1, learn_noise=False), GaussianWeightPrior(0.7))
+    X = torch.randn(40, 3, dtype=torch.float64)
+    y = torch.sin(X[:, 0]) + 0.1 * torch.randn(40, dtype=torch.float64)
+    assert model.head.noise.item() == 0.1 and model.prior.scale.item() == 0.7
+    with torch.no_grad():
+        Phi = model.design(X)
+    K = 0.7**2 * Phi @ Phi.T + 0.1 * torch.eye(40, dtype=torch.float64)
+    log_z = torch.distributions.MultivariateNormal(torch.zeros(40, dtype=torch.float64), K).log_prob(y)
+    assert log_evidence(model, X, y) == pytest.approx(float(log_z), rel=1e-13)
+
+
 def test_a_float32_guide_trains_with_the_deterministic_elbo():
     # torch's default dtype: the guide takes the feature network's dtype
     torch.manual_seed(0)
