@@ -117,7 +117,21 @@ def versions() -> dict[str, str]:
         "pyro_gpx": pyro_gpx.__version__,
         "threads": str(torch.get_num_threads()),
         "machine": f"{platform.machine()} x {os.cpu_count()} cores",
+        "cpu": _cpu_model(),
     }
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux): timings, and e.g. the cost of float32 subnormals,
+    differ between the hosts these machines land on."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def _current_rss_mb() -> float:

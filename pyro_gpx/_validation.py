@@ -8,10 +8,17 @@ import operator
 import numpy as np
 import torch
 
-__all__ = ["check_finite", "check_positive_int", "check_positive_or_none", "is_finite_at_least", "is_integer"]
+__all__ = [
+    "check_finite",
+    "check_positive_int",
+    "check_positive_or_none",
+    "is_bool",
+    "is_finite_at_least",
+    "is_integer",
+]
 
 
-def _is_bool(value) -> bool:
+def is_bool(value) -> bool:
     """A Python, NumPy or 0-d torch boolean (``True`` is an ``int`` to Python, but never a count here)."""
     return isinstance(value, bool | np.bool_) or (torch.is_tensor(value) and value.dtype == torch.bool)
 
@@ -26,7 +33,7 @@ def check_positive_int(name: str, value) -> int:
     """``value`` as an ``int``; ``ValueError`` naming ``name`` unless it is an integer >= 1 (``2.0``
     passes; ``2.5``, NaN, inf, a ``bool`` or a non-number do not)."""
     try:
-        valid = not _is_bool(value) and math.isfinite(float(value)) and int(value) == value and value >= 1
+        valid = not is_bool(value) and math.isfinite(float(value)) and int(value) == value and value >= 1
     except (TypeError, ValueError, OverflowError):
         valid = False
     if not valid:
@@ -43,7 +50,7 @@ def check_positive_or_none(name: str, value) -> None:
 def is_integer(value) -> bool:
     """Whether ``value`` is an integer (anything with ``__index__``: ``int``, NumPy integers, 0-d integer
     tensors), but not a ``bool``; ``2.0`` is not."""
-    if _is_bool(value):
+    if is_bool(value):
         return False
     try:
         operator.index(value)
@@ -55,7 +62,7 @@ def is_integer(value) -> bool:
 def is_finite_at_least(value, bound: float, strict: bool = False) -> bool:
     """Whether ``value`` is a finite real number ``> bound`` (``strict``) or ``>= bound``; NaN and
     ``bool`` (and strings such as ``"1"``) fail."""
-    if _is_bool(value) or isinstance(value, str | bytes):
+    if is_bool(value) or isinstance(value, str | bytes):
         return False
     if isinstance(value, torch.Tensor):
         value = value.detach()  # a learnable parameter: float() of it would warn

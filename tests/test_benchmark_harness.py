@@ -49,3 +49,9 @@ def test_a_method_missing_splits_is_marked_and_never_best_and_duplicates_are_ref
     assert lines[4] == "| d | C (peer) | 3 | **0.900 ± 0.000** |"
     with pytest.raises(ValueError, match="two records of dataset 'd', split 1, method 'A'"):
         harness.markdown_table(records + [records[1]], ["nll"])
+
+
+def test_records_name_the_cpu():
+    # hosts differ (e.g. the cost of float32 subnormals): the records say which CPU ran them
+    cpu = harness.versions()["cpu"]
+    assert isinstance(cpu, str) and cpu.strip()

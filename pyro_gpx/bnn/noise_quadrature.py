@@ -176,7 +176,9 @@ class _IntegratedLogLikelihood(torch.autograd.Function):
         if pi[0] > 1e-8 or pi[-1] > 1e-8:
             warnings.warn(
                 "the noise posterior has mass at the edge of its quadrature grid (the data put the noise "
-                "variance in the prior's 1e-9 tail); the integral is truncated there",
+                "variance in the prior's 1e-9 tail, or at the end of a bounded prior's support, where the "
+                "integrand jumps and the trapezoid rule is only accurate to about 1e-3); the integral is "
+                "truncated there",
                 RuntimeWarning,
                 stacklevel=2,
             )

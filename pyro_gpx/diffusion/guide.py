@@ -70,7 +70,7 @@ from pyro.poutine.block_messenger import BlockMessenger
 from pyro.poutine.runtime import Message
 from pyro.poutine.util import site_is_subsample
 
-from .._validation import is_finite_at_least, is_integer
+from .._validation import is_bool, is_finite_at_least, is_integer
 from ..diagnostics.model_structure import quiet_trace
 from .drift import DriftNet
 from .processes import make_process
@@ -293,6 +293,10 @@ class AutoDiffusion(AutoContinuous):
         for arg, value in (("hidden", hidden), ("depth", depth)):
             if not is_integer(value) or value < 1:
                 raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
+        for arg, flag in (("use_score", use_score), ("vectorized", vectorized)):
+            if not (is_bool(flag) or (arg == "vectorized" and flag is None)):  # "no" would count as True
+                raise TypeError(f"{arg} must be True or False{' or None' if arg == 'vectorized' else ''}, got {flag!r}")
+        use_score, vectorized = bool(use_score), None if vectorized is None else bool(vectorized)
         if drift_clip is not None and not is_finite_at_least(drift_clip, 0.0, strict=True):
             raise ValueError(f"drift_clip must be a positive finite number or None, got {drift_clip!r}")
         if affine not in ("fixed", "diagonal", "full"):

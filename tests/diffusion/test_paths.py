@@ -299,6 +299,10 @@ def test_bad_input():
             AutoDiffusion(gaussian_model(), **{name: value})  # failed only at the first call, cryptically
     with pytest.raises(ValueError, match="drift_clip must be a positive finite number"):
         AutoDiffusion(gaussian_model(), drift_clip=float("inf"))  # inf * tanh(0) is NaN
+    for name, value in (("use_score", "no"), ("use_score", None), ("vectorized", "yes"), ("vectorized", 1)):
+        with pytest.raises(TypeError, match=f"{name} must be True or False"):
+            AutoDiffusion(gaussian_model(), **{name: value})  # the string "no" turned the score on
+    assert AutoDiffusion(gaussian_model(), use_score=torch.tensor(False))._net_config["use_score"] is False
 
     def discrete():
         pyro.sample("k", dist.Bernoulli(0.3))
