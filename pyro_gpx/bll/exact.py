@@ -100,6 +100,19 @@ def _statistics(model: BayesianLastLayer, X: torch.Tensor, y: torch.Tensor, chun
     return 0.5 * (P + P.T), b, y, noise, scale
 
 
+def _cholesky(matrix: torch.Tensor, noise: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The lower Cholesky factor of the posterior precision (or covariance), or a ``ValueError`` saying why
+    it has none in float64 rather than torch's ``LinAlgError``."""
+    L, info = torch.linalg.cholesky_ex(matrix)
+    if int(info):
+        raise ValueError(
+            f"the last layer's posterior precision Phi^T Phi / noise + I / scale^2 is numerically singular in "
+            f"float64 (noise {float(noise):.3g}, prior scale {float(scale):.3g}; e.g. collinear features with a "
+            "tiny noise): no exact posterior at these values; raise the noise or lower the prior scale"
+        )
+    return L
+
+
 def exact_posterior(
     model: BayesianLastLayer, X: torch.Tensor, y: torch.Tensor, *, chunk_size: int = 4096
 ) -> dist.MultivariateNormal:
@@ -121,12 +134,12 @@ def exact_posterior(
     >>> [round(v, 3) for v in q.loc[0].tolist()]  # slope, bias
     [2.0, 1.0]
     """
-    P, b, _, noise, _ = _statistics(model, X, y, chunk_size)
-    L = torch.linalg.cholesky(P)
+    P, b, _, noise, scale = _statistics(model, X, y, chunk_size)
+    L = _cholesky(P, noise, scale)
     cov = torch.cholesky_inverse(L)
     mean = torch.cholesky_solve((b / noise)[:, None], L)[:, 0]
     cov = 0.5 * (cov + cov.T)
-    return dist.MultivariateNormal(mean[None].to(X.dtype), scale_tril=torch.linalg.cholesky(cov)[None].to(X.dtype))
+    return dist.MultivariateNormal(mean[None].to(X.dtype), scale_tril=_cholesky(cov, noise, scale)[None].to(X.dtype))
 
 
 def log_evidence(model: BayesianLastLayer, X: torch.Tensor, y: torch.Tensor, *, chunk_size: int = 4096) -> float:
@@ -134,7 +147,7 @@ def log_evidence(model: BayesianLastLayer, X: torch.Tensor, y: torch.Tensor, *, 
     noise and prior scale: the optimum of :class:`~pyro_gpx.bll.elbo.LastLayerELBO` over Gaussian
     guides. Arguments as :func:`exact_posterior`."""
     P, b, y, noise, scale = _statistics(model, X, y, chunk_size)
-    L = torch.linalg.cholesky(P)
+    L = _cholesky(P, noise, scale)
     mean = torch.cholesky_solve((b / noise)[:, None], L)[:, 0]  # the posterior mean m
     n, D = X.shape[0], P.shape[0]
     logdet_P = 2 * L.diagonal().log().sum()

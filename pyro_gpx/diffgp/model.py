@@ -201,6 +201,12 @@ class DifferentialGP(PyroModule):
             self.dim, self.num_outputs, self.dtype)  # fmt: skip
         if not isinstance(self.output_kernel, gpytorch.kernels.Kernel):
             raise TypeError(f"output_kernel must be a gpytorch Kernel, got {type(self.output_kernel).__name__}")
+        kernel_dtype = next((t.dtype for t in self.output_kernel.parameters() if t.is_floating_point()), self.dtype)
+        if kernel_dtype != self.dtype:  # its hyperparameters would be rounded to float32 in a float64 model
+            raise ValueError(
+                f"output_kernel has dtype {kernel_dtype} but init_inputs are {self.dtype}; convert it with "
+                f".to({self.dtype})"
+            )
         if tuple(self.output_kernel.batch_shape) not in ((), (self.num_outputs,)):
             raise ValueError(
                 f"output_kernel's batch shape must be () or ({self.num_outputs},) (one per output), got "
@@ -245,9 +251,9 @@ class DifferentialGP(PyroModule):
         self._store_checked = True
 
     def get_extra_state(self) -> dict:
-        """The flow's time settings (no parameter shape records them), saved in ``state_dict`` and checked
-        on loading."""
-        return {"horizon": self.horizon, "num_steps": self.num_steps}
+        """The flow's time settings and the likelihood (no parameter shape records them), saved in
+        ``state_dict`` and checked on loading (a state saved without one of them loads unchecked there)."""
+        return {"horizon": self.horizon, "num_steps": self.num_steps, "likelihood": self.likelihood}
 
     def set_extra_state(self, state: dict) -> None:
         own = self.get_extra_state()

@@ -183,6 +183,11 @@ def test_bad_input_is_named(network_model, float64):
         guide.set_posterior(torch.distributions.MultivariateNormal(q.loc[0, :3], scale_tril=q.scale_tril[0, :3, :3]))
     with pytest.raises(TypeError, match="MultivariateNormal"):
         guide.set_posterior(q.loc)
+    x = 100 * torch.randn(50, 1, generator=torch.Generator().manual_seed(0))
+    collinear = BayesianLastLayer(None, 3, GaussianHead(1e-10, learn_noise=False), GaussianWeightPrior(100.0))
+    for f in (exact_posterior, log_evidence):  # torch's LinAlgError named neither the cause nor the way out
+        with pytest.raises(ValueError, match="precision .* is numerically singular in float64 .*raise the noise"):
+            f(collinear, torch.cat([x, x, 2 * x], 1), x[:, 0])
 
 
 def test_the_evidence_of_targets_far_from_zero_at_a_tiny_noise(float64):

@@ -290,12 +290,16 @@ def test_a_state_loaded_into_a_model_with_another_flow_grid_is_refused(float64):
     records them: a state loaded under others predicted silently off (0.19 for num_steps, 0.04 for horizon)."""
     X = torch.randn(12, 2, generator=torch.Generator().manual_seed(0))
     state = DifferentialGP(X, num_inducing=4, num_paths=2, num_steps=3).state_dict()
-    assert state["_extra_state"] == {"horizon": 1.0, "num_steps": 3}
-    for kwargs, name in (({"num_steps": 6}, "num_steps"), ({"horizon": 2.0}, "horizon")):
+    assert state["_extra_state"] == {"horizon": 1.0, "num_steps": 3, "likelihood": "gaussian"}
+    # a Gaussian model's state loaded into a Bernoulli one without a word (same parameter shapes)
+    for kwargs, name in (({"num_steps": 6}, "num_steps"), ({"horizon": 2.0}, "horizon"),
+                         ({"likelihood": "bernoulli"}, "likelihood")):  # fmt: skip
         other = DifferentialGP(X, num_inducing=4, num_paths=2, **{"num_steps": 3, **kwargs})
         with pytest.raises(ValueError, match=f"trained with {name}=.*set model.num_steps after loading"):
             other.load_state_dict(state)
     DifferentialGP(X, num_inducing=4, num_paths=5, num_steps=3).load_state_dict(state)  # more paths: fine
+    del state["_extra_state"]["likelihood"]  # a state saved before the likelihood was recorded still loads
+    DifferentialGP(X, num_inducing=4, num_paths=2, num_steps=3).load_state_dict(state)
 
 
 def test_inducing_normal_takes_a_state_before_its_first_call(float64):
@@ -436,6 +440,9 @@ def test_more_bad_input_is_named(float64):
     for bad in (X[:0], torch.ones(5, 2, dtype=torch.long)):  # "num_inducing must be ..., got 0", a Module.to error
         with pytest.raises(ValueError, match="init_inputs must hold at least one row of floating-point inputs"):
             DifferentialGP(bad, num_inducing=4)
+    kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel()).to(torch.float32)
+    with pytest.raises(ValueError, match="output_kernel has dtype torch.float32 but init_inputs are torch.float64"):
+        DifferentialGP(X, output_kernel=kernel)  # ran with its hyperparameters rounded to float32
     model = DifferentialGP(X, num_inducing=4, num_paths=1, num_steps=2)
     with pytest.raises(ValueError, match="n >= 1"):
         model(X[:0])  # was a reshape error
