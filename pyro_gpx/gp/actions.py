@@ -156,13 +156,23 @@ class BlockSparseActions(Actions):
         ``mask == False`` are padding (the last block of an uneven partition).
     :param blocks: ``(i, block)`` nonzero entries (learnable).
     :param mask: ``(i, block)`` boolean, which entries are real.
+
+    The blocks must be disjoint (:math:`S^\top S` is taken as diagonal); they may leave points out.
+    Overlapping actions (e.g. sliding windows) are :class:`DenseActions`.
     """
 
     def __init__(self, index: torch.Tensor, blocks: torch.Tensor, mask: torch.Tensor, num_data: int):
         if index.shape != blocks.shape or mask.shape != blocks.shape:
             raise ValueError("index, blocks and mask must have the same (actions, block) shape")
         num_data = check_positive_int("num_data", num_data)
-        _checked_indices("index", index[mask.bool()], num_data)
+        points = _checked_indices("index", index[mask.bool()], num_data)
+        if len(torch.unique(points)) != len(points):  # overlapping blocks gave a wrong, diagonal S^T S, silently
+            raise ValueError(
+                "the blocks overlap (a point in two blocks, or twice in one): block-sparse actions need disjoint "
+                "blocks; give overlapping actions as DenseActions"
+            )
+        #: whether every training point lies in a block (the symmetric training products need it)
+        self.covers_all = len(points) == num_data
         self.index = index
         self.mask = mask
         self.blocks = blocks * mask
@@ -177,7 +187,7 @@ class BlockSparseActions(Actions):
         return BlockSparseActions(self.index, self.blocks.to(dtype), self.mask, self.num_data)
 
     def kernel_product(self, kernel, X_new, X):
-        if X_new is X and kernel.spec is not None:  # training: K(X, X) is symmetric
+        if X_new is X and kernel.spec is not None and self.covers_all:  # training: K(X, X) is symmetric
             return training_block_matmul(kernel.spec, X, self.index, self.mask, self.blocks)
         return block_sparse_kernel_matmul(kernel, X_new, X[self.index], self.blocks)
 
@@ -256,6 +266,7 @@ class StackedActions(Actions):
             and not torch.is_grad_enabled()
             and len(self.parts) > 1
             and isinstance(self.parts[0], BlockSparseActions)
+            and self.parts[0].covers_all
             and all(isinstance(part, (DenseActions, IndexActions)) for part in self.parts[1:])
             and any(isinstance(part, DenseActions) for part in self.parts[1:])
         )
