@@ -83,6 +83,14 @@ class KernelFn:
         else:
             with poutine.block(), poutine.condition(data=self._values):
                 out = self._call(X1, X2, diag)
+        expected = X1.shape[:1] if diag else torch.Size([X1.shape[0], X2.shape[0]])
+        if out.shape != expected:  # a batched kernel failed later with a raw IndexError or shape mismatch
+            batch = getattr(self.kernel, "batch_shape", torch.Size())
+            note = f" (a batched kernel, batch_shape {tuple(batch)}, is not supported)" if len(batch) else ""
+            raise ValueError(
+                f"the kernel returned shape {tuple(out.shape)} for {'the diagonal of ' if diag else ''}inputs of "
+                f"{X1.shape[0]}{'' if diag else f' and {X2.shape[0]}'} rows; expected {tuple(expected)}{note}"
+            )
         return (out if self._multiplier == 1.0 else self._multiplier * out).to(X1.dtype)
 
     def scaled(self, multiplier: float) -> KernelFn:

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from pyro_gpx.gp import (
+    BlockSparsePolicy,
     CGPolicy,
     ComputationAwareGP,
     IndexActions,
     KernelFn,
+    RandomSketchPolicy,
     UnitVectorPolicy,
     conjugate_gradients,
     exact_log_marginal_likelihood,
@@ -77,6 +79,18 @@ CASES = [
 def test_malformed_arguments_are_named(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("policy", [UnitVectorPolicy(), CGPolicy(5), BlockSparsePolicy(5), RandomSketchPolicy(5)])
+def test_a_batched_or_misshapen_kernel_is_named(policy):
+    # a GPyTorch kernel with a batch shape failed with a raw IndexError ('index 2 is out of bounds') or a
+    # matmul shape error, depending on the policy; a callable of the wrong shape likewise
+    pyro.clear_param_store()
+    batched = gpytorch.kernels.RBFKernel(batch_shape=torch.Size([2])).double()
+    with pytest.raises(ValueError, match=r"expected \(20, 20\) \(a batched kernel, batch_shape \(2,\)"):
+        ComputationAwareGP(X, Y, batched, policy=policy).marginal().log_prob(Y)
+    with pytest.raises(ValueError, match=r"returned shape \(3, 3\) for inputs of 20 and 20 rows"):
+        KernelFn(lambda a, b: torch.ones(3, 3, dtype=torch.float64))(X, X)
 
 
 def test_the_checks_of_a_learnable_noise_do_not_warn():
