@@ -40,3 +40,13 @@ def check_tolerance(name: str, value, strict: bool = False) -> None:
     """A finite number >= 0 (> 0 with ``strict``; not a ``bool``)."""
     if not is_finite_at_least(value, 0.0, strict=strict):
         raise ValueError(f"{name} must be a finite number {'> 0' if strict else '>= 0'}, got {value!r}")
+
+
+def check_nonzero_residual(residual: torch.Tensor) -> None:
+    r"""A residual :math:`y - \mu(X)` that is not all zero: for zero targets the likelihood grows without
+    bound as the outputscale and the noise go to zero, so a re-selection has no maximiser."""
+    if not bool(residual.detach().ne(0).any()):
+        raise ValueError(
+            "the residual y - mean is zero at every point: the likelihood has no maximiser (it grows as the "
+            "outputscale and the noise go to zero), so the outputscale and noise cannot be re-selected"
+        )

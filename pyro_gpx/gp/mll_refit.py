@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from .._validation import check_positive_int
-from ._checks import check_inputs, check_noise, check_tolerance
+from ._checks import check_inputs, check_noise, check_nonzero_residual, check_tolerance
 from ._search import grid_golden_bracket
 from .kernel_fn import KernelFn
 
@@ -183,6 +183,7 @@ def refit_outputscale_noise(
     check_positive_int("num_probes", num_probes)
     check_positive_int("max_iter", max_iter)  # (0 gave ZeroDivisionError)
     check_inputs("residual", residual)
+    check_nonzero_residual(residual)  # (a ZeroDivisionError)
     check_tolerance("tol", tol, strict=True)
     check_tolerance("log_tol", log_tol, strict=True)
     check_tolerance("min_noise", min_noise)
@@ -309,6 +310,7 @@ def random_subsets(
     n = X.shape[0]
     if residual.shape != (n,):
         raise ValueError(f"residual has shape {tuple(residual.shape)}; expected ({n},)")
+    check_nonzero_residual(residual)  # (a 'math domain error', or the kernel refit's converged=True at the floor)
     if num_points >= n:
         return [distinct_rows(X, torch.arange(n))]
     return [distinct_rows(X, torch.randperm(n, generator=generator)[:num_points]) for _ in range(num_subsets)]

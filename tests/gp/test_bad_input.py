@@ -24,6 +24,7 @@ from pyro_gpx.gp import (
     partial_cholesky,
     random_partition,
     refit_outputscale_noise,
+    subset_refit_kernel_noise,
     subset_refit_outputscale_noise,
 )
 
@@ -62,6 +63,10 @@ CASES = [
     (lambda: exact_log_marginal_likelihood(KFN, X, Y, True), ValueError, "noise must be a positive finite"),
     (lambda: subset_refit_outputscale_noise(KFN, X, NAN_Y, 0.1), ValueError, "residual contains NaN"),
     (lambda: refit_outputscale_noise(_gram, Y, X, 0.1, max_iter=0), ValueError, "max_iter must be a positive"),
+    # zero targets: a ZeroDivisionError, a 'math domain error', and converged=True from the kernel refit
+    (lambda: refit_outputscale_noise(_gram, 0 * Y, X, 0.1), ValueError, "the residual y - mean is zero"),
+    (lambda: subset_refit_outputscale_noise(KFN, X, 0 * Y, 0.1), ValueError, "the residual y - mean is zero"),
+    (lambda: subset_refit_kernel_noise(KFN, X, 0 * Y, 0.1), ValueError, "the residual y - mean is zero"),
     (lambda: IndexActions(torch.tensor([0, 25]), 20), ValueError, r"indices must lie in \[0, 20\)"),
     (lambda: IndexActions(torch.tensor([0.0, 2.5]), 20), TypeError, "indices must hold integer row numbers"),
     (lambda: IndexActions(torch.tensor([1, 1]), 20), ValueError, "indices must not repeat"),
