@@ -150,7 +150,10 @@ class PseudoInputPolicy(Policy):
     def __init__(self, inducing_points: torch.Tensor, learn: bool = False):
         super().__init__()
         if not isinstance(inducing_points, torch.Tensor) or inducing_points.dim() != 2:
-            raise ValueError(f"inducing_points must be a (m, d) tensor, got shape {tuple(inducing_points.shape)}")
+            # (the message itself failed on a non-tensor: AttributeError 'int' object has no attribute 'shape')
+            shape = torch.is_tensor(inducing_points)
+            got = f"shape {tuple(inducing_points.shape)}" if shape else type(inducing_points).__name__
+            raise ValueError(f"inducing_points must be a (m, d) tensor, got {got}")
         check_finite("inducing_points", inducing_points)
         if learn:
             self.inducing_points = PyroParam(inducing_points.clone())  # type: ignore[assignment]
