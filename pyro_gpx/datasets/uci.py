@@ -107,8 +107,31 @@ def resolve_dataset(name: str, data_dir: str | Path) -> tuple[str, Path]:
     return available[name]
 
 
-@functools.lru_cache(maxsize=4)
+def _signature(path: Path, names: tuple[str, ...]) -> tuple:
+    """Modification time and size of each of ``path``'s files ``names`` (``None`` where missing): a read
+    is cached for these, so a file rewritten on disk is read again, not served from the cache."""
+    out: list[tuple[int, int] | None] = []
+    for name in names:
+        try:
+            stat = (path / name).stat()
+        except OSError:
+            out.append(None)
+            continue
+        out.append((stat.st_mtime_ns, stat.st_size))
+    return tuple(out)
+
+
 def _read_gal(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
+    names = ("data.txt", "index_features.txt", "index_target.txt", "n_splits.txt")
+    return _read_gal_cached(path, _signature(path, names))
+
+
+def _read_large(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return _read_large_cached(path, _signature(path, ("data.csv.gz", "test_mask.csv.gz")))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_gal_cached(path: Path, signature: tuple) -> tuple[np.ndarray, np.ndarray, int]:
     data = np.loadtxt(path / "data.txt", ndmin=2)
     features = np.loadtxt(path / "index_features.txt", ndmin=1).astype(int)
     target = int(np.loadtxt(path / "index_target.txt"))
@@ -117,7 +140,7 @@ def _read_gal(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 @functools.lru_cache(maxsize=4)
-def _read_large(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _read_large_cached(path: Path, signature: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     data = np.loadtxt(path / "data.csv.gz", delimiter=",", ndmin=2)
     mask = np.loadtxt(path / "test_mask.csv.gz", delimiter=",", ndmin=2).astype(bool)
     if mask.shape[0] != data.shape[0]:

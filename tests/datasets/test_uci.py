@@ -155,3 +155,18 @@ def test_real_data(name, n_train, n_test, dim):
     split = load_uci(name, 0, SHARED)
     assert (split.n_train, split.n_test, split.dim) == (n_train, n_test, dim)
     assert torch.isfinite(split.X_train).all()
+
+
+def test_a_data_file_rewritten_on_disk_is_read_again(tmp_path):
+    """The reads were cached by directory alone: a data set fixed or regenerated in the same session kept
+    returning the old values."""
+    data = _write_gal(tmp_path)
+    before = load_uci("toy", 0, tmp_path).y_train_original
+    data[:, 4] += 100.0
+    np.savetxt(tmp_path / "uci-gal/toy/data.txt", data)
+    torch.testing.assert_close(load_uci("toy", 0, tmp_path).y_train_original, before + 100.0)
+    data, mask = _write_large(tmp_path)
+    before = load_uci("uci-large/toy", 0, tmp_path).y_train_original
+    with gzip.open(tmp_path / "uci-large/toy/data.csv.gz", "wt") as f:
+        np.savetxt(f, data + [0, 0, 0, 100], delimiter=",")
+    torch.testing.assert_close(load_uci("uci-large/toy", 0, tmp_path).y_train_original, before + 100.0)
