@@ -12,6 +12,7 @@ Inputs and targets are standardised with training-split statistics; the returned
 from __future__ import annotations
 
 import functools
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,22 +131,60 @@ def _read_large(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return _read_large_cached(path, _signature(path, ("data.csv.gz", "test_mask.csv.gz")))
 
 
+def _read_numbers(file: Path, **kwargs) -> np.ndarray:
+    """``np.loadtxt(file, **kwargs)``; a file that is not a table of numbers (or not gzip where its name says
+    so) is refused naming it, where NumPy's and gzip's errors name neither the file nor the data set."""
+    try:
+        return np.loadtxt(file, **kwargs)
+    except FileNotFoundError:  # NumPy's message names the file
+        raise
+    except (ValueError, OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"{file}: not a readable table of numbers ({type(e).__name__}: {e})") from None
+
+
+def _read_indices(file: Path, size: int, what: str) -> np.ndarray:
+    """Row or column indices read from ``file``: integers in ``[0, size)`` (a negative index would count
+    from the end and a fractional one be truncated, silently picking other rows)."""
+    values = _read_numbers(file, ndmin=1)
+    if values.ndim != 1 or not np.isfinite(values).all() or (values != np.round(values)).any():
+        raise ValueError(f"{file}: {what} must be a column of integer indices")
+    if ((values < 0) | (values >= size)).any():
+        bad = values[(values < 0) | (values >= size)][:5].astype(int).tolist()
+        raise ValueError(f"{file}: {what} must lie in [0, {size}), got {bad}")
+    return values.astype(int)
+
+
 @functools.lru_cache(maxsize=4)
 def _read_gal_cached(path: Path, signature: tuple) -> tuple[np.ndarray, np.ndarray, int]:
-    data = np.loadtxt(path / "data.txt", ndmin=2)
-    features = np.loadtxt(path / "index_features.txt", ndmin=1).astype(int)
-    target = int(np.loadtxt(path / "index_target.txt"))
-    n_splits = int(np.loadtxt(path / "n_splits.txt")) if (path / "n_splits.txt").is_file() else 20
-    return data[:, features], data[:, target], n_splits
+    data = _read_numbers(path / "data.txt", ndmin=2)
+    if data.shape[0] < 2 or data.shape[1] < 2:
+        raise ValueError(f"{path / 'data.txt'}: expected rows of features and a target, got shape {data.shape}")
+    features = _read_indices(path / "index_features.txt", data.shape[1], "feature columns")
+    target = _read_indices(path / "index_target.txt", data.shape[1], "the target column")
+    if target.shape != (1,) or target[0] in features:
+        raise ValueError(
+            f"{path / 'index_target.txt'}: expected one target column, not among the features, got {target.tolist()}"
+        )
+    n_splits = 20
+    if (path / "n_splits.txt").is_file():
+        value = _read_numbers(path / "n_splits.txt", ndmin=1)
+        if value.shape != (1,) or not value[0] >= 1 or value[0] != int(value[0]):
+            raise ValueError(f"{path / 'n_splits.txt'}: expected one positive integer, got {value.tolist()}")
+        n_splits = int(value[0])
+    return data[:, features], data[:, int(target[0])], n_splits
 
 
 @functools.lru_cache(maxsize=4)
 def _read_large_cached(path: Path, signature: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    data = np.loadtxt(path / "data.csv.gz", delimiter=",", ndmin=2)
-    mask = np.loadtxt(path / "test_mask.csv.gz", delimiter=",", ndmin=2).astype(bool)
+    data = _read_numbers(path / "data.csv.gz", delimiter=",", ndmin=2)
+    if data.shape[0] < 2 or data.shape[1] < 2:
+        raise ValueError(f"{path / 'data.csv.gz'}: expected rows of features and a target, got shape {data.shape}")
+    mask = _read_numbers(path / "test_mask.csv.gz", delimiter=",", ndmin=2)
     if mask.shape[0] != data.shape[0]:
         raise ValueError(f"{path}: test_mask has {mask.shape[0]} rows, data has {data.shape[0]}")
-    return data[:, :-1], data[:, -1], mask
+    if not np.isin(mask, (0, 1)).all():
+        raise ValueError(f"{path / 'test_mask.csv.gz'}: entries must be 0 or 1 (1 marks a split's test rows)")
+    return data[:, :-1], data[:, -1], mask.astype(bool)
 
 
 def num_splits(name: str, data_dir: str | Path) -> int:
@@ -174,8 +213,10 @@ def load_uci(
     :param dtype: dtype of the returned tensors.
     :param max_train: if given, keep a random subset of at most this many training points.
     :param seed: seed of that subset.
-    :raises FileNotFoundError: if ``data_dir`` does not exist.
-    :raises ValueError: for an unknown data set, a split out of range, or data with NaN or inf.
+    :raises FileNotFoundError: if ``data_dir`` or a file of the data set does not exist.
+    :raises ValueError: for an unknown data set, a split out of range, data with NaN or inf, or a file
+        that is not what its layout says (not numbers, indices out of range or not integers, training and
+        test rows that overlap, a test mask that is not 0/1), naming the file.
 
     Example::
 
@@ -200,8 +241,13 @@ def load_uci(
         X, y, n_splits = _read_gal(path)
         if not 0 <= split < n_splits:
             raise ValueError(f"split {split} out of range for {name!r}: it has {n_splits} splits (0..{n_splits - 1})")
-        train = np.loadtxt(path / f"index_train_{split}.txt", ndmin=1).astype(int)
-        test = np.loadtxt(path / f"index_test_{split}.txt", ndmin=1).astype(int)
+        train = _read_indices(path / f"index_train_{split}.txt", len(X), "training rows")
+        test = _read_indices(path / f"index_test_{split}.txt", len(X), "test rows")
+        if np.intersect1d(train, test).size:
+            raise ValueError(
+                f"{path}: split {split}'s training and test rows overlap (index_train_{split}.txt, "
+                f"index_test_{split}.txt), e.g. row {int(np.intersect1d(train, test)[0])}"
+            )
     else:
         X, y, mask = _read_large(path)
         if not 0 <= split < mask.shape[1]:
@@ -216,6 +262,8 @@ def load_uci(
             rows = np.flatnonzero(bad)
             first = rows[:5].tolist()
             raise ValueError(f"{name!r}: the {what} of {len(rows)} rows contain NaN or inf (first rows: {first})")
+    if len(train) < 2:
+        raise ValueError(f"{path}: split {split} has {len(train)} training rows; standardising needs two")
     if max_train is not None and len(train) > max_train:
         train = np.sort(np.random.default_rng(seed).choice(train, size=max_train, replace=False))
     X_train = torch.as_tensor(X[train], dtype=dtype)

@@ -170,3 +170,52 @@ def test_a_data_file_rewritten_on_disk_is_read_again(tmp_path):
     with gzip.open(tmp_path / "uci-large/toy/data.csv.gz", "wt") as f:
         np.savetxt(f, data + [0, 0, 0, 100], delimiter=",")
     torch.testing.assert_close(load_uci("uci-large/toy", 0, tmp_path).y_train_original, before + 100.0)
+
+
+def _rewrite(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+@pytest.mark.parametrize(
+    "file, text, match",
+    [
+        ("data.txt", "1 2 abc\n", "data.txt: not a readable table of numbers"),
+        ("data.txt", "1 2 3\n4 5\n", "data.txt: not a readable table of numbers"),
+        ("index_train_0.txt", "0\n1\n100\n", r"index_train_0.txt: training rows must lie in \[0, 12\), got \[100\]"),
+        ("index_train_0.txt", "-1\n2\n3\n", r"index_train_0.txt: training rows must lie in \[0, 12\), got \[-1\]"),
+        ("index_test_0.txt", "1.5\n2\n", "index_test_0.txt: test rows must be a column of integer indices"),
+        ("index_features.txt", "0\n1\n9\n", r"index_features.txt: feature columns must lie in \[0, 5\)"),
+        ("index_features.txt", "0\n1\n4\n", "index_target.txt: expected one target column, not among the features"),
+        ("index_target.txt", "3\n4\n", "index_target.txt: expected one target column"),
+        ("n_splits.txt", "abc\n", "n_splits.txt: not a readable table of numbers"),
+    ],
+)
+def test_corrupt_gal_files_are_refused_naming_the_file(tmp_path, file, text, match):
+    """They failed with NumPy's or Python's own errors naming neither the file nor the data set, or (a
+    negative or fractional index, overlapping splits, the target among the features) loaded other rows
+    or leaked the target, silently."""
+    _write_gal(tmp_path)
+    _rewrite(tmp_path / "uci-gal/toy" / file, text)
+    with pytest.raises(ValueError, match=match):
+        load_uci("toy", 0, tmp_path)
+
+
+def test_overlapping_training_and_test_rows_are_refused(tmp_path):
+    _write_gal(tmp_path)
+    d = tmp_path / "uci-gal/toy"
+    _rewrite(d / "index_test_0.txt", (d / "index_train_0.txt").read_text())
+    with pytest.raises(ValueError, match="split 0's training and test rows overlap"):
+        load_uci("toy", 0, tmp_path)
+
+
+def test_corrupt_large_files_are_refused_naming_the_file(tmp_path):
+    _, mask = _write_large(tmp_path)
+    d = tmp_path / "uci-large/toy"
+    (d / "data.csv.gz").write_bytes(b"not gzip")
+    with pytest.raises(ValueError, match="data.csv.gz: not a readable table of numbers"):
+        load_uci("toy", 0, tmp_path)
+    _write_large(tmp_path / "other")
+    with gzip.open(tmp_path / "other/uci-large/toy/test_mask.csv.gz", "wt") as f:
+        np.savetxt(f, 2 * mask, delimiter=",", fmt="%d")  # every row a test row, and no training rows left
+    with pytest.raises(ValueError, match="test_mask.csv.gz: entries must be 0 or 1"):
+        load_uci("toy", 0, tmp_path / "other")
