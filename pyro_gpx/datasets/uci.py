@@ -66,12 +66,18 @@ class RegressionSplit:
         return self.y_scaler.inverse(self.y_train)
 
 
-def _layout_of(path: Path) -> str | None:
-    if (path / "data.txt").is_file() and (path / "index_target.txt").is_file():
-        return "uci-gal"
-    if (path / "data.csv.gz").is_file() and (path / "test_mask.csv.gz").is_file():
-        return "uci-large"
-    return None
+_LAYOUT_FILES = {"uci-gal": ("data.txt", "index_target.txt"), "uci-large": ("data.csv.gz", "test_mask.csv.gz")}
+
+
+def _layout_of(path: Path, partial: bool = False) -> str | None:
+    """The layout whose files ``path`` holds; with ``partial``, also one of which it holds only some: its data
+    set then fails to load naming the missing file, where skipping it let the same name load the other
+    layout's data set, or called it unknown."""
+    present = {layout: [(path / f).is_file() for f in files] for layout, files in _LAYOUT_FILES.items()}
+    for layout, found in present.items():
+        if all(found):
+            return layout
+    return next((layout for layout, found in present.items() if partial and any(found)), None)
 
 
 def list_uci(data_dir: str | Path) -> dict[str, tuple[str, Path]]:
@@ -91,7 +97,7 @@ def list_uci(data_dir: str | Path) -> dict[str, tuple[str, Path]]:
     candidates = [root] + [root / name for name in LAYOUTS if (root / name).is_dir()]
     for parent in candidates:
         for child in sorted(p for p in parent.iterdir() if p.is_dir()):
-            layout = _layout_of(child)
+            layout = _layout_of(child, partial=True)
             if layout is None:
                 continue
             found[f"{layout}/{child.name}"] = (layout, child)

@@ -219,3 +219,17 @@ def test_corrupt_large_files_are_refused_naming_the_file(tmp_path):
         np.savetxt(f, 2 * mask, delimiter=",", fmt="%d")  # every row a test row, and no training rows left
     with pytest.raises(ValueError, match="test_mask.csv.gz: entries must be 0 or 1"):
         load_uci("toy", 0, tmp_path / "other")
+
+
+def test_an_incomplete_data_set_fails_naming_the_missing_file(tmp_path):
+    """A data set directory missing one of its layout's files was skipped: its name then loaded the other
+    layout's data set of that name, silently, or was called unknown."""
+    _write_gal(tmp_path)
+    _write_large(tmp_path)
+    (tmp_path / "uci-gal/toy/index_target.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="uci-gal/toy/index_target.txt"):
+        load_uci("toy", 0, tmp_path)
+    assert load_uci("uci-large/toy", 0, tmp_path).layout == "uci-large"
+    (tmp_path / "uci-large/toy/data.csv.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="uci-large/toy/data.csv.gz"):
+        load_uci("uci-large/toy", 0, tmp_path)
