@@ -271,3 +271,24 @@ def test_bad_samples_are_named(float64, site, value, why):
     samples[site][2] = value  # sigma=inf gave a -inf log-likelihood silently; the others torch's error
     with pytest.raises(ValueError, match=rf"samples of '{site}' have {why}.*chain 0, draw 2"):
         to_inference_data(samples, model=models.subsampled, model_args=(torch.randn(5), 5))
+
+
+def test_a_large_float32_simplex_from_pyros_transform_is_in_its_support():
+    """Pyro's simplex check allows a sum 1e-6 off 1; draws of a 20 000-entry float32 simplex through Pyro's own
+    transform (as NUTS and autoguides give them) are rounded by up to 4e-6, and were refused as outside it."""
+    size = 20_000
+
+    def model(y):
+        p = pyro.sample("p", dist.Dirichlet(torch.ones(size)))
+        with pyro.plate("d", len(y)):
+            pyro.sample("y", dist.Categorical(p), obs=y)
+
+    gen = torch.Generator().manual_seed(0)
+    p = torch.distributions.biject_to(dist.constraints.simplex)(torch.randn(8, size - 1, generator=gen))
+    assert not dist.constraints.simplex.check(p).all()  # Pyro's own check refuses some of them
+    y = torch.randint(0, size, (5,), generator=gen)
+    idata = to_inference_data({"p": p}, model=model, model_args=(y,))
+    np.testing.assert_allclose(_ll(idata)[0], p[:, y].log().numpy(), rtol=1e-6)
+    p[3] *= 1.01  # a sum 0.01 off 1 is still refused
+    with pytest.raises(ValueError, match=r"samples of 'p' have values outside Simplex\(\).*draw 3"):
+        to_inference_data({"p": p}, model=model, model_args=(y,))
