@@ -16,6 +16,7 @@ import numpy as np
 import pyro
 import pyro.poutine as poutine
 import torch
+import xarray as xr
 from pyro.distributions import constraints
 from pyro.infer import MCMC
 
@@ -61,6 +62,9 @@ def _resolve_posterior(
         samples = posterior.get_samples(group_by_chain=True)
         stats = mcmc_sample_stats(posterior)
     elif isinstance(posterior, Mapping):  # (an xarray Dataset of a saved posterior too: its values as arrays)
+        if isinstance(posterior, xr.Dataset):  # read by dimension name: a transposed one swapped chain and draw
+            lead_dims = [d for d in (("chain", "draw") if group_by_chain else ("draw",)) if d in posterior.dims]
+            posterior = posterior.transpose(*lead_dims, ...)
         samples = {k: v if torch.is_tensor(v) else torch.as_tensor(np.asarray(v)) for k, v in posterior.items()}
         lead = ("chain", "draw") if group_by_chain else ("draw",)
         for name, value in samples.items():

@@ -523,3 +523,18 @@ def test_a_plate_with_indices_given_by_the_model_is_refused(with_size):
     full = to_inference_data({"w": w}, model=model, model_args=(X, Y, torch.arange(40)))  # all indices: fine
     expected = dist.Normal(w[:, None] * X, 0.3).log_prob(Y).numpy()
     np.testing.assert_allclose(get_group(full, "log_likelihood")["y"].values[0], expected, rtol=1e-6)
+
+
+def test_a_saved_posterior_is_read_by_dimension_name(float64):
+    """A posterior Dataset whose dims are (draw, chain) was read by position: its chains became draws."""
+    y = torch.linspace(-1, 1, 7)
+    samples = {"mu": torch.randn(3, 20), "sigma": torch.rand(3, 20) + 0.5}
+    idata = to_inference_data(samples, model=models.subsampled, model_args=(y, 7), group_by_chain=True)
+    post = get_group(idata, "posterior")
+    again = to_inference_data(post.transpose("draw", "chain"), model=models.subsampled, model_args=(y, 7),
+                              group_by_chain=True)  # fmt: skip
+    assert get_group(again, "posterior")["mu"].dims == ("chain", "draw")
+    np.testing.assert_array_equal(get_group(again, "posterior")["mu"].values, post["mu"].values)
+    np.testing.assert_array_equal(
+        get_group(again, "log_likelihood")["y"].values, get_group(idata, "log_likelihood")["y"].values
+    )
