@@ -156,6 +156,10 @@ def fit_svi(
         a non-finite loss is then rolled back (and left out of the returned losses) once the guard
         has saved a state, and is an error before that.
 
+    Other keyword arguments go to the model and guide; one of theirs named ``num_steps``, ``optim``,
+    ``loss``, ``progress`` or ``guard`` is taken by ``fit_svi`` itself, so pass it positionally or bind it
+    with :func:`functools.partial`.
+
     Example::
 
         >>> import torch, pyro, pyro.distributions as dist

@@ -62,6 +62,8 @@ def _resolve_posterior(
         samples = posterior.get_samples(group_by_chain=True)
         stats = mcmc_sample_stats(posterior)
     elif isinstance(posterior, Mapping):  # (an xarray Dataset of a saved posterior too: its values as arrays)
+        if isinstance(posterior, getattr(xr, "DataTree", ())):  # ArviZ 1.x's idata.posterior
+            posterior = posterior.to_dataset()  # type: ignore[attr-defined]
         if isinstance(posterior, xr.Dataset):  # read by dimension name: a transposed one swapped chain and draw
             lead_dims = [d for d in (("chain", "draw") if group_by_chain else ("draw",)) if d in posterior.dims]
             posterior = posterior.transpose(*lead_dims, ...)

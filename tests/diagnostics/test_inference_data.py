@@ -8,6 +8,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+import xarray as xr
 from pyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
@@ -531,10 +532,11 @@ def test_a_saved_posterior_is_read_by_dimension_name(float64):
     samples = {"mu": torch.randn(3, 20), "sigma": torch.rand(3, 20) + 0.5}
     idata = to_inference_data(samples, model=models.subsampled, model_args=(y, 7), group_by_chain=True)
     post = get_group(idata, "posterior")
-    again = to_inference_data(post.transpose("draw", "chain"), model=models.subsampled, model_args=(y, 7),
-                              group_by_chain=True)  # fmt: skip
-    assert get_group(again, "posterior")["mu"].dims == ("chain", "draw")
-    np.testing.assert_array_equal(get_group(again, "posterior")["mu"].values, post["mu"].values)
-    np.testing.assert_array_equal(
-        get_group(again, "log_likelihood")["y"].values, get_group(idata, "log_likelihood")["y"].values
-    )
+    transposed = post.transpose("draw", "chain")
+    for saved in (transposed, xr.DataTree(transposed)):  # ArviZ 1.x's idata.posterior is a DataTree node
+        again = to_inference_data(saved, model=models.subsampled, model_args=(y, 7), group_by_chain=True)
+        assert get_group(again, "posterior")["mu"].dims == ("chain", "draw")
+        np.testing.assert_array_equal(get_group(again, "posterior")["mu"].values, post["mu"].values)
+        np.testing.assert_array_equal(
+            get_group(again, "log_likelihood")["y"].values, get_group(idata, "log_likelihood")["y"].values
+        )
