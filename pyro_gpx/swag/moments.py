@@ -72,9 +72,10 @@ STATE_KEYS = ("num_snapshots", "mean", "variance", "deviations", "max_rank")
 MIN_VARIANCE = 1e-30
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SWAGMoments:
-    """Running SWAG statistics of a flat parameter vector.
+    """Running SWAG statistics of a flat parameter vector (built by keyword: before the Welford update the
+    third field was ``sq_mean``, which a positional call would now read as the variance).
 
     :ivar num_snapshots: iterates collected so far.
     :ivar mean: :math:`\\bar\\theta`, shape ``(P,)``.
@@ -111,7 +112,13 @@ def init_moments(
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):  # an integer dtype truncates iterates
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     zeros = torch.zeros(num_params, dtype=dtype, device=device)
-    return SWAGMoments(0, zeros, zeros.clone(), zeros.new_zeros(0, num_params), max_rank)
+    return SWAGMoments(
+        num_snapshots=0,
+        mean=zeros,
+        variance=zeros.clone(),
+        deviations=zeros.new_zeros(0, num_params),
+        max_rank=max_rank,
+    )
 
 
 def _check_finite(name: str, x: torch.Tensor) -> None:
@@ -134,7 +141,7 @@ def update_moments(moments: SWAGMoments, theta: torch.Tensor) -> SWAGMoments:
     deviation = theta - mean
     variance = moments.variance + (step * deviation - moments.variance) / n  # Welford: no cancellation
     deviations = torch.cat([moments.deviations, deviation[None]])[-moments.max_rank :]
-    return SWAGMoments(n, mean, variance, deviations, moments.max_rank)
+    return SWAGMoments(num_snapshots=n, mean=mean, variance=variance, deviations=deviations, max_rank=moments.max_rank)
 
 
 def diagonal_variance(moments: SWAGMoments) -> torch.Tensor:
@@ -232,4 +239,4 @@ def moments_from_state(
                 f"({P} parameters, {count} snapshots, max_rank {max_rank})"
             )
     mean, variance, deviations = (tensors[k].detach().clone().to(device) for k in ("mean", "variance", "deviations"))
-    return SWAGMoments(count, mean, variance, deviations, max_rank)
+    return SWAGMoments(num_snapshots=count, mean=mean, variance=variance, deviations=deviations, max_rank=max_rank)

@@ -10,6 +10,7 @@ from pyro_gpx.swag import (
     AutoSWAG,
     MultiSWAG,
     SWAGCollector,
+    SWAGMoments,
     diagonal_variance,
     init_moments,
     moments_from_state,
@@ -72,6 +73,8 @@ def test_errors():
         update_moments(m, torch.zeros(4))
     with pytest.raises(ValueError, match="NaN"):
         update_moments(m, torch.tensor([0.0, float("nan"), 1.0]))
+    with pytest.raises(TypeError, match="positional"):  # the old field order (sq_mean third) would pass silently
+        SWAGMoments(m.num_snapshots, m.mean, m.variance, m.deviations, m.max_rank)  # type: ignore[misc]
 
 
 def test_moments_live_on_the_given_device_and_dtype():
