@@ -82,7 +82,8 @@ def evidence_prior_precision(ggn: torch.Tensor, theta: torch.Tensor) -> float:
 
 def run_split(dataset: str, split_id: int, args, records: list) -> None:
     split = load_uci(dataset, split_id, args.data_dir, dtype=torch.float32)
-    cfg = swag_benchmark._config(dataset, split.n_train, args.quick)
+    # homoscedastic network: the Laplace comparison below reads one noise variance off the SWA network
+    cfg = {**swag_benchmark._config(dataset, split.n_train, args.quick), "heteroscedastic": False}
     _, swag, timing = swag_benchmark.train_swag(split, cfg, seed=args.seed)
     swa_net = swag.swa_into(swag_benchmark.Regressor(split.dim, cfg["hidden"]))
     with torch.no_grad():
