@@ -585,8 +585,8 @@ def probe_fit(args: argparse.Namespace, refine: CGPolicy | None, **kwargs):
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = run_cagp(split, BlockSparsePolicy(512), "elbo", args.budget, 2000, 0.1, "lbfgs", 5000, 0,
-                       WARM_FRACTION, refine, **kwargs)  # fmt: skip
+        res = run_cagp(split, BlockSparsePolicy(min(512, split.n_train)), "elbo", args.budget, 2000, 0.1, "lbfgs",
+                       5000, 0, WARM_FRACTION, refine, **kwargs)  # fmt: skip
     return split, res, res.pop("_gp")
 
 
