@@ -467,7 +467,7 @@ def _converge_lbfgs(params, loss_fn, max_evals: int, label: str) -> tuple[int, f
         optim.zero_grad()
         value = _loss_and_grad(loss_fn)
         evals[0] += 1
-        shown = "invalid (backing off)" if value is None else f"{float(value):.6f}"
+        shown = "invalid (backing off)" if value is None else f"{float(value.detach()):.6f}"
         print(f"  exact reference {label}: evaluation {evals[0]} loss {shown} ({time.perf_counter() - start:.0f}s)",
               flush=True)  # fmt: skip
         return torch.tensor(_BAD_LOSS) if value is None else value
