@@ -249,10 +249,11 @@ def load_uci(
             raise ValueError(f"split {split} out of range for {name!r}: it has {n_splits} splits (0..{n_splits - 1})")
         train = _read_indices(path / f"index_train_{split}.txt", len(X), "training rows")
         test = _read_indices(path / f"index_test_{split}.txt", len(X), "test rows")
-        if np.intersect1d(train, test).size:
+        shared = np.intersect1d(train, test)
+        if shared.size:
             raise ValueError(
                 f"{path}: split {split}'s training and test rows overlap (index_train_{split}.txt, "
-                f"index_test_{split}.txt), e.g. row {int(np.intersect1d(train, test)[0])}"
+                f"index_test_{split}.txt), e.g. row {int(shared[0])}"
             )
     else:
         X, y, mask = _read_large(path)

@@ -83,6 +83,14 @@ def _flatten_draws(value: torch.Tensor, own: torch.Size, lead: torch.Size) -> to
     return value.reshape(own + value.shape[-2:]).expand(lead + value.shape[-2:]).reshape(-1, *value.shape[-2:])
 
 
+def _check_dtype(name: str, module: torch.nn.Module, dtype: torch.dtype, fix: str) -> None:
+    """``ValueError`` if ``module``'s floating-point parameters are not ``dtype`` (a float32 kernel in a
+    float64 model would run with its hyperparameters rounded to float32)."""
+    found = next((t.dtype for t in module.parameters() if t.is_floating_point()), dtype)
+    if found != dtype:
+        raise ValueError(f"{name} has dtype {found} but init_inputs are {dtype}; {fix}")
+
+
 def _default_output_kernel(dim: int, outputs: int, dtype: torch.dtype) -> gpytorch.kernels.Kernel:
     batch = torch.Size() if outputs == 1 else torch.Size([outputs])
     kernel = gpytorch.kernels.ScaleKernel(
@@ -190,23 +198,13 @@ class DifferentialGP(PyroModule):
             raise TypeError(f"flow must be a FlowKernel, a gpytorch Kernel or None, got {type(flow).__name__}")
         if flow.dim != self.dim:
             raise ValueError(f"the flow kernel has dimension {flow.dim} but the inputs have {self.dim}")
-        flow_dtype = next((t.dtype for t in flow.parameters() if t.is_floating_point()), self.dtype)
-        if flow_dtype != self.dtype:
-            raise ValueError(
-                f"flow has dtype {flow_dtype} but init_inputs are {self.dtype}; build the FlowKernel with "
-                f"dtype={self.dtype} (or convert the inputs)"
-            )
+        _check_dtype("flow", flow, self.dtype, f"build the FlowKernel with dtype={self.dtype} (or convert the inputs)")
         self.flow = flow
         self.output_kernel = output_kernel if output_kernel is not None else _default_output_kernel(
             self.dim, self.num_outputs, self.dtype)  # fmt: skip
         if not isinstance(self.output_kernel, gpytorch.kernels.Kernel):
             raise TypeError(f"output_kernel must be a gpytorch Kernel, got {type(self.output_kernel).__name__}")
-        kernel_dtype = next((t.dtype for t in self.output_kernel.parameters() if t.is_floating_point()), self.dtype)
-        if kernel_dtype != self.dtype:  # its hyperparameters would be rounded to float32 in a float64 model
-            raise ValueError(
-                f"output_kernel has dtype {kernel_dtype} but init_inputs are {self.dtype}; convert it with "
-                f".to({self.dtype})"
-            )
+        _check_dtype("output_kernel", self.output_kernel, self.dtype, f"convert it with .to({self.dtype})")
         if tuple(self.output_kernel.batch_shape) not in ((), (self.num_outputs,)):
             raise ValueError(
                 f"output_kernel's batch shape must be () or ({self.num_outputs},) (one per output), got "

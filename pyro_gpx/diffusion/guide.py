@@ -293,9 +293,10 @@ class AutoDiffusion(AutoContinuous):
         for arg, value in (("hidden", hidden), ("depth", depth)):
             if not is_integer(value) or value < 1:
                 raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
-        for arg, flag in (("use_score", use_score), ("vectorized", vectorized)):
-            if not (is_bool(flag) or (arg == "vectorized" and flag is None)):  # "no" would count as True
-                raise TypeError(f"{arg} must be True or False{' or None' if arg == 'vectorized' else ''}, got {flag!r}")
+        if not is_bool(use_score):  # the string "no" would count as True
+            raise TypeError(f"use_score must be True or False, got {use_score!r}")
+        if not (vectorized is None or is_bool(vectorized)):
+            raise TypeError(f"vectorized must be True or False or None, got {vectorized!r}")
         use_score, vectorized = bool(use_score), None if vectorized is None else bool(vectorized)
         if drift_clip is not None and not is_finite_at_least(drift_clip, 0.0, strict=True):
             raise ValueError(f"drift_clip must be a positive finite number or None, got {drift_clip!r}")

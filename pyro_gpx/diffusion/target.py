@@ -100,6 +100,7 @@ class UnconstrainedTarget:
         #: taken as checked, and every later run checks its own minibatch
         self.checked_subsample = False
         self.quick_checks_done = False
+        self.latent_shapes_checked = False  # the shapes depend on the model's arguments only: checked once
         self.on_quick_checked: Callable[[], None] | None = None  # called once the quick check has passed
         #: observed sites found with NaN or inf values in masked-out entries (scored at a draw instead)
         self.masked_non_finite: set[str] = set()
@@ -208,7 +209,8 @@ class UnconstrainedTarget:
                         raise
                     self._check_prior_shapes(error)  # a latent of another shape than the guide's, broadcast with data?
                     raise
-        self.check_latent_shapes(trace)
+        if not self.latent_shapes_checked:
+            self.check_latent_shapes(trace)
         if self.quick_checks is not None and not self.quick_checks_done:
             self._quick_check(trace)
         return trace
@@ -230,6 +232,7 @@ class UnconstrainedTarget:
                     "shapes are fixed at its first call, and these model arguments change this one: build a new "
                     "guide for them)"
                 )
+        self.latent_shapes_checked = True
 
     def _check_prior_shapes(self, error: Exception) -> None:
         """After a failed model run: :class:`LatentShapeError` from ``error`` if a run at prior draws shows a
